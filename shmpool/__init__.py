@@ -1,0 +1,67 @@
+"""shmpool: the Linux kernel's memory pool (mm/mempool.c) for processes that
+share memory.
+
+A pool keeps ``min_nr`` fixed-size elements in reserve in a POSIX
+shared-memory segment; allocations try the pool's arena first and fall back
+to the reserve, sleeping allocations wait for a free, and any process that
+attaches by name can allocate, write, pass the integer handle on, and free.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    InvalidHandleError,
+    PoisonWarning,
+    PoolBusyError,
+    PoolClosedError,
+    PoolDestroyedError,
+    PoolFormatError,
+    ShmpoolError,
+)
+from ._layout import INDEX_MASK
+from .gfp import GFP, GFP_ATOMIC, GFP_KERNEL, GFP_NOFS, GFP_NOIO, GFP_NOWAIT
+from .kernel import (
+    mempool_alloc,
+    mempool_alloc_preallocated,
+    mempool_create,
+    mempool_destroy,
+    mempool_free,
+    mempool_is_saturated,
+    mempool_resize,
+)
+from .pool import Mempool
+from .stats import PoolStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GFP",
+    "GFP_ATOMIC",
+    "GFP_KERNEL",
+    "GFP_NOFS",
+    "GFP_NOIO",
+    "GFP_NOWAIT",
+    "InvalidHandleError",
+    "Mempool",
+    "PoisonWarning",
+    "PoolBusyError",
+    "PoolClosedError",
+    "PoolDestroyedError",
+    "PoolFormatError",
+    "PoolStats",
+    "ShmpoolError",
+    "handle_slot",
+    "mempool_alloc",
+    "mempool_alloc_preallocated",
+    "mempool_create",
+    "mempool_destroy",
+    "mempool_free",
+    "mempool_is_saturated",
+    "mempool_resize",
+]
+
+
+def handle_slot(handle: int) -> int:
+    """The slot index a handle names (handles also carry a generation and
+    the pool's tag, so that stale and foreign handles are refused)."""
+    return handle & INDEX_MASK

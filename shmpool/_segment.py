@@ -1,0 +1,166 @@
+"""Create, open, map and unlink a pool's POSIX objects.
+
+A pool named ``NAME`` is three POSIX objects:
+
+- shared memory ``/shmpool.NAME`` (``/dev/shm/shmpool.NAME`` on Linux);
+- semaphore ``/shmpool.NAME.lock`` (the pool lock, initial value 1);
+- semaphore ``/shmpool.NAME.wait`` (the wait channel, initial value 0).
+
+Ownership of the name is decided by the shared memory alone: whoever creates
+it with O_CREAT|O_EXCL owns the pool's name, so its semaphores are created
+only by that process and unlinked (by ``destroy``) before the segment is. A
+semaphore found without its segment is an orphan of an interrupted create or
+destroy, and the next create of that name replaces it.
+
+Nothing here unlinks anything on close or at exit: attaching and closing never
+destroy a pool (unlike multiprocessing's resource tracker, gh-82300).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+
+import posix_ipc
+
+SHM_PREFIX = "shmpool."
+LOCK_SUFFIX = ".lock"
+WAIT_SUFFIX = ".wait"
+# Linux keeps both kinds of object in /dev/shm, semaphores as "sem.<name>":
+# NAME_MAX (255) bounds the longest file, "sem.shmpool.NAME.lock".
+MAX_NAME_BYTES = 255 - len("sem.") - len(SHM_PREFIX) - len(LOCK_SUFFIX)
+SHM_DIR = "/dev/shm"
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it can name a pool; TypeError or ValueError if not."""
+    if not isinstance(name, str):
+        raise TypeError(f"pool name must be a str, not {type(name).__name__}")
+    if not name:
+        raise ValueError("pool name must not be empty")
+    if "/" in name or not name.isprintable():
+        raise ValueError(f"pool name {name!r} may not contain '/' or unprintable characters")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"pool name is longer than {MAX_NAME_BYTES} bytes")
+    return name
+
+
+def shm_name(name: str) -> str:
+    return "/" + SHM_PREFIX + name
+
+
+def sem_names(name: str) -> tuple[str, str]:
+    base = "/" + SHM_PREFIX + name
+    return base + LOCK_SUFFIX, base + WAIT_SUFFIX
+
+
+@dataclass
+class Segment:
+    """An open pool: its mapping and its two semaphores."""
+
+    mm: mmap.mmap
+    size: int
+    lock_sem: posix_ipc.Semaphore
+    wait_sem: posix_ipc.Semaphore
+
+
+def _translate(exc: posix_ipc.Error, what: str, creating: bool) -> OSError:
+    if isinstance(exc, posix_ipc.ExistentialError):
+        if creating:
+            return FileExistsError(errno.EEXIST, f"{what} already exists")
+        return FileNotFoundError(errno.ENOENT, f"{what} does not exist")
+    if isinstance(exc, posix_ipc.PermissionsError):
+        return PermissionError(errno.EACCES, f"{what}: permission denied (the pool's mode does not admit this user)")
+    return OSError(str(exc))
+
+
+def create(name: str, size: int, mode: int) -> Segment:
+    """Create the segment (zero-filled, ``size`` bytes backed for real, so a
+    full /dev/shm fails here with OSError instead of SIGBUS later) and the two
+    semaphores, the lock taken (value 0): the caller initialises the header
+    and then releases it. FileExistsError if the name is taken."""
+    try:
+        shm = posix_ipc.SharedMemory(shm_name(name), posix_ipc.O_CREX, mode=mode)
+    except posix_ipc.Error as exc:
+        raise _translate(exc, f"pool {name!r}", creating=True) from None
+    try:
+        os.fchmod(shm.fd, mode)  # exactly `mode`, whatever the umask
+        os.ftruncate(shm.fd, size)
+        os.posix_fallocate(shm.fd, 0, size)
+        mm = mmap.mmap(shm.fd, size)
+        lock_name, wait_name = sem_names(name)
+        lock_sem = _create_sem(lock_name, mode, 0)
+        try:
+            wait_sem = _create_sem(wait_name, mode, 0)
+        except BaseException:
+            _unlink_sem(lock_name)
+            raise
+    except BaseException:
+        shm.unlink()
+        raise
+    finally:
+        shm.close_fd()
+    return Segment(mm, size, lock_sem, wait_sem)
+
+
+def _create_sem(sem_name: str, mode: int, value: int) -> posix_ipc.Semaphore:
+    # We own the segment's name, so a semaphore already there is an orphan.
+    for _ in range(2):
+        try:
+            sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=mode, initial_value=value)
+        except posix_ipc.ExistentialError:
+            _unlink_sem(sem_name)
+            continue
+        path = os.path.join(SHM_DIR, "sem." + sem_name[1:])
+        if os.path.exists(path):
+            os.chmod(path, mode)
+        return sem
+    raise FileExistsError(errno.EEXIST, f"semaphore {sem_name} keeps reappearing")
+
+
+def open_shm(name: str) -> tuple[mmap.mmap, int]:
+    """Map an existing segment read-write; FileNotFoundError, PermissionError."""
+    try:
+        shm = posix_ipc.SharedMemory(shm_name(name))
+    except posix_ipc.Error as exc:
+        raise _translate(exc, f"pool {name!r}", creating=False) from None
+    try:
+        size = os.fstat(shm.fd).st_size
+        if size == 0:
+            raise FileNotFoundError(errno.ENOENT, f"pool {name!r} is empty (being created, or not a pool)")
+        return mmap.mmap(shm.fd, size), size
+    finally:
+        shm.close_fd()
+
+
+def open_sems(name: str) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore]:
+    lock_name, wait_name = sem_names(name)
+    try:
+        return posix_ipc.Semaphore(lock_name), posix_ipc.Semaphore(wait_name)
+    except posix_ipc.Error as exc:
+        raise _translate(exc, f"semaphore of pool {name!r} (pool destroyed or half-made)", creating=False) from None
+
+
+def _unlink_sem(sem_name: str) -> bool:
+    try:
+        posix_ipc.unlink_semaphore(sem_name)
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def unlink(name: str) -> bool:
+    """Remove every object of pool ``name`` that exists: the semaphores
+    first, the segment (which owns the name) last. True if anything was
+    removed. Mappings and semaphores already open elsewhere stay usable."""
+    removed = False
+    for sem_name in sem_names(name):
+        removed |= _unlink_sem(sem_name)
+    try:
+        posix_ipc.unlink_shared_memory(shm_name(name))
+        removed = True
+    except posix_ipc.ExistentialError:
+        pass
+    return removed

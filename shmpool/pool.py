@@ -1,0 +1,765 @@
+"""Mempool: the kernel's mm/mempool.c rules over a shared-memory segment.
+
+The rules (../shared/KERNEL_MEMPOOL.md in the project, Linux v3.2)
+---------------------------------------------------------------------
+- create takes ``min_nr`` elements from the arena into the reserve;
+- alloc tries the arena first and falls back to the reserve (LIFO) only when
+  the arena fails; an allocation that may not sleep then returns None, one
+  that may sleep waits for a free (or 5 s) and tries again, never failing;
+- free refills the reserve while ``curr_nr < min_nr`` and wakes the
+  sleepers, and otherwise gives the element back to the arena;
+- resize shrinks by giving reserve elements back, grows by refilling from the
+  arena, and a grow that finds the arena failing still succeeds.
+
+Who mutates what: ``_add_element`` and ``_remove_element`` are the only code
+that touches the reserve stack, ``Arena`` the only code that touches the
+arena's free list, and ``_hand_out`` the only code that marks a slot HELD.
+Everything runs under the pool lock (see ``_lock``), which is never held
+across a sleep.
+
+How an operation stays repairable if its process dies half way
+-----------------------------------------------------------------
+The slot words are the truth; the two stacks and their depths are a cache of
+them. Every operation commits with one aligned 8-byte store into a slot word
+(HELD when an element is handed out, RESERVE or ARENA when it comes back),
+and the stack and counter updates around that store are derivable from the
+words. A process killed anywhere inside a critical section therefore leaves:
+
+- slots whose words are whole, each in exactly one state;
+- stacks that may be one entry off, and counters that may be one off.
+
+Rebuilding the stacks and depths from the words (numpy, one pass) restores
+every invariant; an element whose word says HELD by a dead pid was handed
+out (or was being freed) and goes back through the normal free path. The
+only other lasting effect of a death is a lock left taken, which crash
+recovery detects through the holder pid the lock records. Counters are
+statistics: they may be one off after a death and nothing depends on them.
+
+Handles are ``index | generation << 24 | tag << 48`` (see ``_layout``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import random
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import _segment
+from ._arena import Arena
+from ._debug import poison_pattern
+from ._errors import (
+    InvalidHandleError,
+    PoisonWarning,
+    PoolBusyError,
+    PoolClosedError,
+    PoolDestroyedError,
+    PoolFormatError,
+)
+from ._layout import (
+    COUNTERS,
+    FLAG_POISON,
+    GEN_MASK,
+    GEN_SHIFT,
+    H_ALLOC_ARENA,
+    H_ALLOC_FAILED,
+    H_ALLOC_RESERVE,
+    H_ARENA_FREE,
+    H_CREATED_NS,
+    H_CREATOR_PID,
+    H_CURR_NR,
+    H_FAIL_RATE,
+    H_FLAGS,
+    H_FREE_ARENA,
+    H_FREE_RESERVE,
+    H_MAGIC,
+    H_MIN_NR,
+    H_NR_WAITERS,
+    H_POISON_ERRORS,
+    H_SEED,
+    H_SLEEPS,
+    H_STATUS,
+    H_TAG,
+    HGEN_SHIFT,
+    INDEX_MASK,
+    MAGIC,
+    MAX_CAPACITY,
+    MAX_SLOT_SIZE,
+    PID_SHIFT,
+    ST_HELD,
+    ST_RESERVE,
+    STATE_MASK,
+    STATE_NAMES,
+    STATUS_DESTROYED,
+    STATUS_LIVE,
+    TAG_MASK,
+    TAG_SHIFT,
+    Geometry,
+    Views,
+    read_geometry,
+    write_geometry,
+)
+from ._lock import PoolLock, WaitQueue
+from .gfp import GFP_KERNEL, may_sleep
+from .stats import PoolStats
+
+__all__ = ["Mempool", "Trace"]
+
+Trace = Callable[[str, Optional[int], int], None]
+
+#: How long a sleeping allocation sleeps before it retries the arena even if
+#: nothing woke it (the kernel's ``io_schedule_timeout(5*HZ)``).
+SLEEP_RETRY_SECONDS = 5.0
+#: How many elements a growing resize moves per lock hold.
+RESIZE_BATCH = 1024
+#: How long attach waits for a pool that is still being created.
+ATTACH_WAIT_SECONDS = 1.0
+
+_GEN_BITS = GEN_MASK << GEN_SHIFT
+_monotonic = time.monotonic
+_live_pools: weakref.WeakSet[Mempool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A mapping inherited across fork() is still the same shared pool; what
+    # changes is who we are, and elements are recorded by holder pid.
+    pid = os.getpid()
+    for pool in list(_live_pools):
+        pool._set_pid(pid)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _NotReady(Exception):
+    """The segment exists but its creator has not finished it yet."""
+
+
+def _check_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    return int(value)
+
+
+def _check_fail_rate(fail_rate: object) -> float:
+    if isinstance(fail_rate, bool) or not isinstance(fail_rate, (int, float, np.integer, np.floating)):
+        raise TypeError(f"fail_rate must be a number, not {type(fail_rate).__name__}")
+    rate = float(fail_rate)
+    if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
+        raise ValueError(f"fail_rate must be a finite number from 0 to 1, not {fail_rate!r}")
+    return rate
+
+
+def _check_seed(seed: object) -> int | None:
+    if seed is None:
+        return None
+    value = _check_int(seed, "seed")
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"seed must be from 0 to 2**64-1, not {value}")
+    return value
+
+
+class Mempool:
+    """A memory pool shared by every process that attaches to it by name.
+
+    Make one with :meth:`create` or :meth:`attach`, never directly. A
+    Mempool is safe to use from several threads; it pickles by name (the
+    receiving process attaches to the same pool); it is a context manager
+    that closes on exit.
+    """
+
+    __slots__ = ("name", "trace", "_core", "_pid", "_tag", "_capacity", "_slot_size", "_stride", "_poison", "__weakref__")
+
+    def __init__(self, name: str, seg: _segment.Segment, geo: Geometry) -> None:
+        v = Views(seg.mm, geo)
+        hdr = v.hdr
+        self.name = name
+        #: Optional ``trace(event, handle, curr_nr)``, called after each
+        #: alloc and free of this object, outside the lock. Events:
+        #: "alloc-arena", "alloc-reserve" (the arena failed), "alloc-failed",
+        #: "sleep", "free-reserve", "free-arena"; ``curr_nr`` is the
+        #: reserve's depth right after the operation.
+        self.trace: Trace | None = None
+        self._pid = os.getpid()
+        self._tag = hdr[H_TAG]
+        self._capacity = geo.capacity
+        self._slot_size = geo.slot_size
+        self._stride = geo.stride
+        self._poison = poison_pattern(geo.slot_size) if hdr[H_FLAGS] & FLAG_POISON else None
+        # Everything that touches the segment, in one attribute so that an
+        # operation loads it once: close() swaps it for None, and operations
+        # already under way keep their own references to what they use.
+        self._core: tuple[Views, PoolLock, Arena, WaitQueue] | None = (
+            v,
+            PoolLock(seg.lock_sem, hdr, self._pid),
+            Arena(v),
+            WaitQueue(seg.wait_sem, hdr),
+        )
+        _live_pools.add(self)
+
+    # ------------------------------------------------------------------
+    # Making and finding pools
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        *,
+        min_nr: int,
+        slot_size: int,
+        capacity: int,
+        fail_rate: float = 0.0,
+        seed: int | None = None,
+        mode: int = 0o600,
+        poison: bool = False,
+    ) -> Mempool:
+        """Create pool ``name`` with ``capacity`` slots of ``slot_size``
+        bytes and pre-allocate ``min_nr`` of them into the reserve (the
+        pre-fill is exempt from fault injection, so it never fails).
+
+        ``fail_rate`` makes the arena fail on purpose with that probability,
+        drawn from a generator seeded with ``seed`` (random if None; the
+        seed used is in ``stats().seed``). ``mode`` sets the permissions of
+        the segment and semaphores. ``poison`` turns on poisoning of reserve
+        elements (see :class:`PoisonWarning`).
+
+        Raises ValueError for an impossible geometry or rate, TypeError for
+        a wrong type, FileExistsError if the name is taken, OSError if the
+        system cannot back the segment. On any error nothing is left behind.
+        """
+        _segment.check_name(name)
+        slot_size = _check_int(slot_size, "slot_size")
+        capacity = _check_int(capacity, "capacity")
+        min_nr = _check_int(min_nr, "min_nr")
+        mode = _check_int(mode, "mode")
+        rate = _check_fail_rate(fail_rate)
+        seed = _check_seed(seed)
+        if not 1 <= slot_size <= MAX_SLOT_SIZE:
+            raise ValueError(f"slot_size must be from 1 to {MAX_SLOT_SIZE}, not {slot_size}")
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise ValueError(f"capacity must be from 1 to {MAX_CAPACITY}, not {capacity}")
+        if not 1 <= min_nr <= capacity:
+            raise ValueError(f"min_nr must be from 1 to capacity ({capacity}), not {min_nr}")
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be permission bits (0 to 0o777), not {mode:#o}")
+        if seed is None:
+            seed = random.SystemRandom().getrandbits(64)
+
+        geo = Geometry.of(slot_size, capacity)
+        seg = _segment.create(name, geo.total, mode)  # born with the lock taken
+        try:
+            pool = cls(name, seg, geo)
+            assert pool._core is not None
+            v, lock, arena, _ = pool._core
+            hdr = v.hdr
+            write_geometry(hdr, geo)
+            hdr[H_TAG] = pool._tag = random.randint(1, TAG_MASK)
+            hdr[H_FLAGS] = FLAG_POISON if poison else 0
+            pool._poison = poison_pattern(slot_size) if poison else None
+            hdr[H_CREATOR_PID] = pool._pid
+            hdr[H_CREATED_NS] = time.time_ns()
+            hdr[H_STATUS] = STATUS_LIVE
+            arena.format(capacity)
+            arena.set_faults(rate, seed)
+            hdr[H_MIN_NR] = min_nr
+            for _ in range(min_nr):
+                pool._add_element(arena.alloc(inject=False))
+            hdr[H_MAGIC] = MAGIC  # last: from here on the pool is whole
+        except BaseException:
+            _segment.unlink(name)
+            raise
+        lock.release_initial()
+        return pool
+
+    @classmethod
+    def attach(cls, name: str) -> Mempool:
+        """Attach to the existing pool ``name`` (from any process).
+
+        Raises FileNotFoundError if there is none, PermissionError if its
+        mode does not admit this user, PoolFormatError if the segment is not
+        a shmpool pool of this layout version (wrong magic or version, a
+        header that disagrees with itself or with the segment's size).
+        Attaching never changes the pool.
+        """
+        _segment.check_name(name)
+        deadline = _monotonic() + ATTACH_WAIT_SECONDS
+        while True:
+            try:
+                return cls._attach_once(name)
+            except _NotReady:
+                if _monotonic() > deadline:
+                    raise PoolFormatError(
+                        f"pool {name!r} was never finished (its creator may have died while creating it)"
+                    ) from None
+                time.sleep(0.005)  # poll with a deadline for the creator to finish
+
+    @classmethod
+    def _attach_once(cls, name: str) -> Mempool:
+        mm, size = _segment.open_shm(name)
+        try:
+            if size >= 8 and int.from_bytes(mm[:8], "little") == 0:
+                raise _NotReady
+            geo = read_geometry(mm, size)
+            lock_sem, wait_sem = _segment.open_sems(name)
+        except BaseException:
+            mm.close()
+            raise
+        return cls(name, _segment.Segment(mm, size, lock_sem, wait_sem), geo)
+
+    def _set_pid(self, pid: int) -> None:
+        self._pid = pid
+        core = self._core
+        if core is not None:
+            core[1].pid = pid
+
+    # ------------------------------------------------------------------
+    # The reserve: the only code that touches the stack
+
+    def _add_element(self, idx: int, v: Views | None = None) -> None:
+        """Push slot ``idx`` onto the reserve (lock held); poison it first
+        if poisoning is on."""
+        if v is None:
+            v = self._core[0]  # type: ignore[index]
+        if self._poison is not None:
+            off = idx * self._stride
+            v.data[off : off + self._slot_size] = self._poison
+        words, hdr = v.words, v.hdr
+        words[idx] = words[idx] & _GEN_BITS | ST_RESERVE
+        n = hdr[H_CURR_NR]
+        v.stack[n] = idx
+        hdr[H_CURR_NR] = n + 1
+
+    def _remove_element(self, v: Views) -> int:
+        """Pop the top of the reserve (lock held; curr_nr > 0). Returns the
+        slot index, or ``~index`` (negative) if poisoning is on and the
+        element lost its pattern: the caller counts it and warns once the
+        lock is released."""
+        hdr = v.hdr
+        n = hdr[H_CURR_NR] - 1
+        hdr[H_CURR_NR] = n
+        idx = v.stack[n]
+        poison = self._poison
+        if poison is not None:
+            off = idx * self._stride
+            if v.data[off : off + self._slot_size] != poison:
+                hdr[H_POISON_ERRORS] += 1
+                return ~idx
+        return idx
+
+    def _warn_poison(self, idx: int) -> None:
+        warnings.warn(
+            f"pool {self.name!r}: reserved element in slot {idx} was written after it was freed",
+            PoisonWarning,
+            stacklevel=3,
+        )
+
+    # ------------------------------------------------------------------
+    # Allocation and free
+
+    def _hand_out(self, idx: int, v: Views) -> int:
+        """Mark slot ``idx`` HELD by this process under a new generation and
+        return its handle (lock held). This store commits the allocation."""
+        words = v.words
+        gen = ((words[idx] >> GEN_SHIFT) + 1) & GEN_MASK
+        words[idx] = ST_HELD | gen << GEN_SHIFT | self._pid << PID_SHIFT
+        return idx | gen << HGEN_SHIFT | self._tag << TAG_SHIFT
+
+    def alloc(self, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> int | None:
+        """Allocate one element; return its handle.
+
+        The kernel's order: the arena first; if it fails, the top of the
+        reserve. If the reserve is empty too, a ``gfp`` that may not sleep
+        (GFP_ATOMIC, GFP_NOWAIT) returns None at once, while one that may
+        (GFP_KERNEL, GFP_NOIO, GFP_NOFS) sleeps until a free refills the
+        reserve, or for 5 s, and tries again from the arena: it never
+        returns None. ``timeout`` (seconds, sleeping allocations only) bounds
+        that: TimeoutError once it has passed without success.
+
+        The element's bytes are whatever its last user left (not zeroed).
+        Holding many elements while sleeping for more can deadlock against
+        other processes doing the same; use one allocation at a time or
+        bound the wait with ``timeout``.
+        """
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, arena, waitq = core
+        sleeps = may_sleep(gfp)
+        deadline = None if timeout is None else _monotonic() + self._check_timeout(timeout)
+        hdr = v.hdr
+        trace = self.trace
+        waiting = slept = False
+        while True:
+            handle = None
+            with lock:
+                if waiting:
+                    waitq.finish()
+                    waiting = False
+                if hdr[H_STATUS] != STATUS_LIVE:
+                    raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+                idx = arena.alloc()
+                if idx >= 0:
+                    hdr[H_ALLOC_ARENA] += 1
+                    handle = self._hand_out(idx, v)
+                    event = "alloc-arena"
+                elif hdr[H_CURR_NR]:
+                    hdr[H_ALLOC_RESERVE] += 1
+                    idx = self._remove_element(v)
+                    handle = self._hand_out(idx if idx >= 0 else ~idx, v)
+                    event = "alloc-reserve"
+                if handle is not None:
+                    if slept:  # we may hold another sleeper's token
+                        waitq.rewake_if_needed()
+                elif not sleeps or (deadline is not None and _monotonic() >= deadline):
+                    hdr[H_ALLOC_FAILED] += 1
+                    event = "alloc-failed"
+                else:
+                    # Checked the reserve and registered in one critical
+                    # section: a free that refills it must see us and wake us.
+                    waitq.register()
+                    waiting = slept = True
+                    hdr[H_SLEEPS] += 1
+                    event = "sleep"
+                curr_nr = hdr[H_CURR_NR]
+            if trace is not None:
+                trace(event, handle, curr_nr)
+            if handle is not None:
+                if idx < 0:
+                    self._warn_poison(~idx)
+                return handle
+            if not waiting:
+                if not sleeps:
+                    return None
+                raise TimeoutError(f"pool {self.name!r}: no element within {timeout} s")
+            wait = SLEEP_RETRY_SECONDS
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - _monotonic()))
+            try:
+                waitq.sleep(wait)
+            except BaseException:
+                with lock:
+                    waitq.finish()
+                raise
+
+    def alloc_preallocated(self) -> int | None:
+        """Take an element from the reserve only, never the arena, never
+        sleeping (the kernel's mempool_alloc_preallocated): None if empty."""
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, _, _ = core
+        hdr = v.hdr
+        with lock:
+            if hdr[H_STATUS] != STATUS_LIVE:
+                raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+            if not hdr[H_CURR_NR]:
+                hdr[H_ALLOC_FAILED] += 1
+                return None
+            hdr[H_ALLOC_RESERVE] += 1
+            idx = self._remove_element(v)
+            handle = self._hand_out(idx if idx >= 0 else ~idx, v)
+        if idx < 0:
+            self._warn_poison(~idx)
+        return handle
+
+    def free(self, handle: int | None) -> None:
+        """Return an element. None is ignored (as the kernel ignores NULL).
+
+        If the reserve is below ``min_nr`` the element refills it and every
+        sleeping allocation is woken; otherwise it goes back to the arena.
+        Any process may free any handle that is currently held.
+
+        Raises TypeError if ``handle`` is not an int, ValueError if it is out
+        of range, InvalidHandleError if it is not currently held (double
+        free, never allocated, stale, another pool's). A refused free changes
+        nothing.
+        """
+        if handle is None:
+            return
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, arena, waitq = core
+        idx, gen = self._decode(handle)
+        hdr, words = v.hdr, v.words
+        with lock:
+            if hdr[H_STATUS] != STATUS_LIVE:
+                raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+            word = words[idx]
+            if word & STATE_MASK != ST_HELD or (word >> GEN_SHIFT) & GEN_MASK != gen:
+                raise InvalidHandleError(handle, self._describe(word, gen))
+            if hdr[H_CURR_NR] < hdr[H_MIN_NR]:
+                self._add_element(idx, v)
+                hdr[H_FREE_RESERVE] += 1
+                waitq.wake_all()
+                event = "free-reserve"
+            else:
+                arena.free(idx)
+                hdr[H_FREE_ARENA] += 1
+                event = "free-arena"
+            curr_nr = hdr[H_CURR_NR]
+        trace = self.trace
+        if trace is not None:
+            trace(event, handle, curr_nr)
+
+    def _decode(self, handle: object) -> tuple[int, int]:
+        """(slot index, generation) of a handle of this pool, or the error."""
+        if type(handle) is not int:
+            if isinstance(handle, bool) or not hasattr(type(handle), "__index__"):
+                raise TypeError(f"a handle is an int, not {type(handle).__name__}")
+            handle = operator.index(handle)
+        if handle < 0 or handle >> 63:
+            raise ValueError(f"handle {handle} is out of range")
+        idx = handle & INDEX_MASK
+        if idx >= self._capacity:
+            raise ValueError(f"handle {handle:#x} names slot {idx}, beyond the capacity ({self._capacity})")
+        if handle >> TAG_SHIFT != self._tag:
+            raise InvalidHandleError(handle, f"not a handle of pool {self.name!r} (another pool's, or forged)")
+        return idx, (handle >> HGEN_SHIFT) & GEN_MASK
+
+    @staticmethod
+    def _describe(word: int, gen: int) -> str:
+        state = word & STATE_MASK
+        if state == ST_HELD:
+            return f"stale: its slot was freed and handed out again (generation {(word >> GEN_SHIFT) & GEN_MASK}, not {gen})"
+        where = STATE_NAMES.get(state, f"in no valid state ({state})")
+        return f"its slot is {where} (freed already, or never allocated)"
+
+    def _check_timeout(self, timeout: object) -> float:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+            raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+        seconds = float(timeout)
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            raise ValueError(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
+        return seconds
+
+    # ------------------------------------------------------------------
+    # Resize and destroy
+
+    def resize(self, new_min_nr: int, gfp: int = GFP_KERNEL) -> None:
+        """Change ``min_nr`` (the kernel's mempool_resize).
+
+        Shrinking gives reserve elements above ``new_min_nr`` back to the
+        arena. Growing raises ``min_nr`` and refills the reserve from the
+        arena (fault injection applies); if the arena fails part way the
+        resize still succeeds, the reserve under-filled until later frees top
+        it up. ``new_min_nr`` must be from 1 to the capacity (ValueError,
+        nothing changed). Never sleeps.
+        """
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, arena, waitq = core
+        may_sleep(gfp)  # validates
+        new_min_nr = _check_int(new_min_nr, "new_min_nr")
+        if not 1 <= new_min_nr <= self._capacity:
+            raise ValueError(f"new_min_nr must be from 1 to the capacity ({self._capacity}), not {new_min_nr}")
+        hdr = v.hdr
+        poisoned: list[int] = []
+        with lock:
+            if hdr[H_STATUS] != STATUS_LIVE:
+                raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+            grow = new_min_nr > hdr[H_MIN_NR]
+            if not grow:
+                while hdr[H_CURR_NR] > new_min_nr:
+                    idx = self._remove_element(v)
+                    if idx < 0:
+                        poisoned.append(~idx)
+                        idx = ~idx
+                    arena.free(idx)
+            hdr[H_MIN_NR] = new_min_nr
+        while grow:
+            with lock:
+                # Re-checked each batch: another process may have resized.
+                for _ in range(RESIZE_BATCH):
+                    if hdr[H_CURR_NR] >= hdr[H_MIN_NR]:
+                        grow = False
+                        break
+                    idx = arena.alloc()
+                    if idx < 0:
+                        grow = False
+                        break
+                    self._add_element(idx, v)
+                # The kernel wakes sleepers only from free; waking them here
+                # too spares them the rest of their 5 s nap.
+                waitq.wake_all()
+        for idx in poisoned:
+            self._warn_poison(idx)
+
+    def destroy(self, force: bool = False) -> None:
+        """Unlink the pool's segment and semaphores, and close this object.
+
+        Like the kernel (``BUG_ON(curr_nr != min_nr)``), refuses with
+        PoolBusyError, changing nothing, while elements are held or the
+        reserve is not full, unless ``force``. Other processes that are still
+        attached get PoolDestroyedError from their next operation, and their
+        sleeping allocations are woken to get it; their mappings stay valid
+        until they close.
+        """
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, _, waitq = core
+        hdr = v.hdr
+        with lock:
+            if hdr[H_STATUS] != STATUS_LIVE:
+                raise PoolDestroyedError(f"pool {self.name!r} was destroyed already")
+            curr_nr, min_nr = hdr[H_CURR_NR], hdr[H_MIN_NR]
+            in_use = self._capacity - curr_nr - hdr[H_ARENA_FREE]
+            if not force and (in_use or curr_nr != min_nr):
+                raise PoolBusyError(
+                    f"pool {self.name!r} still lends {in_use} element(s) and its reserve holds "
+                    f"{curr_nr} of {min_nr}: free them first, or destroy(force=True)"
+                )
+            hdr[H_STATUS] = STATUS_DESTROYED
+            waitq.wake_all()
+        _segment.unlink(self.name)
+        self.close()
+
+    # ------------------------------------------------------------------
+    # Element access
+
+    def _slot_offset(self, handle: int) -> int:
+        core = self._core
+        if core is None:
+            raise self._closed()
+        idx, gen = self._decode(handle)
+        # Read without the lock on purpose: the caller holds the handle, so
+        # nobody else may change this word; a single 8-byte load is whole.
+        word = core[0].words[idx]
+        if word & STATE_MASK != ST_HELD or (word >> GEN_SHIFT) & GEN_MASK != gen:
+            raise InvalidHandleError(handle, self._describe(word, gen))
+        return idx * self._stride
+
+    def buffer(self, handle: int) -> memoryview:
+        """A writable memoryview of the element's ``slot_size`` bytes. It
+        stays valid after ``close()`` (the mapping lives while views do)."""
+        off = self._slot_offset(handle)
+        return self._core[0].data[off : off + self._slot_size]  # type: ignore[index]
+
+    def ndarray(self, handle: int, dtype: Any = np.uint8, shape: Any = None) -> np.ndarray:
+        """A zero-copy numpy view of the element. ``shape`` defaults to as
+        many ``dtype`` items as fit in the slot; a shape that does not fit
+        raises ValueError. Slots are 8-byte aligned."""
+        dt = np.dtype(dtype)
+        if dt.hasobject:
+            raise TypeError("a slot cannot hold Python objects (dtype has object fields)")
+        if dt.itemsize < 1:
+            raise ValueError(f"dtype {dt} has no size")
+        if shape is None:
+            shape = (self._slot_size // dt.itemsize,)
+        elif isinstance(shape, (int, np.integer)):
+            shape = (int(shape),)
+        shape = tuple(_check_int(n, "shape entry") for n in shape)
+        if any(n < 0 for n in shape):
+            raise ValueError(f"shape {shape} has a negative dimension")
+        count = math.prod(shape)
+        if count * dt.itemsize > self._slot_size:
+            raise ValueError(f"{shape} of {dt} needs {count * dt.itemsize} bytes; a slot has {self._slot_size}")
+        off = self._slot_offset(handle)
+        mm = self._core[0].mm  # type: ignore[index]
+        return np.frombuffer(mm, dtype=dt, count=count, offset=self._core[0].geo.off_slots + off).reshape(shape)  # type: ignore[index]
+
+    # ------------------------------------------------------------------
+    # Looking at the pool
+
+    def stats(self) -> PoolStats:
+        """A frozen, consistent snapshot (taken under the lock)."""
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, _, _ = core
+        hdr = v.hdr
+        with lock:
+            words = hdr.tolist()
+        curr_nr, arena_free = words[H_CURR_NR], words[H_ARENA_FREE]
+        return PoolStats(
+            name=self.name,
+            slot_size=self._slot_size,
+            capacity=self._capacity,
+            min_nr=words[H_MIN_NR],
+            curr_nr=curr_nr,
+            arena_free=arena_free,
+            in_use=self._capacity - curr_nr - arena_free,
+            nr_waiters=words[H_NR_WAITERS],
+            fail_rate=v.fhdr[H_FAIL_RATE],
+            seed=words[H_SEED],
+            poison=bool(words[H_FLAGS] & FLAG_POISON),
+            **{name: words[index] for name, index in COUNTERS},
+        )
+
+    def is_saturated(self) -> bool:
+        """True if the reserve is full (``curr_nr >= min_nr``)."""
+        s = self.stats()
+        return s.curr_nr >= s.min_nr
+
+    def set_fail_rate(self, fail_rate: float, *, seed: int | None = None) -> None:
+        """Change the arena's injected failure rate for every process; a
+        ``seed`` also restarts the failure sequence."""
+        core = self._core
+        if core is None:
+            raise self._closed()
+        rate = _check_fail_rate(fail_rate)
+        seed = _check_seed(seed)
+        v, lock, arena, _ = core
+        with lock:
+            if v.hdr[H_STATUS] != STATUS_LIVE:
+                raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+            arena.set_faults(rate, seed)
+
+    @property
+    def slot_size(self) -> int:
+        return self._slot_size
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def closed(self) -> bool:
+        return self._core is None
+
+    # ------------------------------------------------------------------
+    # Lifetime
+
+    def close(self) -> None:
+        """Let go of the pool in this process; the pool lives on. Never
+        raises, and may be called twice. Memoryviews and numpy views of
+        elements stay valid until the last of them is gone; the mapping is
+        unmapped then. Further calls on this object raise PoolClosedError."""
+        core, self._core = self._core, None
+        if core is None:
+            return
+        mm = core[0].mm
+        del core
+        try:
+            mm.close()
+        except BufferError:
+            pass  # views are alive: the mapping goes with the last of them
+
+    def _closed(self) -> PoolClosedError:
+        return PoolClosedError(f"pool {self.name!r} is closed in this object; attach again to use it")
+
+    def __enter__(self) -> Mempool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (_attach, (self.name,))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._core is None else f"slot_size={self._slot_size}, capacity={self._capacity}"
+        return f"<Mempool {self.name!r} {state}>"
+
+
+def _attach(name: str) -> Mempool:
+    return Mempool.attach(name)
+

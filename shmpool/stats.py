@@ -1,0 +1,44 @@
+"""Frozen snapshots of a pool, taken under its lock."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """One consistent view of a pool. ``curr_nr + arena_free + in_use ==
+    capacity`` always holds in a snapshot.
+
+    Counters count since create, over every process: ``alloc_arena`` and
+    ``alloc_reserve`` are allocations served by the arena and by the
+    reserve, ``alloc_failed`` allocations that returned no element (None, or
+    TimeoutError), ``free_reserve`` and ``free_arena`` frees that refilled the
+    reserve or went back to the arena, ``sleeps`` times a sleeping
+    allocation went to sleep, ``faults_injected`` arena attempts failed on
+    purpose, ``poison_errors`` poisoned elements found written after free.
+    """
+
+    name: str
+    slot_size: int
+    capacity: int
+    min_nr: int
+    curr_nr: int
+    arena_free: int
+    in_use: int
+    nr_waiters: int
+    fail_rate: float
+    seed: int
+    poison: bool
+    alloc_arena: int
+    alloc_reserve: int
+    alloc_failed: int
+    free_reserve: int
+    free_arena: int
+    sleeps: int
+    faults_injected: int
+    poison_errors: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
