@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from helpers import RUN_TAG
+from shmpool import _segment
+
+SHM = "/dev/shm"
+
+
+def leftovers() -> list[str]:
+    """This run's entries in /dev/shm: segments and semaphores alike."""
+    return sorted(e for e in os.listdir(SHM) if RUN_TAG in e)
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    """A fresh pool name; whatever the test left under it is removed after."""
+    n = f"{RUN_TAG}-{uuid.uuid4().hex[:10]}"
+    yield n
+    _segment.unlink(n)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Any]]:
+    """Start spawned children; every one is killed (if still running) and
+    joined when the test ends, passed or failed."""
+    ctx = mp.get_context("spawn")
+    procs: list[Any] = []
+
+    def start(target: Callable[..., Any], *args: Any) -> Any:
+        p = ctx.Process(target=target, args=args, daemon=True)
+        p.start()
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(10)
+
+
+@pytest.fixture
+def popen() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start separate interpreters (python -c CODE ARGS); each is killed and
+    reaped when the test ends."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(code: str, *args: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks_after_each_test() -> Iterator[None]:
+    """No test may leave anything in /dev/shm (after its own fixtures ran)."""
+    yield
+    left = leftovers()
+    for entry in left:  # remove them so that one leak does not fail every later test
+        os.unlink(os.path.join(SHM, entry))
+    assert left == [], f"left in {SHM}: {left}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The whole suite's proof: nothing of this run outlives it."""
+    left = leftovers()
+    if left:
+        print(f"\nLEAK: the suite left these in {SHM}: {left}", file=sys.stderr)
+        session.exitstatus = 1

@@ -1,0 +1,54 @@
+"""Helpers shared by the tests (importable by spawned children too)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from shmpool import Mempool
+from shmpool._debug import audit
+from shmpool._layout import H_LOCK_PID, H_LOCK_SINCE_NS
+
+#: Every pool a test makes has this in its name, so the leak checks can
+#: tell this run's leftovers from anybody else's.
+#: (Computed in the pytest process; children are handed full names.)
+RUN_TAG = f"t{os.getpid()}x"
+
+
+def snapshot(pool: Mempool) -> bytes:
+    """Every byte of the pool's segment except the lock-holder words (which
+    record who last took the lock, not pool state)."""
+    v = pool._core[0]
+    with pool._core[1]:
+        raw = bytearray(v.mm[:])
+    for word in (H_LOCK_PID, H_LOCK_SINCE_NS):
+        raw[8 * word : 8 * word + 8] = bytes(8)
+    return bytes(raw)
+
+
+def check_whole(pool: Mempool) -> None:
+    """Assert the pool's invariants (the audit, under the lock)."""
+    with pool._core[1]:
+        findings = audit(pool._core[0])
+    assert findings == []
+    s = pool.stats()
+    assert s.curr_nr + s.arena_free + s.in_use == s.capacity
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds or ``timeout`` passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)
+
+
+def run_python(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a separate interpreter (python -c) and wait for it."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )

@@ -1,0 +1,50 @@
+"""The demo and the tools, run as a user would run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import leftovers
+from shmpool import Mempool
+
+BIN = os.path.dirname(sys.executable)
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+
+
+@pytest.mark.timeout(120)
+def test_demo_shows_that_no_sleeping_allocation_fails(name: str) -> None:
+    out = subprocess.run(
+        [os.path.join(BIN, "shmpool-demo"), "--name", name, "--iterations", "30"],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "arena allocation failed; served from the reserve with" in text
+    assert "mempool_free: returned to the reserve with count" in text
+    assert "90 GFP_KERNEL allocations succeeded, 0 failed" in text
+    assert "0 CRC mismatches" in text and "audit: clean" in text
+    assert "result:  OK" in text
+    assert leftovers() == []  # the demo destroyed its pool
+
+
+def test_demo_refuses_a_taken_name(name: str) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=1) as p:
+        out = subprocess.run(
+            [os.path.join(BIN, "shmpool-demo"), "--name", name], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 2 and "exists already" in out.stderr
+        assert p.stats().alloc_arena == 0
+        p.destroy()
+
+
+def test_cleanup_removes_a_left_pool(name: str) -> None:
+    Mempool.create(name, min_nr=1, slot_size=16, capacity=1).close()
+    listing = subprocess.run([sys.executable, os.path.join(TOOLS, "cleanup.py")], capture_output=True, text=True)
+    assert name in listing.stdout.split()
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "cleanup.py"), name], capture_output=True, text=True)
+    assert out.stdout.strip() == f"removed {name}"
+    assert leftovers() == []
