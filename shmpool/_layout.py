@@ -6,6 +6,7 @@ One POSIX shared-memory segment holds one pool::
     off_words           slot words: capacity x u64, one per slot (the truth)
     off_stack           reserve stack: capacity x u32 slot indexes (elements[])
     off_arena           arena free list: capacity x u32 slot indexes (a stack)
+    off_procs           process registry: max_procs x PROC_WORDS u64 (below)
     off_slots           slots: capacity x stride bytes, page-aligned start
     total               end of the segment
 
@@ -34,6 +35,14 @@ depths are ``curr_nr`` and ``arena_free``. They are caches of the slot words:
 slot words that are each whole, from which the stacks and counters can be
 rebuilt (see ``_debug.rebuild``).
 
+The process registry has one entry per process attached (or once attached)
+to the pool: its pid, its start time (see ``_procs``) and how many of its
+threads are sleeping in alloc. It names the holders behind the pids in the
+slot words: a pid without an entry, or whose entry's start time is not the
+start time of the live process with that pid, is dead. A registry entry is
+never shared: a process that registers under the pid of a dead one first
+takes back the dead one's elements.
+
 Header words are native-endian u64, addressed by the ``H_*`` indexes below;
 the ones marked (f64) hold an IEEE double in the same 8 bytes. The magic
 number comes first and is written last by ``create``, so a half-made pool
@@ -49,7 +58,7 @@ from dataclasses import dataclass
 from ._errors import PoolFormatError
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 HEADER_WORDS = 64
 HEADER_BYTES = HEADER_WORDS * 8
@@ -71,6 +80,8 @@ H_TAG = 11
 H_FLAGS = 12
 H_CREATOR_PID = 13
 H_CREATED_NS = 14  # wall clock, time.time_ns()
+H_MAX_PROCS = 15
+H_OFF_PROCS = 27
 # Pool state: guarded by the pool lock.
 H_STATUS = 16  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
 H_MIN_NR = 17
@@ -84,6 +95,8 @@ H_RNG = 26  # splitmix64 state of the fault injector
 # The pool lock's holder (written by its holder, read by anyone).
 H_LOCK_PID = 28
 H_LOCK_SINCE_NS = 29  # time.monotonic_ns() when it was taken
+H_LOCK_START = 30  # the holder's start time (see _procs)
+H_LOCK_SEQ = 31  # bumped by every acquisition
 # Counters: guarded by the pool lock.
 H_ALLOC_ARENA = 32
 H_ALLOC_RESERVE = 33
@@ -127,6 +140,13 @@ TAG_MASK = 0x7FFF  # 15 bits, so that a handle fits a signed 64-bit integer
 MAX_CAPACITY = INDEX_MASK  # 16,777,215 slots
 MAX_SLOT_SIZE = 1 << 30
 
+# Process registry entries.
+PROC_WORDS = 4
+P_PID = 0
+P_START = 1
+P_SLEEPING = 2
+MAX_PROCS = 256
+
 
 def held_word(gen: int, pid: int) -> int:
     return ST_HELD | gen << GEN_SHIFT | pid << PID_SHIFT
@@ -142,18 +162,21 @@ class Geometry:
     off_words: int
     off_stack: int
     off_arena: int
+    off_procs: int
+    max_procs: int
     off_slots: int
     total: int
 
     @classmethod
-    def of(cls, slot_size: int, capacity: int) -> Geometry:
+    def of(cls, slot_size: int, capacity: int, max_procs: int = MAX_PROCS) -> Geometry:
         stride = (slot_size + 7) & ~7
         off_words = HEADER_BYTES
         off_stack = off_words + 8 * capacity
         off_arena = off_stack + 4 * capacity
-        off_slots = -(-(off_arena + 4 * capacity) // PAGE) * PAGE
+        off_procs = (off_arena + 4 * capacity + 7) & ~7
+        off_slots = -(-(off_procs + 8 * PROC_WORDS * max_procs) // PAGE) * PAGE
         total = off_slots + stride * capacity
-        return cls(slot_size, capacity, stride, off_words, off_stack, off_arena, off_slots, total)
+        return cls(slot_size, capacity, stride, off_words, off_stack, off_arena, off_procs, max_procs, off_slots, total)
 
 
 def read_geometry(mm: mmap.mmap, size: int) -> Geometry:
@@ -169,15 +192,19 @@ def read_geometry(mm: mmap.mmap, size: int) -> Geometry:
         raise PoolFormatError(
             f"pool has layout version {words[H_VERSION]}, this shmpool reads version {LAYOUT_VERSION}"
         )
-    slot_size, capacity = words[H_SLOT_SIZE], words[H_CAPACITY]
-    if not (1 <= slot_size <= MAX_SLOT_SIZE and 1 <= capacity <= MAX_CAPACITY):
-        raise PoolFormatError(f"header has an impossible geometry: slot_size={slot_size}, capacity={capacity}")
-    geo = Geometry.of(slot_size, capacity)
+    slot_size, capacity, max_procs = words[H_SLOT_SIZE], words[H_CAPACITY], words[H_MAX_PROCS]
+    if not (1 <= slot_size <= MAX_SLOT_SIZE and 1 <= capacity <= MAX_CAPACITY and 1 <= max_procs <= 1 << 16):
+        raise PoolFormatError(
+            f"header has an impossible geometry: slot_size={slot_size}, capacity={capacity}, max_procs={max_procs}"
+        )
+    geo = Geometry.of(slot_size, capacity, max_procs)
     stored = (
         words[H_HEADER_BYTES], words[H_STRIDE], words[H_OFF_WORDS], words[H_OFF_STACK],
-        words[H_OFF_ARENA], words[H_OFF_SLOTS], words[H_TOTAL],
+        words[H_OFF_ARENA], words[H_OFF_PROCS], words[H_OFF_SLOTS], words[H_TOTAL],
     )
-    expected = (HEADER_BYTES, geo.stride, geo.off_words, geo.off_stack, geo.off_arena, geo.off_slots, geo.total)
+    expected = (
+        HEADER_BYTES, geo.stride, geo.off_words, geo.off_stack, geo.off_arena, geo.off_procs, geo.off_slots, geo.total,
+    )
     if stored != expected:
         raise PoolFormatError("header offsets disagree with its geometry")
     if size < geo.total:
@@ -196,6 +223,8 @@ def write_geometry(hdr: memoryview, geo: Geometry) -> None:
     hdr[H_OFF_WORDS] = geo.off_words
     hdr[H_OFF_STACK] = geo.off_stack
     hdr[H_OFF_ARENA] = geo.off_arena
+    hdr[H_OFF_PROCS] = geo.off_procs
+    hdr[H_MAX_PROCS] = geo.max_procs
     hdr[H_OFF_SLOTS] = geo.off_slots
 
 
@@ -203,7 +232,7 @@ class Views:
     """Typed memoryviews over one mapping. Holding a Views keeps the mapping
     alive (each view is an export of it); dropping the last one unmaps."""
 
-    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "data")
+    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "procs", "data")
 
     def __init__(self, mm: mmap.mmap, geo: Geometry) -> None:
         base = memoryview(mm)
@@ -214,4 +243,5 @@ class Views:
         self.words = base[geo.off_words : geo.off_stack].cast("Q")
         self.stack = base[geo.off_stack : geo.off_arena].cast("I")
         self.arena = base[geo.off_arena : geo.off_arena + 4 * geo.capacity].cast("I")
+        self.procs = base[geo.off_procs : geo.off_procs + 8 * PROC_WORDS * geo.max_procs].cast("Q")
         self.data = base[geo.off_slots : geo.total]

@@ -17,10 +17,30 @@ RESERVE slots, ``arena[0:arena_free]`` exactly the ARENA slots, the rest are
 HELD, so ``curr_nr + arena_free + in_use == capacity``; and
 ``0 <= curr_nr <= min_nr <= capacity``.
 
-The lock is never held across a sleep. Its holder writes its pid and the time
-it took it into the header, so that a person (shmpool-inspect) can see who
-holds it and for how long, and so that a later crash-recovery pass can tell
-a dead holder from a slow one.
+The lock is never held across a sleep. Its holder writes its pid, its start
+time, the time it took the lock and a sequence number into the header, so
+that a person (shmpool-inspect) can see who holds it and for how long, and
+so that a process killed while holding it can be told from a slow one.
+
+Recovery from a dead holder
+---------------------------
+A semaphore has no owner: if its holder is killed, everyone else would wait
+forever. So the lock is taken with a bounded wait (POLL_SECONDS), and a
+contender that times out looks at the recorded holder:
+
+- alive (its pid runs and started when the record says): wait on;
+- dead: take the lock over;
+- none recorded while the lock stays taken (a holder killed between its
+  sem_wait and its first store, or between its last store and sem_post):
+  once the sequence number has not moved for ORPHAN_SECONDS, take it over.
+
+Taking over is arbitrated by a POSIX record lock (lockf) on the segment, which
+the kernel drops if the recoverer dies too: the winner checks that the
+record still names the holder it saw die (else someone recovered first and
+it goes back to waiting), records itself as the holder, so that it now holds
+the semaphore the dead process held, and runs the repair (``_recovery``)
+before its own critical section. Threads of one process recover one at a
+time (record locks belong to processes, not threads).
 
 The wait channel
 ----------------
@@ -52,11 +72,23 @@ and a sleeper retries after 5 s even if nothing wakes it.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 import time
+from typing import Callable
 
 import posix_ipc
 
-from ._layout import H_CURR_NR, H_LOCK_PID, H_LOCK_SINCE_NS, H_NR_WAITERS
+from ._layout import H_CURR_NR, H_LOCK_PID, H_LOCK_SEQ, H_LOCK_SINCE_NS, H_LOCK_START, H_NR_WAITERS
+from ._procs import is_alive
+
+#: How long a contender waits on the lock before it looks at the holder.
+POLL_SECONDS = 0.05
+#: How long the lock may stay taken with no holder recorded before it is
+#: presumed orphaned (a living holder records itself within microseconds).
+ORPHAN_SECONDS = 0.5
+_recovering = threading.Lock()  # one recovery at a time in this process
 
 _monotonic_ns = time.monotonic_ns
 
@@ -91,22 +123,48 @@ class _OwnedSemaphore:
             pass
 
 
+class _OwnedFd:
+    """Closes its descriptor when the last reference goes."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
 class PoolLock:
-    """The pool lock, as a context manager. Not reentrant."""
+    """The pool lock, as a context manager. Not reentrant. ``repair`` is
+    called, with the lock held, after taking it over from a dead holder."""
 
-    __slots__ = ("_owned", "_sem", "_hdr", "pid")
+    __slots__ = ("_owned", "_sem", "_hdr", "_fd", "pid", "start", "repair", "recoveries")
 
-    def __init__(self, sem: posix_ipc.Semaphore, hdr: memoryview, pid: int) -> None:
+    def __init__(self, sem: posix_ipc.Semaphore, hdr: memoryview, fd: int, pid: int, start: int) -> None:
         self._owned = _OwnedSemaphore(sem)
         self._sem = sem
         self._hdr = hdr
+        self._fd = _OwnedFd(fd)
         self.pid = pid
+        self.start = start
+        self.repair: Callable[[], object] = lambda: None
+        self.recoveries = 0
 
     def __enter__(self) -> None:
-        _acquire(self._sem, None)
+        try:
+            self._sem.acquire(0)
+        except posix_ipc.BusyError:
+            if self._acquire_slow():
+                return  # taken over from a dead holder: already recorded
         hdr = self._hdr
         hdr[H_LOCK_PID] = self.pid
+        hdr[H_LOCK_START] = self.start
         hdr[H_LOCK_SINCE_NS] = _monotonic_ns()
+        hdr[H_LOCK_SEQ] += 1
 
     def __exit__(self, *exc: object) -> None:
         self._hdr[H_LOCK_PID] = 0
@@ -115,6 +173,50 @@ class PoolLock:
     def release_initial(self) -> None:
         """Release the lock that ``create`` holds from birth (value 0)."""
         self._sem.release()
+
+    def _acquire_slow(self) -> bool:
+        """Wait for the lock, recovering it from a dead holder. False when
+        acquired normally, True when taken over (holder already recorded)."""
+        hdr = self._hdr
+        orphan: tuple[int, float] | None = None
+        while not _acquire(self._sem, POLL_SECONDS):
+            pid, start, seq = hdr[H_LOCK_PID], hdr[H_LOCK_START], hdr[H_LOCK_SEQ]
+            if pid:
+                orphan = None
+                if is_alive(pid, start):
+                    continue
+            else:
+                if orphan is None or orphan[0] != seq:
+                    orphan = (seq, time.monotonic())
+                    continue
+                if time.monotonic() - orphan[1] < ORPHAN_SECONDS:
+                    continue
+            if self._take_over(pid, start, seq):
+                return True
+            orphan = None
+        return False
+
+    def _take_over(self, pid: int, start: int, seq: int) -> bool:
+        hdr = self._hdr
+        with _recovering:
+            fcntl.lockf(self._fd.fd, fcntl.LOCK_EX)
+            try:
+                still = (hdr[H_LOCK_PID], hdr[H_LOCK_START], hdr[H_LOCK_SEQ]) == (pid, start, seq)
+                if not still or self._sem.value != 0:
+                    return False  # somebody recovered it, or it was released
+                hdr[H_LOCK_PID] = self.pid
+                hdr[H_LOCK_START] = self.start
+                hdr[H_LOCK_SINCE_NS] = _monotonic_ns()
+                hdr[H_LOCK_SEQ] = seq + 1
+                try:
+                    self.repair()
+                except BaseException:
+                    self.__exit__()
+                    raise
+                self.recoveries += 1
+                return True
+            finally:
+                fcntl.lockf(self._fd.fd, fcntl.LOCK_UN)
 
 
 class WaitQueue:
@@ -130,7 +232,8 @@ class WaitQueue:
         self._hdr = hdr
 
     def register(self) -> None:
-        """prepare_to_wait: count this sleeper."""
+        """prepare_to_wait: count this sleeper (the caller also counts it in
+        its registry entry, so that a dead sleeper can be uncounted)."""
         self._hdr[H_NR_WAITERS] += 1
 
     def wake_all(self) -> None:
@@ -154,8 +257,12 @@ class WaitQueue:
     def finish(self) -> None:
         """finish_wait: uncount this sleeper and drain stale tokens."""
         hdr = self._hdr
-        n = hdr[H_NR_WAITERS] - 1
-        hdr[H_NR_WAITERS] = n
+        hdr[H_NR_WAITERS] -= 1
+        self.drain()
+
+    def drain(self) -> None:
+        """Take back tokens beyond the number of sleepers."""
+        n = self._hdr[H_NR_WAITERS]
         sem = self._sem
         while sem.value > n and _acquire(sem, 0):
             pass

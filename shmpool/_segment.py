@@ -62,6 +62,7 @@ class Segment:
 
     mm: mmap.mmap
     size: int
+    fd: int  # kept open: crash recovery locks the segment file (see _lock)
     lock_sem: posix_ipc.Semaphore
     wait_sem: posix_ipc.Semaphore
 
@@ -90,19 +91,21 @@ def create(name: str, size: int, mode: int) -> Segment:
         os.ftruncate(shm.fd, size)
         os.posix_fallocate(shm.fd, 0, size)
         mm = mmap.mmap(shm.fd, size)
+        fd = os.dup(shm.fd)
         lock_name, wait_name = sem_names(name)
         lock_sem = _create_sem(lock_name, mode, 0)
         try:
             wait_sem = _create_sem(wait_name, mode, 0)
         except BaseException:
             _unlink_sem(lock_name)
+            os.close(fd)
             raise
     except BaseException:
         shm.unlink()
         raise
     finally:
         shm.close_fd()
-    return Segment(mm, size, lock_sem, wait_sem)
+    return Segment(mm, size, fd, lock_sem, wait_sem)
 
 
 def _create_sem(sem_name: str, mode: int, value: int) -> posix_ipc.Semaphore:
@@ -120,8 +123,9 @@ def _create_sem(sem_name: str, mode: int, value: int) -> posix_ipc.Semaphore:
     raise FileExistsError(errno.EEXIST, f"semaphore {sem_name} keeps reappearing")
 
 
-def open_shm(name: str) -> tuple[mmap.mmap, int]:
-    """Map an existing segment read-write; FileNotFoundError, PermissionError."""
+def open_shm(name: str) -> tuple[mmap.mmap, int, int]:
+    """Map an existing segment read-write: (mapping, size, a descriptor of
+    it that the caller closes). FileNotFoundError, PermissionError."""
     try:
         shm = posix_ipc.SharedMemory(shm_name(name))
     except posix_ipc.Error as exc:
@@ -130,7 +134,7 @@ def open_shm(name: str) -> tuple[mmap.mmap, int]:
         size = os.fstat(shm.fd).st_size
         if size == 0:
             raise FileNotFoundError(errno.ENOENT, f"pool {name!r} is empty (being created, or not a pool)")
-        return mmap.mmap(shm.fd, size), size
+        return mmap.mmap(shm.fd, size), size, os.dup(shm.fd)
     finally:
         shm.close_fd()
 

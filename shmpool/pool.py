@@ -18,7 +18,7 @@ Everything runs under the pool lock (see ``_lock``), which is never held
 across a sleep.
 
 How an operation stays repairable if its process dies half way
------------------------------------------------------------------
+----------------------------------------------------------------
 The slot words are the truth; the two stacks and their depths are a cache of
 them. Every operation commits with one aligned 8-byte store into a slot word
 (HELD when an element is handed out, RESERVE or ARENA when it comes back),
@@ -28,18 +28,28 @@ words. A process killed anywhere inside a critical section therefore leaves:
 - slots whose words are whole, each in exactly one state;
 - stacks that may be one entry off, and counters that may be one off.
 
-Rebuilding the stacks and depths from the words (numpy, one pass) restores
-every invariant; an element whose word says HELD by a dead pid was handed
-out (or was being freed) and goes back through the normal free path. The
-only other lasting effect of a death is a lock left taken, which crash
-recovery detects through the holder pid the lock records. Counters are
-statistics: they may be one off after a death and nothing depends on them.
+Rebuilding the stacks and depths from the words (``_recovery.rebuild``,
+numpy, one pass) restores every invariant; the process that takes the lock
+over from a dead holder does it before anything else (``_lock``). An element
+whose word says HELD by a dead process was handed out (or was being freed)
+and goes back through the normal free path when somebody calls
+``reclaim_dead``. A sleeper that dies stays counted in ``nr_waiters`` until a
+repair or a reclaim recounts the sleepers of live processes from the
+registry. Counters are statistics: they may be one off after a death and
+nothing depends on them.
+
+Who holds an element: the pid in its slot word, qualified by the process
+registry (``_layout``, ``_procs``), so that a reused pid is not mistaken for
+the holder. Handing a handle to another process does not move it: the
+receiver calls ``adopt`` to become the holder, and until it does, the
+element is the sender's and is reclaimed if the sender dies.
 
 Handles are ``index | generation << 24 | tag << 48`` (see ``_layout``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -54,6 +64,8 @@ import numpy as np
 from . import _segment
 from ._arena import Arena
 from ._debug import poison_pattern
+from ._procs import Registry, self_identity
+from ._recovery import rebuild
 from ._errors import (
     InvalidHandleError,
     PoisonWarning,
@@ -128,10 +140,9 @@ _live_pools: weakref.WeakSet[Mempool] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     # A mapping inherited across fork() is still the same shared pool; what
-    # changes is who we are, and elements are recorded by holder pid.
-    pid = os.getpid()
+    # changes is who we are: elements and the lock are recorded by process.
     for pool in list(_live_pools):
-        pool._set_pid(pid)
+        pool._become(*self_identity())
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -174,9 +185,12 @@ class Mempool:
     that closes on exit.
     """
 
-    __slots__ = ("name", "trace", "_core", "_pid", "_tag", "_capacity", "_slot_size", "_stride", "_poison", "__weakref__")
+    __slots__ = (
+        "name", "trace", "_core", "_pid", "_start", "_entry", "_tag", "_capacity", "_slot_size", "_stride",
+        "_poison", "__weakref__",
+    )
 
-    def __init__(self, name: str, seg: _segment.Segment, geo: Geometry) -> None:
+    def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, register: bool = True) -> None:
         v = Views(seg.mm, geo)
         hdr = v.hdr
         self.name = name
@@ -186,7 +200,8 @@ class Mempool:
         #: "sleep", "free-reserve", "free-arena"; ``curr_nr`` is the
         #: reserve's depth right after the operation.
         self.trace: Trace | None = None
-        self._pid = os.getpid()
+        self._pid, self._start = self_identity()
+        self._entry = -1
         self._tag = hdr[H_TAG]
         self._capacity = geo.capacity
         self._slot_size = geo.slot_size
@@ -195,12 +210,16 @@ class Mempool:
         # Everything that touches the segment, in one attribute so that an
         # operation loads it once: close() swaps it for None, and operations
         # already under way keep their own references to what they use.
-        self._core: tuple[Views, PoolLock, Arena, WaitQueue] | None = (
-            v,
-            PoolLock(seg.lock_sem, hdr, self._pid),
-            Arena(v),
-            WaitQueue(seg.wait_sem, hdr),
+        lock = PoolLock(seg.lock_sem, hdr, seg.fd, self._pid, self._start)
+        waitq = WaitQueue(seg.wait_sem, hdr)
+        registry = Registry(v.procs, geo.max_procs)
+        lock.repair = functools.partial(_repair, v, registry, waitq)
+        self._core: tuple[Views, PoolLock, Arena, WaitQueue, Registry] | None = (
+            v, lock, Arena(v), waitq, registry,
         )
+        if register:
+            with lock:
+                self._register(v, registry)
         _live_pools.add(self)
 
     # ------------------------------------------------------------------
@@ -254,9 +273,9 @@ class Mempool:
         geo = Geometry.of(slot_size, capacity)
         seg = _segment.create(name, geo.total, mode)  # born with the lock taken
         try:
-            pool = cls(name, seg, geo)
+            pool = cls(name, seg, geo, register=False)
             assert pool._core is not None
-            v, lock, arena, _ = pool._core
+            v, lock, arena, _, registry = pool._core
             hdr = v.hdr
             write_geometry(hdr, geo)
             hdr[H_TAG] = pool._tag = random.randint(1, TAG_MASK)
@@ -270,6 +289,7 @@ class Mempool:
             hdr[H_MIN_NR] = min_nr
             for _ in range(min_nr):
                 pool._add_element(arena.alloc(inject=False))
+            pool._register(v, registry)
             hdr[H_MAGIC] = MAGIC  # last: from here on the pool is whole
         except BaseException:
             _segment.unlink(name)
@@ -301,7 +321,7 @@ class Mempool:
 
     @classmethod
     def _attach_once(cls, name: str) -> Mempool:
-        mm, size = _segment.open_shm(name)
+        mm, size, fd = _segment.open_shm(name)
         try:
             if size >= 8 and int.from_bytes(mm[:8], "little") == 0:
                 raise _NotReady
@@ -309,14 +329,39 @@ class Mempool:
             lock_sem, wait_sem = _segment.open_sems(name)
         except BaseException:
             mm.close()
+            os.close(fd)
             raise
-        return cls(name, _segment.Segment(mm, size, lock_sem, wait_sem), geo)
+        return cls(name, _segment.Segment(mm, size, fd, lock_sem, wait_sem), geo)
 
-    def _set_pid(self, pid: int) -> None:
-        self._pid = pid
+    def _register(self, v: Views, registry: Registry) -> None:
+        """Give this process its registry entry (lock held). A dead process
+        whose pid we now have, or whose entry we take, loses its elements
+        first, so that no element is ever attributed to the wrong process."""
+        index = registry.find(self._pid)
+        if index >= 0 and registry.entry(index)[1] == self._start:
+            self._entry = index
+            return
+        if index >= 0:
+            self._reclaim_pid(self._pid, v)
+            registry.clear(index)
+        index, evicted = registry.claim(self._pid, self._start)
+        if evicted:
+            self._reclaim_pid(evicted, v)
+        self._entry = index
+
+    def _become(self, pid: int, start: int) -> None:
+        """After fork(): this object now belongs to the child."""
+        self._pid, self._start = pid, start
         core = self._core
-        if core is not None:
-            core[1].pid = pid
+        if core is None:
+            return
+        lock = core[1]
+        lock.pid, lock.start = pid, start
+        try:
+            with lock:
+                self._register(core[0], core[4])
+        except Exception:  # a pool destroyed meanwhile: its next call says so
+            pass
 
     # ------------------------------------------------------------------
     # The reserve: the only code that touches the stack
@@ -389,7 +434,7 @@ class Mempool:
         core = self._core
         if core is None:
             raise self._closed()
-        v, lock, arena, waitq = core
+        v, lock, arena, waitq, registry = core
         sleeps = may_sleep(gfp)
         deadline = None if timeout is None else _monotonic() + self._check_timeout(timeout)
         hdr = v.hdr
@@ -400,6 +445,7 @@ class Mempool:
             with lock:
                 if waiting:
                     waitq.finish()
+                    registry.add_sleeper(self._entry, -1)
                     waiting = False
                 if hdr[H_STATUS] != STATUS_LIVE:
                     raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
@@ -423,6 +469,7 @@ class Mempool:
                     # Checked the reserve and registered in one critical
                     # section: a free that refills it must see us and wake us.
                     waitq.register()
+                    registry.add_sleeper(self._entry, 1)
                     waiting = slept = True
                     hdr[H_SLEEPS] += 1
                     event = "sleep"
@@ -445,6 +492,7 @@ class Mempool:
             except BaseException:
                 with lock:
                     waitq.finish()
+                    registry.add_sleeper(self._entry, -1)
                 raise
 
     def alloc_preallocated(self) -> int | None:
@@ -453,7 +501,7 @@ class Mempool:
         core = self._core
         if core is None:
             raise self._closed()
-        v, lock, _, _ = core
+        v, lock, _, _, _ = core
         hdr = v.hdr
         with lock:
             if hdr[H_STATUS] != STATUS_LIVE:
@@ -485,7 +533,7 @@ class Mempool:
         core = self._core
         if core is None:
             raise self._closed()
-        v, lock, arena, waitq = core
+        v, lock, arena, waitq, _ = core
         idx, gen = self._decode(handle)
         hdr, words = v.hdr, v.words
         with lock:
@@ -494,19 +542,89 @@ class Mempool:
             word = words[idx]
             if word & STATE_MASK != ST_HELD or (word >> GEN_SHIFT) & GEN_MASK != gen:
                 raise InvalidHandleError(handle, self._describe(word, gen))
-            if hdr[H_CURR_NR] < hdr[H_MIN_NR]:
-                self._add_element(idx, v)
-                hdr[H_FREE_RESERVE] += 1
-                waitq.wake_all()
-                event = "free-reserve"
-            else:
-                arena.free(idx)
-                hdr[H_FREE_ARENA] += 1
-                event = "free-arena"
+            event = self._release(idx, v, arena, waitq)
             curr_nr = hdr[H_CURR_NR]
         trace = self.trace
         if trace is not None:
             trace(event, handle, curr_nr)
+
+    def _release(self, idx: int, v: Views, arena: Arena, waitq: WaitQueue) -> str:
+        """The kernel's free (lock held): refill the reserve if it is below
+        min_nr and wake the sleepers, else give the element to the arena."""
+        hdr = v.hdr
+        if hdr[H_CURR_NR] < hdr[H_MIN_NR]:
+            self._add_element(idx, v)
+            hdr[H_FREE_RESERVE] += 1
+            waitq.wake_all()
+            return "free-reserve"
+        arena.free(idx)
+        hdr[H_FREE_ARENA] += 1
+        return "free-arena"
+
+    def _reclaim_pid(self, pid: int, v: Views) -> int:
+        """Free every element held under ``pid`` (lock held); how many."""
+        words = np.frombuffer(v.words, dtype=np.uint64)
+        mine = np.flatnonzero(((words & np.uint64(STATE_MASK)) == ST_HELD) & ((words >> np.uint64(PID_SHIFT)) == pid))
+        core = self._core
+        assert core is not None
+        for idx in mine.tolist():
+            self._release(idx, v, core[2], core[3])
+        return int(mine.size)
+
+    def reclaim_dead(self) -> int:
+        """Take back every element held by a process that no longer exists,
+        through the normal free path (the reserve refills first, sleepers
+        are woken); returns how many. Also uncounts sleepers that died.
+
+        An element handed to another process still belongs to the process
+        that allocated it until the receiver calls :meth:`adopt`: if the
+        sender dies first, the element is reclaimed from the receiver.
+        """
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, _, waitq, registry = core
+        with lock:
+            if v.hdr[H_STATUS] != STATUS_LIVE:
+                raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+            words = np.frombuffer(v.words, dtype=np.uint64)
+            held = (words & np.uint64(STATE_MASK)) == ST_HELD
+            pids = np.unique(words[held] >> np.uint64(PID_SHIFT)).tolist()
+            taken = 0
+            for pid in pids:
+                if not registry.holder_alive(pid):
+                    taken += self._reclaim_pid(pid, v)
+                    index = registry.find(pid)
+                    if index >= 0:
+                        registry.clear(index)
+            v.hdr[H_NR_WAITERS] = registry.live_sleepers()
+            waitq.drain()
+        return taken
+
+    def adopt(self, handle: int) -> None:
+        """Make this process the holder of ``handle`` (received from another
+        process), so that it is not reclaimed if the sender dies. Refused
+        like free() if the handle is not currently held; changes nothing
+        else."""
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, _, _, _ = core
+        idx, gen = self._decode(handle)
+        words = v.words
+        with lock:
+            if v.hdr[H_STATUS] != STATUS_LIVE:
+                raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+            word = words[idx]
+            if word & STATE_MASK != ST_HELD or (word >> GEN_SHIFT) & GEN_MASK != gen:
+                raise InvalidHandleError(handle, self._describe(word, gen))
+            words[idx] = ST_HELD | gen << GEN_SHIFT | self._pid << PID_SHIFT
+
+    @property
+    def recoveries(self) -> int:
+        """How many times this object took the lock over from a dead holder."""
+        core = self._core
+        return 0 if core is None else core[1].recoveries
 
     def _decode(self, handle: object) -> tuple[int, int]:
         """(slot index, generation) of a handle of this pool, or the error."""
@@ -555,7 +673,7 @@ class Mempool:
         core = self._core
         if core is None:
             raise self._closed()
-        v, lock, arena, waitq = core
+        v, lock, arena, waitq, _ = core
         may_sleep(gfp)  # validates
         new_min_nr = _check_int(new_min_nr, "new_min_nr")
         if not 1 <= new_min_nr <= self._capacity:
@@ -605,7 +723,7 @@ class Mempool:
         core = self._core
         if core is None:
             raise self._closed()
-        v, lock, _, waitq = core
+        v, lock, _, waitq, _ = core
         hdr = v.hdr
         with lock:
             if hdr[H_STATUS] != STATUS_LIVE:
@@ -674,7 +792,7 @@ class Mempool:
         core = self._core
         if core is None:
             raise self._closed()
-        v, lock, _, _ = core
+        v, lock, _, _, _ = core
         hdr = v.hdr
         with lock:
             words = hdr.tolist()
@@ -707,7 +825,7 @@ class Mempool:
             raise self._closed()
         rate = _check_fail_rate(fail_rate)
         seed = _check_seed(seed)
-        v, lock, arena, _ = core
+        v, lock, arena, _, _ = core
         with lock:
             if v.hdr[H_STATUS] != STATUS_LIVE:
                 raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
@@ -762,4 +880,10 @@ class Mempool:
 
 def _attach(name: str) -> Mempool:
     return Mempool.attach(name)
+
+
+def _repair(v: Views, registry: Registry, waitq: WaitQueue) -> None:
+    """Run by the process that took the lock over from a dead holder."""
+    rebuild(v, registry)
+    waitq.drain()
 

@@ -69,7 +69,10 @@ def popen() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     for p in procs:
         if p.poll() is None:
             p.kill()
-        p.communicate(timeout=10)
+        p.wait(timeout=10)
+        for pipe in (p.stdin, p.stdout, p.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture(autouse=True)

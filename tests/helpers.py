@@ -10,7 +10,7 @@ from typing import Callable
 
 from shmpool import Mempool
 from shmpool._debug import audit
-from shmpool._layout import H_LOCK_PID, H_LOCK_SINCE_NS
+from shmpool._layout import H_LOCK_PID, H_LOCK_SEQ, H_LOCK_SINCE_NS, H_LOCK_START
 
 #: Every pool a test makes has this in its name, so the leak checks can
 #: tell this run's leftovers from anybody else's.
@@ -20,11 +20,12 @@ RUN_TAG = f"t{os.getpid()}x"
 
 def snapshot(pool: Mempool) -> bytes:
     """Every byte of the pool's segment except the lock-holder words (which
-    record who last took the lock, not pool state)."""
+    record who last took the lock, not pool state: taking the snapshot
+    changes them)."""
     v = pool._core[0]
     with pool._core[1]:
         raw = bytearray(v.mm[:])
-    for word in (H_LOCK_PID, H_LOCK_SINCE_NS):
+    for word in (H_LOCK_PID, H_LOCK_SINCE_NS, H_LOCK_START, H_LOCK_SEQ):
         raw[8 * word : 8 * word + 8] = bytes(8)
     return bytes(raw)
 

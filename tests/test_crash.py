@@ -1,0 +1,174 @@
+"""A process killed at the worst moment: the others go on, reclaim makes the
+pool whole, and the audit passes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numpy as np
+import posix_ipc
+import pytest
+
+from helpers import check_whole, wait_for
+from shmpool import GFP_ATOMIC, Mempool, handle_slot
+from shmpool._layout import H_CURR_NR, H_LOCK_PID, P_START, PROC_WORDS
+
+ATTACH = "import sys, time, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
+
+
+def start_child(popen, code: str, name: str, *args: str):
+    """A separate interpreter that runs ``code``, prints 'ready' and the
+    value of ``out`` (if the code set it), then blocks until killed or its
+    stdin is closed. Returns (process, out)."""
+    p = popen(ATTACH + "out = ''\n" + code + "\nprint('ready', out, flush=True)\nsys.stdin.read()\n", name, *args)
+    line = p.stdout.readline().split(maxsplit=1)
+    if line[:1] != ["ready"]:
+        p.kill()
+        raise AssertionError(f"child failed: {p.communicate(timeout=10)[1]}")
+    return p, (line[1].strip() if len(line) > 1 else "")
+
+
+def kill(p) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_lock_held_by_a_killed_process_is_recovered(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=4) as pool:
+        child, _ = start_child(popen, "pool._core[1].__enter__()", name)
+        assert pool._core[0].hdr[H_LOCK_PID] == child.pid
+        kill(child)
+        h = pool.alloc(GFP_ATOMIC)  # would block forever without recovery
+        assert h is not None and pool.recoveries == 1
+        pool.free(h)
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_half_done_operation_of_a_killed_holder_is_repaired(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=3, slot_size=16, capacity=6) as pool:
+        # The child dies inside a critical section, after popping the reserve
+        # stack but before marking the slot held: curr_nr is one short.
+        child, _ = start_child(popen, "pool._core[1].__enter__(); pool._core[0].hdr[%d] -= 1" % H_CURR_NR, name)
+        kill(child)
+        s = pool.stats()  # recovers, repairs
+        assert (s.curr_nr, s.arena_free, s.in_use) == (3, 3, 0)
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_lock_orphaned_with_no_holder_recorded_is_recovered(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=2) as pool:
+        # Killed between sem_wait and recording itself.
+        child, _ = start_child(popen, "import posix_ipc; posix_ipc.Semaphore(sys.argv[2]).acquire()", name, f"/shmpool.{name}.lock")
+        kill(child)
+        assert pool._core[0].hdr[H_LOCK_PID] == 0
+        pool.free(pool.alloc())
+        assert pool.recoveries == 1
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_a_live_slow_holder_is_not_robbed(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=2) as pool:
+        child, _ = start_child(popen, "pool._core[1].__enter__()", name)
+        sem = posix_ipc.Semaphore(f"/shmpool.{name}.lock")
+        with pytest.raises(posix_ipc.BusyError):
+            sem.acquire(1.0)  # well past POLL and ORPHAN bounds: still its
+        sem.close()
+        child.stdin.close()  # let it exit normally... holding the lock
+        child.wait(timeout=10)
+        pool.free(pool.alloc())  # its death frees the lock for us
+        assert pool.recoveries == 1
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_reclaim_dead_takes_back_a_dead_holders_elements_reserve_first(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=6) as pool:
+        mine = pool.alloc()
+        child, _ = start_child(popen, "hs = [pool.alloc() for _ in range(4)]", name)  # 3 arena + 1 reserve
+        s = pool.stats()
+        assert (s.in_use, s.curr_nr) == (5, 1)
+        assert pool.reclaim_dead() == 0  # the child is alive: nothing taken
+        kill(child)
+        assert pool.reclaim_dead() == 4
+        s = pool.stats()
+        assert (s.in_use, s.curr_nr, s.arena_free, s.free_reserve, s.free_arena) == (1, 2, 3, 1, 3)
+        assert pool.reclaim_dead() == 0
+        pool.free(mine)  # ours was never touched
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_adopted_handles_survive_the_senders_death(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=4) as pool:
+        child, out = start_child(popen, "out = f'{pool.alloc()} {pool.alloc()}'", name)
+        a, b = (int(x) for x in out.split())
+        pool.adopt(a)  # b is only received, not adopted
+        kill(child)
+        assert pool.reclaim_dead() == 1
+        pool.buffer(a)[:2] = b"ok"  # still ours
+        with pytest.raises(ValueError):
+            pool.buffer(b)  # taken back
+        pool.free(a)
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_sleepers_that_die_are_uncounted(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=1) as pool:
+        h = pool.alloc()
+        child = popen(ATTACH + "print('sleeping', flush=True); pool.alloc()", name)
+        assert child.stdout.readline().strip() == "sleeping"
+        wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep")
+        kill(child)
+        assert pool.stats().nr_waiters == 1  # the count does not know yet
+        assert pool.reclaim_dead() == 0
+        assert pool.stats().nr_waiters == 0
+        pool.free(h)
+        sem = posix_ipc.Semaphore(f"/shmpool.{name}.wait")
+        assert sem.value == 0  # and no wake-up token is left for the dead
+        sem.close()
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_a_reused_pid_is_not_mistaken_for_the_holder(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=3) as pool:
+        child, _ = start_child(popen, "h = pool.alloc()", name)
+        # Make the registry say that the child's pid belongs to a process that
+        # started at another time: as if the holder died and its pid was reused.
+        v, registry = pool._core[0], pool._core[4]
+        with pool._core[1]:
+            entry = registry.find(child.pid)
+            v.procs[entry * PROC_WORDS + P_START] += 1
+        assert pool.reclaim_dead() == 1
+        kill(child)
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_registering_under_a_dead_processes_pid_takes_its_elements_back(name: str) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=3) as pool:
+        h = pool.alloc()
+        # Pretend our registry entry is a dead predecessor's (other start time),
+        # then register again, as a process that inherited the pid would.
+        v, registry = pool._core[0], pool._core[4]
+        with pool._core[1]:
+            v.procs[registry.find(os.getpid()) * PROC_WORDS + P_START] += 1
+        pool._become(os.getpid(), pool._start)
+        assert pool.stats().in_use == 0  # the predecessor's element came back
+        with pytest.raises(ValueError):
+            pool.free(h)
+        check_whole(pool)
+        pool.destroy()
