@@ -27,8 +27,10 @@ from ._layout import (
     H_RNG,
     H_SEED,
     ST_ARENA,
+    STATE_MASK,
     Views,
 )
+from ._errors import PoolFormatError
 
 M64 = (1 << 64) - 1
 _GEN_BITS = GEN_MASK << GEN_SHIFT
@@ -88,14 +90,24 @@ class Arena:
                     hdr[H_FAULTS] += 1
                     return -1
         n -= 1
+        try:
+            idx = self._free[n]
+            free = self._words[idx] & STATE_MASK == ST_ARENA
+        except IndexError:
+            raise PoolFormatError(f"pool is corrupt: arena free list entry {n} is out of range") from None
+        if not free:
+            raise PoolFormatError(f"pool is corrupt: arena free list entry {n} names slot {idx}, not a free one")
         hdr[H_ARENA_FREE] = n
-        return self._free[n]
+        return idx
 
     def free(self, idx: int) -> None:
         """Give slot ``idx`` back to the arena."""
-        words = self._words
-        words[idx] = words[idx] & _GEN_BITS | ST_ARENA
         hdr = self._hdr
         n = hdr[H_ARENA_FREE]
-        self._free[n] = idx
+        try:
+            self._free[n] = idx  # first: a corrupt depth fails before any change
+        except IndexError:
+            raise PoolFormatError(f"pool is corrupt: arena_free {n} is beyond the capacity") from None
+        words = self._words
+        words[idx] = words[idx] & _GEN_BITS | ST_ARENA
         hdr[H_ARENA_FREE] = n + 1

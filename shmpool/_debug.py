@@ -37,6 +37,26 @@ def poison_pattern(slot_size: int) -> bytes:
     return bytes([POISON_INUSE]) * (slot_size - 1) + bytes([POISON_END])
 
 
+def quick_check(v: Views) -> str | None:
+    """The first sign of corruption that can be seen without the lock and
+    without reading every slot (fast enough for every attach), or None.
+    Each property checked holds at every instant in a healthy pool."""
+    hdr, cap = v.hdr, v.geo.capacity
+    min_nr, curr_nr, arena_free = hdr[H_MIN_NR], hdr[H_CURR_NR], hdr[H_ARENA_FREE]
+    if not 1 <= min_nr <= cap:
+        return f"min_nr {min_nr} is outside 1..capacity ({cap})"
+    if curr_nr > min_nr:
+        return f"curr_nr {curr_nr} exceeds min_nr {min_nr}"
+    if curr_nr + arena_free > cap:
+        return f"curr_nr {curr_nr} + arena_free {arena_free} exceed the capacity {cap}"
+    for label, depth, arr in (("reserve stack", curr_nr, v.stack), ("arena free list", arena_free, v.arena)):
+        entries = np.frombuffer(arr, dtype=np.uint32)[:depth]
+        if entries.size and int(entries.max()) >= cap:
+            at = int(np.argmax(entries >= cap))
+            return f"{label} entry {at} is slot {entries[at]}, out of range (capacity {cap})"
+    return None
+
+
 def audit(v: Views) -> list[str]:
     """Every broken invariant of the pool in ``v``, one sentence each (an
     empty list for a healthy pool). Call it with the pool lock held for an

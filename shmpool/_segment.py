@@ -21,6 +21,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import pwd
+import stat
 from dataclasses import dataclass
 
 import posix_ipc
@@ -67,14 +69,33 @@ class Segment:
     wait_sem: posix_ipc.Semaphore
 
 
-def _translate(exc: posix_ipc.Error, what: str, creating: bool) -> OSError:
+def _translate(exc: posix_ipc.Error, what: str, creating: bool, path: str = "") -> OSError:
     if isinstance(exc, posix_ipc.ExistentialError):
         if creating:
             return FileExistsError(errno.EEXIST, f"{what} already exists")
         return FileNotFoundError(errno.ENOENT, f"{what} does not exist")
     if isinstance(exc, posix_ipc.PermissionsError):
-        return PermissionError(errno.EACCES, f"{what}: permission denied (the pool's mode does not admit this user)")
+        return PermissionError(errno.EACCES, f"{what}: permission denied: {_why_denied(path)}")
     return OSError(str(exc))
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _why_denied(path: str) -> str:
+    """Who owns ``path`` and what its mode admits, said for a person."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "the pool's mode does not admit this user"
+    return (
+        f"it belongs to {_user(st.st_uid)} with mode {stat.S_IMODE(st.st_mode):04o}, "
+        f"which does not let {_user(os.geteuid())} read and write it"
+    )
 
 
 def create(name: str, size: int, mode: int) -> Segment:
@@ -129,7 +150,7 @@ def open_shm(name: str) -> tuple[mmap.mmap, int, int]:
     try:
         shm = posix_ipc.SharedMemory(shm_name(name))
     except posix_ipc.Error as exc:
-        raise _translate(exc, f"pool {name!r}", creating=False) from None
+        raise _translate(exc, f"pool {name!r}", creating=False, path=os.path.join(SHM_DIR, SHM_PREFIX + name)) from None
     try:
         size = os.fstat(shm.fd).st_size
         if size == 0:

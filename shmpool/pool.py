@@ -63,7 +63,7 @@ import numpy as np
 
 from . import _segment
 from ._arena import Arena
-from ._debug import poison_pattern
+from ._debug import poison_pattern, quick_check
 from ._procs import Registry, self_identity
 from ._recovery import rebuild
 from ._errors import (
@@ -331,7 +331,12 @@ class Mempool:
             mm.close()
             os.close(fd)
             raise
-        return cls(name, _segment.Segment(mm, size, fd, lock_sem, wait_sem), geo)
+        pool = cls(name, _segment.Segment(mm, size, fd, lock_sem, wait_sem), geo)
+        finding = quick_check(pool._core[0])  # type: ignore[index]
+        if finding:
+            pool.close()
+            raise pool._corrupt(finding)
+        return pool
 
     def _register(self, v: Views, registry: Registry) -> None:
         """Give this process its registry entry (lock held). A dead process
@@ -375,20 +380,30 @@ class Mempool:
             off = idx * self._stride
             v.data[off : off + self._slot_size] = self._poison
         words, hdr = v.words, v.hdr
-        words[idx] = words[idx] & _GEN_BITS | ST_RESERVE
         n = hdr[H_CURR_NR]
-        v.stack[n] = idx
+        try:
+            v.stack[n] = idx  # first: a corrupt depth fails before any change
+        except IndexError:
+            raise self._corrupt(f"curr_nr {n} is beyond the capacity") from None
+        words[idx] = words[idx] & _GEN_BITS | ST_RESERVE
         hdr[H_CURR_NR] = n + 1
 
     def _remove_element(self, v: Views) -> int:
         """Pop the top of the reserve (lock held; curr_nr > 0). Returns the
         slot index, or ``~index`` (negative) if poisoning is on and the
         element lost its pattern: the caller counts it and warns once the
-        lock is released."""
+        lock is released. A stack entry that does not name a reserved slot
+        raises PoolFormatError before anything changes."""
         hdr = v.hdr
         n = hdr[H_CURR_NR] - 1
+        try:
+            idx = v.stack[n]
+            reserved = v.words[idx] & STATE_MASK == ST_RESERVE
+        except IndexError:
+            raise self._corrupt(f"reserve stack entry {n} is out of range") from None
+        if not reserved:
+            raise self._corrupt(f"reserve stack entry {n} names slot {idx}, which is not in the reserve")
         hdr[H_CURR_NR] = n
-        idx = v.stack[n]
         poison = self._poison
         if poison is not None:
             off = idx * self._stride
@@ -396,6 +411,9 @@ class Mempool:
                 hdr[H_POISON_ERRORS] += 1
                 return ~idx
         return idx
+
+    def _corrupt(self, finding: str) -> PoolFormatError:
+        return PoolFormatError(f"pool {self.name!r} is corrupt: {finding} (shmpool-inspect --check {self.name} audits it)")
 
     def _warn_poison(self, idx: int) -> None:
         warnings.warn(
@@ -455,8 +473,8 @@ class Mempool:
                     handle = self._hand_out(idx, v)
                     event = "alloc-arena"
                 elif hdr[H_CURR_NR]:
-                    hdr[H_ALLOC_RESERVE] += 1
                     idx = self._remove_element(v)
+                    hdr[H_ALLOC_RESERVE] += 1
                     handle = self._hand_out(idx if idx >= 0 else ~idx, v)
                     event = "alloc-reserve"
                 if handle is not None:
@@ -509,8 +527,8 @@ class Mempool:
             if not hdr[H_CURR_NR]:
                 hdr[H_ALLOC_FAILED] += 1
                 return None
-            hdr[H_ALLOC_RESERVE] += 1
             idx = self._remove_element(v)
+            hdr[H_ALLOC_RESERVE] += 1
             handle = self._hand_out(idx if idx >= 0 else ~idx, v)
         if idx < 0:
             self._warn_poison(~idx)

@@ -81,3 +81,14 @@ def hammer(name: str, iterations: int, seed: int, results: Any) -> None:
     except Exception as exc:  # reported to the parent, which fails the test
         errors.append(repr(exc))
     results.put((ops, bad, errors))
+
+
+def free_at_once(name: str, handle: int, barrier: Any, results: Any) -> None:
+    """Wait for every racer, then free the same handle; report the outcome."""
+    with Mempool.attach(name) as pool:
+        barrier.wait(timeout=30)
+        try:
+            pool.free(handle)
+            results.put("freed")
+        except ValueError as exc:
+            results.put(type(exc).__name__)
