@@ -106,6 +106,8 @@ H_FREE_ARENA = 36
 H_SLEEPS = 37
 H_FAULTS = 38  # arena attempts failed on purpose
 H_POISON_ERRORS = 39
+H_RECOVERIES = 40  # times the lock was taken over from a dead holder
+H_RECLAIMED = 41  # elements taken back from dead holders
 COUNTERS = (
     ("alloc_arena", H_ALLOC_ARENA),
     ("alloc_reserve", H_ALLOC_RESERVE),
@@ -115,6 +117,8 @@ COUNTERS = (
     ("sleeps", H_SLEEPS),
     ("faults_injected", H_FAULTS),
     ("poison_errors", H_POISON_ERRORS),
+    ("lock_recoveries", H_RECOVERIES),
+    ("reclaimed", H_RECLAIMED),
 )
 
 STATUS_LIVE = 1

@@ -80,7 +80,7 @@ from typing import Callable
 
 import posix_ipc
 
-from ._layout import H_CURR_NR, H_LOCK_PID, H_LOCK_SEQ, H_LOCK_SINCE_NS, H_LOCK_START, H_NR_WAITERS
+from ._layout import H_CURR_NR, H_LOCK_PID, H_LOCK_SEQ, H_LOCK_SINCE_NS, H_LOCK_START, H_NR_WAITERS, H_RECOVERIES
 from ._procs import is_alive
 
 #: How long a contender waits on the lock before it looks at the holder.
@@ -214,6 +214,7 @@ class PoolLock:
                     self.__exit__()
                     raise
                 self.recoveries += 1
+                hdr[H_RECOVERIES] += 1
                 return True
             finally:
                 fcntl.lockf(self._fd.fd, fcntl.LOCK_UN)

@@ -94,6 +94,7 @@ from ._layout import (
     H_MIN_NR,
     H_NR_WAITERS,
     H_POISON_ERRORS,
+    H_RECLAIMED,
     H_SEED,
     H_SLEEPS,
     H_STATUS,
@@ -587,6 +588,7 @@ class Mempool:
         assert core is not None
         for idx in mine.tolist():
             self._release(idx, v, core[2], core[3])
+        v.hdr[H_RECLAIMED] += mine.size
         return int(mine.size)
 
     def reclaim_dead(self) -> int:

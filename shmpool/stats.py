@@ -17,7 +17,9 @@ class PoolStats:
     TimeoutError), ``free_reserve`` and ``free_arena`` frees that refilled the
     reserve or went back to the arena, ``sleeps`` times a sleeping
     allocation went to sleep, ``faults_injected`` arena attempts failed on
-    purpose, ``poison_errors`` poisoned elements found written after free.
+    purpose, ``poison_errors`` poisoned elements found written after free,
+    ``lock_recoveries`` times the lock was taken over from a dead holder,
+    ``reclaimed`` elements taken back from dead holders.
     """
 
     name: str
@@ -39,6 +41,8 @@ class PoolStats:
     sleeps: int
     faults_injected: int
     poison_errors: int
+    lock_recoveries: int
+    reclaimed: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -48,3 +48,33 @@ def test_cleanup_removes_a_left_pool(name: str) -> None:
     out = subprocess.run([sys.executable, os.path.join(TOOLS, "cleanup.py"), name], capture_output=True, text=True)
     assert out.stdout.strip() == f"removed {name}"
     assert leftovers() == []
+
+
+@pytest.mark.timeout(120)
+def test_chaos_kills_workers_and_the_pool_survives(name: str) -> None:
+    out = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "chaos.py"), "--seconds", "3", "--name", name, "--seed", "3"],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = out.stdout.strip()
+    assert line.endswith(": OK"), line
+    kills = int(line.split("kills ")[1].split(",")[0])
+    operations = int(line.split("operations ")[1].split(",")[0])
+    assert kills >= 10 and operations > 1000, line
+    assert leftovers() == []
+
+
+@pytest.mark.timeout(120)
+def test_bench_runs_and_reports_every_section() -> None:
+    import json
+
+    out = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "bench.py"), "--quick", "--json"], capture_output=True, text=True, timeout=110
+    )
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout)
+    recovery = figures["recovery"]
+    assert recovery["recoveries"] >= 6  # every kill was recovered from
+    assert 0 < recovery["recorded_median_ms"] <= recovery["recorded_max_ms"]
+    assert leftovers() == []
