@@ -458,13 +458,16 @@ class Mempool:
         deadline = None if timeout is None else _monotonic() + self._check_timeout(timeout)
         hdr = v.hdr
         trace = self.trace
-        waiting = slept = False
+        waiting = slept = woken = False
         while True:
             handle = None
             with lock:
                 if waiting:
                     waitq.finish()
                     registry.add_sleeper(self._entry, -1)
+                    if not woken:  # a quiet 5 s: recount, dropping sleepers that died
+                        hdr[H_NR_WAITERS] = registry.live_sleepers()
+                        waitq.drain()
                     waiting = False
                 if hdr[H_STATUS] != STATUS_LIVE:
                     raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
@@ -507,7 +510,7 @@ class Mempool:
             if deadline is not None:
                 wait = max(0.0, min(wait, deadline - _monotonic()))
             try:
-                waitq.sleep(wait)
+                woken = waitq.sleep(wait)
             except BaseException:
                 with lock:
                     waitq.finish()

@@ -142,6 +142,21 @@ def test_sleepers_that_die_are_uncounted(name: str, popen) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_sleeper_that_times_out_uncounts_sleepers_that_died(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=1) as pool:
+        h = pool.alloc()
+        child = popen(ATTACH + "print('sleeping', flush=True); pool.alloc()", name)
+        assert child.stdout.readline().strip() == "sleeping"
+        wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep")
+        kill(child)
+        with pytest.raises(TimeoutError):
+            pool.alloc(timeout=0.2)  # sleeps, nobody wakes it, it recounts
+        assert pool.stats().nr_waiters == 0
+        pool.free(h)
+        pool.destroy()
+
+
+@pytest.mark.timeout(30)
 def test_a_reused_pid_is_not_mistaken_for_the_holder(name: str, popen) -> None:
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=3) as pool:
         child, _ = start_child(popen, "h = pool.alloc()", name)
