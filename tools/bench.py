@@ -7,9 +7,20 @@
     python tools/bench.py recovery     # one section
 
 Sections:
+  pairs     alloc(GFP_ATOMIC)+free pairs in one process, arena path and
+            reserve path, against the floor (a bare posix_ipc semaphore
+            acquire+release pair) and two peers: a multiprocessing.Queue of
+            free slot indexes, and a 20-line free list in shared memory under
+            one semaphore
+  procs     pairs per second with two processes on one pool against one
+            process alone, shmpool and the hand-rolled peer
+  wakeup    from a free in one process to the return of a sleeping alloc in
+            another (median, p99)
+  scale     per-pair cost at 1,000 / 100,000 / 1,000,000 slots; create and
+            attach of a 1,000,000 x 64-byte pool; metadata bytes per slot
   recovery  time from SIGKILL of the lock holder to another process holding
             the lock: with the holder recorded, and killed before it could
-            record itself (the orphan bound).
+            record itself (the orphan bound)
 
 Figures are ratios or medians taken in the same run, on a noisy machine:
 compare them with each other, not with another machine's. Nothing is written
@@ -20,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import multiprocessing as mp
 import os
 import platform
 import signal
@@ -31,7 +44,252 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shmpool import GFP_ATOMIC, Mempool  # noqa: E402
+import posix_ipc  # noqa: E402
+
+from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool  # noqa: E402
+from shmpool._layout import Geometry  # noqa: E402
+
+
+def per_op(fn: Callable[[int], None], n: int, rounds: int = 5) -> float:
+    """Best of ``rounds`` timings of fn(n), in microseconds per iteration."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn(n)
+        best = min(best, time.perf_counter() - t0)
+    return best / n * 1e6
+
+
+class HandRolled:
+    """The peer: a free list of slot indexes in shared memory, under one
+    semaphore (what people write by hand; no reserve, no checks)."""
+
+    def __init__(self, name: str, capacity: int, create: bool) -> None:
+        flags = posix_ipc.O_CREX if create else 0
+        self.shm = posix_ipc.SharedMemory(name, flags, size=8 + 4 * capacity if create else 0)
+        self.sem = posix_ipc.Semaphore(name, flags, initial_value=1)
+        self.mm = mmap.mmap(self.shm.fd, self.shm.size)
+        self.shm.close_fd()
+        self.top = memoryview(self.mm)[:8].cast("q")
+        self.stack = memoryview(self.mm)[8:].cast("i")
+        if create:
+            for i in range(capacity):
+                self.stack[i] = i
+            self.top[0] = capacity
+
+    def alloc(self) -> int:
+        self.sem.acquire()
+        n = self.top[0]
+        if n == 0:
+            self.sem.release()
+            return -1
+        n -= 1
+        self.top[0] = n
+        i = self.stack[n]
+        self.sem.release()
+        return i
+
+    def free(self, i: int) -> None:
+        self.sem.acquire()
+        n = self.top[0]
+        self.stack[n] = i
+        self.top[0] = n + 1
+        self.sem.release()
+
+    def close(self, unlink: bool = False) -> None:
+        self.top.release()
+        self.stack.release()
+        self.mm.close()
+        self.sem.close()
+        if unlink:
+            posix_ipc.unlink_shared_memory(self.shm.name)
+            posix_ipc.unlink_semaphore(self.sem.name)
+
+
+def bench_pairs(reps: int) -> dict[str, Any]:
+    n = 20_000 * reps // 4
+    tag = os.getpid()
+    sem = posix_ipc.Semaphore(f"/bench-floor-{tag}", posix_ipc.O_CREX, initial_value=1)
+    queue: Any = mp.get_context("spawn").Queue()
+    hand = HandRolled(f"/bench-hand-{tag}", 1024, create=True)
+    arena_pool = Mempool.create(f"bench-arena-{tag}", min_nr=4, slot_size=64, capacity=1024)
+    reserve_pool = Mempool.create(f"bench-reserve-{tag}", min_nr=1024, slot_size=64, capacity=1024)
+    try:
+        for i in range(1024):
+            queue.put(i)
+
+        def floor(k: int) -> None:
+            acquire, release = sem.acquire, sem.release
+            for _ in range(k):
+                acquire()
+                release()
+
+        def pool_pairs(pool: Mempool) -> Callable[[int], None]:
+            def run(k: int) -> None:
+                alloc, free = pool.alloc, pool.free
+                for _ in range(k):
+                    free(alloc(GFP_ATOMIC))
+            return run
+
+        def queue_pairs(k: int) -> None:
+            get, put = queue.get, queue.put
+            for _ in range(k):
+                put(get())
+
+        def hand_pairs(k: int) -> None:
+            alloc, free = hand.alloc, hand.free
+            for _ in range(k):
+                free(alloc())
+
+        floor_us = per_op(floor, n)
+        arena_us = per_op(pool_pairs(arena_pool), n)
+        reserve_us = per_op(pool_pairs(reserve_pool), n)
+        queue_us = per_op(queue_pairs, max(1000, n // 10), rounds=3)
+        hand_us = per_op(hand_pairs, n)
+        assert arena_pool.stats().alloc_reserve == 0 and reserve_pool.stats().alloc_arena == 0
+    finally:
+        sem.close()
+        posix_ipc.unlink_semaphore(f"/bench-floor-{tag}")
+        hand.close(unlink=True)
+        arena_pool.destroy(force=True)
+        reserve_pool.destroy(force=True)
+        queue.close()
+    return {
+        "floor_sem_pair_us": round(floor_us, 3),
+        "arena_pair_us": round(arena_us, 3),
+        "reserve_pair_us": round(reserve_us, 3),
+        "queue_idiom_pair_us": round(queue_us, 3),
+        "hand_rolled_pair_us": round(hand_us, 3),
+        "arena_vs_floor": round(arena_us / floor_us, 2),
+        "reserve_vs_floor": round(reserve_us / floor_us, 2),
+        "speedup_vs_queue": round(queue_us / arena_us, 1),
+        "speedup_vs_hand_rolled": round(hand_us / arena_us, 2),
+    }
+
+
+def _procs_worker(kind: str, name: str, seconds: float, start: Any, results: Any) -> None:
+    if kind == "shmpool":
+        pool = Mempool.attach(name)
+        alloc, free = pool.alloc, pool.free
+
+        def pair() -> None:
+            free(alloc(GFP_ATOMIC))
+    else:
+        hand = HandRolled(name, 0, create=False)
+        h_alloc, h_free = hand.alloc, hand.free
+
+        def pair() -> None:
+            h_free(h_alloc())
+    start.wait()
+    count = 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(200):
+            pair()
+        count += 200
+    results.put(count / seconds)
+
+
+def bench_procs(reps: int) -> dict[str, Any]:
+    seconds = 0.25 * reps / 4
+    ctx = mp.get_context("spawn")
+    tag = os.getpid()
+    pool = Mempool.create(f"bench-procs-{tag}", min_nr=4, slot_size=64, capacity=1024)
+    hand = HandRolled(f"/bench-hand2-{tag}", 1024, create=True)
+    out: dict[str, Any] = {}
+    try:
+        for kind, name in (("shmpool", pool.name), ("hand_rolled", f"/bench-hand2-{tag}")):
+            rates = []
+            for nprocs in (1, 2):
+                start, results = ctx.Event(), ctx.Queue()
+                procs = [ctx.Process(target=_procs_worker, args=(kind, name, seconds, start, results)) for _ in range(nprocs)]
+                for p in procs:
+                    p.start()
+                start.set()
+                rates.append(sum(results.get(timeout=60) for _ in procs))
+                for p in procs:
+                    p.join()
+            out[f"{kind}_1proc_pairs_per_s"] = round(rates[0])
+            out[f"{kind}_2procs_pairs_per_s"] = round(rates[1])
+            out[f"{kind}_2procs_vs_1"] = round(rates[1] / rates[0], 2)
+    finally:
+        pool.destroy(force=True)
+        hand.close(unlink=True)
+    return out
+
+
+def _wakeup_child(name: str, n: int, go: Any, results: Any) -> None:
+    pool = Mempool.attach(name)
+    for _ in range(n):
+        go.get()  # the parent holds the only element now
+        h = pool.alloc(GFP_KERNEL)
+        results.put(time.perf_counter_ns())  # CLOCK_MONOTONIC: the same clock in every process
+        pool.free(h)
+
+
+def bench_wakeup(reps: int) -> dict[str, Any]:
+    n = 25 * reps
+    ctx = mp.get_context("spawn")
+    pool = Mempool.create(f"bench-wakeup-{os.getpid()}", min_nr=1, slot_size=16, capacity=1)
+    try:
+        go, results = ctx.Queue(), ctx.Queue()
+        child = ctx.Process(target=_wakeup_child, args=(pool.name, n, go, results))
+        child.start()
+        latencies = []
+        h = pool.alloc()
+        for _ in range(n):
+            go.put(1)
+            deadline = time.monotonic() + 30
+            while pool.stats().nr_waiters == 0:  # until the child sleeps
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the child never slept")
+            t0 = time.perf_counter_ns()
+            pool.free(h)
+            latencies.append((results.get(timeout=30) - t0) / 1e3)
+            h = pool.alloc()  # the child freed it again
+        child.join()
+        pool.free(h)
+    finally:
+        pool.destroy(force=True)
+    latencies.sort()
+    return {
+        "median_us": round(statistics.median(latencies), 1),
+        "p99_us": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
+        "samples": len(latencies),
+    }
+
+
+def bench_scale(reps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    tag = os.getpid()
+    n = 20_000 * reps // 4
+    for capacity in (1_000, 100_000, 1_000_000):
+        t0 = time.perf_counter()
+        pool = Mempool.create(f"bench-scale-{tag}", min_nr=16, slot_size=64, capacity=capacity)
+        created = time.perf_counter() - t0
+        try:
+            alloc, free = pool.alloc, pool.free
+
+            def pairs(k: int) -> None:
+                for _ in range(k):
+                    free(alloc(GFP_ATOMIC))
+
+            out[f"pair_us_{capacity}"] = round(per_op(pairs, n, rounds=3), 3)
+            if capacity == 1_000_000:
+                out["create_1M_s"] = round(created, 3)
+                attach = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    Mempool.attach(pool.name).close()
+                    attach.append(time.perf_counter() - t0)
+                out["attach_1M_ms"] = round(min(attach) * 1e3, 2)
+                geo = Geometry.of(64, capacity)
+                out["metadata_bytes_per_slot"] = (geo.off_procs - geo.off_words) / capacity
+                out["fixed_header_bytes"] = geo.off_words + (geo.off_slots - geo.off_procs)
+        finally:
+            pool.destroy(force=True)
+    out["pair_1M_vs_1K"] = round(out["pair_us_1000000"] / out["pair_us_1000"], 2)
+    return out
 
 HOLD_LOCK = """
 import sys, shmpool, posix_ipc
@@ -74,6 +332,10 @@ def bench_recovery(reps: int) -> dict[str, Any]:
 
 
 SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "pairs": bench_pairs,
+    "procs": bench_procs,
+    "wakeup": bench_wakeup,
+    "scale": bench_scale,
     "recovery": bench_recovery,
 }
 
