@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import threading
 import time
 from typing import Callable
@@ -93,17 +94,43 @@ _recovering = threading.Lock()  # one recovery at a time in this process
 _monotonic_ns = time.monotonic_ns
 
 
+#: A blocking wait is made of slices this long, with signals held off
+#: during each (see _acquire).
+WAIT_SLICE_SECONDS = 0.1
+_SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+
+
 def _acquire(sem: posix_ipc.Semaphore, timeout: float | None) -> bool:
-    """sem_wait that survives signals whose handlers return (PEP 475's rule);
-    a handler that raises (KeyboardInterrupt) propagates. False on timeout."""
-    while True:
+    """sem_wait with a timeout (None: forever); False if it timed out.
+
+    posix_ipc runs Python signal handlers inside its wait and throws away any
+    exception they raise (except KeyboardInterrupt), so a handler's
+    SystemExit, or pytest-timeout's failure, would be lost. So the wait is
+    made of short slices with signals held off; a signal that comes during a
+    slice is delivered right after it, and its handler runs here, in Python,
+    where whatever it raises propagates.
+    """
+    if timeout == 0:
         try:
-            sem.acquire(timeout)
+            sem.acquire(0)
             return True
         except posix_ipc.BusyError:
             return False
-        except posix_ipc.SignalError:
-            continue
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - time.monotonic())
+        if wait <= 0:
+            return False
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            sem.acquire(wait)
+            return True
+        except posix_ipc.BusyError:
+            pass
+        except posix_ipc.SignalError:  # only with signals unblockable here: retry
+            pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _OwnedSemaphore:
@@ -169,6 +196,19 @@ class PoolLock:
     def __exit__(self, *exc: object) -> None:
         self._hdr[H_LOCK_PID] = 0
         self._sem.release()
+
+    def acquire_within(self, seconds: float) -> bool:
+        """Take the lock if it comes within ``seconds`` (no recovery);
+        release it with ``__exit__``. For paths that must not block, such as
+        close() at interpreter exit."""
+        if not _acquire(self._sem, seconds):
+            return False
+        hdr = self._hdr
+        hdr[H_LOCK_PID] = self.pid
+        hdr[H_LOCK_START] = self.start
+        hdr[H_LOCK_SINCE_NS] = _monotonic_ns()
+        hdr[H_LOCK_SEQ] += 1
+        return True
 
     def release_initial(self) -> None:
         """Release the lock that ``create`` holds from birth (value 0)."""
