@@ -8,12 +8,17 @@ generator whose state lives in the header: any process can change the rate
 or reseed it for everyone, and one process replaying the same calls with the
 same seed sees the same failures.
 
-Every method is called with the pool lock held. This class is the only code
-that moves slots on or off the free list, and ``free`` is the only code that
-marks a slot ARENA.
+Every method is called with the pool lock held. This class and the cache
+refill/drain of ``_fast.c`` (which move runs of slots between the top of the
+free list and a process's cache, also under the lock) are the only code that
+moves slots on or off the free list. The fault generator is drawn only by
+``_fast.c`` (``FastPath.draw``): splitmix64 is a counter, so processes draw
+from the one shared sequence without the lock, by an atomic add.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,7 +28,6 @@ from ._layout import (
     H_ARENA_FREE,
     H_FAIL_RATE,
     H_FAIL_THRESHOLD,
-    H_FAULTS,
     H_RNG,
     H_SEED,
     ST_ARENA,
@@ -32,18 +36,11 @@ from ._layout import (
 )
 from ._errors import PoolFormatError
 
-M64 = (1 << 64) - 1
+if TYPE_CHECKING:
+    from ._fast import FastPath
+
 _GEN_BITS = GEN_MASK << GEN_SHIFT
 _FAULT_BITS = 53  # draws are compared as 53-bit fractions, exact at 0 and 1
-
-
-def splitmix64(state: int) -> tuple[int, int]:
-    """One step of splitmix64: (new state, 64-bit output)."""
-    state = (state + 0x9E3779B97F4A7C15) & M64
-    z = state
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
-    return state, z ^ (z >> 31)
 
 
 class Arena:
@@ -73,22 +70,18 @@ class Arena:
             hdr[H_SEED] = seed
             hdr[H_RNG] = seed
 
-    def alloc(self, inject: bool = True) -> int:
-        """A free slot's index (its word still says ARENA: the caller marks
-        it), or -1 if the arena is dry or, with ``inject``, an injected fault
-        fires. Faults are drawn only when the arena could have succeeded, so
-        ``faults_injected`` counts real refusals."""
+    def alloc(self, fast: FastPath, inject: bool = True) -> int:
+        """A free slot's index from the shared free list (its word still
+        says ARENA: the caller marks it), or -1 if the list is empty or, with
+        ``inject``, an injected fault fires (drawn by ``fast.draw()``, which
+        counts it). Faults are drawn only when the arena could have
+        succeeded, so ``faults_injected`` counts real refusals."""
         hdr = self._hdr
         n = hdr[H_ARENA_FREE]
         if not n:
             return -1
-        if inject:
-            threshold = hdr[H_FAIL_THRESHOLD]
-            if threshold:
-                hdr[H_RNG], z = splitmix64(hdr[H_RNG])
-                if z >> (64 - _FAULT_BITS) < threshold:
-                    hdr[H_FAULTS] += 1
-                    return -1
+        if inject and fast.draw():
+            return -1
         n -= 1
         try:
             idx = self._free[n]
@@ -101,13 +94,18 @@ class Arena:
         return idx
 
     def free(self, idx: int) -> None:
-        """Give slot ``idx`` back to the arena."""
-        hdr = self._hdr
-        n = hdr[H_ARENA_FREE]
-        try:
-            self._free[n] = idx  # first: a corrupt depth fails before any change
-        except IndexError:
-            raise PoolFormatError(f"pool is corrupt: arena_free {n} is beyond the capacity") from None
+        """Give slot ``idx`` (reserved or cached, not held: held slots move by
+        compare-and-swap, see Mempool._release) back to the arena."""
+        if self._hdr[H_ARENA_FREE] >= len(self._free):
+            raise PoolFormatError(f"pool is corrupt: arena_free {self._hdr[H_ARENA_FREE]} is beyond the capacity")
         words = self._words
         words[idx] = words[idx] & _GEN_BITS | ST_ARENA
+        self.push(idx)
+
+    def push(self, idx: int) -> None:
+        """Push slot ``idx``, already marked ARENA, onto the free list (the
+        caller checked that it has room)."""
+        hdr = self._hdr
+        n = hdr[H_ARENA_FREE]
+        self._free[n] = idx
         hdr[H_ARENA_FREE] = n + 1

@@ -16,13 +16,21 @@ from __future__ import annotations
 import numpy as np
 
 from ._layout import (
+    CACHE_MAX,
     FLAG_POISON,
     H_ARENA_FREE,
     H_CURR_NR,
     H_FLAGS,
     H_MIN_NR,
     H_NR_WAITERS,
+    P_CACHE,
+    P_CACHE_N,
+    P_PID,
+    PID_SHIFT,
+    PROC_WORDS,
     ST_ARENA,
+    ST_CACHED,
+    cached_slots,
     ST_HELD,
     ST_RESERVE,
     STATE_MASK,
@@ -73,7 +81,7 @@ def audit(v: Views) -> list[str]:
         findings.append(f"curr_nr {curr_nr} + arena_free {arena_free} exceed the capacity {cap}")
         return findings  # the stacks cannot be read within bounds
     states = np.frombuffer(v.words, dtype=np.uint64) & STATE_MASK
-    bad = np.flatnonzero((states != ST_ARENA) & (states != ST_RESERVE) & (states != ST_HELD))
+    bad = np.flatnonzero((states != ST_ARENA) & (states != ST_RESERVE) & (states != ST_HELD) & (states != ST_CACHED))
     if bad.size:
         findings.append(f"{bad.size} slot(s) have no valid state, first slot {bad[0]} (state {states[bad[0]]})")
     for label, depth, state, arr in (
@@ -94,10 +102,46 @@ def audit(v: Views) -> list[str]:
         count = int(np.count_nonzero(states == state))
         if count != depth:
             findings.append(f"{count} slot(s) are marked {label.split()[0]} but the {label} holds {depth}")
+    findings += _audit_caches(v, states)
     if hdr[H_NR_WAITERS] >= 1 << 31:
         findings.append(f"nr_waiters {hdr[H_NR_WAITERS]} is impossible")
     if hdr[H_FLAGS] & FLAG_POISON and not findings:
         findings += _audit_poison(v, curr_nr)
+    return findings
+
+
+def _audit_caches(v: Views, states: np.ndarray) -> list[str]:
+    """Every CACHED slot is listed in its owner's cache, and each cache holds
+    exactly ``cache_n - stolen + discarded`` slots (see _fast.c). Exact only
+    while no process is in its lock-free hot path: those change their own
+    cache without the lock."""
+    cap = v.geo.capacity
+    procs = np.frombuffer(v.procs, dtype=np.uint64).reshape(v.geo.max_procs, PROC_WORDS)
+    words = np.frombuffer(v.words, dtype=np.uint64)
+    owners = words >> np.uint64(PID_SHIFT)
+    cached = states == ST_CACHED
+    findings: list[str] = []
+    registered = set()
+    for row in np.flatnonzero(procs[:, P_PID]).tolist():
+        pid, n = int(procs[row, P_PID]), int(procs[row, P_CACHE_N])
+        registered.add(pid)
+        if n > CACHE_MAX:
+            findings.append(f"process {pid}'s cache claims {n} entries, more than {CACHE_MAX}")
+            continue
+        entries = procs[row, P_CACHE:].view(np.uint32)[:n].astype(np.int64)
+        if (entries >= cap).any():
+            findings.append(f"process {pid}'s cache names a slot out of range")
+            continue
+        mine = cached & (owners == pid)
+        unlisted = np.flatnonzero(mine & ~np.isin(np.arange(cap), entries))
+        if unlisted.size:
+            findings.append(f"slot {unlisted[0]} is cached by process {pid} but not in its cache")
+        holds = int(cached_slots(procs[row : row + 1])[0])
+        if holds != int(mine.sum()):
+            findings.append(f"process {pid}'s cache should hold {holds} slot(s) but {int(mine.sum())} are cached by it")
+    strays = np.flatnonzero(cached & ~np.isin(owners, list(registered)))
+    if strays.size:
+        findings.append(f"slot {strays[0]} is cached by process {owners[strays[0]]}, which has no registry entry")
     return findings
 
 

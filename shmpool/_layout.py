@@ -18,9 +18,11 @@ aligned).
 
 The slot word is the truth about a slot; everything else is derived from it::
 
-    bits 0-7    state: ARENA, RESERVE or HELD (0 never appears in a live pool)
+    bits 0-7    state: ARENA, RESERVE, HELD or CACHED (0 never appears in a
+                live pool)
     bits 8-31   generation: bumped each time the slot is handed out
-    bits 32-63  pid of the holder (HELD only)
+    bits 32-63  pid of the holder (HELD) or of the process whose cache
+                holds the free slot (CACHED)
 
 A handle is ``index | generation << 24 | tag << 48``: the slot index, the
 generation the slot had when it was handed out, and the pool's random tag.
@@ -36,8 +38,17 @@ slot words that are each whole, from which the stacks and counters can be
 rebuilt (see ``_debug.rebuild``).
 
 The process registry has one entry per process attached (or once attached)
-to the pool: its pid, its start time (see ``_procs``) and how many of its
-threads are sleeping in alloc. It names the holders behind the pids in the
+to the pool: its pid, its start time (see ``_procs``), how many of its
+threads are sleeping in alloc, its counters (summed with the header's
+counters, which keep the counts of retired entries, when read: no counter
+is a cache line that every process writes) and its cache of free arena slots
+(see ``_fast.c``: a small stack that only its owner changes, whose slots are
+CACHED by the owner's pid). When the shared free list runs dry, a process
+may take cached slots from other processes' caches (by compare-and-swap on
+the slot word, under the lock), leaving stale entries that their owner drops
+when it meets them; a cache therefore holds ``cache_n - stolen + discarded``
+slots, and the arena's free count is the shared list's depth plus that of
+every cache. It names the holders behind the pids in the
 slot words: a pid without an entry, or whose entry's start time is not the
 start time of the live process with that pid, is dead. A registry entry is
 never shared: a process that registers under the pid of a dead one first
@@ -55,10 +66,12 @@ import mmap
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._errors import PoolFormatError
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 HEADER_WORDS = 64
 HEADER_BYTES = HEADER_WORDS * 8
@@ -129,7 +142,13 @@ FLAG_POISON = 1
 ST_ARENA = 1
 ST_RESERVE = 2
 ST_HELD = 3
-STATE_NAMES = {ST_ARENA: "in the arena", ST_RESERVE: "in the reserve", ST_HELD: "held"}
+ST_CACHED = 4
+STATE_NAMES = {
+    ST_ARENA: "in the arena",
+    ST_RESERVE: "in the reserve",
+    ST_HELD: "held",
+    ST_CACHED: "in the arena (a process's cache)",
+}
 STATE_MASK = 0xFF
 GEN_SHIFT = 8
 GEN_MASK = 0xFFFFFF
@@ -144,12 +163,27 @@ TAG_MASK = 0x7FFF  # 15 bits, so that a handle fits a signed 64-bit integer
 MAX_CAPACITY = INDEX_MASK  # 16,777,215 slots
 MAX_SLOT_SIZE = 1 << 30
 
-# Process registry entries.
-PROC_WORDS = 4
+# Process registry entries: PROC_WORDS u64 each.
 P_PID = 0
 P_START = 1
 P_SLEEPING = 2
+P_CACHE_N = 3  # entries in the cache array (some may be stale: below)
+P_STOLEN = 4  # cached slots taken by other processes (written under the lock)
+P_DISCARDED = 5  # stale entries the owner dropped (written by the owner)
+P_COUNTERS = 6  # the first N_PROC_COUNTERS of COUNTERS, in that order
+N_PROC_COUNTERS = 8
+P_CACHE = P_COUNTERS + N_PROC_COUNTERS  # CACHE_MAX u32 slot indexes
+CACHE_MAX = 64
+PROC_WORDS = P_CACHE + CACHE_MAX // 2
 MAX_PROCS = 256
+# Per-process counter indexes (relative to P_COUNTERS).
+C_ALLOC_ARENA, C_ALLOC_RESERVE, C_ALLOC_FAILED, C_FREE_RESERVE, C_FREE_ARENA, C_SLEEPS, C_FAULTS, C_POISON = range(8)
+
+
+def cached_slots(procs: np.ndarray) -> np.ndarray:
+    """Per registry entry (rows of a (max_procs, PROC_WORDS) array), how
+    many slots its cache holds: its entries less the stale ones."""
+    return procs[:, P_CACHE_N] - procs[:, P_STOLEN] + procs[:, P_DISCARDED]
 
 
 def held_word(gen: int, pid: int) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ._layout import P_PID, P_SLEEPING, P_START, PROC_WORDS
+from ._layout import COUNTERS, N_PROC_COUNTERS, P_COUNTERS, P_PID, P_SLEEPING, P_START, PROC_WORDS
 
 
 def start_ticks(pid: int) -> int | None:
@@ -52,13 +52,15 @@ def self_identity() -> tuple[int, int]:
 
 class Registry:
     """The pool's process table (see ``_layout``). Every method is called
-    with the pool lock held."""
+    with the pool lock held, except that a live process's cache and counters
+    are written by that process alone, without it."""
 
-    __slots__ = ("_procs", "_max")
+    __slots__ = ("_procs", "_max", "_hdr")
 
-    def __init__(self, procs: memoryview, max_procs: int) -> None:
+    def __init__(self, procs: memoryview, max_procs: int, hdr: memoryview) -> None:
         self._procs = procs
         self._max = max_procs
+        self._hdr = hdr
 
     def find(self, pid: int) -> int:
         """Index of ``pid``'s entry, or -1."""
@@ -67,6 +69,11 @@ class Registry:
             if procs[i + P_PID] == pid:
                 return i // PROC_WORDS
         return -1
+
+    def pids(self) -> set[int]:
+        """Every pid with an entry."""
+        procs = self._procs
+        return {procs[i] for i in range(P_PID, self._max * PROC_WORDS, PROC_WORDS)} - {0}
 
     def entry(self, index: int) -> tuple[int, int, int]:
         """(pid, start, sleeping) of entry ``index``."""
@@ -79,30 +86,35 @@ class Registry:
         index = self.find(pid)
         return index >= 0 and is_alive(pid, self._procs[index * PROC_WORDS + P_START])
 
-    def claim(self, pid: int, start: int) -> tuple[int, int]:
-        """Write an entry for (pid, start) into a free entry, or else into a
-        dead process's, and return (its index, the dead pid evicted or 0):
-        the caller must take back the evicted process's elements. The
-        caller has made sure ``pid`` has no entry. OSError if every entry
-        belongs to a live process."""
+    def vacancy(self) -> tuple[int, int]:
+        """An entry to occupy: (index, 0) for a free one, else (index, pid)
+        for a dead process's, which the caller must retire first. OSError if
+        every entry belongs to a live process."""
         procs = self._procs
-        for attempt in range(2):
-            for i in range(self._max):
-                base = i * PROC_WORDS
-                old = procs[base + P_PID]
-                if old == 0 or (attempt and not is_alive(old, procs[base + P_START])):
-                    procs[base + P_START] = start
-                    procs[base + P_SLEEPING] = 0
-                    procs[base + P_PID] = pid
-                    return i, old
+        for i in range(self._max):
+            if procs[i * PROC_WORDS + P_PID] == 0:
+                return i, 0
+        for i in range(self._max):
+            pid, start = procs[i * PROC_WORDS + P_PID], procs[i * PROC_WORDS + P_START]
+            if not is_alive(pid, start):
+                return i, pid
         raise OSError(errno.EUSERS, f"{self._max} live processes are attached to this pool already")
 
-    def clear(self, index: int) -> None:
+    def occupy(self, index: int, pid: int, start: int) -> None:
         base = index * PROC_WORDS
         procs = self._procs
-        procs[base + P_PID] = 0
-        procs[base + P_START] = 0
-        procs[base + P_SLEEPING] = 0
+        procs[base + P_START] = start
+        procs[base + P_PID] = pid
+
+    def retire(self, index: int) -> None:
+        """Fold the entry's counters into the header's and free the entry
+        (its cached slots must have been given back already)."""
+        base = index * PROC_WORDS
+        procs, hdr = self._procs, self._hdr
+        for i in range(N_PROC_COUNTERS):
+            hdr[COUNTERS[i][1]] += procs[base + P_COUNTERS + i]
+        for i in range(base, base + PROC_WORDS):
+            procs[i] = 0
 
     def add_sleeper(self, index: int, delta: int) -> None:
         self._procs[index * PROC_WORDS + P_SLEEPING] += delta

@@ -2,7 +2,9 @@
 
 The slot words are the truth (see ``_layout`` and ``pool``); the reserve
 stack, the arena free list, their depths and the waiter count are derived
-from them and from the process registry. ``rebuild`` recomputes all of it
+from them and from the process registry. Slots cached by a dead process
+(see ``_fast.c``) go back to the arena; a live process's cache is left to
+it, as it changes its cache without the lock. ``rebuild`` recomputes all of it
 with numpy in one pass, keeping the surviving order of each stack (so the
 reserve stays LIFO for the elements that were on it), and reports what it
 changed. It is idempotent: on a whole pool it changes nothing.
@@ -22,7 +24,14 @@ from ._layout import (
     H_CURR_NR,
     H_MIN_NR,
     H_NR_WAITERS,
+    P_CACHE_N,
+    P_DISCARDED,
+    P_PID,
+    P_STOLEN,
+    PID_SHIFT,
+    PROC_WORDS,
     ST_ARENA,
+    ST_CACHED,
     ST_HELD,
     ST_RESERVE,
     STATE_MASK,
@@ -51,11 +60,26 @@ def rebuild(v: Views, registry: Registry) -> list[str]:
     fixed: list[str] = []
     words = np.frombuffer(v.words, dtype=np.uint64)
     states = words & np.uint64(STATE_MASK)
-    invalid = (states != ST_ARENA) & (states != ST_RESERVE) & (states != ST_HELD)
+    invalid = (states != ST_ARENA) & (states != ST_RESERVE) & (states != ST_HELD) & (states != ST_CACHED)
     if invalid.any():
         fixed.append(f"{int(invalid.sum())} slot(s) in no valid state put in the arena")
         gens = words[invalid] & np.uint64(GEN_MASK << GEN_SHIFT)
         words[invalid] = gens | np.uint64(ST_ARENA)
+        states = words & np.uint64(STATE_MASK)
+
+    # Cached slots of a process that is gone (or unknown) are free again; a
+    # live process's cache is its own business: not touched.
+    procs = np.frombuffer(v.procs, dtype=np.uint64).reshape(v.geo.max_procs, PROC_WORDS)
+    cached = states == ST_CACHED
+    if cached.any():
+        owners = words >> np.uint64(PID_SHIFT)
+        for pid in np.unique(owners[cached]).tolist():
+            if not registry.holder_alive(pid):
+                lost = cached & (owners == pid)
+                words[lost] = (words[lost] & np.uint64(GEN_MASK << GEN_SHIFT)) | np.uint64(ST_ARENA)
+                for field in (P_CACHE_N, P_STOLEN, P_DISCARDED):
+                    procs[procs[:, P_PID] == pid, field] = 0
+                fixed.append(f"{int(lost.sum())} slot(s) cached by dead process {pid} put back in the arena")
         states = words & np.uint64(STATE_MASK)
 
     stack = np.frombuffer(v.stack, dtype=np.uint32)

@@ -49,6 +49,7 @@ Handles are ``index | generation << 24 | tag << 48`` (see ``_layout``).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import operator
@@ -64,6 +65,8 @@ import numpy as np
 from . import _segment
 from ._arena import Arena
 from ._debug import poison_pattern, quick_check
+from ._fast import LAYOUT as _FAST_LAYOUT
+from ._fast import FastPath
 from ._procs import Registry, self_identity
 from ._recovery import rebuild
 from ._errors import (
@@ -75,28 +78,30 @@ from ._errors import (
     PoolFormatError,
 )
 from ._layout import (
+    C_ALLOC_ARENA,
+    C_ALLOC_FAILED,
+    C_ALLOC_RESERVE,
+    C_FREE_ARENA,
+    C_FAULTS,
+    C_FREE_RESERVE,
+    C_POISON,
+    C_SLEEPS,
+    CACHE_MAX,
     COUNTERS,
     FLAG_POISON,
     GEN_MASK,
     GEN_SHIFT,
-    H_ALLOC_ARENA,
-    H_ALLOC_FAILED,
-    H_ALLOC_RESERVE,
     H_ARENA_FREE,
     H_CREATED_NS,
     H_CREATOR_PID,
     H_CURR_NR,
     H_FAIL_RATE,
     H_FLAGS,
-    H_FREE_ARENA,
-    H_FREE_RESERVE,
     H_MAGIC,
     H_MIN_NR,
     H_NR_WAITERS,
-    H_POISON_ERRORS,
     H_RECLAIMED,
     H_SEED,
-    H_SLEEPS,
     H_STATUS,
     H_TAG,
     HGEN_SHIFT,
@@ -104,7 +109,12 @@ from ._layout import (
     MAGIC,
     MAX_CAPACITY,
     MAX_SLOT_SIZE,
+    N_PROC_COUNTERS,
+    P_COUNTERS,
     PID_SHIFT,
+    PROC_WORDS,
+    ST_ARENA,
+    ST_CACHED,
     ST_HELD,
     ST_RESERVE,
     STATE_MASK,
@@ -115,6 +125,7 @@ from ._layout import (
     TAG_SHIFT,
     Geometry,
     Views,
+    cached_slots,
     read_geometry,
     write_geometry,
 )
@@ -133,9 +144,14 @@ SLEEP_RETRY_SECONDS = 5.0
 RESIZE_BATCH = 1024
 #: How long attach waits for a pool that is still being created.
 ATTACH_WAIT_SECONDS = 1.0
+#: How long close() waits for the lock to give its cache back.
+CLOSE_LOCK_SECONDS = 0.5
 
 _GEN_BITS = GEN_MASK << GEN_SHIFT
 _monotonic = time.monotonic
+#: How many slots a cache refill takes from the shared free list, and how
+#: many a full cache gives back, per lock hold.
+CACHE_BATCH = CACHE_MAX // 2
 _live_pools: weakref.WeakSet[Mempool] = weakref.WeakSet()
 
 
@@ -147,6 +163,29 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # Give cached arena slots back while we can (a process that dies without
+    # this leaves them to reclaim_dead).
+    for pool in list(_live_pools):
+        pool.close()
+
+
+def _check_fast_layout() -> None:
+    """The compiled hot path hard-codes these layout numbers: they must agree."""
+    from . import _layout
+
+    wrong = {k: (v, getattr(_layout, k, None)) for k, v in _FAST_LAYOUT.items()
+             if getattr(_layout, k, None) != v and not k.startswith("P_C_")}
+    per_proc = {"P_C_ALLOC_ARENA": C_ALLOC_ARENA, "P_C_FREE_ARENA": C_FREE_ARENA, "P_C_FAULTS": C_FAULTS}
+    wrong.update({k: (_FAST_LAYOUT[k], P_COUNTERS + c) for k, c in per_proc.items() if _FAST_LAYOUT[k] != P_COUNTERS + c})
+    if wrong:
+        raise ImportError(f"shmpool._fast was built for another layout: {wrong}; rebuild it (pip install -e .)")
+
+
+_check_fast_layout()
 
 
 class _NotReady(Exception):
@@ -177,33 +216,40 @@ def _check_seed(seed: object) -> int | None:
     return value
 
 
-class Mempool:
+class Mempool(FastPath):
     """A memory pool shared by every process that attaches to it by name.
 
     Make one with :meth:`create` or :meth:`attach`, never directly. A
     Mempool is safe to use from several threads; it pickles by name (the
     receiving process attaches to the same pool); it is a context manager
     that closes on exit.
+
+    ``alloc(gfp=GFP_KERNEL, *, timeout=None)`` and ``free(handle)`` are
+    inherited from the compiled hot path (``_fast.c``), which serves the
+    common case (the arena, through this process's cache) without a lock
+    and hands everything else to ``_alloc_slow`` and ``_free_slow`` below,
+    whose docstrings give the contract.
     """
 
     __slots__ = (
-        "name", "trace", "_core", "_pid", "_start", "_entry", "_tag", "_capacity", "_slot_size", "_stride",
-        "_poison", "__weakref__",
+        "name", "_trace", "_core", "_pid", "_start", "_entry", "_ctr", "_tag", "_capacity", "_slot_size",
+        "_stride", "_poison", "__weakref__",
     )
 
-    def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, register: bool = True) -> None:
+    def __init__(
+        self, name: str, seg: _segment.Segment, geo: Geometry, *, register: bool = True, tag: int | None = None
+    ) -> None:
         v = Views(seg.mm, geo)
         hdr = v.hdr
+        if tag is None:
+            tag = hdr[H_TAG]
+        FastPath.__init__(self, seg.mm, geo.off_words, geo.off_arena, geo.capacity, tag, CACHE_MAX)
         self.name = name
-        #: Optional ``trace(event, handle, curr_nr)``, called after each
-        #: alloc and free of this object, outside the lock. Events:
-        #: "alloc-arena", "alloc-reserve" (the arena failed), "alloc-failed",
-        #: "sleep", "free-reserve", "free-arena"; ``curr_nr`` is the
-        #: reserve's depth right after the operation.
-        self.trace: Trace | None = None
+        self._trace: Trace | None = None
         self._pid, self._start = self_identity()
         self._entry = -1
-        self._tag = hdr[H_TAG]
+        self._ctr: memoryview | None = None  # this process's counters
+        self._tag = tag
         self._capacity = geo.capacity
         self._slot_size = geo.slot_size
         self._stride = geo.stride
@@ -213,7 +259,7 @@ class Mempool:
         # already under way keep their own references to what they use.
         lock = PoolLock(seg.lock_sem, hdr, seg.fd, self._pid, self._start)
         waitq = WaitQueue(seg.wait_sem, hdr)
-        registry = Registry(v.procs, geo.max_procs)
+        registry = Registry(v.procs, geo.max_procs, hdr)
         lock.repair = functools.partial(_repair, v, registry, waitq)
         self._core: tuple[Views, PoolLock, Arena, WaitQueue, Registry] | None = (
             v, lock, Arena(v), waitq, registry,
@@ -274,12 +320,13 @@ class Mempool:
         geo = Geometry.of(slot_size, capacity)
         seg = _segment.create(name, geo.total, mode)  # born with the lock taken
         try:
-            pool = cls(name, seg, geo, register=False)
+            tag = random.randint(1, TAG_MASK)
+            pool = cls(name, seg, geo, register=False, tag=tag)
             assert pool._core is not None
             v, lock, arena, _, registry = pool._core
             hdr = v.hdr
             write_geometry(hdr, geo)
-            hdr[H_TAG] = pool._tag = random.randint(1, TAG_MASK)
+            hdr[H_TAG] = tag
             hdr[H_FLAGS] = FLAG_POISON if poison else 0
             pool._poison = poison_pattern(slot_size) if poison else None
             hdr[H_CREATOR_PID] = pool._pid
@@ -289,7 +336,7 @@ class Mempool:
             arena.set_faults(rate, seed)
             hdr[H_MIN_NR] = min_nr
             for _ in range(min_nr):
-                pool._add_element(arena.alloc(inject=False))
+                pool._add_element(arena.alloc(pool, inject=False), v)
             pool._register(v, registry)
             hdr[H_MAGIC] = MAGIC  # last: from here on the pool is whole
         except BaseException:
@@ -340,20 +387,43 @@ class Mempool:
         return pool
 
     def _register(self, v: Views, registry: Registry) -> None:
-        """Give this process its registry entry (lock held). A dead process
-        whose pid we now have, or whose entry we take, loses its elements
-        first, so that no element is ever attributed to the wrong process."""
+        """Give this process its registry entry (lock held) and point the
+        hot path at it. A dead process whose pid we now have, or whose entry
+        we take, is retired first, so that no element is ever attributed to
+        the wrong process."""
         index = registry.find(self._pid)
-        if index >= 0 and registry.entry(index)[1] == self._start:
-            self._entry = index
-            return
-        if index >= 0:
-            self._reclaim_pid(self._pid, v)
-            registry.clear(index)
-        index, evicted = registry.claim(self._pid, self._start)
-        if evicted:
-            self._reclaim_pid(evicted, v)
+        if index >= 0 and registry.entry(index)[1] != self._start:
+            self._retire(index, self._pid, v)  # our pid's dead predecessor
+            index = -1
+        if index < 0:
+            index, dead = registry.vacancy()
+            if dead:
+                self._retire(index, dead, v)
+            registry.occupy(index, self._pid, self._start)
         self._entry = index
+        base = index * PROC_WORDS
+        self._ctr = v.procs[base + P_COUNTERS : base + P_COUNTERS + N_PROC_COUNTERS]
+        self.bind(v.geo.off_procs + 8 * base, self._pid)
+        self.enabled = self._trace is None
+
+    def _retire(self, index: int, pid: int, v: Views) -> int:
+        """Retire the entry of dead process ``pid`` (lock held): its held
+        elements go back through the free path, its cached slots back to the
+        arena, its counters into the header's. Returns how many held
+        elements were taken back."""
+        words = np.frombuffer(v.words, dtype=np.uint64)
+        state = words & np.uint64(STATE_MASK)
+        theirs = (words >> np.uint64(PID_SHIFT)) == pid
+        core = self._core
+        assert core is not None
+        arena, waitq = core[2], core[3]
+        for idx in np.flatnonzero((state == ST_CACHED) & theirs).tolist():
+            arena.free(idx)
+        held = np.flatnonzero((state == ST_HELD) & theirs)
+        taken = sum(self._release(idx, int(words[idx]), v, arena, waitq) is not None for idx in held.tolist())
+        v.hdr[H_RECLAIMED] += taken
+        core[4].retire(index)
+        return taken
 
     def _become(self, pid: int, start: int) -> None:
         """After fork(): this object now belongs to the child."""
@@ -363,6 +433,7 @@ class Mempool:
             return
         lock = core[1]
         lock.pid, lock.start = pid, start
+        self.enabled = False  # the cache in use was the parent's
         try:
             with lock:
                 self._register(core[0], core[4])
@@ -372,22 +443,26 @@ class Mempool:
     # ------------------------------------------------------------------
     # The reserve: the only code that touches the stack
 
-    def _add_element(self, idx: int, v: Views | None = None) -> None:
-        """Push slot ``idx`` onto the reserve (lock held); poison it first
-        if poisoning is on."""
-        if v is None:
-            v = self._core[0]  # type: ignore[index]
+    def _push_reserve(self, idx: int, v: Views) -> None:
+        """Push slot ``idx``, already marked RESERVE, onto the reserve (lock
+        held); poison it first if poisoning is on. The caller has checked
+        that the stack has room."""
         if self._poison is not None:
             off = idx * self._stride
             v.data[off : off + self._slot_size] = self._poison
-        words, hdr = v.words, v.hdr
+        hdr = v.hdr
         n = hdr[H_CURR_NR]
-        try:
-            v.stack[n] = idx  # first: a corrupt depth fails before any change
-        except IndexError:
-            raise self._corrupt(f"curr_nr {n} is beyond the capacity") from None
-        words[idx] = words[idx] & _GEN_BITS | ST_RESERVE
+        v.stack[n] = idx
         hdr[H_CURR_NR] = n + 1
+
+    def _add_element(self, idx: int, v: Views) -> None:
+        """Move slot ``idx`` from the arena (taken off its free list by the
+        caller) into the reserve (lock held)."""
+        if v.hdr[H_CURR_NR] >= self._capacity:
+            raise self._corrupt(f"curr_nr {v.hdr[H_CURR_NR]} is beyond the capacity")
+        words = v.words
+        words[idx] = words[idx] & _GEN_BITS | ST_RESERVE
+        self._push_reserve(idx, v)
 
     def _remove_element(self, v: Views) -> int:
         """Pop the top of the reserve (lock held; curr_nr > 0). Returns the
@@ -409,7 +484,7 @@ class Mempool:
         if poison is not None:
             off = idx * self._stride
             if v.data[off : off + self._slot_size] != poison:
-                hdr[H_POISON_ERRORS] += 1
+                self._ctr[C_POISON] += 1  # type: ignore[index]
                 return ~idx
         return idx
 
@@ -434,8 +509,34 @@ class Mempool:
         words[idx] = ST_HELD | gen << GEN_SHIFT | self._pid << PID_SHIFT
         return idx | gen << HGEN_SHIFT | self._tag << TAG_SHIFT
 
-    def alloc(self, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> int | None:
-        """Allocate one element; return its handle.
+    def _arena_take(self, v: Views, arena: Arena) -> int | None:
+        """The kernel's first try, the backing allocator (lock held): an
+        element from the arena, or None if it is dry or a fault fires.
+        Through this process's cache when the hot path is on (refilling it
+        from the shared free list), else from the shared free list."""
+        if not self.enabled:
+            idx = arena.alloc(self)
+            if idx < 0:
+                return None
+            self._ctr[C_ALLOC_ARENA] += 1  # type: ignore[index]
+            return self._hand_out(idx, v)
+        if self.cache_n == 0 and v.hdr[H_ARENA_FREE] == 0:
+            # Free slots may sit in other processes' caches: take them back
+            # rather than go to the reserve (and sleep) with free slots about.
+            if not self.steal(v.geo.off_procs, v.geo.max_procs, PROC_WORDS):
+                return None  # dry: no draw, as in Arena.alloc
+        if self.draw():
+            return None
+        while True:
+            handle = self.pop_cached()
+            if handle is not None:
+                return handle
+            if not self.refill(CACHE_BATCH):
+                return None
+
+    def _alloc_slow(self, gfp: int = GFP_KERNEL, timeout: float | None = None, arena_failed: bool = False) -> int | None:
+        """alloc(gfp=GFP_KERNEL, *, timeout=None): allocate one element;
+        return its handle.
 
         The kernel's order: the arena first; if it fails, the top of the
         reserve. If the reserve is empty too, a ``gfp`` that may not sleep
@@ -449,6 +550,9 @@ class Mempool:
         Holding many elements while sleeping for more can deadlock against
         other processes doing the same; use one allocation at a time or
         bound the wait with ``timeout``.
+
+        (The hot path calls this with ``arena_failed`` when its own arena
+        attempt failed, so that the first attempt here skips the arena.)
         """
         core = self._core
         if core is None:
@@ -457,7 +561,8 @@ class Mempool:
         sleeps = may_sleep(gfp)
         deadline = None if timeout is None else _monotonic() + self._check_timeout(timeout)
         hdr = v.hdr
-        trace = self.trace
+        ctr = self._ctr
+        trace = self._trace
         waiting = slept = woken = False
         while True:
             handle = None
@@ -471,21 +576,22 @@ class Mempool:
                     waiting = False
                 if hdr[H_STATUS] != STATUS_LIVE:
                     raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
-                idx = arena.alloc()
-                if idx >= 0:
-                    hdr[H_ALLOC_ARENA] += 1
-                    handle = self._hand_out(idx, v)
+                idx = 0
+                if arena_failed:
+                    arena_failed = False
+                else:
+                    handle = self._arena_take(v, arena)
                     event = "alloc-arena"
-                elif hdr[H_CURR_NR]:
+                if handle is None and hdr[H_CURR_NR]:
                     idx = self._remove_element(v)
-                    hdr[H_ALLOC_RESERVE] += 1
+                    ctr[C_ALLOC_RESERVE] += 1
                     handle = self._hand_out(idx if idx >= 0 else ~idx, v)
                     event = "alloc-reserve"
                 if handle is not None:
                     if slept:  # we may hold another sleeper's token
                         waitq.rewake_if_needed()
                 elif not sleeps or (deadline is not None and _monotonic() >= deadline):
-                    hdr[H_ALLOC_FAILED] += 1
+                    ctr[C_ALLOC_FAILED] += 1
                     event = "alloc-failed"
                 else:
                     # Checked the reserve and registered in one critical
@@ -493,7 +599,7 @@ class Mempool:
                     waitq.register()
                     registry.add_sleeper(self._entry, 1)
                     waiting = slept = True
-                    hdr[H_SLEEPS] += 1
+                    ctr[C_SLEEPS] += 1
                     event = "sleep"
                 curr_nr = hdr[H_CURR_NR]
             if trace is not None:
@@ -529,17 +635,18 @@ class Mempool:
             if hdr[H_STATUS] != STATUS_LIVE:
                 raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
             if not hdr[H_CURR_NR]:
-                hdr[H_ALLOC_FAILED] += 1
+                self._ctr[C_ALLOC_FAILED] += 1  # type: ignore[index]
                 return None
             idx = self._remove_element(v)
-            hdr[H_ALLOC_RESERVE] += 1
+            self._ctr[C_ALLOC_RESERVE] += 1  # type: ignore[index]
             handle = self._hand_out(idx if idx >= 0 else ~idx, v)
         if idx < 0:
             self._warn_poison(~idx)
         return handle
 
-    def free(self, handle: int | None) -> None:
-        """Return an element. None is ignored (as the kernel ignores NULL).
+    def _free_slow(self, handle: int | None) -> None:
+        """free(handle): return an element. None is ignored (as the kernel
+        ignores NULL).
 
         If the reserve is below ``min_nr`` the element refills it and every
         sleeping allocation is woken; otherwise it goes back to the arena.
@@ -564,35 +671,43 @@ class Mempool:
             word = words[idx]
             if word & STATE_MASK != ST_HELD or (word >> GEN_SHIFT) & GEN_MASK != gen:
                 raise InvalidHandleError(handle, self._describe(word, gen))
-            event = self._release(idx, v, arena, waitq)
+            if hdr[H_CURR_NR] >= hdr[H_MIN_NR] and self.enabled:
+                # To the arena through this process's cache (its top is the
+                # arena's top), making room in it if it is full.
+                while (pushed := self.cache_push(idx, word)) == 0:
+                    self.drain(CACHE_MAX - CACHE_BATCH)
+                event = "free-arena" if pushed > 0 else None
+            else:
+                event = self._release(idx, word, v, arena, waitq)
+            if event is None:
+                raise InvalidHandleError(handle, "freed by another process at the same moment")
             curr_nr = hdr[H_CURR_NR]
-        trace = self.trace
+        trace = self._trace
         if trace is not None:
             trace(event, handle, curr_nr)
+        return None
 
-    def _release(self, idx: int, v: Views, arena: Arena, waitq: WaitQueue) -> str:
-        """The kernel's free (lock held): refill the reserve if it is below
-        min_nr and wake the sleepers, else give the element to the arena."""
+    def _release(self, idx: int, word: int, v: Views, arena: Arena, waitq: WaitQueue) -> str | None:
+        """The kernel's free of HELD slot ``idx`` whose word was ``word``
+        (lock held): refill the reserve if it is below min_nr and wake the
+        sleepers, else give the element to the arena. The slot word moves by
+        compare-and-swap, because the hot path frees without the lock: None
+        if it lost (somebody else freed the element first)."""
         hdr = v.hdr
-        if hdr[H_CURR_NR] < hdr[H_MIN_NR]:
-            self._add_element(idx, v)
-            hdr[H_FREE_RESERVE] += 1
+        to_reserve = hdr[H_CURR_NR] < hdr[H_MIN_NR]
+        depth = hdr[H_CURR_NR] if to_reserve else hdr[H_ARENA_FREE]
+        if depth >= self._capacity:
+            raise self._corrupt(f"{'curr_nr' if to_reserve else 'arena_free'} {depth} is beyond the capacity")
+        if not self.cas(idx, word, word & _GEN_BITS | (ST_RESERVE if to_reserve else ST_ARENA)):
+            return None
+        if to_reserve:
+            self._push_reserve(idx, v)
+            self._ctr[C_FREE_RESERVE] += 1  # type: ignore[index]
             waitq.wake_all()
             return "free-reserve"
-        arena.free(idx)
-        hdr[H_FREE_ARENA] += 1
+        arena.push(idx)
+        self._ctr[C_FREE_ARENA] += 1  # type: ignore[index]
         return "free-arena"
-
-    def _reclaim_pid(self, pid: int, v: Views) -> int:
-        """Free every element held under ``pid`` (lock held); how many."""
-        words = np.frombuffer(v.words, dtype=np.uint64)
-        mine = np.flatnonzero(((words & np.uint64(STATE_MASK)) == ST_HELD) & ((words >> np.uint64(PID_SHIFT)) == pid))
-        core = self._core
-        assert core is not None
-        for idx in mine.tolist():
-            self._release(idx, v, core[2], core[3])
-        v.hdr[H_RECLAIMED] += mine.size
-        return int(mine.size)
 
     def reclaim_dead(self) -> int:
         """Take back every element held by a process that no longer exists,
@@ -606,22 +721,37 @@ class Mempool:
         core = self._core
         if core is None:
             raise self._closed()
-        v, lock, _, waitq, registry = core
+        v, lock, arena, waitq, registry = core
         with lock:
             if v.hdr[H_STATUS] != STATUS_LIVE:
                 raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
             words = np.frombuffer(v.words, dtype=np.uint64)
-            held = (words & np.uint64(STATE_MASK)) == ST_HELD
-            pids = np.unique(words[held] >> np.uint64(PID_SHIFT)).tolist()
+            state = words & np.uint64(STATE_MASK)
+            owned = (state == ST_HELD) | (state == ST_CACHED)
+            pids = set(np.unique(words[owned] >> np.uint64(PID_SHIFT)).tolist()) | registry.pids()
             taken = 0
-            for pid in pids:
-                if not registry.holder_alive(pid):
-                    taken += self._reclaim_pid(pid, v)
-                    index = registry.find(pid)
-                    if index >= 0:
-                        registry.clear(index)
+            for pid in sorted(pids):
+                if pid == self._pid or registry.holder_alive(pid):
+                    continue
+                index = registry.find(pid)
+                if index >= 0:
+                    taken += self._retire(index, pid, v)
+                else:  # never registered here (or retired already): elements only
+                    taken += self._retire_orphans(pid, v, arena, waitq)
             v.hdr[H_NR_WAITERS] = registry.live_sleepers()
             waitq.drain()
+        return taken
+
+    def _retire_orphans(self, pid: int, v: Views, arena: Arena, waitq: WaitQueue) -> int:
+        """Elements and cached slots under ``pid`` with no registry entry."""
+        words = np.frombuffer(v.words, dtype=np.uint64)
+        state = words & np.uint64(STATE_MASK)
+        theirs = (words >> np.uint64(PID_SHIFT)) == pid
+        for idx in np.flatnonzero((state == ST_CACHED) & theirs).tolist():
+            arena.free(idx)
+        held = np.flatnonzero((state == ST_HELD) & theirs).tolist()
+        taken = sum(self._release(idx, int(words[idx]), v, arena, waitq) is not None for idx in held)
+        v.hdr[H_RECLAIMED] += taken
         return taken
 
     def adopt(self, handle: int) -> None:
@@ -641,7 +771,8 @@ class Mempool:
             word = words[idx]
             if word & STATE_MASK != ST_HELD or (word >> GEN_SHIFT) & GEN_MASK != gen:
                 raise InvalidHandleError(handle, self._describe(word, gen))
-            words[idx] = ST_HELD | gen << GEN_SHIFT | self._pid << PID_SHIFT
+            if not self.cas(idx, word, ST_HELD | gen << GEN_SHIFT | self._pid << PID_SHIFT):
+                raise InvalidHandleError(handle, "freed by another process at the same moment")
 
     @property
     def recoveries(self) -> int:
@@ -717,12 +848,14 @@ class Mempool:
             hdr[H_MIN_NR] = new_min_nr
         while grow:
             with lock:
+                if self.enabled:
+                    self.drain(0)  # our cache is the arena's top: keep the order
                 # Re-checked each batch: another process may have resized.
                 for _ in range(RESIZE_BATCH):
                     if hdr[H_CURR_NR] >= hdr[H_MIN_NR]:
                         grow = False
                         break
-                    idx = arena.alloc()
+                    idx = arena.alloc(self)
                     if idx < 0:
                         grow = False
                         break
@@ -752,7 +885,7 @@ class Mempool:
             if hdr[H_STATUS] != STATUS_LIVE:
                 raise PoolDestroyedError(f"pool {self.name!r} was destroyed already")
             curr_nr, min_nr = hdr[H_CURR_NR], hdr[H_MIN_NR]
-            in_use = self._capacity - curr_nr - hdr[H_ARENA_FREE]
+            in_use = self._capacity - curr_nr - hdr[H_ARENA_FREE] - int(cached_slots(self._proc_table(v)).sum())
             if not force and (in_use or curr_nr != min_nr):
                 raise PoolBusyError(
                     f"pool {self.name!r} still lends {in_use} element(s) and its reserve holds "
@@ -817,9 +950,13 @@ class Mempool:
             raise self._closed()
         v, lock, _, _, _ = core
         hdr = v.hdr
+        procs = self._proc_table(v)
         with lock:
             words = hdr.tolist()
-        curr_nr, arena_free = words[H_CURR_NR], words[H_ARENA_FREE]
+            cached = int(cached_slots(procs).sum())
+            per_proc = procs[:, P_COUNTERS : P_COUNTERS + N_PROC_COUNTERS].sum(axis=0).tolist()
+        counts = {name: words[index] + (per_proc[i] if i < N_PROC_COUNTERS else 0) for i, (name, index) in enumerate(COUNTERS)}
+        curr_nr, arena_free = words[H_CURR_NR], words[H_ARENA_FREE] + cached
         return PoolStats(
             name=self.name,
             slot_size=self._slot_size,
@@ -832,8 +969,13 @@ class Mempool:
             fail_rate=v.fhdr[H_FAIL_RATE],
             seed=words[H_SEED],
             poison=bool(words[H_FLAGS] & FLAG_POISON),
-            **{name: words[index] for name, index in COUNTERS},
+            **counts,
         )
+
+    @staticmethod
+    def _proc_table(v: Views) -> np.ndarray:
+        """The registry as a (max_procs, PROC_WORDS) array (a view)."""
+        return np.frombuffer(v.procs, dtype=np.uint64).reshape(v.geo.max_procs, PROC_WORDS)
 
     def is_saturated(self) -> bool:
         """True if the reserve is full (``curr_nr >= min_nr``)."""
@@ -855,6 +997,29 @@ class Mempool:
             arena.set_faults(rate, seed)
 
     @property
+    def trace(self) -> Trace | None:
+        """Optional ``trace(event, handle, curr_nr)``, called after each alloc
+        and free of this object, outside the lock. Events: "alloc-arena",
+        "alloc-reserve" (the arena failed), "alloc-failed", "sleep",
+        "free-reserve", "free-arena"; ``curr_nr`` is the reserve's depth
+        right after the operation. While it is set, this object's
+        operations all take the locked path (its cache is given back)."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, callback: Trace | None) -> None:
+        self._trace = callback
+        core = self._core
+        if core is None:
+            return
+        if callback is not None and self.enabled:
+            self.enabled = False
+            with core[1]:
+                self.drain(0)
+        elif callback is None and self._entry >= 0:
+            self.enabled = True
+
+    @property
     def slot_size(self) -> int:
         return self._slot_size
 
@@ -874,9 +1039,24 @@ class Mempool:
         raises, and may be called twice. Memoryviews and numpy views of
         elements stay valid until the last of them is gone; the mapping is
         unmapped then. Further calls on this object raise PoolClosedError."""
-        core, self._core = self._core, None
+        core = self._core
         if core is None:
             return
+        if self.enabled:
+            self.enabled = False
+            lock = core[1]
+            # The cache's slots back to the shared arena, if the lock comes
+            # soon (never block in close: at exit, this process may even hold
+            # it); otherwise they wait for reclaim_dead.
+            if lock.acquire_within(CLOSE_LOCK_SECONDS):
+                try:
+                    self.drain(0)
+                except ValueError:  # a damaged pool: leave it to the audit
+                    pass
+                finally:
+                    lock.__exit__()
+        self._core = None
+        self._unmap()
         mm = core[0].mm
         del core
         try:

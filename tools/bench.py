@@ -318,7 +318,7 @@ def bench_recovery(reps: int) -> dict[str, Any]:
                     assert child.stdout is not None and child.stdout.readline().strip() == "ready"
                     t0 = time.perf_counter()
                     child.send_signal(signal.SIGKILL)
-                    pool.free(pool.alloc(GFP_ATOMIC))  # blocks until recovered
+                    pool.stats()  # takes the lock: blocks until recovered
                     times.append(time.perf_counter() - t0)
                     child.wait()
                     child.stdin.close()  # type: ignore[union-attr]
