@@ -206,6 +206,93 @@ slow: {
     }
 }
 
+/* take_bulk(out, n): with the lock held, hand out up to n arena elements
+ * into ``out`` (a writable int64 buffer), each one an arena attempt with its
+ * own fault draw: from this process's cache, then the shared free list.
+ * Returns how many it wrote to the front of ``out``; the rest of the n
+ * attempts failed (a fault or a dry arena). */
+static PyObject *FastPath_take_bulk(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_OPEN(f);
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "take_bulk(out, n)"); return NULL; }
+    Py_buffer out;
+    if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if ((n == -1 && PyErr_Occurred()) || n < 0 || out.len < n * 8) {
+        PyBuffer_Release(&out);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "out is smaller than n int64");
+        return NULL;
+    }
+    int64_t *dst = (int64_t *)out.buf;
+    Py_ssize_t got = 0;
+    uint64_t shared = f->hdr[H_ARENA_FREE];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (f->entry[P_CACHE_N] == 0 && shared == 0) break; /* dry: no more draws */
+        if (fault(f)) continue;
+        uint64_t idx = UINT64_MAX, w = 0;
+        while (f->entry[P_CACHE_N] > 0 && idx == UINT64_MAX) { /* the cache is the arena's top */
+            uint64_t c = f->cache[--f->entry[P_CACHE_N]];
+            w = c < f->capacity ? ld(&f->words[c]) : 0;
+            if (c < f->capacity && (w & STATE_MASK) == ST_CACHED && (w >> PID_SHIFT) == f->pid) idx = c;
+            else f->entry[P_DISCARDED]++;
+        }
+        if (idx == UINT64_MAX) {
+            if (shared == 0) break;
+            idx = f->arena[--shared];
+            w = idx < f->capacity ? f->words[idx] : 0;
+            if (idx >= f->capacity || (w & STATE_MASK) != ST_ARENA) {
+                f->hdr[H_ARENA_FREE] = shared + 1;
+                PyBuffer_Release(&out);
+                PyErr_Format(PyExc_ValueError, "pool is corrupt: arena free list entry %llu names slot %llu, not a free one",
+                             (unsigned long long)shared, (unsigned long long)idx);
+                return NULL;
+            }
+        }
+        uint64_t gen = ((w >> GEN_SHIFT) + 1) & GEN_MASK;
+        /* A cached slot could be taken by a thief only under the lock, which we hold: a plain store is safe. */
+        st(&f->words[idx], ST_HELD | gen << GEN_SHIFT | f->pid << PID_SHIFT);
+        dst[got++] = (int64_t)(idx | gen << HGEN_SHIFT | f->tag << TAG_SHIFT);
+    }
+    f->hdr[H_ARENA_FREE] = shared;
+    f->entry[P_C_ALLOC_ARENA] += got;
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(got);
+}
+
+/* give_bulk(handles, n): with the lock held, after the
+ * caller validated every handle: compare-and-swap each element's word from
+ * HELD to ARENA and push it onto the shared free list. Returns how many
+ * moved (fewer only if another process freed one at the same moment). */
+static PyObject *FastPath_give_bulk(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_OPEN(f);
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "give_bulk(handles, n)"); return NULL; }
+    Py_buffer in;
+    if (PyObject_GetBuffer(args[0], &in, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if ((n == -1 && PyErr_Occurred()) || n < 0 || in.len < n * 8) {
+        PyBuffer_Release(&in);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "handles is smaller than n int64");
+        return NULL;
+    }
+    const int64_t *src = (const int64_t *)in.buf;
+    uint64_t shared = f->hdr[H_ARENA_FREE];
+    Py_ssize_t moved = 0;
+    for (Py_ssize_t i = 0; i < n && shared < f->capacity; i++) {
+        uint64_t h = (uint64_t)src[i], idx = h & INDEX_MASK, gen = (h >> HGEN_SHIFT) & GEN_MASK;
+        if (idx >= f->capacity) continue;
+        uint64_t w = ld(&f->words[idx]);
+        if ((w & STATE_MASK) != ST_HELD || ((w >> GEN_SHIFT) & GEN_MASK) != gen) continue;
+        if (__atomic_compare_exchange_n(&f->words[idx], &w, (w & (GEN_MASK << GEN_SHIFT)) | ST_ARENA, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            f->arena[shared++] = (uint32_t)idx;
+            moved++;
+        }
+    }
+    f->hdr[H_ARENA_FREE] = shared;
+    f->entry[P_C_FREE_ARENA] += moved;
+    PyBuffer_Release(&in);
+    return PyLong_FromSsize_t(moved);
+}
+
 /* cache_push(index, word): the locked path's free into this process's
  * cache: compare-and-swap the slot word from ``word`` (HELD) to CACHED by
  * us and push. 1 done, 0 the cache is full (drain and retry), -1 the word
@@ -439,6 +526,8 @@ static PyGetSetDef FastPath_getset[] = {
 static PyMethodDef FastPath_methods[] = {
     {"alloc", (PyCFunction)(void (*)(void))FastPath_alloc, METH_FASTCALL | METH_KEYWORDS, "alloc(gfp=GFP_KERNEL, *, timeout=None)"},
     {"free", (PyCFunction)FastPath_free, METH_O, "free(handle)"},
+    {"take_bulk", (PyCFunction)(void (*)(void))FastPath_take_bulk, METH_FASTCALL, "take_bulk(out, n) -> how many"},
+    {"give_bulk", (PyCFunction)(void (*)(void))FastPath_give_bulk, METH_FASTCALL, "give_bulk(handles, n) -> how many"},
     {"cache_push", (PyCFunction)(void (*)(void))FastPath_cache_push, METH_FASTCALL, "cache_push(index, word) -> 1, 0 (full) or -1 (lost)"},
     {"pop_cached", (PyCFunction)FastPath_pop_cached, METH_NOARGS, "hand out the cache's top (lock held), or None"},
     {"draw", (PyCFunction)FastPath_draw, METH_NOARGS, "one fault draw: True if the arena must fail"},

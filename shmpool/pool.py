@@ -568,11 +568,7 @@ class Mempool(FastPath):
             handle = None
             with lock:
                 if waiting:
-                    waitq.finish()
-                    registry.add_sleeper(self._entry, -1)
-                    if not woken:  # a quiet 5 s: recount, dropping sleepers that died
-                        hdr[H_NR_WAITERS] = registry.live_sleepers()
-                        waitq.drain()
+                    self._finish_wait(hdr, waitq, registry, woken)
                     waiting = False
                 if hdr[H_STATUS] != STATUS_LIVE:
                     raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
@@ -596,10 +592,8 @@ class Mempool(FastPath):
                 else:
                     # Checked the reserve and registered in one critical
                     # section: a free that refills it must see us and wake us.
-                    waitq.register()
-                    registry.add_sleeper(self._entry, 1)
+                    self._register_wait(waitq, registry)
                     waiting = slept = True
-                    ctr[C_SLEEPS] += 1
                     event = "sleep"
                 curr_nr = hdr[H_CURR_NR]
             if trace is not None:
@@ -612,16 +606,7 @@ class Mempool(FastPath):
                 if not sleeps:
                     return None
                 raise TimeoutError(f"pool {self.name!r}: no element within {timeout} s")
-            wait = SLEEP_RETRY_SECONDS
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - _monotonic()))
-            try:
-                woken = waitq.sleep(wait)
-            except BaseException:
-                with lock:
-                    waitq.finish()
-                    registry.add_sleeper(self._entry, -1)
-                raise
+            woken = self._sleep(lock, waitq, registry, deadline)
 
     def alloc_preallocated(self) -> int | None:
         """Take an element from the reserve only, never the arena, never
@@ -686,6 +671,153 @@ class Mempool(FastPath):
         if trace is not None:
             trace(event, handle, curr_nr)
         return None
+
+    def _register_wait(self, waitq: WaitQueue, registry: Registry) -> None:
+        """prepare_to_wait (lock held): count this sleeper, in the pool and
+        in our registry entry (so that it can be uncounted if we die)."""
+        waitq.register()
+        registry.add_sleeper(self._entry, 1)
+        self._ctr[C_SLEEPS] += 1  # type: ignore[index]
+
+    def _finish_wait(self, hdr: memoryview, waitq: WaitQueue, registry: Registry, woken: bool) -> None:
+        """finish_wait (lock held). After a quiet 5 s nap, also recount the
+        sleepers, dropping any that died."""
+        waitq.finish()
+        registry.add_sleeper(self._entry, -1)
+        if not woken:
+            hdr[H_NR_WAITERS] = registry.live_sleepers()
+            waitq.drain()
+
+    def _sleep(self, lock: PoolLock, waitq: WaitQueue, registry: Registry, deadline: float | None) -> bool:
+        """Sleep (lock not held) until woken, the 5 s retry or ``deadline``;
+        True if woken. Interrupted (KeyboardInterrupt...), it uncounts itself."""
+        wait = SLEEP_RETRY_SECONDS
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - _monotonic()))
+        try:
+            return waitq.sleep(wait)
+        except BaseException:
+            with lock:
+                waitq.finish()
+                registry.add_sleeper(self._entry, -1)
+            raise
+
+    def alloc_bulk(self, n: int, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> np.ndarray | None:
+        """Allocate ``n`` elements at once; return their handles as a numpy
+        int64 array (the kernel 6.19's mempool_alloc_bulk).
+
+        Each element is an arena attempt first (with its own fault draw);
+        the elements the arena does not give come from the reserve, all of
+        them or none: if the reserve cannot cover them, the arena's elements
+        go back too and the call holds nothing while it waits, so two bulk
+        callers can never deadlock by each holding part of what they need.
+        A ``gfp`` that may not sleep returns None then; one that may sleeps
+        until a free refills the reserve (or 5 s) and tries again, never
+        failing (``timeout`` bounds it: TimeoutError). ``n`` must be from 0
+        to the capacity (ValueError).
+        """
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, _, waitq, registry = core
+        n = _check_int(n, "n")
+        if not 0 <= n <= self._capacity:
+            raise ValueError(f"n must be from 0 to the capacity ({self._capacity}), not {n}")
+        sleeps = may_sleep(gfp)
+        deadline = None if timeout is None else _monotonic() + self._check_timeout(timeout)
+        hdr, ctr = v.hdr, self._ctr
+        out = np.empty(n, dtype=np.int64)
+        geo = v.geo
+        waiting = slept = woken = False
+        poisoned: list[int] = []
+        while True:
+            with lock:
+                if waiting:
+                    self._finish_wait(hdr, waitq, registry, woken)
+                    waiting = False
+                if hdr[H_STATUS] != STATUS_LIVE:
+                    raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+                got = self.take_bulk(out, n)
+                if got < n and self.cache_n == 0 and hdr[H_ARENA_FREE] == 0:
+                    if self.steal(geo.off_procs, geo.max_procs, PROC_WORDS):
+                        got += self.take_bulk(out[got:], n - got)
+                need = n - got
+                if need <= hdr[H_CURR_NR]:
+                    for i in range(got, n):
+                        idx = self._remove_element(v)
+                        if idx < 0:
+                            poisoned.append(~idx)
+                            idx = ~idx
+                        out[i] = self._hand_out(idx, v)
+                    ctr[C_ALLOC_RESERVE] += need  # type: ignore[index]
+                    if slept:
+                        waitq.rewake_if_needed()
+                    break
+                self.give_bulk(out, got)  # all or nothing: hold nothing while waiting
+                if not sleeps or (deadline is not None and _monotonic() >= deadline):
+                    ctr[C_ALLOC_FAILED] += 1  # type: ignore[index]
+                    if not sleeps:
+                        return None
+                    raise TimeoutError(f"pool {self.name!r}: no {n} elements within {timeout} s")
+                self._register_wait(waitq, registry)
+                waiting = slept = True
+            woken = self._sleep(lock, waitq, registry, deadline)
+        for idx in poisoned:
+            self._warn_poison(idx)
+        return out
+
+    def free_bulk(self, handles: Any) -> None:
+        """Free many elements at once (a sequence or array of handles).
+
+        Every handle is checked first: one that is not an int, out of range,
+        not currently held, or given twice refuses the whole call (TypeError,
+        ValueError, InvalidHandleError) and nothing is freed. Then, as if
+        freed one by one: the first ones refill the reserve while it is
+        below min_nr (waking sleepers), the rest go back to the arena.
+        """
+        core = self._core
+        if core is None:
+            raise self._closed()
+        v, lock, arena, waitq, _ = core
+        arr = np.asarray(handles)
+        if not arr.size:
+            return  # nothing to free (an empty list is float64 to numpy)
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"handles must be integers, not {arr.dtype}")
+        arr = np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+        n = arr.size
+        idx = arr & INDEX_MASK
+        bad = np.flatnonzero((arr < 0) | (idx >= self._capacity))
+        if bad.size:
+            raise ValueError(f"handle {int(arr[bad[0]])} is out of range")
+        bad = np.flatnonzero((arr >> TAG_SHIFT) != self._tag)
+        if bad.size:
+            raise InvalidHandleError(int(arr[bad[0]]), f"not a handle of pool {self.name!r} (another pool's, or forged)")
+        seen = np.zeros(self._capacity, dtype=bool)  # O(capacity), no sort
+        seen[idx] = True
+        if np.count_nonzero(seen) != n:
+            slots, counts = np.unique(idx, return_counts=True)
+            twice = int(slots[np.argmax(counts > 1)])
+            raise InvalidHandleError(int(arr[np.argmax(idx == twice)]), "given twice in one free_bulk")
+        hdr = v.hdr
+        words = np.frombuffer(v.words, dtype=np.uint64)
+        gens = (arr >> HGEN_SHIFT) & GEN_MASK
+        with lock:
+            if hdr[H_STATUS] != STATUS_LIVE:
+                raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
+            w = words[idx]
+            bad = np.flatnonzero(((w & np.uint64(STATE_MASK)) != ST_HELD) | ((w >> np.uint64(GEN_SHIFT)) & np.uint64(GEN_MASK) != gens.astype(np.uint64)))
+            if bad.size:
+                i = int(bad[0])
+                raise InvalidHandleError(int(arr[i]), self._describe(int(w[i]), int(gens[i])))
+            refill = min(n, max(0, hdr[H_MIN_NR] - hdr[H_CURR_NR]))
+            lost = sum(self._release(int(idx[i]), int(w[i]), v, arena, waitq) is None for i in range(refill))
+            if refill < n:
+                if self.enabled:
+                    self.drain(0)  # our cache is the arena's top: keep the order
+                lost += (n - refill) - self.give_bulk(arr[refill:], n - refill)
+        if lost:
+            raise InvalidHandleError(int(arr[0]), f"{lost} of these elements were freed by another process at the same moment")
 
     def _release(self, idx: int, word: int, v: Views, arena: Arena, waitq: WaitQueue) -> str | None:
         """The kernel's free of HELD slot ``idx`` whose word was ``word``

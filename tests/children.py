@@ -92,3 +92,15 @@ def free_at_once(name: str, handle: int, barrier: Any, results: Any) -> None:
             results.put("freed")
         except ValueError as exc:
             results.put(type(exc).__name__)
+
+
+def bulk_sleeper(name: str, n: int, results: Any) -> None:
+    """alloc_bulk(n, GFP_KERNEL); report the number of handles, hold them
+    briefly (checking they are ours), free them."""
+    with Mempool.attach(name) as pool:
+        hs = pool.alloc_bulk(n, GFP_KERNEL, timeout=30)
+        for h in hs.tolist():
+            pool.ndarray(h, np.int64, 1)[0] = os.getpid()
+        ok = all(pool.ndarray(h, np.int64, 1)[0] == os.getpid() for h in hs.tolist())
+        pool.free_bulk(hs)
+        results.put((len(hs), ok))

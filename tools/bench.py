@@ -14,6 +14,7 @@ Sections:
             one semaphore
   procs     pairs per second with two processes on one pool against one
             process alone, shmpool and the hand-rolled peer
+  bulk      alloc_bulk and free_bulk, elements per second each way
   wakeup    from a free in one process to the return of a sleeping alloc in
             another (median, p99)
   scale     per-pair cost at 1,000 / 100,000 / 1,000,000 slots; create and
@@ -259,6 +260,27 @@ def bench_wakeup(reps: int) -> dict[str, Any]:
     }
 
 
+def bench_bulk(reps: int) -> dict[str, Any]:
+    pool = Mempool.create(f"bench-bulk-{os.getpid()}", min_nr=16, slot_size=64, capacity=1_000_000)
+    batch = 100_000
+    try:
+        best_alloc = best_free = float("inf")
+        for _ in range(max(3, reps)):
+            t0 = time.perf_counter()
+            hs = pool.alloc_bulk(batch, GFP_ATOMIC)
+            t1 = time.perf_counter()
+            pool.free_bulk(hs)
+            t2 = time.perf_counter()
+            best_alloc, best_free = min(best_alloc, t1 - t0), min(best_free, t2 - t1)
+    finally:
+        pool.destroy(force=True)
+    return {
+        "batch": batch,
+        "alloc_bulk_M_per_s": round(batch / best_alloc / 1e6, 1),
+        "free_bulk_M_per_s": round(batch / best_free / 1e6, 1),
+    }
+
+
 def bench_scale(reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tag = os.getpid()
@@ -334,6 +356,7 @@ def bench_recovery(reps: int) -> dict[str, Any]:
 SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "pairs": bench_pairs,
     "procs": bench_procs,
+    "bulk": bench_bulk,
     "wakeup": bench_wakeup,
     "scale": bench_scale,
     "recovery": bench_recovery,

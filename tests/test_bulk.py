@@ -1,0 +1,110 @@
+"""alloc_bulk / free_bulk: the kernel 6.19 bulk rules."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+import children
+from helpers import check_whole, snapshot, wait_for
+from shmpool import GFP_ATOMIC, GFP_KERNEL, InvalidHandleError, Mempool, handle_slot
+
+ctx = mp.get_context("spawn")
+
+
+def test_bulk_takes_the_arena_first_then_the_reserve(name: str) -> None:
+    with Mempool.create(name, min_nr=3, slot_size=16, capacity=10) as pool:
+        hs = pool.alloc_bulk(9, GFP_ATOMIC)
+        assert hs.dtype == np.int64 and len(set(handle_slot(h) for h in hs.tolist())) == 9
+        s = pool.stats()
+        assert (s.alloc_arena, s.alloc_reserve, s.in_use, s.curr_nr) == (7, 2, 9, 1)
+        pool.free_bulk(hs)
+        s = pool.stats()
+        assert (s.in_use, s.curr_nr, s.free_reserve, s.free_arena) == (0, 3, 2, 7)
+        check_whole(pool)
+        pool.destroy()
+
+
+def test_the_reserve_part_is_all_or_nothing(name: str) -> None:
+    with Mempool.create(name, min_nr=3, slot_size=16, capacity=6, fail_rate=1.0, seed=2) as pool:
+        before = pool.stats()
+        assert pool.alloc_bulk(4, GFP_ATOMIC) is None  # the reserve has 3: none taken
+        after = pool.stats()
+        assert (after.in_use, after.curr_nr, after.alloc_failed) == (0, 3, before.alloc_failed + 1)
+        hs = pool.alloc_bulk(3, GFP_ATOMIC)
+        assert pool.stats().alloc_reserve == 3
+        pool.free_bulk(hs)
+        with pytest.raises(TimeoutError):
+            pool.alloc_bulk(4, GFP_KERNEL, timeout=0.1)
+        assert pool.stats().in_use == 0 and pool.stats().nr_waiters == 0
+        pool.destroy()
+
+
+def test_bulk_frees_in_the_order_of_single_frees(name: str) -> None:
+    stacks = []
+    for i, bulk in enumerate((True, False)):
+        with Mempool.create(f"{name}{i}", min_nr=3, slot_size=16, capacity=12) as pool:
+            hs = [pool.alloc(GFP_ATOMIC) for _ in range(12)]
+            order = hs[5:] + hs[:5]
+            if bulk:
+                pool.free_bulk(np.array(order))
+            else:
+                for h in order:
+                    pool.free(h)
+            again = [handle_slot(pool.alloc(GFP_ATOMIC)) for _ in range(12)]
+            stacks.append(again)
+            pool.destroy(force=True)
+    assert stacks[0] == stacks[1]
+
+
+@pytest.mark.parametrize(
+    "make_bad, exc, match",
+    [
+        (lambda hs: ["x", "y"], TypeError, "integers"),
+        (lambda hs: np.array([1.0, 2.0]), TypeError, "integers"),
+        (lambda hs: [hs[0], -1], ValueError, "out of range"),
+        (lambda hs: [hs[0], hs[1], hs[0]], InvalidHandleError, "twice"),
+        (lambda hs: [hs[0], hs[1] ^ (1 << 50)], InvalidHandleError, "not a handle of pool"),
+        (lambda hs: [hs[0], hs[2] + (1 << 24)], InvalidHandleError, "stale|not held"),
+    ],
+)
+def test_a_refused_free_bulk_frees_nothing(name: str, make_bad, exc, match) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=4) as pool:
+        hs = pool.alloc_bulk(3, GFP_ATOMIC).tolist()
+        before = snapshot(pool)
+        with pytest.raises(exc, match=match):
+            pool.free_bulk(make_bad(hs))
+        assert snapshot(pool) == before
+        pool.free_bulk(hs)
+        pool.destroy()
+
+
+def test_bulk_argument_checks(name: str) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=4) as pool:
+        for bad in (-1, 5):
+            with pytest.raises(ValueError):
+                pool.alloc_bulk(bad)
+        with pytest.raises(TypeError):
+            pool.alloc_bulk(2.0)  # type: ignore[arg-type]
+        assert pool.alloc_bulk(0).size == 0
+        pool.free_bulk([])
+        pool.destroy()
+
+
+@pytest.mark.timeout(60)
+def test_two_bulk_sleepers_cannot_deadlock(name: str, spawn) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=4) as pool:
+        held = pool.alloc_bulk(3, GFP_ATOMIC)  # one left
+        results = ctx.Queue()
+        for _ in range(2):
+            spawn(children.bulk_sleeper, name, 3, results)
+        wait_for(lambda: pool.stats().nr_waiters == 2, what="both bulk callers to sleep")
+        assert pool.stats().in_use == 3  # they hold nothing while they wait
+        pool.free_bulk(held)
+        assert sorted(results.get(timeout=40) for _ in range(2)) == [(3, True), (3, True)]
+        s = pool.stats()
+        assert (s.in_use, s.curr_nr, s.nr_waiters) == (0, 2, 0)
+        check_whole(pool)
+        pool.destroy()
