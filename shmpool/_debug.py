@@ -121,10 +121,10 @@ def _audit_caches(v: Views, states: np.ndarray) -> list[str]:
     owners = words >> np.uint64(PID_SHIFT)
     cached = states == ST_CACHED
     findings: list[str] = []
-    registered = set()
+    listed_by = np.zeros(cap, dtype=np.uint64)  # which process's cache lists each slot
+    holds: dict[int, int] = {}
     for row in np.flatnonzero(procs[:, P_PID]).tolist():
         pid, n = int(procs[row, P_PID]), int(procs[row, P_CACHE_N])
-        registered.add(pid)
         if n > CACHE_MAX:
             findings.append(f"process {pid}'s cache claims {n} entries, more than {CACHE_MAX}")
             continue
@@ -132,16 +132,19 @@ def _audit_caches(v: Views, states: np.ndarray) -> list[str]:
         if (entries >= cap).any():
             findings.append(f"process {pid}'s cache names a slot out of range")
             continue
-        mine = cached & (owners == pid)
-        unlisted = np.flatnonzero(mine & ~np.isin(np.arange(cap), entries))
-        if unlisted.size:
-            findings.append(f"slot {unlisted[0]} is cached by process {pid} but not in its cache")
-        holds = int(cached_slots(procs[row : row + 1])[0])
-        if holds != int(mine.sum()):
-            findings.append(f"process {pid}'s cache should hold {holds} slot(s) but {int(mine.sum())} are cached by it")
-    strays = np.flatnonzero(cached & ~np.isin(owners, list(registered)))
-    if strays.size:
-        findings.append(f"slot {strays[0]} is cached by process {owners[strays[0]]}, which has no registry entry")
+        mine = entries[(states[entries] == ST_CACHED) & (owners[entries] == pid)]
+        listed_by[mine] = pid
+        holds[pid] = int(cached_slots(procs[row : row + 1])[0])
+    unlisted = np.flatnonzero(cached & (listed_by != owners))
+    if unlisted.size:
+        slot = int(unlisted[0])
+        where = "has no registry entry" if int(owners[slot]) not in holds else "does not list it in its cache"
+        findings.append(f"slot {slot} is cached by process {owners[slot]}, which {where}")
+    pids, counts = np.unique(owners[cached], return_counts=True)
+    actual = dict(zip(pids.tolist(), counts.tolist()))
+    for pid, n in holds.items():
+        if actual.get(pid, 0) != n:
+            findings.append(f"process {pid}'s cache should hold {n} slot(s) but {actual.get(pid, 0)} are cached by it")
     return findings
 
 

@@ -19,6 +19,7 @@ Sections:
             another (median, p99)
   scale     per-pair cost at 1,000 / 100,000 / 1,000,000 slots; create and
             attach of a 1,000,000 x 64-byte pool; metadata bytes per slot
+  inspect   shmpool-inspect's list, show and --check of a 1,000,000-slot pool
   recovery  time from SIGKILL of the lock holder to another process holding
             the lock: with the holder recorded, and killed before it could
             record itself (the orphan bound)
@@ -281,6 +282,33 @@ def bench_bulk(reps: int) -> dict[str, Any]:
     }
 
 
+def bench_inspect(reps: int) -> dict[str, Any]:
+    from shmpool import cli
+
+    pool = Mempool.create(f"bench-inspect-{os.getpid()}", min_nr=1000, slot_size=64, capacity=1_000_000)
+    try:
+        held = pool.alloc_bulk(300_000, GFP_ATOMIC)
+
+        def best(fn: Callable[[], object]) -> float:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return round(min(times), 3)
+
+        out = {
+            "slots": 1_000_000,
+            "list_s": best(cli.list_pools),
+            "show_s": best(lambda: cli.describe(cli.take_copy(pool.name, 0.25))),
+            "check_s": best(lambda: cli.check(cli.take_copy(pool.name, 0.25))),
+        }
+        pool.free_bulk(held)
+    finally:
+        pool.destroy(force=True)
+    return out
+
+
 def bench_scale(reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tag = os.getpid()
@@ -359,6 +387,7 @@ SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "bulk": bench_bulk,
     "wakeup": bench_wakeup,
     "scale": bench_scale,
+    "inspect": bench_inspect,
     "recovery": bench_recovery,
 }
 
