@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs + consumers:
             p.start()
         if args.hold:
+            # Explicitly: a shell may start a background job with SIGINT ignored.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
             print(f"\n--hold: traffic goes on; look at it with `shmpool-inspect {args.name}`; Ctrl-C ends it", flush=True)
             try:
                 signal.pause()

@@ -78,3 +78,28 @@ def test_bench_runs_and_reports_every_section() -> None:
     assert recovery["recoveries"] >= 6  # every kill was recovered from
     assert 0 < recovery["recorded_median_ms"] <= recovery["recorded_max_ms"]
     assert leftovers() == []
+
+
+@pytest.mark.timeout(120)
+def test_demo_hold_keeps_the_pool_up_until_sigint_and_cleans_up(name: str) -> None:
+    import json
+    import signal
+
+    p = subprocess.Popen(
+        [os.path.join(BIN, "shmpool-demo"), "--name", name, "--hold", "--trace", "0", "--iterations", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        while "--hold" not in p.stdout.readline():
+            pass
+        shown = subprocess.run([os.path.join(BIN, "shmpool-inspect"), name, "--json"], capture_output=True, text=True)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["name"] == name
+        p.send_signal(signal.SIGTERM)  # SIGINT alike: both end the hold
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, out + err
+        assert "result:  OK" in out
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert leftovers() == []
