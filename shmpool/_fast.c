@@ -35,6 +35,13 @@
  *   then compare-and-swap the slot word from HELD to CACHED (so a double
  *   free raced from two processes frees once) and push onto the cache.
  *   A full cache, an invalid handle or a CAS that loses go to the slow path.
+ * - the reserve's common case: when the arena fails, pop the reserve's top,
+ *   and when a free finds curr_nr < min_nr, push onto it (waking sleepers),
+ *   under the pool lock taken with sem_trywait and recorded exactly as
+ *   _lock.PoolLock records it. A lock that is busy, poisoning, an empty
+ *   reserve or anything unusual goes to the Python slow path, which waits
+ *   for the lock (and recovers it from a dead holder). Every store here
+ *   keeps the pool repairable: the slot word is the commit point.
  * - refill, drain, cas, draw: helpers the slow path calls with the lock held.
  *
  * Threads: every function runs with the GIL held from start to end, so the
@@ -43,7 +50,11 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <semaphore.h>
 #include <stdint.h>
+#include <time.h>
 
 /* Must match shmpool/_layout.py (checked at import by _layout). */
 #define H_FAIL_THRESHOLD 24
@@ -53,6 +64,16 @@
 #define H_ARENA_FREE 19
 #define H_STATUS 16
 #define STATUS_LIVE 1
+#define H_FLAGS 12
+#define FLAG_POISON 1
+#define H_NR_WAITERS 20
+#define H_LOCK_PID 28
+#define H_LOCK_SINCE_NS 29
+#define H_LOCK_START 30
+#define H_LOCK_SEQ 31
+#define ST_RESERVE 2
+#define P_C_ALLOC_RESERVE 7
+#define P_C_FREE_RESERVE 9
 #define P_PID 0
 #define P_CACHE_N 3
 #define P_STOLEN 4
@@ -80,8 +101,11 @@ typedef struct {
     Py_buffer view;
     int have_view;
     uint64_t *hdr, *words, *entry;
-    uint32_t *arena, *cache;
-    uint64_t capacity, tag, pid, cache_max;
+    uint32_t *arena, *cache, *stack;
+    uint64_t capacity, tag, pid, start, cache_max;
+    sem_t *lock_sem, *wait_sem;
+    uint64_t *registry;
+    Py_ssize_t max_procs, proc_words;
     int enabled;
 } FastPath;
 
@@ -140,6 +164,84 @@ static inline PyObject *hand_out_cached(FastPath *f) {
     return NULL;
 }
 
+/* The pool lock without waiting; recorded like _lock.PoolLock. */
+static inline int lock_try(FastPath *f) {
+    if (f->lock_sem == NULL || sem_trywait(f->lock_sem) != 0) return 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t *h = f->hdr;
+    st(&h[H_LOCK_PID], f->pid);
+    st(&h[H_LOCK_START], f->start);
+    st(&h[H_LOCK_SINCE_NS], (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec);
+    h[H_LOCK_SEQ]++;
+    return 1;
+}
+
+static inline void lock_release(FastPath *f) {
+    st(&f->hdr[H_LOCK_PID], 0);
+    sem_post(f->lock_sem);
+}
+
+/* Whether the reserve path may run here: a live pool without poisoning. */
+static inline int reserve_fast_ok(FastPath *f) {
+    return f->lock_sem != NULL && (ld(&f->hdr[H_FLAGS]) & FLAG_POISON) == 0 && ld(&f->hdr[H_STATUS]) == STATUS_LIVE;
+}
+
+/* Whether some other process's cache holds slots (then the Python path,
+ * which can steal them, must decide: the arena is not really dry). */
+static int others_cache(FastPath *f);
+
+/* alloc's fall-back to the reserve (the arena failed): the top of the
+ * reserve, or NULL (no error) to let the slow path decide. */
+static PyObject *reserve_alloc(FastPath *f, int arena_dry) {
+    if (!reserve_fast_ok(f) || (arena_dry && others_cache(f)) || !lock_try(f)) return NULL;
+    PyObject *handle = NULL;
+    uint64_t *h = f->hdr, n = h[H_CURR_NR];
+    if (n > 0 && n <= f->capacity && h[H_STATUS] == STATUS_LIVE) {
+        uint64_t idx = f->stack[n - 1];
+        uint64_t w = idx < f->capacity ? f->words[idx] : 0;
+        if (idx < f->capacity && (w & STATE_MASK) == ST_RESERVE) {
+            h[H_CURR_NR] = n - 1;
+            uint64_t gen = ((w >> GEN_SHIFT) + 1) & GEN_MASK;
+            st(&f->words[idx], ST_HELD | gen << GEN_SHIFT | f->pid << PID_SHIFT);
+            f->entry[P_C_ALLOC_RESERVE]++;
+            handle = PyLong_FromUnsignedLongLong(idx | gen << HGEN_SHIFT | f->tag << TAG_SHIFT);
+        }
+    }
+    lock_release(f);
+    return handle;
+}
+
+/* free's refill of the reserve (curr_nr < min_nr was peeked): 1 done, 0 the
+ * reserve is full after all (go on to the cache), -1 let the slow path do
+ * it (busy lock, poisoning, a handle that is not held...). */
+static int reserve_free(FastPath *f, uint64_t idx, uint64_t w) {
+    if (!reserve_fast_ok(f) || !lock_try(f)) return -1;
+    uint64_t *h = f->hdr, n = h[H_CURR_NR];
+    int done = 0;
+    if (n >= h[H_MIN_NR]) {
+        done = 0;
+    } else if (n >= f->capacity || h[H_STATUS] != STATUS_LIVE ||
+               !__atomic_compare_exchange_n(&f->words[idx], &w, (w & (GEN_MASK << GEN_SHIFT)) | ST_RESERVE, 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        done = -1;
+    } else {
+        f->stack[n] = (uint32_t)idx;
+        h[H_CURR_NR] = n + 1;
+        f->entry[P_C_FREE_RESERVE]++;
+        /* wake_all (see _lock.WaitQueue): a token for every sleeper */
+        int64_t sleepers = (int64_t)h[H_NR_WAITERS];
+        if (sleepers > 0 && f->wait_sem != NULL) {
+            int value = 0;
+            sem_getvalue(f->wait_sem, &value);
+            for (int64_t i = value; i < sleepers; i++) sem_post(f->wait_sem);
+        }
+        done = 1;
+    }
+    lock_release(f);
+    return done;
+}
+
 static PyObject *call_slow_alloc(FastPath *f, PyObject *gfp, PyObject *timeout, int arena_failed) {
     PyObject *args[4] = {(PyObject *)f, gfp, timeout, arena_failed ? Py_True : Py_False};
     return PyObject_VectorcallMethod(STR_ALLOC_SLOW, args, 4, NULL);
@@ -170,10 +272,19 @@ static PyObject *FastPath_alloc(FastPath *f, PyObject *const *args, size_t nargs
         return call_slow_alloc(f, gfp, timeout, 0);
     long g = PyLong_AsLong(gfp);
     if (g == -1 && PyErr_Occurred()) { PyErr_Clear(); return call_slow_alloc(f, gfp, timeout, 0); }
-    if (g & ~GFP_ALL || f->entry == NULL || ld(&f->hdr[H_STATUS]) != STATUS_LIVE || f->entry[P_CACHE_N] == 0)
+    if (g & ~GFP_ALL || f->entry == NULL || ld(&f->hdr[H_STATUS]) != STATUS_LIVE)
         return call_slow_alloc(f, gfp, timeout, 0);
-    if (fault(f)) return call_slow_alloc(f, gfp, timeout, 1);
-    PyObject *h = hand_out_cached(f);
+    PyObject *h;
+    if (f->entry[P_CACHE_N] == 0) {
+        if (ld(&f->hdr[H_ARENA_FREE]) != 0) return call_slow_alloc(f, gfp, timeout, 0); /* refill */
+        h = reserve_alloc(f, 1); /* the arena is dry: no draw */
+        return h ? h : call_slow_alloc(f, gfp, timeout, 0);
+    }
+    if (fault(f)) {
+        h = reserve_alloc(f, 0);
+        return h ? h : call_slow_alloc(f, gfp, timeout, 1);
+    }
+    h = hand_out_cached(f);
     if (h == NULL && !PyErr_Occurred()) return call_slow_alloc(f, gfp, timeout, 0);
     return h;
 }
@@ -188,12 +299,20 @@ static PyObject *FastPath_free(FastPath *f, PyObject *handle) {
     uint64_t idx = (uint64_t)h & INDEX_MASK, gen = ((uint64_t)h >> HGEN_SHIFT) & GEN_MASK;
     if (idx >= f->capacity || ((uint64_t)h >> TAG_SHIFT) != f->tag) goto slow;
     uint64_t *hdr = f->hdr;
-    /* The kernel's unlocked peek: the reserve refills first (slow path). */
-    if (ld(&hdr[H_CURR_NR]) < ld(&hdr[H_MIN_NR]) || ld(&hdr[H_STATUS]) != STATUS_LIVE) goto slow;
-    uint64_t n = f->entry[P_CACHE_N];
-    if (n >= f->cache_max) goto slow;
+    if (ld(&hdr[H_STATUS]) != STATUS_LIVE) goto slow;
     uint64_t w = ld(&f->words[idx]);
     if ((w & STATE_MASK) != ST_HELD || ((w >> GEN_SHIFT) & GEN_MASK) != gen) goto slow;
+    /* The kernel's unlocked peek, then the check under the lock: the
+     * reserve refills first. */
+    if (ld(&hdr[H_CURR_NR]) < ld(&hdr[H_MIN_NR])) {
+        int r = reserve_free(f, idx, w);
+        if (r > 0) Py_RETURN_NONE;
+        if (r < 0) goto slow;
+        w = ld(&f->words[idx]); /* the reserve filled meanwhile: to the cache */
+        if ((w & STATE_MASK) != ST_HELD || ((w >> GEN_SHIFT) & GEN_MASK) != gen) goto slow;
+    }
+    uint64_t n = f->entry[P_CACHE_N];
+    if (n >= f->cache_max) goto slow;
     uint64_t cached = ST_CACHED | gen << GEN_SHIFT | f->pid << PID_SHIFT;
     if (!__atomic_compare_exchange_n(&f->words[idx], &w, cached, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) goto slow;
     f->cache[n] = (uint32_t)idx;
@@ -427,6 +546,15 @@ static PyObject *FastPath_steal(FastPath *f, PyObject *const *args, Py_ssize_t n
     return PyLong_FromUnsignedLongLong(taken);
 }
 
+static int others_cache(FastPath *f) {
+    for (Py_ssize_t e = 0; e < f->max_procs; e++) {
+        uint64_t *entry = f->registry + e * f->proc_words;
+        if (entry == f->entry || ld(&entry[P_PID]) == 0) continue;
+        if (ld(&entry[P_CACHE_N]) - ld(&entry[P_STOLEN]) + ld(&entry[P_DISCARDED]) > 0) return 1;
+    }
+    return 0;
+}
+
 /* cas(index, expected, new): compare-and-swap one slot word. */
 static PyObject *FastPath_cas(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
     CHECK_OPEN(f);
@@ -441,12 +569,13 @@ static PyObject *FastPath_cas(FastPath *f, PyObject *const *args, Py_ssize_t nar
                                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
 }
 
-/* bind(entry_offset, pid): point at this process's registry entry. */
+/* bind(entry_offset, pid, start): point at this process's registry entry. */
 static PyObject *FastPath_bind(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
     if (f->hdr == NULL) { PyErr_SetString(PyExc_ValueError, "the pool is closed in this object"); return NULL; }
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "bind(entry_offset, pid)"); return NULL; }
+    if (nargs != 3) { PyErr_SetString(PyExc_TypeError, "bind(entry_offset, pid, start)"); return NULL; }
     Py_ssize_t off = PyLong_AsSsize_t(args[0]);
     unsigned long long pid = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long long start = PyLong_AsUnsignedLongLong(args[2]);
     if (PyErr_Occurred()) return NULL;
     if (off < 0 || off % 8 || off + (Py_ssize_t)(P_CACHE * 8 + f->cache_max * 4) > f->view.len) {
         PyErr_SetString(PyExc_ValueError, "registry entry outside the mapping");
@@ -455,28 +584,44 @@ static PyObject *FastPath_bind(FastPath *f, PyObject *const *args, Py_ssize_t na
     f->entry = (uint64_t *)((char *)f->view.buf + off);
     f->cache = (uint32_t *)(f->entry + P_CACHE);
     f->pid = pid;
+    f->start = start;
     Py_RETURN_NONE;
 }
 
 static int FastPath_init(FastPath *f, PyObject *args, PyObject *kwds) {
     PyObject *buf;
-    Py_ssize_t off_words, off_arena;
+    Py_ssize_t off_words, off_arena, off_stack, off_procs, max_procs, proc_words;
     unsigned long long capacity, tag, cache_max;
-    if (!PyArg_ParseTuple(args, "OnnKKK", &buf, &off_words, &off_arena, &capacity, &tag, &cache_max)) return -1;
+    const char *lock_name, *wait_name;
+    if (!PyArg_ParseTuple(args, "OnnnnnnKKKss", &buf, &off_words, &off_arena, &off_stack, &off_procs, &max_procs,
+                          &proc_words, &capacity, &tag, &cache_max, &lock_name, &wait_name))
+        return -1;
     if (f->have_view) {
         PyErr_SetString(PyExc_RuntimeError, "FastPath initialised twice");
         return -1;
     }
     if (PyObject_GetBuffer(buf, &f->view, PyBUF_WRITABLE) < 0) return -1;
     f->have_view = 1;
-    if (off_words < 0 || off_arena < 0 || off_words + (Py_ssize_t)(8 * capacity) > f->view.len ||
-        off_arena + (Py_ssize_t)(4 * capacity) > f->view.len || f->view.len < 512) {
+    if (off_words < 0 || off_arena < 0 || off_stack < 0 || off_procs < 0 || max_procs < 0 || proc_words < P_CACHE ||
+        off_words + (Py_ssize_t)(8 * capacity) > f->view.len || off_arena + (Py_ssize_t)(4 * capacity) > f->view.len ||
+        off_stack + (Py_ssize_t)(4 * capacity) > f->view.len || off_procs + max_procs * proc_words * 8 > f->view.len ||
+        f->view.len < 512) {
         PyErr_SetString(PyExc_ValueError, "geometry outside the mapping");
         return -1;
     }
     f->hdr = (uint64_t *)f->view.buf;
     f->words = (uint64_t *)((char *)f->view.buf + off_words);
     f->arena = (uint32_t *)((char *)f->view.buf + off_arena);
+    f->stack = (uint32_t *)((char *)f->view.buf + off_stack);
+    f->registry = (uint64_t *)((char *)f->view.buf + off_procs);
+    f->max_procs = max_procs;
+    f->proc_words = proc_words;
+    /* The same named semaphores as posix_ipc's objects (glibc shares one
+     * mapping per process); without them the reserve path stays in Python. */
+    f->lock_sem = sem_open(lock_name, 0);
+    if (f->lock_sem == SEM_FAILED) f->lock_sem = NULL;
+    f->wait_sem = sem_open(wait_name, 0);
+    if (f->wait_sem == SEM_FAILED) f->wait_sem = NULL;
     f->entry = NULL;
     f->cache = NULL;
     f->capacity = capacity;
@@ -488,11 +633,19 @@ static int FastPath_init(FastPath *f, PyObject *args, PyObject *kwds) {
 
 /* _unmap(): let go of the mapping (close); every later call takes the
  * slow path, which says the pool is closed. */
+static void close_sems(FastPath *f) {
+    if (f->lock_sem) sem_close(f->lock_sem);
+    if (f->wait_sem) sem_close(f->wait_sem);
+    f->lock_sem = f->wait_sem = NULL;
+}
+
 static PyObject *FastPath_release(FastPath *f, PyObject *unused) {
+    close_sems(f);
     f->enabled = 0;
     f->hdr = NULL;
     f->words = f->entry = NULL;
-    f->arena = f->cache = NULL;
+    f->arena = f->cache = f->stack = NULL;
+    f->registry = NULL;
     if (f->have_view) {
         f->have_view = 0;
         PyBuffer_Release(&f->view);
@@ -501,6 +654,7 @@ static PyObject *FastPath_release(FastPath *f, PyObject *unused) {
 }
 
 static void FastPath_dealloc(FastPath *f) {
+    close_sems(f);
     if (f->have_view) PyBuffer_Release(&f->view);
     Py_TYPE(f)->tp_free((PyObject *)f);
 }
@@ -535,7 +689,7 @@ static PyMethodDef FastPath_methods[] = {
     {"drain", (PyCFunction)FastPath_drain, METH_O, "drain(keep): cache bottom -> shared free list (lock held)"},
     {"cas", (PyCFunction)(void (*)(void))FastPath_cas, METH_FASTCALL, "cas(index, expected, new) -> bool"},
     {"steal", (PyCFunction)(void (*)(void))FastPath_steal, METH_FASTCALL, "steal(registry_offset, max_procs, proc_words)"},
-    {"bind", (PyCFunction)(void (*)(void))FastPath_bind, METH_FASTCALL, "bind(entry_offset, pid)"},
+    {"bind", (PyCFunction)(void (*)(void))FastPath_bind, METH_FASTCALL, "bind(entry_offset, pid, start)"},
     {"_unmap", (PyCFunction)FastPath_release, METH_NOARGS, "let go of the mapping (close)"},
     {NULL},
 };
@@ -565,10 +719,13 @@ PyMODINIT_FUNC PyInit__fast(void) {
     Py_INCREF(&FastPathType);
     PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType);
     PyObject *layout = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
         "H_FAIL_THRESHOLD", H_FAIL_THRESHOLD, "H_RNG", H_RNG, "H_MIN_NR", H_MIN_NR, "H_CURR_NR", H_CURR_NR,
         "H_ARENA_FREE", H_ARENA_FREE, "H_STATUS", H_STATUS, "P_CACHE_N", P_CACHE_N, "P_PID", P_PID,
-        "P_STOLEN", P_STOLEN, "P_DISCARDED", P_DISCARDED,
+        "P_STOLEN", P_STOLEN, "P_DISCARDED", P_DISCARDED, "H_FLAGS", H_FLAGS, "FLAG_POISON", FLAG_POISON,
+        "H_NR_WAITERS", H_NR_WAITERS, "H_LOCK_PID", H_LOCK_PID, "H_LOCK_SINCE_NS", H_LOCK_SINCE_NS,
+        "H_LOCK_START", H_LOCK_START, "H_LOCK_SEQ", H_LOCK_SEQ, "ST_RESERVE", ST_RESERVE,
+        "P_C_ALLOC_RESERVE", P_C_ALLOC_RESERVE, "P_C_FREE_RESERVE", P_C_FREE_RESERVE,
         "P_C_ALLOC_ARENA", P_C_ALLOC_ARENA, "P_C_FREE_ARENA", P_C_FREE_ARENA, "P_C_FAULTS", P_C_FAULTS,
         "P_CACHE", P_CACHE, "ST_CACHED", ST_CACHED, "ST_HELD", ST_HELD, "ST_ARENA", ST_ARENA);
     PyModule_AddObject(m, "LAYOUT", layout);

@@ -179,7 +179,8 @@ def _check_fast_layout() -> None:
 
     wrong = {k: (v, getattr(_layout, k, None)) for k, v in _FAST_LAYOUT.items()
              if getattr(_layout, k, None) != v and not k.startswith("P_C_")}
-    per_proc = {"P_C_ALLOC_ARENA": C_ALLOC_ARENA, "P_C_FREE_ARENA": C_FREE_ARENA, "P_C_FAULTS": C_FAULTS}
+    per_proc = {"P_C_ALLOC_ARENA": C_ALLOC_ARENA, "P_C_FREE_ARENA": C_FREE_ARENA, "P_C_FAULTS": C_FAULTS,
+                "P_C_ALLOC_RESERVE": C_ALLOC_RESERVE, "P_C_FREE_RESERVE": C_FREE_RESERVE}
     wrong.update({k: (_FAST_LAYOUT[k], P_COUNTERS + c) for k, c in per_proc.items() if _FAST_LAYOUT[k] != P_COUNTERS + c})
     if wrong:
         raise ImportError(f"shmpool._fast was built for another layout: {wrong}; rebuild it (pip install -e .)")
@@ -243,7 +244,11 @@ class Mempool(FastPath):
         hdr = v.hdr
         if tag is None:
             tag = hdr[H_TAG]
-        FastPath.__init__(self, seg.mm, geo.off_words, geo.off_arena, geo.capacity, tag, CACHE_MAX)
+        lock_name, wait_name = _segment.sem_names(name)
+        FastPath.__init__(
+            self, seg.mm, geo.off_words, geo.off_arena, geo.off_stack, geo.off_procs, geo.max_procs, PROC_WORDS,
+            geo.capacity, tag, CACHE_MAX, lock_name, wait_name,
+        )
         self.name = name
         self._trace: Trace | None = None
         self._pid, self._start = self_identity()
@@ -403,7 +408,7 @@ class Mempool(FastPath):
         self._entry = index
         base = index * PROC_WORDS
         self._ctr = v.procs[base + P_COUNTERS : base + P_COUNTERS + N_PROC_COUNTERS]
-        self.bind(v.geo.off_procs + 8 * base, self._pid)
+        self.bind(v.geo.off_procs + 8 * base, self._pid, self._start)
         self.enabled = self._trace is None
 
     def _retire(self, index: int, pid: int, v: Views) -> int:
