@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._errors import PoolFormatError
 from ._layout import (
     GEN_MASK,
     GEN_SHIFT,
@@ -34,7 +35,6 @@ from ._layout import (
     STATE_MASK,
     Views,
 )
-from ._errors import PoolFormatError
 
 if TYPE_CHECKING:
     from ._fast import FastPath

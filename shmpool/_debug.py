@@ -30,11 +30,11 @@ from ._layout import (
     PROC_WORDS,
     ST_ARENA,
     ST_CACHED,
-    cached_slots,
     ST_HELD,
     ST_RESERVE,
     STATE_MASK,
     Views,
+    cached_slots,
 )
 
 POISON_INUSE = 0x6B

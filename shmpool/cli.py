@@ -92,7 +92,6 @@ from ._layout import (
     ST_RESERVE,
     STATE_MASK,
     STATUS_LIVE,
-    Geometry,
     Views,
     cached_slots,
     read_geometry,

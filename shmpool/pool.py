@@ -65,10 +65,6 @@ import numpy as np
 from . import _segment
 from ._arena import Arena
 from ._debug import poison_pattern, quick_check
-from ._fast import LAYOUT as _FAST_LAYOUT
-from ._fast import FastPath
-from ._procs import Registry, self_identity
-from ._recovery import rebuild
 from ._errors import (
     InvalidHandleError,
     PoisonWarning,
@@ -77,12 +73,14 @@ from ._errors import (
     PoolDestroyedError,
     PoolFormatError,
 )
+from ._fast import LAYOUT as _FAST_LAYOUT
+from ._fast import FastPath
 from ._layout import (
     C_ALLOC_ARENA,
     C_ALLOC_FAILED,
     C_ALLOC_RESERVE,
-    C_FREE_ARENA,
     C_FAULTS,
+    C_FREE_ARENA,
     C_FREE_RESERVE,
     C_POISON,
     C_SLEEPS,
@@ -130,6 +128,8 @@ from ._layout import (
     write_geometry,
 )
 from ._lock import PoolLock, WaitQueue
+from ._procs import Registry, self_identity
+from ._recovery import rebuild
 from .gfp import GFP_KERNEL, may_sleep
 from .stats import PoolStats
 

@@ -5,11 +5,12 @@ import os
 import subprocess
 import sys
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
-
 from helpers import RUN_TAG
+
 from shmpool import _segment
 
 SHM = "/dev/shm"

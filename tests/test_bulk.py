@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import children
 import numpy as np
 import pytest
-
-import children
 from helpers import check_whole, snapshot, wait_for
+
 from shmpool import GFP_ATOMIC, GFP_KERNEL, InvalidHandleError, Mempool, handle_slot
 
 ctx = mp.get_context("spawn")

@@ -10,8 +10,8 @@ import sys
 
 import posix_ipc
 import pytest
-
 from helpers import wait_for
+
 from shmpool import GFP_ATOMIC, Mempool
 from shmpool._layout import H_CURR_NR
 

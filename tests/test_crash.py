@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
-import numpy as np
 import posix_ipc
 import pytest
-
 from helpers import check_whole, wait_for
-from shmpool import GFP_ATOMIC, Mempool, handle_slot
+
+from shmpool import GFP_ATOMIC, Mempool
 from shmpool._layout import H_CURR_NR, H_LOCK_PID, P_START, PROC_WORDS
 
 ATTACH = "import sys, time, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"

@@ -4,8 +4,8 @@ The kernel's rules themselves are tested, through it, everywhere else."""
 from __future__ import annotations
 
 import pytest
-
 from helpers import check_whole, snapshot
+
 from shmpool import GFP_ATOMIC, Mempool
 from shmpool._layout import CACHE_MAX, HEADER_BYTES
 

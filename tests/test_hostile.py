@@ -7,10 +7,10 @@ import multiprocessing as mp
 import os
 import pwd
 
-import pytest
-
 import children
+import pytest
 from helpers import check_whole, snapshot
+
 from shmpool import GFP_ATOMIC, Mempool, PoolFormatError
 from shmpool._layout import H_ARENA_FREE
 

@@ -11,9 +11,9 @@ import struct
 import numpy as np
 import posix_ipc
 import pytest
-
 from conftest import SHM, leftovers
 from helpers import snapshot
+
 from shmpool import (
     GFP_ATOMIC,
     InvalidHandleError,

@@ -13,11 +13,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from helpers import RUN_TAG, check_whole, snapshot
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from helpers import RUN_TAG, check_whole, snapshot
 from shmpool import GFP_ATOMIC, GFP_KERNEL, GFP_NOWAIT, InvalidHandleError, Mempool, handle_slot
 
 M64 = (1 << 64) - 1

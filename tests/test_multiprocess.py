@@ -5,13 +5,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue as queue_mod
 
+import children
 import numpy as np
 import posix_ipc
 import pytest
-
-import children
 from helpers import check_whole, run_python, wait_for
-from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool, handle_slot
+
+from shmpool import GFP_ATOMIC, Mempool, handle_slot
 
 ctx = mp.get_context("spawn")
 

@@ -7,9 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import check_whole, snapshot
 
 import shmpool
-from helpers import check_whole, snapshot
 from shmpool import (
     GFP,
     GFP_ATOMIC,

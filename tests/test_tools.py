@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import leftovers
+
 from shmpool import Mempool
 
 BIN = os.path.dirname(sys.executable)

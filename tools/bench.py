@@ -46,10 +46,10 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import posix_ipc  # noqa: E402
+import posix_ipc
 
-from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool  # noqa: E402
-from shmpool._layout import Geometry  # noqa: E402
+from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool
+from shmpool._layout import Geometry
 
 
 def per_op(fn: Callable[[int], None], n: int, rounds: int = 5) -> float:
@@ -318,9 +318,7 @@ def bench_scale(reps: int) -> dict[str, Any]:
         pool = Mempool.create(f"bench-scale-{tag}", min_nr=16, slot_size=64, capacity=capacity)
         created = time.perf_counter() - t0
         try:
-            alloc, free = pool.alloc, pool.free
-
-            def pairs(k: int) -> None:
+            def pairs(k: int, alloc: Callable[..., Any] = pool.alloc, free: Callable[..., Any] = pool.free) -> None:
                 for _ in range(k):
                     free(alloc(GFP_ATOMIC))
 

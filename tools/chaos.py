@@ -33,10 +33,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool  # noqa: E402
-from shmpool._debug import audit  # noqa: E402
+from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool
+from shmpool._debug import audit
 
 
 def worker(name: str, slot: int, ops: Any, stop: Any, faildir: str, seed: int) -> None:

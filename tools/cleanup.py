@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shmpool import _segment  # noqa: E402
+from shmpool import _segment
 
 SEM = re.compile(r"^sem\.shmpool\.(.+)\.(lock|wait)$")
 

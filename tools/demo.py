@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from shmpool.demo import main  # noqa: E402
+from shmpool.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())
