@@ -24,8 +24,7 @@ import numpy as np
 
 from ._errors import PoolFormatError
 from ._layout import (
-    GEN_MASK,
-    GEN_SHIFT,
+    GEN_BITS,
     H_ARENA_FREE,
     H_FAIL_RATE,
     H_FAIL_THRESHOLD,
@@ -39,7 +38,6 @@ from ._layout import (
 if TYPE_CHECKING:
     from ._fast import FastPath
 
-_GEN_BITS = GEN_MASK << GEN_SHIFT
 _FAULT_BITS = 53  # draws are compared as 53-bit fractions, exact at 0 and 1
 
 
@@ -99,7 +97,7 @@ class Arena:
         if self._hdr[H_ARENA_FREE] >= len(self._free):
             raise PoolFormatError(f"pool is corrupt: arena_free {self._hdr[H_ARENA_FREE]} is beyond the capacity")
         words = self._words
-        words[idx] = words[idx] & _GEN_BITS | ST_ARENA
+        words[idx] = words[idx] & GEN_BITS | ST_ARENA
         self.push(idx)
 
     def push(self, idx: int) -> None:

@@ -152,6 +152,7 @@ STATE_NAMES = {
 STATE_MASK = 0xFF
 GEN_SHIFT = 8
 GEN_MASK = 0xFFFFFF
+GEN_BITS = GEN_MASK << GEN_SHIFT
 PID_SHIFT = 32
 
 # Handles.
@@ -184,10 +185,6 @@ def cached_slots(procs: np.ndarray) -> np.ndarray:
     """Per registry entry (rows of a (max_procs, PROC_WORDS) array), how
     many slots its cache holds: its entries less the stale ones."""
     return procs[:, P_CACHE_N] - procs[:, P_STOLEN] + procs[:, P_DISCARDED]
-
-
-def held_word(gen: int, pid: int) -> int:
-    return ST_HELD | gen << GEN_SHIFT | pid << PID_SHIFT
 
 
 @dataclass(frozen=True)

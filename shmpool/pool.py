@@ -87,6 +87,7 @@ from ._layout import (
     CACHE_MAX,
     COUNTERS,
     FLAG_POISON,
+    GEN_BITS,
     GEN_MASK,
     GEN_SHIFT,
     H_ARENA_FREE,
@@ -147,7 +148,6 @@ ATTACH_WAIT_SECONDS = 1.0
 #: How long close() waits for the lock to give its cache back.
 CLOSE_LOCK_SECONDS = 0.5
 
-_GEN_BITS = GEN_MASK << GEN_SHIFT
 _monotonic = time.monotonic
 #: How many slots a cache refill takes from the shared free list, and how
 #: many a full cache gives back, per lock hold.
@@ -412,10 +412,17 @@ class Mempool(FastPath):
         self.enabled = self._trace is None
 
     def _retire(self, index: int, pid: int, v: Views) -> int:
-        """Retire the entry of dead process ``pid`` (lock held): its held
-        elements go back through the free path, its cached slots back to the
-        arena, its counters into the header's. Returns how many held
-        elements were taken back."""
+        """Retire the entry of dead process ``pid`` (lock held): take back
+        what it had (see ``_take_back``) and fold its counters into the
+        header's. Returns how many held elements were taken back."""
+        taken = self._take_back(pid, v)
+        self._core[4].retire(index)  # type: ignore[index]
+        return taken
+
+    def _take_back(self, pid: int, v: Views) -> int:
+        """Everything dead process ``pid`` had (lock held): its held elements
+        go back through the free path (the reserve first), its cached slots
+        back to the arena. Returns how many held elements were taken back."""
         words = np.frombuffer(v.words, dtype=np.uint64)
         state = words & np.uint64(STATE_MASK)
         theirs = (words >> np.uint64(PID_SHIFT)) == pid
@@ -424,10 +431,9 @@ class Mempool(FastPath):
         arena, waitq = core[2], core[3]
         for idx in np.flatnonzero((state == ST_CACHED) & theirs).tolist():
             arena.free(idx)
-        held = np.flatnonzero((state == ST_HELD) & theirs)
-        taken = sum(self._release(idx, int(words[idx]), v, arena, waitq) is not None for idx in held.tolist())
+        held = np.flatnonzero((state == ST_HELD) & theirs).tolist()
+        taken = sum(self._release(idx, int(words[idx]), v, arena, waitq) is not None for idx in held)
         v.hdr[H_RECLAIMED] += taken
-        core[4].retire(index)
         return taken
 
     def _become(self, pid: int, start: int) -> None:
@@ -466,7 +472,7 @@ class Mempool(FastPath):
         if v.hdr[H_CURR_NR] >= self._capacity:
             raise self._corrupt(f"curr_nr {v.hdr[H_CURR_NR]} is beyond the capacity")
         words = v.words
-        words[idx] = words[idx] & _GEN_BITS | ST_RESERVE
+        words[idx] = words[idx] & GEN_BITS | ST_RESERVE
         self._push_reserve(idx, v)
 
     def _remove_element(self, v: Views) -> int:
@@ -835,7 +841,7 @@ class Mempool(FastPath):
         depth = hdr[H_CURR_NR] if to_reserve else hdr[H_ARENA_FREE]
         if depth >= self._capacity:
             raise self._corrupt(f"{'curr_nr' if to_reserve else 'arena_free'} {depth} is beyond the capacity")
-        if not self.cas(idx, word, word & _GEN_BITS | (ST_RESERVE if to_reserve else ST_ARENA)):
+        if not self.cas(idx, word, word & GEN_BITS | (ST_RESERVE if to_reserve else ST_ARENA)):
             return None
         if to_reserve:
             self._push_reserve(idx, v)
@@ -858,7 +864,7 @@ class Mempool(FastPath):
         core = self._core
         if core is None:
             raise self._closed()
-        v, lock, arena, waitq, registry = core
+        v, lock, _, waitq, registry = core
         with lock:
             if v.hdr[H_STATUS] != STATUS_LIVE:
                 raise PoolDestroyedError(f"pool {self.name!r} was destroyed")
@@ -871,24 +877,10 @@ class Mempool(FastPath):
                 if pid == self._pid or registry.holder_alive(pid):
                     continue
                 index = registry.find(pid)
-                if index >= 0:
-                    taken += self._retire(index, pid, v)
-                else:  # never registered here (or retired already): elements only
-                    taken += self._retire_orphans(pid, v, arena, waitq)
+                # With no entry (never registered, or retired): elements only.
+                taken += self._retire(index, pid, v) if index >= 0 else self._take_back(pid, v)
             v.hdr[H_NR_WAITERS] = registry.live_sleepers()
             waitq.drain()
-        return taken
-
-    def _retire_orphans(self, pid: int, v: Views, arena: Arena, waitq: WaitQueue) -> int:
-        """Elements and cached slots under ``pid`` with no registry entry."""
-        words = np.frombuffer(v.words, dtype=np.uint64)
-        state = words & np.uint64(STATE_MASK)
-        theirs = (words >> np.uint64(PID_SHIFT)) == pid
-        for idx in np.flatnonzero((state == ST_CACHED) & theirs).tolist():
-            arena.free(idx)
-        held = np.flatnonzero((state == ST_HELD) & theirs).tolist()
-        taken = sum(self._release(idx, int(words[idx]), v, arena, waitq) is not None for idx in held)
-        v.hdr[H_RECLAIMED] += taken
         return taken
 
     def adopt(self, handle: int) -> None:
