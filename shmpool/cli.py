@@ -337,7 +337,8 @@ def render(d: dict[str, Any]) -> str:
         lock_text = "held, holder not recorded"
     lines = [
         f"pool {d['name']}  (layout v{d['layout_version']}, {d['path']})" + ("" if d["status"] == "live" else "  DESTROYED"),
-        "" if d["consistent"] else "  WARNING: the lock was not free: this copy was taken without it and may be inconsistent",
+        "" if d["consistent"] else "  WARNING: the lock was not free; this copy was taken without it\n"
+        "           and may be inconsistent",
         f"  geometry   {g['capacity']} slots of {g['slot_size']} bytes (stride {g['stride']}), {g['total_bytes']} bytes",
         f"  reserve    {_bar(d['curr_nr'], d['min_nr'])} {d['curr_nr']}/{d['min_nr']} (curr_nr/min_nr)",
         f"  arena      {d['arena_free']} free ({d['arena_shared']} shared, {d['arena_cached']} in process caches)",
@@ -414,11 +415,15 @@ def watch(name: str, interval: float, lock_timeout: float, as_json: bool) -> int
 def reclaim(name: str) -> int:
     from .pool import Mempool  # a real attach: this is the one command that writes
 
+    before = describe(take_copy(name, 0.25))
     try:
         with Mempool.attach(name) as pool:
             taken = pool.reclaim_dead()
     except (FileNotFoundError, PoolFormatError) as exc:
         raise InspectError(str(exc)) from None
+    for h in before["holders"]:
+        if not h["alive"] and (h["held"] or h["cached"]):
+            print(f"  pid {h['pid']} (dead): {h['held']} held element(s), {h['cached']} cached slot(s)")
     print(f"reclaimed {taken} element(s) from dead processes in pool {name!r}")
     return 0
 

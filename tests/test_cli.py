@@ -76,6 +76,7 @@ def test_a_dead_holder_shows_as_dead_and_reclaim_dead_takes_it_back(pool: Mempoo
     assert d["slot_map"].count("X") == 3
     out = inspect(name, "--reclaim-dead")
     assert out.returncode == 0 and "reclaimed 3 element(s)" in out.stdout
+    assert f"pid {child.pid} (dead): 3 held element(s)" in out.stdout
     assert pool.stats().in_use == 0
 
 
@@ -132,6 +133,7 @@ def test_a_stuck_lock_holder_does_not_hang_it(pool: Mempool, name: str, popen) -
     out = inspect(name, "--lock-timeout", "0.2", timeout=20)
     assert out.returncode == 0
     assert f"held by pid {child.pid} (alive)" in out.stdout and "may be inconsistent" in out.stdout
+    assert max(len(line) for line in out.stdout.splitlines()) <= 80
     d = json.loads(inspect(name, "--json", "--lock-timeout", "0.2").stdout)
     assert d["consistent"] is False and d["lock"]["pid"] == child.pid and d["lock"]["held_for_s"] >= 0
     check = inspect(name, "--check", "--lock-timeout", "0.2")
