@@ -185,3 +185,24 @@ def test_registering_under_a_dead_processes_pid_takes_its_elements_back(name: st
             pool.free(h)
         check_whole(pool)
         pool.destroy()
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_handlers_exception_ends_a_sleep_and_uncounts_the_sleeper(name: str, popen) -> None:
+    # posix_ipc drops exceptions raised by signal handlers during its waits;
+    # shmpool's waits let them through, and the sleeper uncounts itself.
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=1) as pool:
+        h = pool.alloc()
+        code = (
+            "import signal\n"
+            "def stop(*args):\n    raise SystemExit(7)\n"
+            "signal.signal(signal.SIGTERM, stop)\n" + ATTACH + "print('sleeping', flush=True)\npool.alloc()\n"
+        )
+        child = popen(code, name)
+        assert child.stdout.readline().strip() == "sleeping"
+        wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=10) == 7
+        assert pool.stats().nr_waiters == 0
+        pool.free(h)
+        pool.destroy()
