@@ -678,8 +678,25 @@ static PyGetSetDef FastPath_getset[] = {
 };
 
 static PyMethodDef FastPath_methods[] = {
-    {"alloc", (PyCFunction)(void (*)(void))FastPath_alloc, METH_FASTCALL | METH_KEYWORDS, "alloc(gfp=GFP_KERNEL, *, timeout=None)"},
-    {"free", (PyCFunction)FastPath_free, METH_O, "free(handle)"},
+    {"alloc", (PyCFunction)(void (*)(void))FastPath_alloc, METH_FASTCALL | METH_KEYWORDS,
+     "alloc($self, /, gfp=208, *, timeout=None)\n--\n\n"
+     "Allocate one element; return its handle (an int). gfp defaults to\n"
+     "GFP_KERNEL (208).\n\n"
+     "The kernel's order: the arena first; if it fails, the top of the reserve.\n"
+     "If the reserve is empty too, a gfp that may not sleep (GFP_ATOMIC,\n"
+     "GFP_NOWAIT) returns None at once, while one that may (GFP_KERNEL,\n"
+     "GFP_NOIO, GFP_NOFS) sleeps until a free refills the reserve, or for 5 s,\n"
+     "and tries again: it never returns None. timeout (seconds) bounds that:\n"
+     "TimeoutError. The element's bytes are not zeroed. TypeError/ValueError\n"
+     "for a bad gfp; PoolClosedError, PoolDestroyedError."},
+    {"free", (PyCFunction)FastPath_free, METH_O,
+     "free($self, handle, /)\n--\n\n"
+     "Return an element; None is ignored (as the kernel ignores NULL).\n\n"
+     "While the reserve is below min_nr the element refills it and wakes the\n"
+     "sleepers; otherwise it goes back to the arena. Any process may free any\n"
+     "handle that is currently held. TypeError (not an int), ValueError (out\n"
+     "of range), InvalidHandleError (not held: double free, stale, another\n"
+     "pool's); a refused free changes nothing."},
     {"take_bulk", (PyCFunction)(void (*)(void))FastPath_take_bulk, METH_FASTCALL, "take_bulk(out, n) -> how many"},
     {"give_bulk", (PyCFunction)(void (*)(void))FastPath_give_bulk, METH_FASTCALL, "give_bulk(handles, n) -> how many"},
     {"cache_push", (PyCFunction)(void (*)(void))FastPath_cache_push, METH_FASTCALL, "cache_push(index, word) -> 1, 0 (full) or -1 (lost)"},
