@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import multiprocessing as mp
 import os
+import pathlib
 import signal
+import struct
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
 
+import children
+import numpy as np
 import posix_ipc
+import psutil
 import pytest
-from helpers import wait_for
+from helpers import run_python, wait_for
 
-from shmpool import GFP_ATOMIC, Mempool
-from shmpool._layout import H_CURR_NR
+from shmpool import GFP_ATOMIC, Mempool, _segment, cli
+from shmpool._layout import (
+    COUNTERS,
+    H_CURR_NR,
+    H_NR_WAITERS,
+    H_VERSION,
+    LAYOUT_VERSION,
+    MAGIC,
+    PID_SHIFT,
+    ST_HELD,
+    STATE_MASK,
+    Views,
+)
 
 INSPECT = os.path.join(os.path.dirname(sys.executable), "shmpool-inspect")
 ATTACH = "import sys, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
@@ -23,45 +45,133 @@ def inspect(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     return subprocess.run([INSPECT, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def shown(name: str, *args: str) -> dict[str, Any]:
+    out = inspect(name, "--json", *args)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def raw(name: str) -> bytes:
     with open(f"/dev/shm/shmpool.{name}", "rb") as f:
         return f.read()
 
 
-def holder(popen, name: str, n: int):
+def lock_value(name: str) -> int:
+    sem = posix_ipc.Semaphore(_segment.sem_names(name)[0])
+    try:
+        return sem.value
+    finally:
+        sem.close()
+
+
+def holder(popen: Callable[..., subprocess.Popen[str]], name: str, n: int) -> subprocess.Popen[str]:
     """A separate interpreter holding n elements; returns it once it does."""
     p = popen(ATTACH + f"hs = [pool.alloc() for _ in range({n})]\nprint('ready', flush=True)\nsys.stdin.read()", name)
     assert p.stdout.readline().strip() == "ready"
     return p
 
 
+def summary_rows(text: str) -> dict[str, str]:
+    """The '  label      text' rows at the top of the text view."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("  ") and len(line) > 13 and line[12] == " " and line[2] != " ":
+            rows[line[2:12].strip()] = line[13:]
+    return rows
+
+
+def _readline_within(p: subprocess.Popen[str], deadline: float) -> str:
+    assert time.monotonic() < deadline, "no frame in time"
+    line = p.stdout.readline()
+    assert line, p.stderr.read()
+    return line
+
+
+@contextlib.contextmanager
+def watching(*args: str) -> Iterator[subprocess.Popen[str]]:
+    p = subprocess.Popen([INSPECT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stdout.close()
+        p.stderr.close()
+
+
+@contextlib.contextmanager
+def damaged(pool: Mempool, harm: Callable[[Views], None]) -> Iterator[None]:
+    """Damage the pool on purpose (``harm`` writes into its header, slot
+    words, stacks or slots, under the lock); every byte is put back after."""
+    v, lock = pool._core[0], pool._core[1]
+    with lock:
+        saved = v.mm[:]
+        harm(v)
+    try:
+        yield
+    finally:
+        with lock:
+            v.mm[:] = saved
+
+
 @pytest.fixture
-def pool(name: str):
+def pool(name: str) -> Iterator[Mempool]:
     p = Mempool.create(name, min_nr=3, slot_size=64, capacity=16, fail_rate=0.25, seed=7)
     yield p
-    p.destroy(force=True) if not p.closed else None
+    if not p.closed:
+        p.destroy(force=True)
+
+
+# ----------------------------------------------------------------------
+# What it shows agrees with the pool
 
 
 @pytest.mark.timeout(60)
 def test_json_agrees_with_stats_and_attributes_holders(pool: Mempool, name: str, popen) -> None:
     mine = [pool.alloc(GFP_ATOMIC) for _ in range(2)]
-    child = holder(popen, name, 4)
-    out = inspect(name, "--json")
-    assert out.returncode == 0, out.stderr
-    d = json.loads(out.stdout)
+    four, one = holder(popen, name, 4), holder(popen, name, 1)
+    d = shown(name)
     s = pool.stats()
     for key in ("min_nr", "curr_nr", "arena_free", "in_use", "nr_waiters", "fail_rate", "seed", "poison"):
         assert d[key] == getattr(s, key), key
     assert d["counters"] == {k: getattr(s, k) for k in d["counters"]}
-    assert d["geometry"]["capacity"] == 16 and d["consistent"] is True
+    assert d["geometry"] == {"slot_size": 64, "capacity": 16, "stride": 64, "total_bytes": len(raw(name))}
+    assert d["consistent"] is True and d["lock"]["held"] is False and d["status"] == "live"
+    assert d["layout_version"] == LAYOUT_VERSION and d["creator"] == {**d["creator"], "pid": os.getpid(), "alive": True}
     holders = {h["pid"]: h for h in d["holders"]}
     assert holders[os.getpid()]["held"] == 2 and holders[os.getpid()]["alive"]
-    assert holders[child.pid]["held"] == 4 and holders[child.pid]["alive"]
-    assert d["slot_map"].count("H") == 6 and "X" not in d["slot_map"]
-    text = inspect(name).stdout  # the text shows the same numbers
-    assert f"{s.curr_nr}/{s.min_nr}" in text and f"in use     {s.in_use}" in text
-    assert f"{child.pid:>8}" in text
+    assert holders[four.pid]["held"] == 4 and holders[one.pid]["held"] == 1
+    assert holders[four.pid]["name"] == psutil.Process(four.pid).name() and holders[four.pid]["alive"]
+    counts = d["slot_counts"]
+    assert counts["held"] == s.in_use == 7 and counts["reserve"] == s.curr_nr and counts["held_dead"] == 0
+    assert d["slot_map"].count("H") == 7 and "X" not in d["slot_map"] and d["slot_map_group"] == 1
+    assert d["reserve_stack"] == [int(x) for x in np.frombuffer(pool._core[0].stack, np.uint32)[: s.curr_nr][::-1]]
     for h in mine:
+        pool.free(h)
+
+
+@pytest.mark.timeout(60)
+def test_text_shows_the_same_numbers_in_80_columns(pool: Mempool, name: str, popen) -> None:
+    held = [pool.alloc(GFP_ATOMIC) for _ in range(3)]
+    child = holder(popen, name, 5)
+    out = inspect(name)
+    assert out.returncode == 0 and out.stderr == ""
+    s = pool.stats()
+    rows = summary_rows(out.stdout)
+    assert rows["reserve"].split()[1] == f"{s.curr_nr}/{s.min_nr}"
+    assert rows["in use"].split()[0] == str(s.in_use)
+    assert rows["arena"].split()[0] == str(s.arena_free)
+    assert rows["waiters"] == f"{s.nr_waiters} sleeping" and rows["lock"] == "free"
+    assert rows["faults"] == "fail_rate 0.25, seed 7" and rows["poison"] == "off"
+    lines = out.stdout.splitlines()
+    names = [counter for counter, _ in COUNTERS]
+    counters = {line.split()[0]: int(line.split()[1]) for line in lines if line.split()[:1] in ([n] for n in names)}
+    assert counters == {k: s.as_dict()[k] for k in names}
+    row = next(line.split() for line in lines if line.split()[:1] == [str(child.pid)])
+    assert row[1:4] == [psutil.Process(child.pid).name(), "alive", "5"]
+    assert max(len(line) for line in lines) <= 80
+    for h in held:
         pool.free(h)
 
 
@@ -70,107 +180,371 @@ def test_a_dead_holder_shows_as_dead_and_reclaim_dead_takes_it_back(pool: Mempoo
     child = holder(popen, name, 3)
     child.kill()
     child.wait(timeout=10)
-    d = json.loads(inspect(name, "--json").stdout)
+    d = shown(name)
     dead = [h for h in d["holders"] if h["pid"] == child.pid]
-    assert dead and dead[0]["alive"] is False and dead[0]["held"] == 3
-    assert d["slot_map"].count("X") == 3
+    assert dead and dead[0]["alive"] is False and dead[0]["held"] == 3 and dead[0]["name"] == ""
+    assert d["slot_map"].count("X") == 3 and d["slot_counts"]["held_dead"] == 3
+    text = inspect(name).stdout
+    assert next(line.split() for line in text.splitlines() if line.split()[:1] == [str(child.pid)])[1:4] == [
+        "-", "DEAD", "3"]
+    assert "3 held by dead processes" in summary_rows(text)["in use"]
     out = inspect(name, "--reclaim-dead")
     assert out.returncode == 0 and "reclaimed 3 element(s)" in out.stdout
     assert f"pid {child.pid} (dead): 3 held element(s)" in out.stdout
     assert pool.stats().in_use == 0
 
 
-def test_inspecting_never_changes_the_pool(pool: Mempool, name: str) -> None:
-    h = pool.alloc(GFP_ATOMIC)
-    before = raw(name)
-    for args in ([name], [name, "--json"], [name, "--check"], [name, "--all"], []):
-        assert inspect(*args).returncode == 0
-    assert raw(name) == before  # every byte, the lock's words included
-    pool.free(h)
+@pytest.mark.timeout(60)
+def test_the_creator_gone_is_shown_as_gone(name: str) -> None:
+    code = "import sys, shmpool\nshmpool.Mempool.create(sys.argv[1], min_nr=1, slot_size=8, capacity=4)"
+    made = run_python(code, name)  # the creator exits without destroying it
+    assert made.returncode == 0, made.stderr
+    d = shown(name)
+    assert d["creator"]["alive"] is False and d["creator"]["pid"] != os.getpid()
+    assert "(gone)" in summary_rows(inspect(name).stdout)["creator"]
+    mine = [p for p in json.loads(inspect("--json").stdout) if p["name"] == name]
+    assert mine and mine[0]["creator_alive"] is False
 
 
-def test_check_passes_on_a_healthy_pool_and_names_damage(pool: Mempool, name: str) -> None:
-    ok = inspect(name, "--check")
-    assert ok.returncode == 0 and "all checks pass" in ok.stdout
-    with pool._core[1]:
-        pool._core[0].hdr[H_CURR_NR] = 4  # damage: more than min_nr
-    bad = inspect(name, "--check")
-    assert bad.returncode == 1
-    assert "curr_nr 4 exceeds min_nr 3" in bad.stdout
-    assert json.loads(inspect(name, "--check", "--json").stdout)["findings"]
-    with pool._core[1]:
-        pool._core[0].hdr[H_CURR_NR] = 3
+@pytest.mark.timeout(60)
+def test_sleepers_are_shown_and_a_waiter_count_below_them_is_damage(name: str, spawn) -> None:
+    pool = Mempool.create(name, min_nr=1, slot_size=8, capacity=1)
+    try:
+        h = pool.alloc(GFP_ATOMIC)  # the only element: the next alloc sleeps
+        results = mp.get_context("spawn").Queue()
+        child = spawn(children.sleeping_alloc, name, results)
+        wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep")
+        d = shown(name)
+        assert d["nr_waiters"] == 1 and {"pid": child.pid, "sleeping": 1}.items() <= next(
+            x for x in d["holders"] if x["pid"] == child.pid).items()
+        assert summary_rows(inspect(name).stdout)["waiters"] == "1 sleeping"
+        assert inspect(name, "--check").returncode == 0  # a real sleeper is no damage
+
+        def lose_the_waiter(v: Views) -> None:
+            v.hdr[H_NR_WAITERS] = 0
+
+        with damaged(pool, lose_the_waiter):
+            out = inspect(name, "--check")
+            assert out.returncode == 1
+            assert "nr_waiters 0 is less than the 1 sleeping allocation(s) of live processes" in out.stdout
+        pool.free(h)  # wakes the child
+        assert results.get(timeout=20)[0] == "ok"
+    finally:
+        pool.destroy(force=True)
 
 
-def test_missing_pool_and_usage_errors_exit_2(name: str) -> None:
-    out = inspect(name)
-    assert out.returncode == 2 and "no pool named" in out.stderr and out.stdout == ""
-    assert inspect("--check").returncode == 2
-    assert inspect(name, "--watch", "-1").returncode == 2
+# ----------------------------------------------------------------------
+# Read-only, and never hangs
 
 
-def test_a_segment_that_is_not_a_pool_is_refused_and_not_listed(name: str) -> None:
-    shm = posix_ipc.SharedMemory(f"/shmpool.{name}", posix_ipc.O_CREX, size=4096)
-    os.write(shm.fd, b"definitely not a pool")
-    shm.close_fd()
-    out = inspect(name)
-    assert out.returncode == 2 and "not a usable shmpool pool" in out.stderr
-    listing = json.loads(inspect("--json").stdout)
-    assert name not in [p["name"] for p in listing]
-
-
-def test_the_listing_finds_pools_by_magic(pool: Mempool, name: str) -> None:
-    listing = json.loads(inspect("--json").stdout)
-    mine = [p for p in listing if p["name"] == name]
-    assert mine and mine[0]["capacity"] == 16 and mine[0]["creator_alive"] is True
-    assert name in inspect().stdout
+@pytest.mark.timeout(60)
+def test_inspecting_never_changes_the_pool(name: str, popen) -> None:
+    pool = Mempool.create(name, min_nr=3, slot_size=64, capacity=16, poison=True)
+    try:
+        h = pool.alloc(GFP_ATOMIC)
+        dead = holder(popen, name, 2)
+        dead.kill()
+        dead.wait(timeout=10)
+        before, sem_before = raw(name), lock_value(name)
+        for args in ([name], [name, "--json"], [name, "--check"], [name, "--check", "--json"], [name, "--all"], []):
+            assert inspect(*args).returncode == 0, args
+        p = subprocess.Popen([INSPECT, name, "--watch", "0.05", "--json"], stdout=subprocess.PIPE, text=True)
+        try:
+            for _ in range(3):
+                json.loads(p.stdout.readline())
+            p.send_signal(signal.SIGINT)
+            assert p.wait(timeout=10) == 0
+        finally:
+            p.kill()
+            p.wait()
+            p.stdout.close()
+        assert raw(name) == before  # every byte, the lock's words and the dead holder's included
+        assert lock_value(name) == sem_before == 1
+        pool.free(h)
+    finally:
+        pool.destroy(force=True)
 
 
 @pytest.mark.timeout(60)
 def test_a_stuck_lock_holder_does_not_hang_it(pool: Mempool, name: str, popen) -> None:
     child = popen(ATTACH + "pool._core[1].__enter__(); print('ready', flush=True); sys.stdin.read()", name)
     assert child.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
     out = inspect(name, "--lock-timeout", "0.2", timeout=20)
+    assert time.monotonic() - t0 < 5  # the bound, an interpreter start and some slack
     assert out.returncode == 0
     assert f"held by pid {child.pid} (alive)" in out.stdout and "may be inconsistent" in out.stdout
     assert max(len(line) for line in out.stdout.splitlines()) <= 80
-    d = json.loads(inspect(name, "--json", "--lock-timeout", "0.2").stdout)
-    assert d["consistent"] is False and d["lock"]["pid"] == child.pid and d["lock"]["held_for_s"] >= 0
+    d = shown(name, "--lock-timeout", "0.2")
+    assert d["consistent"] is False and d["lock"]["pid"] == child.pid and d["lock"]["alive"] is True
+    assert d["lock"]["held"] is True and d["lock"]["held_for_s"] >= 0
+    assert d["curr_nr"] == pool._core[0].hdr[H_CURR_NR]  # a snapshot all the same
     check = inspect(name, "--check", "--lock-timeout", "0.2")
-    assert check.returncode == 1 and "taken without it" in check.stdout
+    assert check.returncode == 1 and "audit ran on a copy taken without the lock" in check.stdout
+    listing = [p for p in json.loads(inspect("--json").stdout) if p["name"] == name]
+    assert listing and listing[0]["consistent"] is False
     child.kill()
     child.wait(timeout=10)
+    assert shown(name, "--lock-timeout", "0.1")["lock"] == {**d["lock"], "alive": False, "held_for_s": pytest.approx(
+        d["lock"]["held_for_s"], abs=60)}
+    assert f"held by pid {child.pid} (dead)" in inspect(name, "--lock-timeout", "0.1").stdout
 
 
 @pytest.mark.timeout(60)
-def test_watch_redraws_and_stops_on_sigint(pool: Mempool, name: str) -> None:
-    p = subprocess.Popen([INSPECT, name, "--watch", "0.1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize(("args", "status"), [((), 130), (("--watch", "0.1"), 0)])
+def test_ctrl_c_gets_through_a_long_wait_for_a_stuck_lock(
+    pool: Mempool, name: str, popen, args: tuple[str, ...], status: int
+) -> None:
+    child = popen(ATTACH + "pool._core[1].__enter__(); print('ready', flush=True); sys.stdin.read()", name)
+    assert child.stdout.readline().strip() == "ready"
+    with watching(name, "--lock-timeout", "30", *args) as p:
+        sem_file = f"/dev/shm/sem.shmpool.{name}.lock"  # mapped by sem_open, just before the wait
+        maps = pathlib.Path(f"/proc/{p.pid}/maps")
+        wait_for(lambda: sem_file in maps.read_text(), what="the CLI to open the lock")
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=20) == status
+        assert time.monotonic() - t0 < 5  # not the 30 s of the wait
+        assert "Traceback" not in p.stderr.read()
+
+
+# ----------------------------------------------------------------------
+# --check
+
+
+@pytest.mark.timeout(60)
+def test_check_passes_on_a_healthy_pool_in_use(pool: Mempool, name: str, spawn) -> None:
+    ok = inspect(name, "--check")
+    assert ok.returncode == 0 and "all checks pass" in ok.stdout
+    results = mp.get_context("spawn").Queue()
+    for seed in range(2):
+        spawn(children.hammer, name, 10**8, seed, results)
+    start = pool.stats()
+    wait_for(lambda: pool.stats().alloc_arena + pool.stats().alloc_reserve > start.alloc_arena + 100,
+             what="the hammers to start")
+    for _ in range(3):  # every process busy allocating and freeing meanwhile
+        out = inspect(name, "--check")
+        assert out.returncode == 0, out.stdout
+    d = json.loads(inspect(name, "--check", "--json").stdout)
+    assert d == {"name": name, "consistent": True, "ok": True, "findings": []}
+
+
+def _curr_nr_beyond_min_nr(v: Views) -> None:
+    v.hdr[H_CURR_NR] = 4
+
+
+def _duplicate_stack_entry(v: Views) -> None:
+    v.stack[1] = v.stack[0]
+
+
+def _invalid_state(v: Views) -> None:
+    v.words[5] = v.words[5] & ~STATE_MASK | 9
+
+
+def _held_by_nobody(v: Views) -> None:
+    v.words[6] = (v.words[6] & ~STATE_MASK & ((1 << PID_SHIFT) - 1)) | ST_HELD
+
+
+def _reserve_written_after_free(v: Views) -> None:
+    v.data[v.stack[0] * v.geo.stride + 3] = 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("harm", "finding"), [
+    (_curr_nr_beyond_min_nr, "curr_nr 4 exceeds min_nr 3"),
+    (_duplicate_stack_entry, "reserve stack holds a slot more than once"),
+    (_invalid_state, "1 slot(s) have no valid state, first slot 5 (state 9)"),
+    (_held_by_nobody, "1 held slot(s) record no holder (pid 0), first slot 6"),
+    (_reserve_written_after_free, "1 reserved element(s) lost their poison (written after free)"),
+])
+def test_check_names_the_damage(name: str, harm: Callable[[Views], None], finding: str) -> None:
+    pool = Mempool.create(name, min_nr=3, slot_size=64, capacity=16, poison=True)
     try:
-        first = json.loads(p.stdout.readline())
+        assert inspect(name, "--check").returncode == 0
+        with damaged(pool, harm):
+            out = inspect(name, "--check")
+            assert out.returncode == 1 and out.stderr == ""
+            assert finding in out.stdout, out.stdout
+            d = json.loads(inspect(name, "--check", "--json").stdout)
+            assert d["ok"] is False and any(finding in f for f in d["findings"])
+            if harm is _invalid_state:
+                assert shown(name)["slot_map"][5] == "?"
+        assert inspect(name, "--check").returncode == 0  # and whole again
+    finally:
+        pool.destroy(force=True)
+
+
+# ----------------------------------------------------------------------
+# Errors and odd segments
+
+
+def test_missing_pool_and_usage_errors_exit_2(name: str) -> None:
+    out = inspect(name)
+    assert out.returncode == 2 and "no pool named" in out.stderr and out.stdout == ""
+    assert out.stderr.startswith("shmpool-inspect: ")
+    for args in ([name, "--check"], [name, "--watch", "0.1"], [name, "--reclaim-dead"], [name, "--json"]):
+        out = inspect(*args)
+        assert out.returncode == 2 and "no pool named" in out.stderr and "Traceback" not in out.stderr, args
+    for args in (["--check"], ["--watch"], [name, "--watch", "-1"], [name, "--watch", "0.1", "--check"],
+                 [name, "--lock-timeout", "-1"], ["a/b"], [name, "--bogus"]):
+        out = inspect(*args)
+        assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, args
+        assert "shmpool-inspect" in out.stderr, args
+
+
+def test_help_has_examples_and_exit_codes_in_80_columns() -> None:
+    out = inspect("--help")
+    assert out.returncode == 0 and "examples:" in out.stdout and "exit status" in out.stdout
+    assert max(len(line) for line in out.stdout.splitlines()) <= 80
+
+
+def test_segments_that_are_not_pools_are_refused_and_not_listed(name: str) -> None:
+    odd = {"junk": name, "empty": f"{name}-empty", "old": f"{name}-old"}
+    fifo = f"/dev/shm/shmpool.{name}-fifo"
+    try:
+        shm = posix_ipc.SharedMemory(f"/shmpool.{odd['junk']}", posix_ipc.O_CREX, size=4096)
+        os.write(shm.fd, b"definitely not a pool")
+        shm.close_fd()
+        posix_ipc.SharedMemory(f"/shmpool.{odd['empty']}", posix_ipc.O_CREX).close_fd()
+        shm = posix_ipc.SharedMemory(f"/shmpool.{odd['old']}", posix_ipc.O_CREX, size=4096)
+        os.write(shm.fd, struct.pack("=QQ", MAGIC, 99))  # a pool of another layout version
+        shm.close_fd()
+        os.mkfifo(fifo)  # opening it for reading would block
+        out = inspect(odd["junk"])
+        assert out.returncode == 2 and "not a usable shmpool pool" in out.stderr and "magic" in out.stderr
+        out = inspect(odd["empty"])
+        assert out.returncode == 2 and "empty segment" in out.stderr
+        out = inspect(odd["old"])
+        assert out.returncode == 2 and "layout version 99" in out.stderr
+        listing = json.loads(inspect("--json", timeout=20).stdout)
+        names = [p["name"] for p in listing]
+        assert odd["junk"] not in names and odd["empty"] not in names and f"{name}-fifo" not in names
+        assert next(p for p in listing if p["name"] == odd["old"])["error"].endswith(
+            f"this shmpool reads version {LAYOUT_VERSION}")
+    finally:
+        for n in odd.values():
+            _segment.unlink(n)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fifo)
+
+
+@pytest.mark.timeout(60)
+def test_the_listing_finds_pools_by_magic(pool: Mempool, name: str, popen) -> None:
+    child = holder(popen, name, 2)
+    s = pool.stats()
+    listing = json.loads(inspect("--json").stdout)
+    mine = [p for p in listing if p["name"] == name]
+    assert mine == [{
+        "name": name, "slot_size": 64, "capacity": 16, "min_nr": s.min_nr, "curr_nr": s.curr_nr, "in_use": 2,
+        "nr_waiters": 0, "creator_pid": os.getpid(), "creator_alive": True, "consistent": True,
+    }]
+    text = inspect().stdout
+    line = next(line for line in text.splitlines() if line.startswith(name))
+    assert line.split()[1:7] == ["64", "16", str(s.min_nr), str(s.curr_nr), "2", "0"] and line.endswith("alive")
+    assert max(len(line) for line in text.splitlines()) <= 80
+    child.kill()
+
+
+def test_a_pool_this_user_may_not_read_is_listed_as_such(pool: Mempool, name: str, monkeypatch) -> None:
+    # In-process: the suite runs as root, which may read anything.
+    path = f"/dev/shm/shmpool.{name}"
+    real_open = os.open
+
+    def denying_open(p: str, *args: Any, **kwargs: Any) -> int:
+        if p == path:
+            raise PermissionError(13, "Permission denied", p)
+        return real_open(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denying_open)
+    pools = cli.list_pools()
+    assert {"name": name, "error": "no permission"} in pools
+    assert f"{name} (no permission)" in " ".join(cli.render_list(pools).split())
+
+
+# ----------------------------------------------------------------------
+# --watch
+
+
+@pytest.mark.timeout(60)
+def test_watch_shows_rates_and_stops_on_sigint(pool: Mempool, name: str) -> None:
+    with watching(name, "--watch", "0.1", "--json") as p:
+        deadline = time.monotonic() + 30
+        first = json.loads(_readline_within(p, deadline))
+        assert "rates" not in first
         pool.free(pool.alloc(GFP_ATOMIC))
-        second = json.loads(p.stdout.readline())
-        assert "rates" in second and "rates" not in first
+        while True:  # frames come every 0.1 s: one of them saw the allocation
+            frame = json.loads(_readline_within(p, deadline))
+            if frame["rates"]["alloc_arena"] + frame["rates"]["alloc_reserve"] > 0:
+                break
+        assert set(frame["rates"]) == set(frame["counters"])
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=10) == 0
         assert "Traceback" not in p.stderr.read()
-    finally:
-        p.kill()
-        p.wait()
-        p.stdout.close()
-        p.stderr.close()
+
+
+@pytest.mark.timeout(60)
+def test_watch_in_text_redraws_frames_and_stops_on_sigint(pool: Mempool, name: str) -> None:
+    with watching(name, "--watch", "0.1") as p:
+        deadline = time.monotonic() + 30
+        titles = 0
+        while True:
+            line = _readline_within(p, deadline)
+            titles += line.startswith(f"pool {name} ")
+            if "per second" in line:  # the second frame has rates
+                break
+        assert titles == 2
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=10) == 0
+        assert p.stderr.read() == ""
 
 
 @pytest.mark.timeout(60)
 def test_watch_exits_when_the_pool_disappears(name: str) -> None:
     pool = Mempool.create(name, min_nr=1, slot_size=16, capacity=2)
-    p = subprocess.Popen([INSPECT, name, "--watch", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: bool(p.stdout.readline()), what="a first frame")
+    with watching(name, "--watch", "0.1") as p:
+        _readline_within(p, time.monotonic() + 30)
         pool.destroy()
         assert p.wait(timeout=20) == 0
         assert "is gone" in p.stderr.read()
-    finally:
-        p.kill()
-        p.wait()
-        p.stdout.close()
-        p.stderr.close()
+
+
+@pytest.mark.timeout(60)
+def test_watch_exits_when_the_pool_is_replaced(name: str) -> None:
+    pool = Mempool.create(name, min_nr=1, slot_size=16, capacity=2)
+    with watching(name, "--watch", "0.1", "--json") as p:
+        _readline_within(p, time.monotonic() + 30)
+        pool.destroy()
+        pool = Mempool.create(name, min_nr=1, slot_size=16, capacity=2)
+        try:
+            assert p.wait(timeout=20) == 0
+            assert "is gone" in p.stderr.read()
+        finally:
+            pool.destroy()
+
+
+# ----------------------------------------------------------------------
+# The slot map's rule, in-process
+
+
+def test_the_slot_map_is_exact_for_small_pools_and_never_hides_problems_in_groups() -> None:
+    codes = np.array([cli.M_RESERVE, cli.M_ARENA, cli.M_CACHED, cli.M_HELD, cli.M_DEAD, cli.M_INVALID], np.uint8)
+    assert cli.slot_map(codes) == ("R.cHX?", 1)
+    n = 1_000_000
+    codes = np.full(n, cli.M_ARENA, np.uint8)
+    codes[:600_000] = cli.M_HELD
+    codes[700_000] = cli.M_DEAD
+    codes[800_000] = cli.M_INVALID
+    smap, group = cli.slot_map(codes)
+    assert group == math.ceil(n / (cli.MAP_ROWS * cli.MAP_WIDTH)) and len(smap) == math.ceil(n / group)
+    assert smap[700_000 // group] == "X" and smap[800_000 // group] == "?"
+    assert smap.count("X") == 1 and smap.count("?") == 1
+    assert set(smap[: 600_000 // group]) == {"H"} and set(smap[600_000 // group + 1 :]) <= {".", "X", "?"}
+    tie = np.array([cli.M_ARENA, cli.M_RESERVE] * (cli.MAP_ROWS * cli.MAP_WIDTH), np.uint8)
+    assert cli.slot_map(tie) == ("R" * (cli.MAP_ROWS * cli.MAP_WIDTH), 2)  # a tie goes to the busier state
+
+
+def test_held_slots_outside_the_live_set_are_dead() -> None:
+    words = np.array([ST_HELD | 5 << PID_SHIFT, ST_HELD | 6 << PID_SHIFT], np.uint64)
+    codes = cli.slot_codes(words, words & np.uint64(STATE_MASK), {5})
+    assert codes.tolist() == [cli.M_HELD, cli.M_DEAD]
+    assert H_VERSION == 1  # the header word the JSON's layout_version comes from
