@@ -101,6 +101,7 @@ H_MIN_NR = 17
 H_CURR_NR = 18
 H_ARENA_FREE = 19
 H_NR_WAITERS = 20  # sleeping allocations between register and finish
+H_CREATOR_START = 21  # the creator's start time (see _procs); 0 if unknown
 H_FAIL_RATE = 23  # (f64) probability that an arena attempt fails on purpose
 H_FAIL_THRESHOLD = 24  # fail_rate scaled to 2**64: fail when rng < threshold
 H_SEED = 25

@@ -24,9 +24,8 @@ and is marked ``"consistent": false``.
 
 Who is alive: a holder is the pid in a slot word, qualified by its registry
 entry's start time (``_procs``), so a reused pid is not mistaken for the
-holder. The creator has no registry start time of its own: it counts as
-alive if a process with its pid runs and started no later than the pool was
-created.
+holder. The creator is alive if its pid runs with the start time the header
+recorded at create.
 
 Slot map: one character per slot, or per group of slots for big pools (at
 most 8 rows of 64)::
@@ -107,6 +106,7 @@ from ._layout import (
     H_ARENA_FREE,
     H_CREATED_NS,
     H_CREATOR_PID,
+    H_CREATOR_START,
     H_CURR_NR,
     H_FAIL_RATE,
     H_FLAGS,
@@ -351,10 +351,13 @@ def _command(pid: int, start: int) -> str:
         return ""
 
 
-def creator_alive(pid: int, created_ns: int) -> bool:
+def creator_alive(pid: int, created_ns: int, start: int = 0) -> bool:
     """Whether the process that created a pool at ``created_ns`` (wall
-    clock) still runs: a live, non-zombie process has its pid and started
-    no later than the pool was created (else the pid was reused)."""
+    clock) still runs. Exactly, by its recorded start time, when the header
+    has it; else a live, non-zombie process has its pid and started no later
+    than the pool was created (else the pid was reused)."""
+    if start:
+        return is_alive(pid, start)
     if start_ticks(pid) is None:
         return False
     try:
@@ -486,7 +489,8 @@ def _totals(v: Views) -> dict[str, int]:
 
 def _creator(v: Views) -> dict[str, Any]:
     pid, created_ns = int(v.hdr[H_CREATOR_PID]), int(v.hdr[H_CREATED_NS])
-    return {"pid": pid, "alive": creator_alive(pid, created_ns), "created_s": round(created_ns / 1e9, 3)}
+    alive = creator_alive(pid, created_ns, int(v.hdr[H_CREATOR_START]))
+    return {"pid": pid, "alive": alive, "created_s": round(created_ns / 1e9, 3)}
 
 
 def _path(name: str) -> str:

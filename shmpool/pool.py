@@ -93,6 +93,7 @@ from ._layout import (
     H_ARENA_FREE,
     H_CREATED_NS,
     H_CREATOR_PID,
+    H_CREATOR_START,
     H_CURR_NR,
     H_FAIL_RATE,
     H_FLAGS,
@@ -335,6 +336,7 @@ class Mempool(FastPath):
             hdr[H_FLAGS] = FLAG_POISON if poison else 0
             pool._poison = poison_pattern(slot_size) if poison else None
             hdr[H_CREATOR_PID] = pool._pid
+            hdr[H_CREATOR_START] = pool._start
             hdr[H_CREATED_NS] = time.time_ns()
             hdr[H_STATUS] = STATUS_LIVE
             arena.format(capacity)

@@ -548,3 +548,16 @@ def test_held_slots_outside_the_live_set_are_dead() -> None:
     codes = cli.slot_codes(words, words & np.uint64(STATE_MASK), {5})
     assert codes.tolist() == [cli.M_HELD, cli.M_DEAD]
     assert H_VERSION == 1  # the header word the JSON's layout_version comes from
+
+
+def test_the_creator_is_known_dead_once_it_exits(name: str) -> None:
+    code = "import sys, shmpool; shmpool.Mempool.create(sys.argv[1], min_nr=1, slot_size=8, capacity=2).close()"
+    assert subprocess.run([sys.executable, "-c", code, name], timeout=30).returncode == 0
+    with Mempool.attach(name) as pool:  # its creator is gone; this process is not it
+        d = json.loads(inspect(name, "--json").stdout)
+        assert d["creator"]["alive"] is False and d["creator"]["pid"] != os.getpid()
+        pool.destroy()
+    with Mempool.create(name, min_nr=1, slot_size=8, capacity=2) as pool:  # the same name, a live creator
+        creator = json.loads(inspect(name, "--json").stdout)["creator"]
+        assert creator["pid"] == os.getpid() and creator["alive"] is True
+        pool.destroy()
