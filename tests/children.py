@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
+import signal
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -104,3 +108,277 @@ def bulk_sleeper(name: str, n: int, results: Any) -> None:
         ok = all(pool.ndarray(h, np.int64, 1)[0] == os.getpid() for h in hs.tolist())
         pool.free_bulk(hs)
         results.put((len(hs), ok))
+
+
+# ----------------------------------------------------------------------
+# Adversaries for tests/test_guarantees.py (issue 9)
+
+
+def reserve_hammer(name: str, progress: Any, stop: Any, results: Any) -> None:
+    """Until ``stop.value`` is set: allocate two elements (GFP_KERNEL with a
+    timeout; with fail_rate=1.0 each comes from the reserve), stamp each
+    (pid, serial), check both stamps, free both; count the rounds in
+    ``progress.value`` (a lock-free shared int, so that a SIGSTOP can land
+    anywhere without wedging the parent). Reports (rounds, bad stamps,
+    errors)."""
+    pid = os.getpid()
+    bad = 0
+    serial = 0
+    errors: list[str] = []
+    try:
+        with Mempool.attach(name) as pool:
+            while not stop.value:
+                held = []
+                for _ in range(2):
+                    h = pool.alloc(GFP_KERNEL, timeout=120)
+                    serial += 1
+                    pool.ndarray(h, np.int64, 2)[:] = (pid, serial)
+                    held.append((h, serial))
+                for h, stamp in held:
+                    if tuple(pool.ndarray(h, np.int64, 2).tolist()) != (pid, stamp):
+                        bad += 1
+                    pool.free(h)
+                progress.value += 1
+    except Exception as exc:  # reported to the parent, which fails the test
+        errors.append(repr(exc))
+    results.put((progress.value, bad, errors))
+
+
+def _under_interrupts(body: Any, nr_interrupts: int, interval: float) -> int:
+    """Call ``body()`` again and again while an interval timer's SIGALRM
+    handler raises KeyboardInterrupt (what Ctrl-C raises, not an Exception)
+    every ``interval`` seconds, until ``nr_interrupts`` have fired or body
+    returns False; an interrupt is absorbed wherever it lands, the loop's
+    own bytecode included. Stops the timer; returns how many fired."""
+    fired = [0]
+
+    def handler(signum: int, frame: Any) -> None:
+        fired[0] += 1
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, interval, interval)
+    while True:
+        try:  # an interrupt that lands outside the inner try is absorbed here
+            going = True
+            while going and fired[0] < nr_interrupts:
+                try:
+                    going = body() is not False
+                except KeyboardInterrupt:
+                    pass
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a pending one no longer raises
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            return fired[0]
+        except KeyboardInterrupt:
+            pass
+
+
+def _one_operation(pool: Mempool, rng: random.Random, held: list[int], limit: int = 48) -> None:
+    """One random operation. A handle leaves ``held`` before it is freed, so
+    an interrupt can leak an element (reclaim_dead takes it back once we
+    are gone) but never make us free it twice."""
+    r = rng.random()
+    if len(held) < limit and r < 0.45:
+        if r < 0.1:
+            h = pool.alloc(GFP_ATOMIC)
+            if h is not None:
+                held.append(h)
+        elif r < 0.2:
+            held.append(pool.alloc(GFP_KERNEL, timeout=60))
+        elif r < 0.3:
+            hs = pool.alloc_bulk(rng.randint(1, 8), GFP_ATOMIC)
+            if hs is not None:
+                held.extend(hs.tolist())
+        else:
+            held.extend(pool.alloc_bulk(rng.randint(1, 8), GFP_KERNEL, timeout=60).tolist())
+    elif held and r < 0.65:
+        pool.free(held.pop())
+    elif held and r < 0.85:
+        k = rng.randint(1, len(held))
+        batch = held[-k:]
+        del held[-k:]
+        pool.free_bulk(np.array(batch, dtype=np.int64))
+    elif r < 0.95:
+        pool.stats()
+    else:
+        pool.reclaim_dead()
+
+
+def interrupted_worker(name: str, nr_interrupts: int, interval: float, seed: int, go: Any, results: Any) -> None:
+    """Run random alloc/free/alloc_bulk/free_bulk/stats/reclaim_dead under
+    raising interrupts (see _under_interrupts). Reports (interrupts,
+    operations, errors), then waits for ``go`` (alive and idle, so that the
+    parent can see whether it left the lock held), frees what it knows it
+    holds and reports the errors of that."""
+    rng = random.Random(seed)
+    held: list[int] = []
+    ops = [0]
+    errors: list[str] = []
+    with Mempool.attach(name) as pool:
+
+        def body() -> bool:
+            try:
+                _one_operation(pool, rng, held)
+                ops[0] += 1
+            except Exception as exc:
+                errors.append(repr(exc))
+            return not errors
+
+        fired = _under_interrupts(body, nr_interrupts, interval)
+        results.put((fired, ops[0], errors))
+        go.wait(120)
+        late: list[str] = []
+        try:
+            if held:
+                pool.free_bulk(np.array(held, dtype=np.int64))
+        except Exception as exc:
+            late.append(repr(exc))
+        results.put(late)
+
+
+def interrupted_sleeper(name: str, nr_interrupts: int, interval: float, commands: Any, results: Any) -> None:
+    """On a pool that the parent has drained dry: sleeping allocations
+    (alloc with and without timeout, alloc_bulk) with a 1 ms retry, under
+    raising interrupts (see _under_interrupts); reports (interrupts,
+    timeouts, errors).
+
+    Then obeys ``commands``: "sleep" (alloc(GFP_KERNEL) until the parent's
+    SIGUSR1 makes its handler raise; reports ("interrupted", k)), "alloc"
+    (alloc with a timeout; reports ("got", handle)), None (free what it got,
+    report ("done", errors) and return)."""
+    tally = {"calls": 0, "timeouts": 0}
+    errors: list[str] = []
+    got: list[int] = []
+    with Mempool.attach(name) as pool:
+        shmpool.pool.SLEEP_RETRY_SECONDS = 0.001  # the top of the retry loop, often
+
+        def body() -> bool:
+            tally["calls"] += 1
+            kind = tally["calls"] % 3
+            try:
+                if kind == 0:
+                    out: Any = pool.alloc(GFP_KERNEL, timeout=0.01)
+                elif kind == 1:
+                    out = pool.alloc_bulk(2, GFP_KERNEL, timeout=0.01)
+                else:
+                    out = pool.alloc(GFP_KERNEL)  # only an interrupt ends it
+                errors.append(f"a dry pool gave {out!r}")
+            except TimeoutError:
+                tally["timeouts"] += 1
+            except Exception as exc:
+                errors.append(repr(exc))
+            return not errors
+
+        fired = _under_interrupts(body, nr_interrupts, interval)
+        results.put((fired, tally["timeouts"], errors))
+        shmpool.pool.SLEEP_RETRY_SECONDS = 600.0  # from here on only a wake-up or a signal ends a sleep
+
+        def raise_interrupt(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGUSR1, raise_interrupt)
+        k = 0
+        while (command := commands.get()) is not None:
+            if command == "sleep":
+                try:
+                    out = pool.alloc(GFP_KERNEL)
+                    got.append(out)
+                    results.put(("not interrupted", out))
+                except KeyboardInterrupt:
+                    results.put(("interrupted", k))
+                k += 1
+            elif command == "alloc":
+                h = pool.alloc(GFP_KERNEL, timeout=60)
+                got.append(h)
+                results.put(("got", h))
+        try:
+            for h in got:
+                pool.free(h)
+        except Exception as exc:
+            errors.append(repr(exc))
+        results.put(("done", errors))
+
+
+class _FreesWhenCollected:
+    """Holds an element and frees it (and allocates and frees one more) in
+    __del__; it refers to itself, so only the cycle collector frees it."""
+
+    def __init__(self, pool: Mempool, handle: int, tally: dict[str, Any]) -> None:
+        self.pool = pool
+        self.handle = handle
+        self.tally = tally
+        self.me = self
+
+    def __del__(self) -> None:
+        tally = self.tally
+        try:
+            self.pool.free(self.handle)
+            tally["freed"] += 1
+            h = self.pool.alloc(GFP_ATOMIC)
+            if h is not None:
+                self.pool.free(h)
+        except Exception as exc:
+            tally["errors"].append(repr(exc))
+
+
+def collector_frees(name: str, seconds: float, results: Any) -> None:
+    """With the cycle collector run at almost every allocation of a Python
+    object, loop alloc_bulk / free_bulk / alloc / free while dropping, each
+    round, objects in reference cycles whose __del__ frees an element.
+    Reports (rounds, elements given to such objects, freed by __del__,
+    errors, in_use after a last collection)."""
+    tally: dict[str, Any] = {"freed": 0, "errors": []}
+    made = rounds = 0
+    old = gc.get_threshold()
+    with Mempool.attach(name) as pool:
+        gc.set_threshold(1, 1, 1)
+        try:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not tally["errors"]:
+                hs = pool.alloc_bulk(8, GFP_KERNEL, timeout=30)
+                for h in hs[:4].tolist():
+                    _FreesWhenCollected(pool, h, tally)  # garbage at once
+                    made += 1
+                pool.free_bulk(hs[4:])
+                _FreesWhenCollected(pool, pool.alloc(GFP_KERNEL, timeout=30), tally)
+                made += 1
+                pool.free(pool.alloc(GFP_KERNEL, timeout=30))
+                rounds += 1
+        except Exception as exc:
+            tally["errors"].append(repr(exc))
+        finally:
+            gc.set_threshold(*old)
+        gc.collect()
+        in_use = pool.stats().in_use
+    results.put((rounds, made, tally["freed"], tally["errors"], in_use))
+
+
+def gil_hog(name: str, seconds: float, results: Any) -> None:
+    """One thread calls stats() (which takes the pool lock) in a loop while
+    the main thread hogs the GIL with long C calls (sorting a big list), so
+    that the stats thread may be descheduled while it holds the lock.
+    Reports (stats calls, sorts, errors)."""
+    calls = [0]
+    errors: list[str] = []
+    stop = threading.Event()
+    with Mempool.attach(name) as pool:
+
+        def poll() -> None:
+            try:
+                while not stop.is_set():
+                    pool.stats()
+                    calls[0] += 1
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        t = threading.Thread(target=poll)
+        t.start()
+        big = random.Random(0).sample(range(1 << 40), 1_000_000)
+        sorts = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sorted(big)  # about half a second of C that never lets the GIL go
+            sorts += 1
+        stop.set()
+        t.join(60)
+    results.put((calls[0], sorts, errors))
