@@ -121,19 +121,55 @@ def test_cleanup_removes_orphan_semaphores_even_if_open(name: str) -> None:
             sem.close()
 
 
-@pytest.mark.timeout(120)
-def test_chaos_kills_workers_and_the_pool_survives(name: str) -> None:
+def chaos(name: str, *args: str) -> tuple[int, str]:
     out = subprocess.run(
-        [sys.executable, os.path.join(TOOLS, "chaos.py"), "--seconds", "3", "--name", name, "--seed", "3"],
+        [sys.executable, os.path.join(TOOLS, "chaos.py"), "--name", name, *args],
         capture_output=True, text=True, timeout=100,
     )
-    assert out.returncode == 0, out.stdout + out.stderr
-    line = out.stdout.strip()
-    assert line.endswith(": OK"), line
+    assert out.stdout.startswith("chaos: ") and out.stdout.count("\n") == 1, out.stdout + out.stderr
+    return out.returncode, out.stdout.strip()
+
+
+@pytest.mark.timeout(120)
+def test_chaos_kills_workers_and_the_pool_survives(name: str) -> None:
+    code, line = chaos(name, "--seconds", "3", "--seed", "3")
+    assert code == 0 and line.endswith(": OK"), line
     kills = int(line.split("kills ")[1].split(",")[0])
     operations = int(line.split("operations ")[1].split(",")[0])
     assert kills >= 10 and operations > 1000, line
     assert leftovers() == []
+
+
+@pytest.mark.timeout(120)
+def test_chaos_without_a_kill_tested_nothing_and_fails(name: str) -> None:
+    code, line = chaos(name, "--seconds", "0")
+    assert code == 1
+    assert " kills 0, " in line and line.endswith(": FAILED: no kill hit a running worker"), line
+    operations = int(line.split("operations ")[1].split(",")[0])
+    assert operations >= 4  # every worker ran (completed an operation) before the run began
+    assert leftovers() == []
+
+
+@pytest.mark.timeout(120)
+def test_chaos_fails_when_workers_cannot_get_to_run(name: str) -> None:
+    code, line = chaos(name, "--ready-timeout", "0", "--seconds", "3")
+    assert code == 1
+    assert " kills 0, " in line and "completed no operation within 0 s of its start" in line, line
+    assert leftovers() == []
+
+
+def test_chaos_verdict_demands_operations_and_kills() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaos_tool", os.path.join(TOOLS, "chaos.py"))
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.verdict(kills=12, operations=5000, failure="") == ""
+    assert tool.verdict(kills=12, operations=0, failure="") == "no operation completed"
+    assert tool.verdict(kills=0, operations=0, failure="") == "no operation completed"
+    assert tool.verdict(kills=0, operations=5000, failure="") == "no kill hit a running worker"
+    assert tool.verdict(kills=12, operations=5000, failure="stamp mismatch") == "stamp mismatch"
 
 
 @pytest.mark.timeout(120)
