@@ -1,51 +1,64 @@
-/* shmpool._fast: the hot path of alloc and free, in C.
+/* shmpool._fast: the pool lock and every transition of the pool, in C.
  *
- * Why C: a Python-level alloc+free pair costs ~2.4 us, 30x a bare semaphore
- * acquire+release; the per-process cache below makes the common case
- * lock-free, and only C can do that safely (it needs compare-and-swap on the
- * slot words) and cheaply (a call here costs ~0.05 us).
+ * Why all of it is here
+ * ---------------------
+ * A Python signal handler, the garbage collector (a __del__) or another
+ * thread can run between any two bytecodes. If Python code ran while the pool
+ * lock is held, a KeyboardInterrupt could abandon a critical section half
+ * done, or a __del__ that frees an element could try to take the lock its own
+ * process holds. So every critical section is one call of a function in this
+ * file that runs no Python code and creates no Python object between taking
+ * the lock and releasing it. Python (pool.py) composes these calls: argument
+ * checks, errors, views; results are built after the lock is released.
  *
- * The per-process cache (like SLUB's per-CPU slabs and DPDK's per-lcore
- * mempool caches). Each process's registry entry in the segment holds a
- * small stack of arena slots that only that process touches; their slot
- * words say CACHED by that pid, so every other process (shmpool-inspect,
- * crash recovery, reclaim) sees them. For one process the cache behaves as
- * the top of the arena's free-list stack: refill moves the shared stack's
- * top onto the cache in order, drain moves the cache's bottom back, so the
- * allocation order is exactly that of the single locked stack.
+ * The lock
+ * --------
+ * The header word H_LOCK_OWNER is the lock: 0 when free, else the holder's
+ * token (entry + 1) | epoch << 16, stored by compare-and-swap: the same
+ * atomic step takes the lock and records who holds it, so a hold is never
+ * anonymous. The named semaphore is only where contenders sleep: a
+ * contender counts itself in H_LOCK_WAITERS, tries the CAS once more, and
+ * sleeps on the semaphore in slices of LOCK_SLICE_NS; a releaser stores 0 and,
+ * if it sees a waiter, posts (both sides use sequentially consistent
+ * operations, so either the releaser sees the waiter or the waiter's CAS
+ * sees the lock free: no lost wake-up).
  *
- * Stealing: free slots must not be stranded in an idle process's cache while
- * another process finds the shared list dry (it would go to the reserve, and
- * sleep, with free slots in the pool). So such a process, holding the lock,
- * takes other caches' slots by compare-and-swap of the slot word (CACHED by
- * its owner -> ARENA) onto the shared list, and counts them in the victim's
- * entry (P_STOLEN). The victim's cache still lists them: its owner pops by
- * compare-and-swap too (CACHED by me -> HELD), and drops an entry whose slot
- * is no longer cached by it (P_DISCARDED). A cache therefore holds
- * cache_n - stolen + discarded slots, exactly, even when a stolen slot comes
- * back into the same cache and is listed twice.
+ * A contender whose slice ran out looks at the owner: the lock is taken over
+ * (by CAS from that exact token, so one contender wins) only from an owner
+ * proven dead: its registry entry holds another epoch, or nobody holds the
+ * OFD lock on the entry's byte of the segment file (the kernel drops it when
+ * its process dies, in any pid namespace). A stopped, traced or starved
+ * holder is alive and is waited for, however long; waits are bounded by the
+ * caller's deadline instead. The winner repairs the pool (repair() below)
+ * before anything else.
  *
- * What this file does, and nothing else:
- * - alloc: arena first, as the kernel: a fault draw (lock-free: splitmix64 is
- *   a counter, so the shared state advances by fetch_add), then a pop from
- *   the cache. Anything else (a fault, an empty cache, a non-int gfp, a
- *   timeout, tracing) goes to the Python slow path, which holds the lock.
- * - free: validate the handle, peek curr_nr < min_nr without the lock (the
- *   kernel's unlocked peek: the reserve refills first, on the slow path),
- *   then compare-and-swap the slot word from HELD to CACHED (so a double
- *   free raced from two processes frees once) and push onto the cache.
- *   A full cache, an invalid handle or a CAS that loses go to the slow path.
- * - the reserve's common case: when the arena fails, pop the reserve's top,
- *   and when a free finds curr_nr < min_nr, push onto it (waking sleepers),
- *   under the pool lock taken with sem_trywait and recorded exactly as
- *   _lock.PoolLock records it. A lock that is busy, poisoning, an empty
- *   reserve or anything unusual goes to the Python slow path, which waits
- *   for the lock (and recovers it from a dead holder). Every store here
- *   keeps the pool repairable: the slot word is the commit point.
- * - refill, drain, cas, draw: helpers the slow path calls with the lock held.
+ * Transitions
+ * -----------
+ * The kernel's rules, one function per move of a slot, each the only code
+ * that makes that move (as add_element/remove_element in mm/mempool.c):
+ *   add_element / remove_element   reserve stack push / pop   (RESERVE)
+ *   arena_push / arena_pop         shared free list           (ARENA)
+ *   cache_pop / cache_push / refill / drain / steal  a process's cache (CACHED)
+ *   hand_out                       any free slot -> HELD by us
+ *   release_slot                   HELD -> reserve, cache or arena (mempool_free)
+ * Every one commits with one aligned 8-byte store (or CAS) of the slot word:
+ * the stacks and depths around it are derived from the words, so a process
+ * killed at any instruction leaves a pool that repair() makes whole.
  *
- * Threads: every function runs with the GIL held from start to end, so the
- * threads of one process never see a cache half-updated.
+ * Lock-free, by design: a process pops and pushes its own cache without the
+ * lock (CAS on the slot word, since a thief holding the lock may take a
+ * cached slot), draws fault injections (splitmix64 is a counter: fetch_add),
+ * and counts sleepers (atomic add), so that giving up a sleep never needs
+ * the lock. Everything else happens under the lock.
+ *
+ * The segment is untrusted: every index, depth and count read from it is
+ * bounded before use; a value out of bounds makes the call fail with
+ * PoolFormatError and changes nothing further.
+ *
+ * Threads: every function runs with the GIL held, except the waits, which
+ * hold no lock and touch no state; an object closed meanwhile (by another
+ * thread or a signal handler) is released only when the last call on it
+ * returns (busy count).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -53,77 +66,324 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <semaphore.h>
+#include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
-/* Must match shmpool/_layout.py (checked at import by _layout). */
-#define H_FAIL_THRESHOLD 24
-#define H_RNG 26
+/* Must match shmpool/_layout.py: every one is checked at import (LAYOUT). */
+#define HEADER_WORDS 64
+#define H_FLAGS 12
+#define H_STATUS 16
 #define H_MIN_NR 17
 #define H_CURR_NR 18
 #define H_ARENA_FREE 19
-#define H_STATUS 16
-#define STATUS_LIVE 1
-#define H_FLAGS 12
-#define FLAG_POISON 1
 #define H_NR_WAITERS 20
-#define H_LOCK_PID 28
+#define H_EPOCH 22
+#define H_FAIL_RATE 23
+#define H_FAIL_THRESHOLD 24
+#define H_SEED 25
+#define H_RNG 26
+#define H_LOCK_OWNER 28
 #define H_LOCK_SINCE_NS 29
-#define H_LOCK_START 30
+#define H_LOCK_WAITERS 30
 #define H_LOCK_SEQ 31
-#define ST_RESERVE 2
-#define P_C_ALLOC_RESERVE 7
-#define P_C_FREE_RESERVE 9
-#define P_PID 0
-#define P_CACHE_N 3
-#define P_STOLEN 4
-#define P_DISCARDED 5
-#define P_C_ALLOC_ARENA 6
-#define P_C_FREE_ARENA 10
-#define P_C_FAULTS 12
-#define P_CACHE 14
+#define H_ALLOC_FAILED 34
+#define H_RECOVERIES 40
+#define H_RECLAIMED 41
+#define FLAG_POISON 1
+#define STATUS_LIVE 1
+#define STATUS_DESTROYED 2
 #define ST_ARENA 1
+#define ST_RESERVE 2
 #define ST_HELD 3
 #define ST_CACHED 4
 #define STATE_MASK 0xFFull
-#define GEN_SHIFT 8
-#define GEN_MASK 0xFFFFFFull
-#define PID_SHIFT 32
+#define OWNER_SHIFT 8
+#define OWNER_MASK 0xFFFFull
+#define GEN_SHIFT 24
+#define GEN_MASK ((1ull << 39) - 1)
 #define INDEX_MASK 0xFFFFFFull
 #define HGEN_SHIFT 24
-#define TAG_SHIFT 48
+#define P_PID 0
+#define P_START 1
+#define P_SLEEPING 2
+#define P_CACHE_N 3
+#define P_EPOCH 4
+#define P_COUNTERS 6
+#define N_PROC_COUNTERS 8
+#define P_CACHE 14
+#define CACHE_MAX 64
+#define PROC_WORDS 46
+#define CACHE_BLANK 0xFFFFFFFFu
+#define C_ALLOC_ARENA 0
+#define C_ALLOC_RESERVE 1
+#define C_ALLOC_FAILED 2
+#define C_FREE_RESERVE 3
+#define C_FREE_ARENA 4
+#define C_SLEEPS 5
+#define C_FAULTS 6
+#define C_POISON 7
+
 #define GFP_WAIT 0x10
-#define GFP_ALL 0xF0
 #define GOLDEN 0x9E3779B97F4A7C15ull
+#define CACHE_BATCH (CACHE_MAX / 2)
+#define LOCK_SLICE_NS 20000000ull       /* a contender looks at the owner this often */
+#define WAKE_MAX 65536                  /* tokens one wake-up may post */
+#define SLEEPERS_MAX (1ull << 20)       /* more sleepers than this: a damaged count */
+#define POISON_FREE 0x6b
+#define POISON_END 0xa5
+#define POISON_INUSE 0x5a
+
+/* Results of the locked steps. */
+enum { RC_OK = 0, RC_FAIL = 1, RC_SLEEP = 2, RC_DRY = 3, RC_TIMEOUT = -1, RC_SIGNAL = -2, RC_DESTROYED = -3, RC_CORRUPT = -4,
+       RC_INVALID = -5, RC_CLOSED = -6 };
+/* What alloc_step does when nothing is left: fail (counted), register as a
+ * sleeper, or only report it (the caller goes on to sleep through Python). */
+enum { MODE_FAIL = 0, MODE_SLEEP = 1, MODE_PROBE = 2 };
+/* Trace events (pool.EVENTS names them). */
+enum { EV_NONE = 0, EV_ALLOC_ARENA, EV_ALLOC_RESERVE, EV_ALLOC_FAILED, EV_SLEEP, EV_FREE_RESERVE, EV_FREE_ARENA };
+static const char *EVENT_NAMES[] = {NULL, "alloc-arena", "alloc-reserve", "alloc-failed", "sleep", "free-reserve",
+                                    "free-arena"};
 
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
     int have_view;
-    uint64_t *hdr, *words, *entry;
-    uint32_t *arena, *cache, *stack;
-    uint64_t capacity, tag, pid, start, cache_max;
+    uint64_t *hdr, *words, *registry, *entry;
+    uint32_t *stack, *arena, *cache;
+    unsigned char *data;
+    uint64_t capacity, stride, slot_size, max_procs, off_procs;
+    uint64_t me;    /* our owner field: entry index + 1 (0 until bound) */
+    uint64_t token; /* our lock token */
+    int fd;         /* the segment file, for OFD liveness (not owned) */
     sem_t *lock_sem, *wait_sem;
-    uint64_t *registry;
-    Py_ssize_t max_procs, proc_words;
-    int enabled;
-} FastPath;
+    int enabled, poison, busy, closing;
+    int wake;                 /* set under the lock: post wake-ups once it is released */
+    int recount;              /* a nap ended with no wake-up: uncount dead sleepers next time */
+    int64_t poisoned;         /* a slot found written after free (warn after unlock), or -1 */
+    uint64_t recoveries;      /* times this object took the lock over from a dead owner */
+    int last_event;
+    uint64_t last_curr;
+    PyObject *trace;          /* trace(event, handle, curr_nr), or NULL */
+    char msg[240];            /* why a call found the pool damaged or a handle invalid */
+} Core;
 
-/* The slow paths are methods of the Python subclass (Mempool):
- * self._alloc_slow(gfp, timeout, arena_failed) and self._free_slow(handle). */
+static PyObject *ErrFormat, *ErrDestroyed, *ErrInvalid, *ErrClosed, *WarnPoison;
 static PyObject *GFP_KERNEL_OBJ, *STR_ALLOC_SLOW, *STR_FREE_SLOW;
-
-#define CHECK_OPEN(f)                                                          \
-    if ((f)->hdr == NULL || (f)->entry == NULL) {                              \
-        PyErr_SetString(PyExc_ValueError, "the pool is closed in this object"); \
-        return NULL;                                                           \
-    }
+static uint64_t atomic_wait_ns = 50000000ull; /* GFP_ATOMIC waits this long for the lock */
+static int crash_point = 0;                   /* test hook: SIGKILL ourselves at this point */
+enum { CP_NONE = 0, CP_ALLOC_RESERVE, CP_FREE_RESERVE, CP_RETIRE, CP_STEAL, CP_REFILL, CP_DRAIN, CP_REBUILD, CP_N };
+static const char *CRASH_POINTS[] = {"", "alloc-reserve", "free-reserve", "retire", "steal", "refill", "drain", "rebuild"};
+#define CRASH(p) do { if (crash_point == (p)) kill(getpid(), SIGKILL); } while (0)
 
 static inline uint64_t ld(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void st(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline int cas(uint64_t *p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+static inline uint64_t mkword(uint64_t state, uint64_t owner, uint64_t gen) {
+    return state | (owner & OWNER_MASK) << OWNER_SHIFT | (gen & GEN_MASK) << GEN_SHIFT;
+}
+#define W_STATE(w) ((w) & STATE_MASK)
+#define W_OWNER(w) (((w) >> OWNER_SHIFT) & OWNER_MASK)
+#define W_GEN(w) (((w) >> GEN_SHIFT) & GEN_MASK)
+#define ENTRY(f, e) ((f)->registry + (uint64_t)(e) * PROC_WORDS)
+#define CACHE_OF(ent) ((uint32_t *)((ent) + P_CACHE))
 
-/* One splitmix64 draw from the shared generator: 1 if the arena must fail. */
-static inline int fault(FastPath *f) {
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int corrupt(Core *f, const char *fmt, unsigned long long a, unsigned long long b) {
+    snprintf(f->msg, sizeof f->msg, fmt, a, b);
+    return RC_CORRUPT;
+}
+
+/* ------------------------------------------------------------------ */
+/* Liveness                                                            */
+
+/* 1 if some open file description holds the OFD lock on entry e's byte
+ * (its process lives), 0 if none does. When it cannot tell, alive. */
+static int entry_locked(Core *f, uint64_t e) {
+    if (f->fd < 0) return 1;
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)(f->off_procs + 8ull * PROC_WORDS * e);
+    fl.l_len = 1;
+    if (fcntl(f->fd, F_OFD_GETLK, &fl) < 0) return 1;
+    return fl.l_type != F_UNLCK;
+}
+
+/* Whether the entry behind owner field o (entry + 1) is a live process. */
+static int owner_alive(Core *f, uint64_t o) {
+    if (o == 0 || o > f->max_procs) return 0;
+    if (o == f->me) return 1;
+    if (ld(&ENTRY(f, o - 1)[P_EPOCH]) == 0) return 0;
+    return entry_locked(f, o - 1);
+}
+
+/* Whether the lock token tok names a live holder. */
+static int token_alive(Core *f, uint64_t tok) {
+    uint64_t o = tok & OWNER_MASK, epoch = tok >> 16;
+    if (o == 0 || o > f->max_procs || epoch == 0) return 0;
+    if (tok == f->token) return 1;
+    if (ld(&ENTRY(f, o - 1)[P_EPOCH]) != epoch) return 0;
+    return o == f->me || entry_locked(f, o - 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* The lock                                                            */
+
+static void repair(Core *f);
+
+static inline void note_locked(Core *f) {
+    st(&f->hdr[H_LOCK_SINCE_NS], now_ns());
+    f->hdr[H_LOCK_SEQ]++;
+}
+
+static inline int lock_try(Core *f) {
+    uint64_t free_ = 0;
+    if (!__atomic_compare_exchange_n(&f->hdr[H_LOCK_OWNER], &free_, f->token, 0, __ATOMIC_SEQ_CST,
+                                     __ATOMIC_RELAXED))
+        return 0;
+    note_locked(f);
+    return 1;
+}
+
+static void lock_release(Core *f) {
+    __atomic_store_n(&f->hdr[H_LOCK_OWNER], 0, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&f->hdr[H_LOCK_WAITERS], __ATOMIC_SEQ_CST) != 0 && f->lock_sem != NULL) {
+        int value = 0;
+        if (sem_getvalue(f->lock_sem, &value) == 0 && value <= 0) sem_post(f->lock_sem);
+    }
+}
+
+/* Sleep on sem until a post or until the monotonic time `until`, the GIL
+ * released. 1 if a post was taken. */
+static int sem_nap(sem_t *sem, uint64_t until) {
+    uint64_t now = now_ns();
+    if (until <= now) return sem != NULL && sem_trywait(sem) == 0;
+    uint64_t wait = until - now;
+    int got = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (sem != NULL) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t ns = (uint64_t)ts.tv_nsec + wait % 1000000000ull;
+        ts.tv_sec += (time_t)(wait / 1000000000ull + ns / 1000000000ull);
+        ts.tv_nsec = (long)(ns % 1000000000ull);
+        got = sem_timedwait(sem, &ts) == 0;
+    } else {
+        struct timespec ts = {(time_t)(wait / 1000000000ull), (long)(wait % 1000000000ull)};
+        nanosleep(&ts, NULL);
+    }
+    Py_END_ALLOW_THREADS
+    return got;
+}
+
+/* Take the pool lock by `deadline` (monotonic ns; 0: no deadline). Between
+ * naps (the lock not held) Python signal handlers run: an exception from one
+ * ends the wait (RC_SIGNAL). RC_CLOSED if the object was closed meanwhile. */
+static int lock_acquire(Core *f, uint64_t deadline) {
+    if (lock_try(f)) return RC_OK;
+    for (;;) {
+        __atomic_add_fetch(&f->hdr[H_LOCK_WAITERS], 1, __ATOMIC_SEQ_CST);
+        int got = lock_try(f);
+        int posted = 0;
+        if (!got) {
+            uint64_t until = now_ns() + LOCK_SLICE_NS;
+            if (deadline && deadline < until) until = deadline;
+            posted = sem_nap(f->lock_sem, until);
+        }
+        __atomic_sub_fetch(&f->hdr[H_LOCK_WAITERS], 1, __ATOMIC_SEQ_CST);
+        if (f->closing) {
+            if (got) lock_release(f);
+            return RC_CLOSED;
+        }
+        if (got || lock_try(f)) return RC_OK;
+        if (PyErr_CheckSignals() < 0) return RC_SIGNAL;
+        if (!posted) {
+            uint64_t tok = __atomic_load_n(&f->hdr[H_LOCK_OWNER], __ATOMIC_SEQ_CST);
+            if (tok != 0 && !token_alive(f, tok)) {
+                uint64_t expected = tok;
+                if (__atomic_compare_exchange_n(&f->hdr[H_LOCK_OWNER], &expected, f->token, 0, __ATOMIC_SEQ_CST,
+                                                __ATOMIC_RELAXED)) {
+                    note_locked(f);
+                    f->hdr[H_RECOVERIES]++;
+                    f->recoveries++;
+                    repair(f);
+                    return RC_OK;
+                }
+            }
+        }
+        if (deadline && now_ns() >= deadline) return RC_TIMEOUT;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Waking sleepers                                                     */
+
+/* Uncount the sleepers of dead entries (lock held). Sleepers count
+ * themselves in and out with atomic adds, in nr_waiters and in their entry,
+ * so the dead ones' counts are subtracted, not the total recomputed: a live
+ * sleeper leaving meanwhile is never lost. A count beyond any possible
+ * number (damage) is replaced by the live total. */
+static void uncount_dead_sleepers(Core *f) {
+    uint64_t live = 0;
+    for (uint64_t e = 0; e < f->max_procs; e++) {
+        uint64_t *ent = ENTRY(f, e);
+        uint64_t n = ld(&ent[P_SLEEPING]);
+        if (!n) continue;
+        if (n <= SLEEPERS_MAX && owner_alive(f, e + 1)) {
+            live += n;
+            continue;
+        }
+        if (cas(&ent[P_SLEEPING], n, 0) && n <= SLEEPERS_MAX)
+            __atomic_sub_fetch(&f->hdr[H_NR_WAITERS], n, __ATOMIC_SEQ_CST);
+    }
+    uint64_t now = ld(&f->hdr[H_NR_WAITERS]);
+    if (now > SLEEPERS_MAX || now < live) st(&f->hdr[H_NR_WAITERS], live);
+}
+
+/* wake_up(&pool->wait), called after the lock is released: a token for
+ * every sleeper (tokens are "retry" messages addressed to nobody). */
+static void wake_all(Core *f) {
+    f->wake = 0;
+    if (f->wait_sem == NULL) return;
+    uint64_t n = ld(&f->hdr[H_NR_WAITERS]);
+    if (n == 0) return;
+    if (n > WAKE_MAX) n = WAKE_MAX; /* a damaged count: repaired by the next repair or reclaim */
+    int value = 0;
+    if (sem_getvalue(f->wait_sem, &value) != 0) return;
+    for (int64_t i = value; i < (int64_t)n; i++) sem_post(f->wait_sem);
+}
+
+/* Take back tokens beyond the number of sleepers (finish_wait). */
+static void drain_tokens(Core *f) {
+    if (f->wait_sem == NULL) return;
+    int value = 0;
+    for (int i = 0; i < WAKE_MAX; i++) {
+        if (sem_getvalue(f->wait_sem, &value) != 0 || (uint64_t)value <= ld(&f->hdr[H_NR_WAITERS])) break;
+        if (sem_trywait(f->wait_sem) != 0) break;
+    }
+}
+
+static void sleeper_add(Core *f, int64_t d) {
+    __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+    if (f->entry) __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
+}
+
+/* ------------------------------------------------------------------ */
+/* Fault injection (lock-free)                                         */
+
+static inline int fault(Core *f) {
     uint64_t thr = ld(&f->hdr[H_FAIL_THRESHOLD]);
     if (!thr) return 0;
     uint64_t z = __atomic_add_fetch(&f->hdr[H_RNG], GOLDEN, __ATOMIC_RELAXED);
@@ -131,125 +391,631 @@ static inline int fault(FastPath *f) {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z ^= z >> 31;
     if ((z >> 11) < thr) {
-        f->entry[P_C_FAULTS]++;
+        if (f->entry) f->entry[P_COUNTERS + C_FAULTS]++;
         return 1;
     }
     return 0;
 }
 
-/* Pop the cache's top and hand it out; NULL with no error set if the cache
- * turned out to hold only stale (stolen) entries. */
-static inline PyObject *hand_out_cached(FastPath *f) {
-    uint64_t n = f->entry[P_CACHE_N];
+static inline void count(Core *f, int c, uint64_t n) {
+    if (f->entry) f->entry[P_COUNTERS + c] += n;
+}
+
+/* ------------------------------------------------------------------ */
+/* The reserve: the only code that touches the stack                  */
+
+static void poison_fill(Core *f, uint64_t idx) {
+    unsigned char *p = f->data + idx * f->stride;
+    memset(p, POISON_FREE, f->slot_size - 1);
+    p[f->slot_size - 1] = POISON_END;
+}
+
+/* The kernel's check_element: the pattern must be whole; then POISON_INUSE. */
+static void poison_check(Core *f, uint64_t idx) {
+    unsigned char *p = f->data + idx * f->stride;
+    uint64_t n = f->slot_size;
+    for (uint64_t i = 0; i < n; i++) {
+        if (p[i] != (i + 1 < n ? POISON_FREE : POISON_END)) {
+            count(f, C_POISON, 1);
+            f->poisoned = (int64_t)idx;
+            break;
+        }
+    }
+    memset(p, POISON_INUSE, n);
+}
+
+/* Push slot idx, whose word the caller has just made RESERVE, onto the
+ * reserve. The caller checked that curr_nr < min_nr <= capacity. */
+static void add_element(Core *f, uint64_t idx) {
+    if (f->poison) poison_fill(f, idx);
+    uint64_t n = f->hdr[H_CURR_NR];
+    f->stack[n] = (uint32_t)idx;
+    st(&f->hdr[H_CURR_NR], n + 1);
+}
+
+/* Pop the top of the reserve (curr_nr > 0): its index, or RC_CORRUPT. The
+ * slot word still says RESERVE: the caller hands it out or frees it. */
+static int remove_element(Core *f, uint64_t *out) {
+    uint64_t n = f->hdr[H_CURR_NR];
+    if (n == 0 || n > f->capacity) return corrupt(f, "curr_nr %llu is beyond the capacity %llu", n, f->capacity);
+    uint64_t idx = f->stack[n - 1];
+    if (idx >= f->capacity || W_STATE(f->words[idx]) != ST_RESERVE)
+        return corrupt(f, "reserve stack entry %llu names slot %llu, which is not in the reserve", n - 1, idx);
+    st(&f->hdr[H_CURR_NR], n - 1);
+    if (f->poison) poison_check(f, idx);
+    *out = idx;
+    return RC_OK;
+}
+
+/* The header's own bounds, checked before any transition. */
+static int check_header(Core *f) {
+    uint64_t *h = f->hdr;
+    uint64_t min_nr = h[H_MIN_NR], curr = h[H_CURR_NR], shared = h[H_ARENA_FREE];
+    if (min_nr < 1 || min_nr > f->capacity)
+        return corrupt(f, "min_nr %llu is outside 1..capacity (%llu)", min_nr, f->capacity);
+    if (curr > min_nr) return corrupt(f, "curr_nr %llu exceeds min_nr %llu", curr, min_nr);
+    if (shared > f->capacity || curr + shared > f->capacity)
+        return corrupt(f, "arena_free %llu is beyond the capacity %llu", shared, f->capacity);
+    if (f->entry && f->entry[P_CACHE_N] > CACHE_MAX)
+        return corrupt(f, "this process's cache count %llu exceeds its size %llu", f->entry[P_CACHE_N], CACHE_MAX);
+    if (h[H_STATUS] != STATUS_LIVE) return RC_DESTROYED;
+    return RC_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* The arena: the shared free list and the per-process caches          */
+
+static int arena_push(Core *f, uint64_t idx) {
+    uint64_t n = f->hdr[H_ARENA_FREE];
+    if (n >= f->capacity) return corrupt(f, "arena_free %llu is beyond the capacity %llu", n, f->capacity);
+    f->arena[n] = (uint32_t)idx;
+    st(&f->hdr[H_ARENA_FREE], n + 1);
+    return RC_OK;
+}
+
+/* Pop the shared free list: a slot whose word says ARENA, or RC_FAIL. */
+static int arena_pop(Core *f, uint64_t *out) {
+    uint64_t n = f->hdr[H_ARENA_FREE];
+    if (n == 0) return RC_FAIL;
+    if (n > f->capacity) return corrupt(f, "arena_free %llu is beyond the capacity %llu", n, f->capacity);
+    uint64_t idx = f->arena[n - 1];
+    if (idx >= f->capacity || W_STATE(f->words[idx]) != ST_ARENA)
+        return corrupt(f, "arena free list entry %llu names slot %llu, not a free one", n - 1, idx);
+    st(&f->hdr[H_ARENA_FREE], n - 1);
+    *out = idx;
+    return RC_OK;
+}
+
+/* Mark slot idx HELD by us under a new generation; its handle. The caller
+ * owns the slot's current state (ARENA or RESERVE under the lock, or CACHED
+ * by us: then by CAS, see cache_pop). This store commits an allocation. */
+static inline uint64_t hand_out(Core *f, uint64_t idx) {
+    uint64_t gen = (W_GEN(f->words[idx]) + 1) & GEN_MASK;
+    st(&f->words[idx], mkword(ST_HELD, f->me, gen));
+    return idx | gen << HGEN_SHIFT;
+}
+
+/* Pop our cache's top and hand it out (lock-free): 1 with *handle, 0 if the
+ * cache holds no slot of ours (entries taken by thieves are dropped). */
+static int cache_pop(Core *f, uint64_t *handle) {
+    uint64_t *ent = f->entry;
+    uint64_t n = ent[P_CACHE_N];
+    if (n > CACHE_MAX) n = CACHE_MAX;
     while (n > 0) {
         n--;
-        uint64_t idx = f->cache[n];
-        f->entry[P_CACHE_N] = n;
-        if (idx >= f->capacity) {
-            PyErr_Format(PyExc_ValueError, "pool is corrupt: cache entry %llu names slot %llu, out of range",
-                         (unsigned long long)n, (unsigned long long)idx);
-            return NULL;
-        }
+        uint64_t idx = __atomic_load_n(&f->cache[n], __ATOMIC_ACQUIRE);
+        st(&ent[P_CACHE_N], n);
+        if (idx >= f->capacity) continue; /* blank, or damaged: dropped */
         uint64_t w = ld(&f->words[idx]);
-        if ((w & STATE_MASK) == ST_CACHED && (w >> PID_SHIFT) == f->pid) {
-            uint64_t gen = ((w >> GEN_SHIFT) + 1) & GEN_MASK;
-            uint64_t held = ST_HELD | gen << GEN_SHIFT | f->pid << PID_SHIFT;
-            if (__atomic_compare_exchange_n(&f->words[idx], &w, held, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-                f->entry[P_C_ALLOC_ARENA]++;
-                return PyLong_FromUnsignedLongLong(idx | gen << HGEN_SHIFT | f->tag << TAG_SHIFT);
+        if (W_STATE(w) != ST_CACHED || W_OWNER(w) != f->me) continue; /* taken by a thief */
+        uint64_t gen = (W_GEN(w) + 1) & GEN_MASK;
+        if (cas(&f->words[idx], w, mkword(ST_HELD, f->me, gen))) {
+            *handle = idx | gen << HGEN_SHIFT;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Move all but the top `keep` entries of our cache (its bottom) onto the
+ * shared free list (lock held). Our cache is the arena's top: this keeps the
+ * allocation order of the single locked stack. */
+static int drain(Core *f, uint64_t keep) {
+    if (!f->entry) return RC_OK;
+    uint64_t *ent = f->entry;
+    uint64_t n = ent[P_CACHE_N];
+    if (n > CACHE_MAX) return corrupt(f, "this process's cache count %llu exceeds its size %llu", n, CACHE_MAX);
+    uint64_t move = n > keep ? n - keep : 0;
+    for (uint64_t i = 0; i < move; i++) {
+        uint64_t idx = __atomic_load_n(&f->cache[i], __ATOMIC_ACQUIRE);
+        if (idx >= f->capacity) continue;
+        uint64_t w = ld(&f->words[idx]);
+        if (W_STATE(w) != ST_CACHED || W_OWNER(w) != f->me) continue;
+        if (f->hdr[H_ARENA_FREE] >= f->capacity)
+            return corrupt(f, "arena_free %llu is beyond the capacity %llu", f->hdr[H_ARENA_FREE], f->capacity);
+        if (cas(&f->words[idx], w, mkword(ST_ARENA, 0, W_GEN(w)))) {
+            CRASH(CP_DRAIN);
+            arena_push(f, idx);
+        }
+    }
+    memmove(f->cache, f->cache + move, (n - move) * sizeof(uint32_t));
+    st(&ent[P_CACHE_N], n - move);
+    return RC_OK;
+}
+
+/* Move up to k slots from the top of the shared free list onto our cache,
+ * in order (lock held). How many moved, or RC_CORRUPT. */
+static int refill(Core *f, uint64_t k, uint64_t *moved) {
+    uint64_t *ent = f->entry;
+    uint64_t n = ent[P_CACHE_N], shared = f->hdr[H_ARENA_FREE];
+    if (n > CACHE_MAX) return corrupt(f, "this process's cache count %llu exceeds its size %llu", n, CACHE_MAX);
+    if (shared > f->capacity) return corrupt(f, "arena_free %llu is beyond the capacity %llu", shared, f->capacity);
+    uint64_t take = CACHE_MAX - n;
+    if (take > k) take = k;
+    if (take > shared) take = shared;
+    uint64_t first = shared - take;
+    for (uint64_t i = 0; i < take; i++) { /* all checked before anything moves */
+        uint64_t idx = f->arena[first + i];
+        if (idx >= f->capacity || W_STATE(f->words[idx]) != ST_ARENA)
+            return corrupt(f, "arena free list entry %llu names slot %llu, not a free one", first + i, idx);
+    }
+    for (uint64_t i = 0; i < take; i++) {
+        uint64_t idx = f->arena[first + i];
+        __atomic_store_n(&f->cache[n + i], (uint32_t)idx, __ATOMIC_RELEASE);
+        st(&f->words[idx], mkword(ST_CACHED, f->me, W_GEN(f->words[idx])));
+        CRASH(CP_REFILL);
+    }
+    st(&ent[P_CACHE_N], n + take);
+    st(&f->hdr[H_ARENA_FREE], first);
+    *moved = take;
+    return RC_OK;
+}
+
+/* Take every slot cached by another process onto the shared free list
+ * (lock held), so that free slots are never stranded in an idle process's
+ * cache. How many moved. */
+static int steal(Core *f, uint64_t *taken) {
+    *taken = 0;
+    for (uint64_t e = 0; e < f->max_procs; e++) {
+        if (e + 1 == f->me) continue;
+        uint64_t *ent = ENTRY(f, e);
+        if (ld(&ent[P_EPOCH]) == 0) continue;
+        uint64_t n = ld(&ent[P_CACHE_N]);
+        if (n > CACHE_MAX) n = CACHE_MAX;
+        uint32_t *cache = CACHE_OF(ent);
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t idx = __atomic_load_n(&cache[i], __ATOMIC_ACQUIRE);
+            if (idx >= f->capacity) continue;
+            uint64_t w = ld(&f->words[idx]);
+            if (W_STATE(w) != ST_CACHED || W_OWNER(w) != e + 1) continue;
+            if (f->hdr[H_ARENA_FREE] >= f->capacity)
+                return corrupt(f, "arena_free %llu is beyond the capacity %llu", f->hdr[H_ARENA_FREE], f->capacity);
+            if (cas(&f->words[idx], w, mkword(ST_ARENA, 0, W_GEN(w)))) {
+                CRASH(CP_STEAL);
+                arena_push(f, idx);
+                uint32_t expected = idx; /* blank the entry, unless its owner reused it */
+                __atomic_compare_exchange_n(&cache[i], &expected, CACHE_BLANK, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+                (*taken)++;
             }
         }
-        f->entry[P_DISCARDED]++; /* stolen meanwhile: drop the stale entry */
     }
+    return RC_OK;
+}
+
+/* How many slots entry e's cache really holds: entries naming a slot
+ * CACHED by e (counted from the words, never from a counter). */
+static uint64_t cached_by(Core *f, uint64_t e) {
+    uint64_t *ent = ENTRY(f, e), total = 0;
+    uint64_t n = ld(&ent[P_CACHE_N]);
+    if (n > CACHE_MAX) n = CACHE_MAX;
+    uint32_t *cache = CACHE_OF(ent);
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t idx = __atomic_load_n(&cache[i], __ATOMIC_ACQUIRE);
+        if (idx >= f->capacity) continue;
+        uint64_t w = ld(&f->words[idx]);
+        total += W_STATE(w) == ST_CACHED && W_OWNER(w) == e + 1;
+    }
+    return total;
+}
+
+/* The kernel's first try: the backing allocator (lock held). A slot is
+ * taken from our cache (refilled from the shared list), else the shared
+ * list; when both are dry, other processes' caches are stolen from first. A
+ * fault draw happens only when the arena could serve. With `to` ST_HELD the
+ * slot is handed out (*handle); with ST_RESERVE it is added to the reserve.
+ * RC_OK, RC_FAIL (a fault), RC_DRY (nothing free) or RC_CORRUPT. */
+static int arena_take(Core *f, int inject, int to, uint64_t *handle) {
+    int use_cache = f->enabled && f->entry;
+    uint64_t taken;
+    int r;
+    if ((!use_cache || f->entry[P_CACHE_N] == 0) && f->hdr[H_ARENA_FREE] == 0) {
+        if ((r = steal(f, &taken)) != RC_OK) return r;
+        if (!taken) return RC_DRY; /* dry: no draw */
+    }
+    if (inject && fault(f)) return RC_FAIL;
+    if (use_cache && to == ST_HELD) {
+        for (;;) {
+            if (cache_pop(f, handle)) {
+                count(f, C_ALLOC_ARENA, 1);
+                return RC_OK;
+            }
+            uint64_t moved;
+            if ((r = refill(f, CACHE_BATCH, &moved)) != RC_OK) return r;
+            if (moved) continue;
+            if ((r = steal(f, &taken)) != RC_OK) return r; /* our cache held only stale entries */
+            if (!taken) return RC_DRY;
+        }
+    }
+    if (use_cache && (r = drain(f, 0)) != RC_OK) return r; /* our cache is the arena's top: keep the order */
+    uint64_t idx;
+    if ((r = arena_pop(f, &idx)) != RC_OK) return r == RC_FAIL ? RC_DRY : r;
+    if (to == ST_HELD) {
+        *handle = hand_out(f, idx);
+        count(f, C_ALLOC_ARENA, 1);
+    } else {
+        st(&f->words[idx], mkword(ST_RESERVE, 0, W_GEN(f->words[idx])));
+        add_element(f, idx);
+    }
+    return RC_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* mempool_alloc and mempool_free, one locked step each                */
+
+/* One attempt (lock held): the arena (unless skip_arena), then the reserve's
+ * top. With nothing: RC_SLEEP after registering as a sleeper (when
+ * `sleeps`: checked and registered in one critical section, so no wake-up
+ * is lost), else RC_FAIL. */
+static int alloc_step(Core *f, int skip_arena, int mode, uint64_t *handle) {
+    int r = check_header(f);
+    if (r != RC_OK) return r;
+    if (!skip_arena) {
+        r = arena_take(f, 1, ST_HELD, handle);
+        if (r == RC_OK) {
+            f->last_event = EV_ALLOC_ARENA;
+            return RC_OK;
+        }
+        if (r != RC_FAIL && r != RC_DRY) return r;
+    }
+    if (f->hdr[H_CURR_NR] > 0) {
+        uint64_t idx;
+        r = remove_element(f, &idx);
+        if (r != RC_OK) return r;
+        CRASH(CP_ALLOC_RESERVE);
+        *handle = hand_out(f, idx);
+        count(f, C_ALLOC_RESERVE, 1);
+        f->last_event = EV_ALLOC_RESERVE;
+        return RC_OK;
+    }
+    if (mode == MODE_SLEEP) {
+        sleeper_add(f, 1);
+        count(f, C_SLEEPS, 1);
+        f->last_event = EV_SLEEP;
+        return RC_SLEEP;
+    }
+    if (mode == MODE_PROBE) return RC_FAIL;
+    count(f, C_ALLOC_FAILED, 1);
+    f->last_event = EV_ALLOC_FAILED;
+    return RC_FAIL;
+}
+
+/* mempool_free of HELD slot idx whose word was w (lock held): refill the
+ * reserve if it is below min_nr (and wake the sleepers), else give the
+ * element to the arena, through our cache when `to_cache`. The word moves by
+ * CAS (the hot path frees without the lock): RC_INVALID if it lost. */
+static int release_slot(Core *f, uint64_t idx, uint64_t w, int to_cache) {
+    uint64_t *h = f->hdr;
+    if (h[H_CURR_NR] < h[H_MIN_NR]) {
+        if (!cas(&f->words[idx], w, mkword(ST_RESERVE, 0, W_GEN(w)))) return RC_INVALID;
+        CRASH(CP_FREE_RESERVE);
+        add_element(f, idx);
+        count(f, C_FREE_RESERVE, 1);
+        f->wake = 1;
+        f->last_event = EV_FREE_RESERVE;
+        return RC_OK;
+    }
+    if (to_cache && f->enabled && f->entry) {
+        if (f->entry[P_CACHE_N] >= CACHE_MAX) {
+            int r = drain(f, CACHE_MAX - CACHE_BATCH);
+            if (r != RC_OK) return r;
+        }
+        uint64_t n = f->entry[P_CACHE_N];
+        if (!cas(&f->words[idx], w, mkword(ST_CACHED, f->me, W_GEN(w)))) return RC_INVALID;
+        __atomic_store_n(&f->cache[n], (uint32_t)idx, __ATOMIC_RELEASE);
+        st(&f->entry[P_CACHE_N], n + 1);
+    } else {
+        if (h[H_ARENA_FREE] >= f->capacity)
+            return corrupt(f, "arena_free %llu is beyond the capacity %llu", h[H_ARENA_FREE], f->capacity);
+        if (!cas(&f->words[idx], w, mkword(ST_ARENA, 0, W_GEN(w)))) return RC_INVALID;
+        arena_push(f, idx);
+    }
+    count(f, C_FREE_ARENA, 1);
+    f->last_event = EV_FREE_ARENA;
+    return RC_OK;
+}
+
+/* Why handle (slot idx, generation gen) is not a held element: into f->msg. */
+static void describe(Core *f, uint64_t w, uint64_t gen) {
+    static const char *where[] = {"in no valid state", "in the arena", "in the reserve", "held",
+                                  "in the arena (a process's cache)"};
+    uint64_t s = W_STATE(w);
+    if (s == ST_HELD)
+        snprintf(f->msg, sizeof f->msg,
+                 "stale, or another pool's: its slot is held under generation %llu, not %llu (freed and handed out "
+                 "again since)", (unsigned long long)W_GEN(w), (unsigned long long)gen);
+    else
+        snprintf(f->msg, sizeof f->msg, "its slot is %s (freed already, or never allocated, or another pool's handle)",
+                 where[s <= 4 ? s : 0]);
+}
+
+/* ------------------------------------------------------------------ */
+/* Dead processes: retire, reclaim, register                           */
+
+/* Take back everything of the dead entries marked in dead[] (indexed by
+ * owner field): held elements through the free path, cached slots to the
+ * arena; then vacate each entry, its epoch cleared last (the commit). Every
+ * step is a whole slot word, so a retire cut short is finished by the next
+ * one. Returns how many held elements came back, or RC_CORRUPT. */
+static int64_t retire(Core *f, const unsigned char *dead) {
+    int64_t taken = 0;
+    for (uint64_t idx = 0; idx < f->capacity; idx++) {
+        uint64_t w = ld(&f->words[idx]);
+        uint64_t s = W_STATE(w), o = W_OWNER(w);
+        if ((s != ST_HELD && s != ST_CACHED) || o > f->max_procs || !dead[o]) continue;
+        if (s == ST_HELD) {
+            int r = release_slot(f, idx, w, 0);
+            if (r == RC_CORRUPT) return r;
+            taken += r == RC_OK;
+        } else {
+            if (f->hdr[H_ARENA_FREE] >= f->capacity)
+                return corrupt(f, "arena_free %llu is beyond the capacity %llu", f->hdr[H_ARENA_FREE], f->capacity);
+            if (cas(&f->words[idx], w, mkword(ST_ARENA, 0, W_GEN(w)))) arena_push(f, idx);
+        }
+        CRASH(CP_RETIRE);
+    }
+    for (uint64_t o = 1; o <= f->max_procs; o++) {
+        if (dead[o] != 1) continue;
+        uint64_t *ent = ENTRY(f, o - 1);
+        uint64_t epoch = ld(&ent[P_EPOCH]);
+        if (epoch == 0 || entry_locked(f, o - 1)) continue; /* vacant, or claimed by a newcomer meanwhile */
+        st(&ent[P_CACHE_N], 0);
+        st(&ent[P_SLEEPING], 0);
+        cas(&ent[P_EPOCH], epoch, 0); /* last, and only if nobody claimed it: the commit */
+    }
+    f->hdr[H_RECLAIMED] += (uint64_t)taken;
+    return taken;
+}
+
+/* The owner fields of dead holders: vacant or dead entries, and any field
+ * beyond the registry (damage). Caller frees. NULL: no memory. */
+static unsigned char *dead_owners(Core *f, int *any) {
+    unsigned char *dead = calloc(OWNER_MASK + 1, 1);
+    if (!dead) return NULL;
+    *any = 0;
+    dead[0] = 1; /* a held or cached slot with no owner: an orphan */
+    for (uint64_t o = 1; o <= OWNER_MASK; o++) {
+        if (o == f->me) continue;
+        if (o > f->max_procs || !owner_alive(f, o)) {
+            dead[o] = 1;
+            if (o <= f->max_procs && ld(&ENTRY(f, o - 1)[P_EPOCH]) != 0) *any = 1;
+        }
+    }
+    return dead;
+}
+
+/* ------------------------------------------------------------------ */
+/* Repair: make the stacks and depths agree with the slot words        */
+
+/* Keep the entries of list[0:depth] whose slot is in state `s` (each once,
+ * in order), then append the other slots in that state; return the depth. */
+static uint64_t rebuild_list(Core *f, uint32_t *list, uint64_t depth, uint64_t s, unsigned char *seen) {
+    uint64_t cap = f->capacity, j = 0;
+    if (depth > cap) depth = cap;
+    memset(seen, 0, cap);
+    for (uint64_t i = 0; i < depth; i++) {
+        uint64_t idx = list[i];
+        if (idx < cap && !seen[idx] && W_STATE(f->words[idx]) == s) {
+            seen[idx] = 1;
+            list[j++] = (uint32_t)idx;
+        }
+    }
+    for (uint64_t idx = 0; idx < cap; idx++)
+        if (!seen[idx] && W_STATE(f->words[idx]) == s) list[j++] = (uint32_t)idx;
+    return j;
+}
+
+/* Run by the process that took the lock over from a dead holder (and by
+ * reclaim). Idempotent: on a whole pool it changes nothing. Counts the
+ * things it fixed. */
+static void repair(Core *f) {
+    uint64_t cap = f->capacity;
+    unsigned char *seen = malloc(cap);
+    int any;
+    unsigned char *dead = dead_owners(f, &any);
+    if (!seen || !dead) { free(seen); free(dead); return; }
+    uint64_t *h = f->hdr;
+    if (h[H_MIN_NR] < 1) h[H_MIN_NR] = 1;
+    if (h[H_MIN_NR] > cap) h[H_MIN_NR] = cap;
+    for (uint64_t idx = 0; idx < cap; idx++) {
+        uint64_t w = ld(&f->words[idx]), s = W_STATE(w);
+        if (s < ST_ARENA || s > ST_CACHED || (s == ST_CACHED && dead[W_OWNER(w)]))
+            cas(&f->words[idx], w, mkword(ST_ARENA, 0, W_GEN(w)));
+        else if (s == ST_RESERVE && W_OWNER(w) != 0)
+            st(&f->words[idx], mkword(ST_RESERVE, 0, W_GEN(w)));
+        CRASH(CP_REBUILD);
+    }
+    uint64_t curr = rebuild_list(f, f->stack, h[H_CURR_NR], ST_RESERVE, seen);
+    while (curr > h[H_MIN_NR]) { /* the reserve is not a cache: extras go back */
+        uint64_t idx = f->stack[--curr];
+        st(&f->words[idx], mkword(ST_ARENA, 0, W_GEN(f->words[idx])));
+    }
+    st(&h[H_CURR_NR], curr);
+    st(&h[H_ARENA_FREE], rebuild_list(f, f->arena, h[H_ARENA_FREE], ST_ARENA, seen));
+    uncount_dead_sleepers(f);
+    free(seen);
+    free(dead);
+    f->wake = 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Python-facing helpers                                               */
+
+#define ENTER(f)                                                                 \
+    do {                                                                         \
+        if ((f)->hdr == NULL || (f)->closing) return closed_error(f);            \
+        (f)->busy++;                                                             \
+    } while (0)
+
+static void release_view(Core *f);
+static PyObject *closed_error(Core *f) {
+    PyErr_SetString(ErrClosed ? ErrClosed : PyExc_ValueError, "the pool is closed in this object");
     return NULL;
 }
 
-/* The pool lock without waiting; recorded like _lock.PoolLock. */
-static inline int lock_try(FastPath *f) {
-    if (f->lock_sem == NULL || sem_trywait(f->lock_sem) != 0) return 0;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t *h = f->hdr;
-    st(&h[H_LOCK_PID], f->pid);
-    st(&h[H_LOCK_START], f->start);
-    st(&h[H_LOCK_SINCE_NS], (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec);
-    h[H_LOCK_SEQ]++;
-    return 1;
+static PyObject *leave(Core *f, PyObject *result) {
+    if (--f->busy == 0 && f->closing) release_view(f);
+    return result;
 }
 
-static inline void lock_release(FastPath *f) {
-    st(&f->hdr[H_LOCK_PID], 0);
-    sem_post(f->lock_sem);
-}
-
-/* Whether the reserve path may run here: a live pool without poisoning. */
-static inline int reserve_fast_ok(FastPath *f) {
-    return f->lock_sem != NULL && (ld(&f->hdr[H_FLAGS]) & FLAG_POISON) == 0 && ld(&f->hdr[H_STATUS]) == STATUS_LIVE;
-}
-
-/* Whether some other process's cache holds slots (then the Python path,
- * which can steal them, must decide: the arena is not really dry). */
-static int others_cache(FastPath *f);
-
-/* alloc's fall-back to the reserve (the arena failed): the top of the
- * reserve, or NULL (no error) to let the slow path decide. */
-static PyObject *reserve_alloc(FastPath *f, int arena_dry) {
-    if (!reserve_fast_ok(f) || (arena_dry && others_cache(f)) || !lock_try(f)) return NULL;
-    PyObject *handle = NULL;
-    uint64_t *h = f->hdr, n = h[H_CURR_NR];
-    if (n > 0 && n <= f->capacity && h[H_STATUS] == STATUS_LIVE) {
-        uint64_t idx = f->stack[n - 1];
-        uint64_t w = idx < f->capacity ? f->words[idx] : 0;
-        if (idx < f->capacity && (w & STATE_MASK) == ST_RESERVE) {
-            h[H_CURR_NR] = n - 1;
-            uint64_t gen = ((w >> GEN_SHIFT) + 1) & GEN_MASK;
-            st(&f->words[idx], ST_HELD | gen << GEN_SHIFT | f->pid << PID_SHIFT);
-            f->entry[P_C_ALLOC_RESERVE]++;
-            handle = PyLong_FromUnsignedLongLong(idx | gen << HGEN_SHIFT | f->tag << TAG_SHIFT);
-        }
+/* After the lock is released: wake-ups, then the poison warning. */
+static int after_unlock(Core *f) {
+    if (f->wake) wake_all(f);
+    if (f->poisoned >= 0) {
+        int64_t idx = f->poisoned;
+        f->poisoned = -1;
+        if (PyErr_WarnFormat(WarnPoison, 2, "reserved element in slot %lld was written after it was freed",
+                             (long long)idx) < 0)
+            return -1;
     }
-    lock_release(f);
-    return handle;
+    return 0;
 }
 
-/* free's refill of the reserve (curr_nr < min_nr was peeked): 1 done, 0 the
- * reserve is full after all (go on to the cache), -1 let the slow path do
- * it (busy lock, poisoning, a handle that is not held...). */
-static int reserve_free(FastPath *f, uint64_t idx, uint64_t w) {
-    if (!reserve_fast_ok(f) || !lock_try(f)) return -1;
-    uint64_t *h = f->hdr, n = h[H_CURR_NR];
-    int done = 0;
-    if (n >= h[H_MIN_NR]) {
-        done = 0;
-    } else if (n >= f->capacity || h[H_STATUS] != STATUS_LIVE ||
-               !__atomic_compare_exchange_n(&f->words[idx], &w, (w & (GEN_MASK << GEN_SHIFT)) | ST_RESERVE, 0,
-                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        done = -1;
-    } else {
-        f->stack[n] = (uint32_t)idx;
-        h[H_CURR_NR] = n + 1;
-        f->entry[P_C_FREE_RESERVE]++;
-        /* wake_all (see _lock.WaitQueue): a token for every sleeper */
-        int64_t sleepers = (int64_t)h[H_NR_WAITERS];
-        if (sleepers > 0 && f->wait_sem != NULL) {
-            int value = 0;
-            sem_getvalue(f->wait_sem, &value);
-            for (int64_t i = value; i < sleepers; i++) sem_post(f->wait_sem);
-        }
-        done = 1;
+/* The Python exception for a result code (no lock held). */
+static PyObject *raise_for(Core *f, int r) {
+    switch (r) {
+    case RC_SIGNAL: return NULL; /* the handler's exception is set */
+    case RC_TIMEOUT: PyErr_SetString(PyExc_TimeoutError, "timed out"); return NULL;
+    case RC_DESTROYED: PyErr_SetString(ErrDestroyed, "the pool was destroyed"); return NULL;
+    case RC_CLOSED: return closed_error(f);
+    case RC_CORRUPT: PyErr_Format(ErrFormat, "pool is corrupt: %s", f->msg); return NULL;
+    default: PyErr_Format(PyExc_SystemError, "shmpool: unexpected result %d", r); return NULL;
     }
-    lock_release(f);
-    return done;
 }
 
-static PyObject *call_slow_alloc(FastPath *f, PyObject *gfp, PyObject *timeout, int arena_failed) {
-    PyObject *args[4] = {(PyObject *)f, gfp, timeout, arena_failed ? Py_True : Py_False};
+static int call_trace(Core *f, uint64_t handle, int has_handle) {
+    if (f->trace == NULL || f->last_event == EV_NONE) return 0;
+    PyObject *h = has_handle ? PyLong_FromUnsignedLongLong(handle) : Py_NewRef(Py_None);
+    if (!h) return -1;
+    PyObject *res = PyObject_CallFunction(f->trace, "sOK", EVENT_NAMES[f->last_event], h,
+                                          (unsigned long long)f->last_curr);
+    Py_DECREF(h);
+    if (!res) return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+static uint64_t deadline_from(long long ns) {
+    if (ns < 0) return 0;
+    uint64_t d = now_ns() + (uint64_t)ns;
+    return d ? d : 1;
+}
+
+/* One locked alloc attempt (the lock taken by `deadline`). */
+static int alloc_locked(Core *f, int skip_arena, int mode, uint64_t deadline, uint64_t *handle) {
+    f->last_event = EV_NONE;
+    int r = lock_acquire(f, deadline);
+    if (r == RC_TIMEOUT) {
+        count(f, C_ALLOC_FAILED, 1);
+        f->last_event = EV_ALLOC_FAILED;
+        f->last_curr = ld(&f->hdr[H_CURR_NR]);
+    }
+    if (r != RC_OK) return r;
+    if (f->recount) {
+        f->recount = 0;
+        uncount_dead_sleepers(f);
+    }
+    r = alloc_step(f, skip_arena, mode, handle);
+    f->last_curr = f->hdr[H_CURR_NR];
+    lock_release(f);
+    return r;
+}
+
+static int free_locked(Core *f, uint64_t idx, uint64_t gen, int to_cache);
+
+/* Free an element we just got, keeping the exception that is set. */
+static void give_back(Core *f, uint64_t handle) {
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *saved = f->trace;
+    f->trace = NULL;
+    free_locked(f, handle & INDEX_MASK, handle >> HGEN_SHIFT, 1);
+    after_unlock(f);
+    f->trace = saved;
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+}
+
+/* Sleep until a wake-up token, `until`, or a signal handler's exception
+ * (RC_SIGNAL); the caller is registered as a sleeper and unregisters after,
+ * lock-free, so that an interrupted sleep never leaks nr_waiters. */
+static int sleep_until(Core *f, uint64_t until) {
+    int r = RC_OK, woken = 0;
+    for (;;) {
+        if ((woken = sem_nap(f->wait_sem, until)) || f->closing) break;
+        if (PyErr_CheckSignals() < 0) { r = RC_SIGNAL; break; }
+        if (now_ns() >= until) break;
+    }
+    if (!woken) f->recount = 1; /* nobody woke us: some sleepers may have died */
+    sleeper_add(f, -1); /* finish_wait */
+    drain_tokens(f);
+    if (r == RC_OK && f->closing) r = RC_CLOSED;
+    return r;
+}
+
+/* The whole of mempool_alloc for a call that may sleep or fail: attempts
+ * under the lock, sleeps without it. `deadline` (0: none) bounds the whole
+ * call; lock_deadline bounds a non-sleeping call's wait for the lock. */
+static int alloc_loop(Core *f, int sleeps, int skip_arena, uint64_t deadline, uint64_t retry_ns,
+                      uint64_t lock_deadline, uint64_t *handle) {
+    int slept = 0;
+    for (;;) {
+        /* Past the deadline, one last attempt that does not register. */
+        int mode = sleeps && !(deadline && now_ns() >= deadline) ? MODE_SLEEP : MODE_FAIL;
+        int r = alloc_locked(f, skip_arena, mode, sleeps ? deadline : lock_deadline, handle);
+        skip_arena = 0;
+        if (r == RC_TIMEOUT && !sleeps) r = RC_FAIL; /* may not sleep: the lock did not come in time */
+        if (r == RC_OK && slept && f->hdr[H_CURR_NR] > 0) f->wake = 1; /* we may hold another sleeper's token */
+        if (after_unlock(f) < 0) {
+            if (r == RC_SLEEP) sleeper_add(f, -1);
+            return RC_SIGNAL;
+        }
+        if (r == RC_FAIL && sleeps) r = RC_TIMEOUT;
+        if (r == RC_OK || r == RC_FAIL || r == RC_TIMEOUT || r == RC_SLEEP) {
+            if (call_trace(f, *handle, r == RC_OK) < 0) {
+                if (r == RC_SLEEP) sleeper_add(f, -1);
+                if (r == RC_OK) give_back(f, *handle); /* the trace raised: nothing is lost */
+                return RC_SIGNAL;
+            }
+        }
+        if (r != RC_SLEEP) return r;
+        uint64_t until = now_ns() + retry_ns;
+        if (deadline && deadline < until) until = deadline;
+        if ((r = sleep_until(f, until)) != RC_OK) return r;
+        slept = 1;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Methods                                                             */
+
+static PyObject *call_slow_alloc(Core *f, PyObject *gfp, PyObject *timeout, int skip) {
+    PyObject *args[4] = {(PyObject *)f, gfp, timeout, skip ? Py_True : Py_False};
     return PyObject_VectorcallMethod(STR_ALLOC_SLOW, args, 4, NULL);
 }
 
-/* alloc(gfp=GFP_KERNEL, *, timeout=None) */
-static PyObject *FastPath_alloc(FastPath *f, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
-    /* Every check here only chooses the path: the slow path validates fully. */
+/* alloc(gfp=GFP_KERNEL, *, timeout=None): the lock-free cache, else one
+ * locked attempt; sleeping, odd arguments and tracing go to _alloc_slow. */
+static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *gfp = nargs > 0 ? args[0] : GFP_KERNEL_OBJ;
     PyObject *timeout = Py_None;
@@ -268,483 +1034,921 @@ static PyObject *FastPath_alloc(FastPath *f, PyObject *const *args, size_t nargs
             }
         }
     }
-    if (!f->enabled || timeout != Py_None || !PyLong_Check(gfp) || PyBool_Check(gfp))
+    if (f->hdr == NULL || f->closing || f->trace != NULL || timeout != Py_None || !PyLong_CheckExact(gfp))
         return call_slow_alloc(f, gfp, timeout, 0);
     long g = PyLong_AsLong(gfp);
     if (g == -1 && PyErr_Occurred()) { PyErr_Clear(); return call_slow_alloc(f, gfp, timeout, 0); }
-    if (g & ~GFP_ALL || f->entry == NULL || ld(&f->hdr[H_STATUS]) != STATUS_LIVE)
-        return call_slow_alloc(f, gfp, timeout, 0);
-    PyObject *h;
-    if (f->entry[P_CACHE_N] == 0) {
-        if (ld(&f->hdr[H_ARENA_FREE]) != 0) return call_slow_alloc(f, gfp, timeout, 0); /* refill */
-        h = reserve_alloc(f, 1); /* the arena is dry: no draw */
-        return h ? h : call_slow_alloc(f, gfp, timeout, 0);
+    if ((g & ~0xF0L) != 0 || ld(&f->hdr[H_STATUS]) != STATUS_LIVE) return call_slow_alloc(f, gfp, timeout, 0);
+    int sleeps = (g & GFP_WAIT) != 0, skip = 0;
+    if (f->enabled && f->entry && f->entry[P_CACHE_N] > 0) {
+        if (fault(f)) skip = 1;
+        else {
+            uint64_t h;
+            if (cache_pop(f, &h)) {
+                count(f, C_ALLOC_ARENA, 1);
+                return PyLong_FromUnsignedLongLong(h);
+            }
+        }
     }
-    if (fault(f)) {
-        h = reserve_alloc(f, 0);
-        return h ? h : call_slow_alloc(f, gfp, timeout, 1);
+    f->busy++;
+    uint64_t h = 0;
+    int r = alloc_locked(f, skip, sleeps ? MODE_PROBE : MODE_FAIL,
+                         sleeps ? 0 : deadline_from((long long)atomic_wait_ns), &h);
+    if (r == RC_TIMEOUT && !sleeps) r = RC_FAIL;
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    if (r == RC_OK) return leave(f, PyLong_FromUnsignedLongLong(h));
+    if (r == RC_FAIL && sleeps) {
+        /* The kernel sleeps next: Python composes the wait (the reserve is
+         * checked again with the registration, and no new draw is made). */
+        leave(f, NULL);
+        return call_slow_alloc(f, gfp, timeout, 1);
     }
-    h = hand_out_cached(f);
-    if (h == NULL && !PyErr_Occurred()) return call_slow_alloc(f, gfp, timeout, 0);
-    return h;
+    if (r == RC_FAIL) return leave(f, Py_NewRef(Py_None));
+    return leave(f, raise_for(f, r));
 }
 
-/* free(handle) */
-static PyObject *FastPath_free(FastPath *f, PyObject *handle) {
-    if (handle == Py_None) Py_RETURN_NONE;
-    if (!f->enabled || f->entry == NULL || !PyLong_CheckExact(handle)) goto slow;
+/* _alloc_core(sleeps, skip_arena, timeout_ns, retry_ns, lock_wait_ns):
+ * mempool_alloc after Python checked the arguments. timeout_ns < 0: none;
+ * lock_wait_ns bounds the wait for the lock of a call that may not sleep.
+ * A handle, or None (may not sleep and nothing to give); raises
+ * TimeoutError, PoolDestroyedError, PoolFormatError, or what a signal
+ * handler raised during a wait (nothing is held then, nothing leaked). */
+static PyObject *Core_alloc_core(Core *f, PyObject *args) {
+    int sleeps, skip;
+    long long timeout_ns, retry_ns, lock_wait_ns;
+    if (!PyArg_ParseTuple(args, "ppLLL", &sleeps, &skip, &timeout_ns, &retry_ns, &lock_wait_ns)) return NULL;
+    ENTER(f);
+    uint64_t h = 0;
+    uint64_t deadline = deadline_from(timeout_ns);
+    uint64_t lock_deadline = deadline_from(lock_wait_ns);
+    if (deadline && (!lock_deadline || deadline < lock_deadline)) lock_deadline = deadline;
+    int r = alloc_loop(f, sleeps, skip, deadline, retry_ns > 0 ? (uint64_t)retry_ns : 1, lock_deadline, &h);
+    if (r == RC_OK) return leave(f, PyLong_FromUnsignedLongLong(h));
+    if (r == RC_FAIL) return leave(f, Py_NewRef(Py_None));
+    return leave(f, raise_for(f, r));
+}
+
+/* alloc_preallocated(): the reserve only, never the arena, never sleeping. */
+static PyObject *Core_alloc_preallocated(Core *f, PyObject *unused) {
+    ENTER(f);
+    int r = lock_acquire(f, 0);
+    uint64_t h = 0;
+    if (r == RC_OK) {
+        r = check_header(f);
+        if (r == RC_OK) {
+            uint64_t idx;
+            if (f->hdr[H_CURR_NR] == 0) {
+                count(f, C_ALLOC_FAILED, 1);
+                r = RC_FAIL;
+            } else if ((r = remove_element(f, &idx)) == RC_OK) {
+                h = hand_out(f, idx);
+                count(f, C_ALLOC_RESERVE, 1);
+            }
+        }
+        lock_release(f);
+    }
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    if (r == RC_OK) return leave(f, PyLong_FromUnsignedLongLong(h));
+    if (r == RC_FAIL) return leave(f, Py_NewRef(Py_None));
+    return leave(f, raise_for(f, r));
+}
+
+/* Decode a handle for the lock-free checks: 1 with idx and gen. */
+static int decode(Core *f, PyObject *handle, uint64_t *idx, uint64_t *gen) {
+    if (!PyLong_CheckExact(handle)) return 0;
     int overflow = 0;
     long long h = PyLong_AsLongLongAndOverflow(handle, &overflow);
-    if (overflow || h < 0) { PyErr_Clear(); goto slow; }
-    uint64_t idx = (uint64_t)h & INDEX_MASK, gen = ((uint64_t)h >> HGEN_SHIFT) & GEN_MASK;
-    if (idx >= f->capacity || ((uint64_t)h >> TAG_SHIFT) != f->tag) goto slow;
-    uint64_t *hdr = f->hdr;
-    if (ld(&hdr[H_STATUS]) != STATUS_LIVE) goto slow;
+    if (overflow || h < 0) { PyErr_Clear(); return 0; }
+    *idx = (uint64_t)h & INDEX_MASK;
+    *gen = (uint64_t)h >> HGEN_SHIFT;
+    return *idx < f->capacity;
+}
+
+/* The locked free of slot idx / gen; RC_INVALID with f->msg. */
+static int free_locked(Core *f, uint64_t idx, uint64_t gen, int to_cache) {
+    int r = lock_acquire(f, 0);
+    if (r != RC_OK) return r;
+    f->last_event = EV_NONE;
+    r = check_header(f);
+    if (r == RC_OK) {
+        uint64_t w = ld(&f->words[idx]);
+        if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+            describe(f, w, gen);
+            r = RC_INVALID;
+        } else if ((r = release_slot(f, idx, w, to_cache)) == RC_INVALID) {
+            snprintf(f->msg, sizeof f->msg, "freed by another process at the same moment");
+        }
+    }
+    f->last_curr = f->hdr[H_CURR_NR];
+    lock_release(f);
+    return r;
+}
+
+static PyObject *invalid(Core *f, uint64_t handle) {
+    PyObject *exc = PyObject_CallFunction(ErrInvalid, "Ks", (unsigned long long)handle, f->msg);
+    if (exc) {
+        PyErr_SetObject(ErrInvalid, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* free(handle): the lock-free cache push when the reserve is full, else the
+ * locked free; anything unusual goes to _free_slow. */
+static PyObject *Core_free(Core *f, PyObject *handle) {
+    if (handle == Py_None) Py_RETURN_NONE;
+    uint64_t idx, gen;
+    if (f->hdr == NULL || f->closing || f->trace != NULL || !decode(f, handle, &idx, &gen)) goto slow;
+    uint64_t *h = f->hdr;
+    if (ld(&h[H_STATUS]) != STATUS_LIVE) goto slow;
     uint64_t w = ld(&f->words[idx]);
-    if ((w & STATE_MASK) != ST_HELD || ((w >> GEN_SHIFT) & GEN_MASK) != gen) goto slow;
-    /* The kernel's unlocked peek, then the check under the lock: the
-     * reserve refills first. */
-    if (ld(&hdr[H_CURR_NR]) < ld(&hdr[H_MIN_NR])) {
-        int r = reserve_free(f, idx, w);
-        if (r > 0) Py_RETURN_NONE;
-        if (r < 0) goto slow;
-        w = ld(&f->words[idx]); /* the reserve filled meanwhile: to the cache */
-        if ((w & STATE_MASK) != ST_HELD || ((w >> GEN_SHIFT) & GEN_MASK) != gen) goto slow;
+    if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) goto slow;
+    /* The kernel's unlocked peek (checked again under the lock): while the
+     * reserve is below min_nr, the element goes there first. */
+    if (ld(&h[H_CURR_NR]) >= ld(&h[H_MIN_NR]) && f->enabled && f->entry) {
+        uint64_t n = f->entry[P_CACHE_N];
+        if (n < CACHE_MAX && cas(&f->words[idx], w, mkword(ST_CACHED, f->me, gen))) {
+            __atomic_store_n(&f->cache[n], (uint32_t)idx, __ATOMIC_RELEASE);
+            st(&f->entry[P_CACHE_N], n + 1);
+            count(f, C_FREE_ARENA, 1);
+            Py_RETURN_NONE;
+        }
     }
-    uint64_t n = f->entry[P_CACHE_N];
-    if (n >= f->cache_max) goto slow;
-    uint64_t cached = ST_CACHED | gen << GEN_SHIFT | f->pid << PID_SHIFT;
-    if (!__atomic_compare_exchange_n(&f->words[idx], &w, cached, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) goto slow;
-    f->cache[n] = (uint32_t)idx;
-    f->entry[P_CACHE_N] = n + 1;
-    f->entry[P_C_FREE_ARENA]++;
-    Py_RETURN_NONE;
+    f->busy++;
+    int r = free_locked(f, idx, gen, 1);
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    if (r == RC_OK) return leave(f, Py_NewRef(Py_None));
+    if (r == RC_INVALID) return leave(f, invalid(f, idx | gen << HGEN_SHIFT));
+    return leave(f, raise_for(f, r));
 slow: {
-        PyObject *args[2] = {(PyObject *)f, handle};
-        return PyObject_VectorcallMethod(STR_FREE_SLOW, args, 2, NULL);
+        PyObject *a[2] = {(PyObject *)f, handle};
+        return PyObject_VectorcallMethod(STR_FREE_SLOW, a, 2, NULL);
     }
 }
 
-/* take_bulk(out, n): with the lock held, hand out up to n arena elements
- * into ``out`` (a writable int64 buffer), each one an arena attempt with its
- * own fault draw: from this process's cache, then the shared free list.
- * Returns how many it wrote to the front of ``out``; the rest of the n
- * attempts failed (a fault or a dry arena). */
-static PyObject *FastPath_take_bulk(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_OPEN(f);
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "take_bulk(out, n)"); return NULL; }
-    Py_buffer out;
-    if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
-    if ((n == -1 && PyErr_Occurred()) || n < 0 || out.len < n * 8) {
-        PyBuffer_Release(&out);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "out is smaller than n int64");
-        return NULL;
+/* _free_core(index, generation): the locked free after Python decoded the
+ * handle; returns None (the trace, if any, is called here). */
+static PyObject *Core_free_core(Core *f, PyObject *args) {
+    unsigned long long idx, gen;
+    if (!PyArg_ParseTuple(args, "KK", &idx, &gen)) return NULL;
+    ENTER(f);
+    if (idx >= f->capacity) {
+        PyErr_SetString(PyExc_ValueError, "slot index out of range");
+        return leave(f, NULL);
     }
-    int64_t *dst = (int64_t *)out.buf;
-    Py_ssize_t got = 0;
-    uint64_t shared = f->hdr[H_ARENA_FREE];
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (f->entry[P_CACHE_N] == 0 && shared == 0) break; /* dry: no more draws */
-        if (fault(f)) continue;
-        uint64_t idx = UINT64_MAX, w = 0;
-        while (f->entry[P_CACHE_N] > 0 && idx == UINT64_MAX) { /* the cache is the arena's top */
-            uint64_t c = f->cache[--f->entry[P_CACHE_N]];
-            w = c < f->capacity ? ld(&f->words[c]) : 0;
-            if (c < f->capacity && (w & STATE_MASK) == ST_CACHED && (w >> PID_SHIFT) == f->pid) idx = c;
-            else f->entry[P_DISCARDED]++;
-        }
-        if (idx == UINT64_MAX) {
-            if (shared == 0) break;
-            idx = f->arena[--shared];
-            w = idx < f->capacity ? f->words[idx] : 0;
-            if (idx >= f->capacity || (w & STATE_MASK) != ST_ARENA) {
-                f->hdr[H_ARENA_FREE] = shared + 1;
-                PyBuffer_Release(&out);
-                PyErr_Format(PyExc_ValueError, "pool is corrupt: arena free list entry %llu names slot %llu, not a free one",
-                             (unsigned long long)shared, (unsigned long long)idx);
-                return NULL;
-            }
-        }
-        uint64_t gen = ((w >> GEN_SHIFT) + 1) & GEN_MASK;
-        /* A cached slot could be taken by a thief only under the lock, which we hold: a plain store is safe. */
-        st(&f->words[idx], ST_HELD | gen << GEN_SHIFT | f->pid << PID_SHIFT);
-        dst[got++] = (int64_t)(idx | gen << HGEN_SHIFT | f->tag << TAG_SHIFT);
-    }
-    f->hdr[H_ARENA_FREE] = shared;
-    f->entry[P_C_ALLOC_ARENA] += got;
-    PyBuffer_Release(&out);
-    return PyLong_FromSsize_t(got);
+    int r = free_locked(f, idx, gen, 1);
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    if (r == RC_INVALID) return leave(f, invalid(f, idx | gen << HGEN_SHIFT));
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    if (call_trace(f, idx | gen << HGEN_SHIFT, 1) < 0) return leave(f, NULL);
+    return leave(f, Py_NewRef(Py_None));
 }
 
-/* give_bulk(handles, n): with the lock held, after the
- * caller validated every handle: compare-and-swap each element's word from
- * HELD to ARENA and push it onto the shared free list. Returns how many
- * moved (fewer only if another process freed one at the same moment). */
-static PyObject *FastPath_give_bulk(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_OPEN(f);
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "give_bulk(handles, n)"); return NULL; }
-    Py_buffer in;
-    if (PyObject_GetBuffer(args[0], &in, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
-    if ((n == -1 && PyErr_Occurred()) || n < 0 || in.len < n * 8) {
-        PyBuffer_Release(&in);
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "handles is smaller than n int64");
-        return NULL;
+/* _adopt_core(index, generation): make us the holder of a held element. */
+static PyObject *Core_adopt_core(Core *f, PyObject *args) {
+    unsigned long long idx, gen;
+    if (!PyArg_ParseTuple(args, "KK", &idx, &gen)) return NULL;
+    ENTER(f);
+    if (idx >= f->capacity) {
+        PyErr_SetString(PyExc_ValueError, "slot index out of range");
+        return leave(f, NULL);
     }
-    const int64_t *src = (const int64_t *)in.buf;
-    uint64_t shared = f->hdr[H_ARENA_FREE];
-    Py_ssize_t moved = 0;
-    for (Py_ssize_t i = 0; i < n && shared < f->capacity; i++) {
-        uint64_t h = (uint64_t)src[i], idx = h & INDEX_MASK, gen = (h >> HGEN_SHIFT) & GEN_MASK;
-        if (idx >= f->capacity) continue;
-        uint64_t w = ld(&f->words[idx]);
-        if ((w & STATE_MASK) != ST_HELD || ((w >> GEN_SHIFT) & GEN_MASK) != gen) continue;
-        if (__atomic_compare_exchange_n(&f->words[idx], &w, (w & (GEN_MASK << GEN_SHIFT)) | ST_ARENA, 0,
-                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-            f->arena[shared++] = (uint32_t)idx;
-            moved++;
-        }
-    }
-    f->hdr[H_ARENA_FREE] = shared;
-    f->entry[P_C_FREE_ARENA] += moved;
-    PyBuffer_Release(&in);
-    return PyLong_FromSsize_t(moved);
-}
-
-/* cache_push(index, word): the locked path's free into this process's
- * cache: compare-and-swap the slot word from ``word`` (HELD) to CACHED by
- * us and push. 1 done, 0 the cache is full (drain and retry), -1 the word
- * was not ``word`` any more (somebody else freed it). */
-static PyObject *FastPath_cache_push(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_OPEN(f);
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "cache_push(index, word)"); return NULL; }
-    unsigned long long idx = PyLong_AsUnsignedLongLong(args[0]);
-    unsigned long long word = PyLong_AsUnsignedLongLong(args[1]);
-    if (PyErr_Occurred()) return NULL;
-    if (idx >= f->capacity) { PyErr_SetString(PyExc_IndexError, "slot index out of range"); return NULL; }
-    uint64_t n = f->entry[P_CACHE_N];
-    if (n >= f->cache_max) return PyLong_FromLong(0);
-    uint64_t w = word;
-    uint64_t cached = (w & (GEN_MASK << GEN_SHIFT)) | ST_CACHED | f->pid << PID_SHIFT;
-    if (!__atomic_compare_exchange_n(&f->words[idx], &w, cached, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-        return PyLong_FromLong(-1);
-    f->cache[n] = (uint32_t)idx;
-    f->entry[P_CACHE_N] = n + 1;
-    f->entry[P_C_FREE_ARENA]++;
-    return PyLong_FromLong(1);
-}
-
-/* pop_cached(): with the lock held, hand out the cache's top, or None. */
-static PyObject *FastPath_pop_cached(FastPath *f, PyObject *unused) {
-    CHECK_OPEN(f);
-    PyObject *h = hand_out_cached(f);
-    if (h == NULL && !PyErr_Occurred()) Py_RETURN_NONE;
-    return h;
-}
-
-/* draw(): one fault draw; True if the arena must fail. */
-static PyObject *FastPath_draw(FastPath *f, PyObject *unused) {
-    CHECK_OPEN(f);
-    return PyBool_FromLong(fault(f));
-}
-
-/* refill(k): with the lock held, move up to k slots from the top of the
- * shared free list onto the cache, keeping their order. Returns how many. */
-static PyObject *FastPath_refill(FastPath *f, PyObject *arg) {
-    CHECK_OPEN(f);
-    long long k = PyLong_AsLongLong(arg);
-    if (k == -1 && PyErr_Occurred()) return NULL;
-    uint64_t shared = f->hdr[H_ARENA_FREE], n = f->entry[P_CACHE_N];
-    uint64_t room = f->cache_max - n;
-    uint64_t take = (uint64_t)k < room ? (uint64_t)k : room;
-    if (take > shared) take = shared;
-    uint64_t first = shared - take;
-    for (uint64_t i = 0; i < take; i++) {
-        uint64_t idx = f->arena[first + i];
-        uint64_t w = f->words[idx < f->capacity ? idx : 0];
-        if (idx >= f->capacity || (w & STATE_MASK) != ST_ARENA) {
-            PyErr_Format(PyExc_ValueError, "pool is corrupt: arena free list entry %llu names slot %llu, not a free one",
-                         (unsigned long long)(first + i), (unsigned long long)idx);
-            return NULL; /* checked before moving anything: nothing changed */
-        }
-    }
-    for (uint64_t i = 0; i < take; i++) {
-        uint64_t idx = f->arena[first + i];
-        f->cache[n + i] = (uint32_t)idx;
-        st(&f->words[idx], (f->words[idx] & (GEN_MASK << GEN_SHIFT)) | ST_CACHED | f->pid << PID_SHIFT);
-    }
-    f->entry[P_CACHE_N] = n + take;
-    f->hdr[H_ARENA_FREE] = first;
-    return PyLong_FromUnsignedLongLong(take);
-}
-
-/* drain(keep): with the lock held, move all but the top ``keep`` cache
- * entries (the bottom of the cache) back onto the shared free list; stale
- * entries are dropped. Returns how many slots moved. */
-static PyObject *FastPath_drain(FastPath *f, PyObject *arg) {
-    CHECK_OPEN(f);
-    long long keep = PyLong_AsLongLong(arg);
-    if (keep == -1 && PyErr_Occurred()) return NULL;
-    uint64_t n = f->entry[P_CACHE_N];
-    uint64_t move = keep < 0 ? n : (n > (uint64_t)keep ? n - (uint64_t)keep : 0);
-    uint64_t shared = f->hdr[H_ARENA_FREE], moved = 0;
-    for (uint64_t i = 0; i < move; i++) {
-        uint64_t idx = f->cache[i];
-        if (idx >= f->capacity || shared + moved >= f->capacity) {
-            PyErr_SetString(PyExc_ValueError, "pool is corrupt: a cache entry or arena_free is beyond the capacity");
-            return NULL;
-        }
-        uint64_t w = ld(&f->words[idx]);
-        uint64_t freed = (w & (GEN_MASK << GEN_SHIFT)) | ST_ARENA;
-        if ((w & STATE_MASK) == ST_CACHED && (w >> PID_SHIFT) == f->pid &&
-            __atomic_compare_exchange_n(&f->words[idx], &w, freed, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-            f->arena[shared + moved++] = (uint32_t)idx;
-        } else {
-            f->entry[P_DISCARDED]++;
-        }
-    }
-    memmove(f->cache, f->cache + move, (n - move) * sizeof(uint32_t));
-    f->entry[P_CACHE_N] = n - move;
-    f->hdr[H_ARENA_FREE] = shared + moved;
-    return PyLong_FromUnsignedLongLong(moved);
-}
-
-/* steal(registry_offset, max_procs, proc_words): with the lock held, take
- * every slot cached by another process onto the shared free list. */
-static PyObject *FastPath_steal(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_OPEN(f);
-    if (nargs != 3) { PyErr_SetString(PyExc_TypeError, "steal(registry_offset, max_procs, proc_words)"); return NULL; }
-    Py_ssize_t off = PyLong_AsSsize_t(args[0]), max = PyLong_AsSsize_t(args[1]), words = PyLong_AsSsize_t(args[2]);
-    if (PyErr_Occurred()) return NULL;
-    if (off < 0 || max < 0 || words < P_CACHE || off + max * words * 8 > f->view.len) {
-        PyErr_SetString(PyExc_ValueError, "registry outside the mapping");
-        return NULL;
-    }
-    uint64_t taken = 0, shared = f->hdr[H_ARENA_FREE];
-    for (Py_ssize_t e = 0; e < max; e++) {
-        uint64_t *entry = (uint64_t *)((char *)f->view.buf + off) + e * words;
-        uint64_t owner = ld(&entry[P_PID]);
-        if (owner == 0 || entry == f->entry) continue;
-        uint64_t n = ld(&entry[P_CACHE_N]);
-        uint64_t limit = (uint64_t)(words - P_CACHE) * 2;
-        uint32_t *cache = (uint32_t *)(entry + P_CACHE);
-        for (uint64_t i = 0; i < n && i < limit; i++) {
-            uint64_t idx = __atomic_load_n(&cache[i], __ATOMIC_ACQUIRE);
-            if (idx >= f->capacity || shared >= f->capacity) continue;
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        r = check_header(f);
+        if (r == RC_OK) {
             uint64_t w = ld(&f->words[idx]);
-            if ((w & STATE_MASK) != ST_CACHED || (w >> PID_SHIFT) != owner) continue;
-            uint64_t freed = (w & (GEN_MASK << GEN_SHIFT)) | ST_ARENA;
-            if (__atomic_compare_exchange_n(&f->words[idx], &w, freed, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-                f->arena[shared++] = (uint32_t)idx;
-                __atomic_add_fetch(&entry[P_STOLEN], 1, __ATOMIC_RELEASE);
-                taken++;
+            if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+                describe(f, w, gen);
+                r = RC_INVALID;
+            } else if (!cas(&f->words[idx], w, mkword(ST_HELD, f->me, gen))) {
+                snprintf(f->msg, sizeof f->msg, "freed by another process at the same moment");
+                r = RC_INVALID;
             }
         }
+        lock_release(f);
     }
-    f->hdr[H_ARENA_FREE] = shared;
-    return PyLong_FromUnsignedLongLong(taken);
+    if (r == RC_INVALID) return leave(f, invalid(f, idx | gen << HGEN_SHIFT));
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, Py_NewRef(Py_None));
 }
 
-static int others_cache(FastPath *f) {
-    for (Py_ssize_t e = 0; e < f->max_procs; e++) {
-        uint64_t *entry = f->registry + e * f->proc_words;
-        if (entry == f->entry || ld(&entry[P_PID]) == 0) continue;
-        if (ld(&entry[P_CACHE_N]) - ld(&entry[P_STOLEN]) + ld(&entry[P_DISCARDED]) > 0) return 1;
-    }
-    return 0;
-}
-
-/* cas(index, expected, new): compare-and-swap one slot word. */
-static PyObject *FastPath_cas(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
-    CHECK_OPEN(f);
-    if (nargs != 3) { PyErr_SetString(PyExc_TypeError, "cas(index, expected, new)"); return NULL; }
-    unsigned long long idx = PyLong_AsUnsignedLongLong(args[0]);
-    unsigned long long expected = PyLong_AsUnsignedLongLong(args[1]);
-    unsigned long long desired = PyLong_AsUnsignedLongLong(args[2]);
-    if (PyErr_Occurred()) return NULL;
-    if (idx >= f->capacity) { PyErr_SetString(PyExc_IndexError, "slot index out of range"); return NULL; }
-    uint64_t e = expected;
-    return PyBool_FromLong(__atomic_compare_exchange_n(&f->words[idx], &e, (uint64_t)desired, 0,
-                                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
-}
-
-/* bind(entry_offset, pid, start): point at this process's registry entry. */
-static PyObject *FastPath_bind(FastPath *f, PyObject *const *args, Py_ssize_t nargs) {
-    if (f->hdr == NULL) { PyErr_SetString(PyExc_ValueError, "the pool is closed in this object"); return NULL; }
-    if (nargs != 3) { PyErr_SetString(PyExc_TypeError, "bind(entry_offset, pid, start)"); return NULL; }
-    Py_ssize_t off = PyLong_AsSsize_t(args[0]);
-    unsigned long long pid = PyLong_AsUnsignedLongLong(args[1]);
-    unsigned long long start = PyLong_AsUnsignedLongLong(args[2]);
-    if (PyErr_Occurred()) return NULL;
-    if (off < 0 || off % 8 || off + (Py_ssize_t)(P_CACHE * 8 + f->cache_max * 4) > f->view.len) {
-        PyErr_SetString(PyExc_ValueError, "registry entry outside the mapping");
+/* _alloc_bulk_core(out, n, sleeps, timeout_ns, retry_ns, lock_wait_ns):
+ * n elements into out (int64), the reserve part all or nothing: when the
+ * reserve cannot cover what the arena did not give, the arena's elements go
+ * back and nothing is held while waiting. True, or False (may not sleep). */
+static PyObject *Core_alloc_bulk_core(Core *f, PyObject *args) {
+    PyObject *obj;
+    Py_ssize_t n;
+    int sleeps;
+    long long timeout_ns, retry_ns, lock_wait_ns;
+    if (!PyArg_ParseTuple(args, "OnpLLL", &obj, &n, &sleeps, &timeout_ns, &retry_ns, &lock_wait_ns)) return NULL;
+    Py_buffer out;
+    if (PyObject_GetBuffer(obj, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (n < 0 || (uint64_t)n > f->capacity || out.len < n * 8) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "n out of range, or out too small");
         return NULL;
     }
-    f->entry = (uint64_t *)((char *)f->view.buf + off);
-    f->cache = (uint32_t *)(f->entry + P_CACHE);
-    f->pid = pid;
-    f->start = start;
-    Py_RETURN_NONE;
+    if (f->hdr == NULL || f->closing) { PyBuffer_Release(&out); return closed_error(f); }
+    f->busy++;
+    int64_t *dst = (int64_t *)out.buf;
+    uint64_t deadline = deadline_from(timeout_ns), lock_deadline = sleeps ? deadline : deadline_from(lock_wait_ns);
+    int slept = 0, r;
+    for (;;) {
+        r = lock_acquire(f, lock_deadline);
+        if (r == RC_TIMEOUT && !sleeps) { count(f, C_ALLOC_FAILED, 1); r = RC_FAIL; break; }
+        if (r != RC_OK) break;
+        if (f->recount) {
+            f->recount = 0;
+            uncount_dead_sleepers(f);
+        }
+        r = check_header(f);
+        Py_ssize_t got = 0;
+        for (Py_ssize_t i = 0; r == RC_OK && i < n; i++) { /* n arena attempts, each with its own draw */
+            uint64_t h;
+            int a = arena_take(f, 1, ST_HELD, &h);
+            if (a == RC_OK) dst[got++] = (int64_t)h;
+            else if (a == RC_DRY) break; /* dry: no more draws */
+            else if (a != RC_FAIL) r = a; /* RC_FAIL: a fault, and the next element is another attempt */
+        }
+        if (r == RC_OK) {
+            uint64_t need = (uint64_t)(n - got);
+            if (need <= f->hdr[H_CURR_NR]) {
+                for (Py_ssize_t i = got; i < n && r == RC_OK; i++) {
+                    uint64_t idx;
+                    if ((r = remove_element(f, &idx)) == RC_OK) dst[i] = (int64_t)hand_out(f, idx);
+                }
+                if (r == RC_OK) {
+                    count(f, C_ALLOC_RESERVE, need);
+                    if (slept && f->hdr[H_CURR_NR] > 0) f->wake = 1;
+                }
+            } else {
+                for (Py_ssize_t i = got; i-- > 0;) { /* all or nothing: give the arena's back, in order */
+                    uint64_t idx = (uint64_t)dst[i] & INDEX_MASK;
+                    uint64_t w = ld(&f->words[idx]);
+                    if (idx < f->capacity && W_STATE(w) == ST_HELD && W_OWNER(w) == f->me) {
+                        if (f->hdr[H_ARENA_FREE] >= f->capacity) { r = corrupt(f, "arena_free %llu is beyond the capacity %llu", f->hdr[H_ARENA_FREE], f->capacity); break; }
+                        if (cas(&f->words[idx], w, mkword(ST_ARENA, 0, W_GEN(w)))) arena_push(f, idx);
+                    }
+                }
+                if (got) count(f, C_ALLOC_ARENA, (uint64_t)-(int64_t)got);
+                if (r == RC_OK) {
+                    if (!sleeps || (deadline && now_ns() >= deadline)) {
+                        count(f, C_ALLOC_FAILED, 1);
+                        r = sleeps ? RC_TIMEOUT : RC_FAIL;
+                    } else {
+                        sleeper_add(f, 1);
+                        count(f, C_SLEEPS, 1);
+                        r = RC_SLEEP;
+                    }
+                }
+            }
+        }
+        lock_release(f);
+        if (after_unlock(f) < 0) {
+            if (r == RC_SLEEP) sleeper_add(f, -1);
+            r = RC_SIGNAL;
+            break;
+        }
+        if (r != RC_SLEEP) break;
+        uint64_t until = now_ns() + (uint64_t)(retry_ns > 0 ? retry_ns : 1);
+        if (deadline && deadline < until) until = deadline;
+        if ((r = sleep_until(f, until)) != RC_OK) break;
+        slept = 1;
+    }
+    PyBuffer_Release(&out);
+    if (r == RC_OK) return leave(f, Py_NewRef(Py_True));
+    if (r == RC_FAIL) return leave(f, Py_NewRef(Py_False));
+    return leave(f, raise_for(f, r));
 }
 
-static int FastPath_init(FastPath *f, PyObject *args, PyObject *kwds) {
+/* _free_bulk_core(handles): free many (int64, each decoded and in range,
+ * no slot twice: Python checked). Every handle is checked under the lock
+ * first; an invalid one refuses the whole call (InvalidHandleError, nothing
+ * freed). Then as if freed one by one. */
+static PyObject *Core_free_bulk_core(Core *f, PyObject *obj) {
+    Py_buffer in;
+    if (PyObject_GetBuffer(obj, &in, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (f->hdr == NULL || f->closing) { PyBuffer_Release(&in); return closed_error(f); }
+    f->busy++;
+    const int64_t *src = (const int64_t *)in.buf;
+    Py_ssize_t n = in.len / 8;
+    int64_t bad = -1, lost = 0;
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        r = check_header(f);
+        for (Py_ssize_t i = 0; r == RC_OK && i < n; i++) {
+            uint64_t h = (uint64_t)src[i], idx = h & INDEX_MASK, gen = h >> HGEN_SHIFT;
+            if (idx >= f->capacity) { r = corrupt(f, "handle %llu names slot %llu beyond the capacity", h, idx); break; }
+            uint64_t w = ld(&f->words[idx]);
+            if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+                describe(f, w, gen);
+                bad = i;
+                r = RC_INVALID;
+            }
+        }
+        for (Py_ssize_t i = 0; r == RC_OK && i < n; i++) {
+            uint64_t h = (uint64_t)src[i], idx = h & INDEX_MASK, gen = h >> HGEN_SHIFT;
+            uint64_t w = ld(&f->words[idx]);
+            if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) { lost++; continue; }
+            int to_arena = f->hdr[H_CURR_NR] >= f->hdr[H_MIN_NR];
+            if (to_arena && f->enabled && f->entry && f->entry[P_CACHE_N]) {
+                if ((r = drain(f, 0)) != RC_OK) break; /* our cache is the arena's top: keep the order */
+            }
+            int x = release_slot(f, idx, w, 0);
+            if (x == RC_INVALID) lost++;
+            else if (x != RC_OK) r = x;
+        }
+        lock_release(f);
+    }
+    PyBuffer_Release(&in);
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    if (r == RC_INVALID) return leave(f, invalid(f, (uint64_t)src[bad]));
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    if (lost) {
+        snprintf(f->msg, sizeof f->msg, "%lld of these elements were freed by another process at the same moment",
+                 (long long)lost);
+        return leave(f, invalid(f, (uint64_t)src[0]));
+    }
+    return leave(f, Py_NewRef(Py_None));
+}
+
+/* _resize_core(new_min_nr, batch): mempool_resize. Shrink: pop reserve
+ * elements above new_min_nr back to the arena. Grow: raise min_nr, then
+ * refill from the arena (faults apply; other caches are stolen from) in
+ * batches of `batch` per lock hold, stopping where the arena fails. */
+static PyObject *Core_resize_core(Core *f, PyObject *args) {
+    unsigned long long new_min;
+    Py_ssize_t batch;
+    if (!PyArg_ParseTuple(args, "Kn", &new_min, &batch)) return NULL;
+    if (new_min < 1 || new_min > f->capacity || batch < 1) {
+        PyErr_SetString(PyExc_ValueError, "new_min_nr out of range");
+        return NULL;
+    }
+    ENTER(f);
+    int r = lock_acquire(f, 0), grow = 0;
+    if (r == RC_OK) {
+        r = check_header(f);
+        if (r == RC_OK) {
+            grow = new_min > f->hdr[H_MIN_NR];
+            if (!grow) {
+                if (f->enabled && f->entry && f->entry[P_CACHE_N]) r = drain(f, 0);
+                while (r == RC_OK && f->hdr[H_CURR_NR] > new_min) {
+                    uint64_t idx;
+                    if ((r = remove_element(f, &idx)) != RC_OK) break;
+                    st(&f->words[idx], mkword(ST_ARENA, 0, W_GEN(f->words[idx])));
+                    r = arena_push(f, idx);
+                }
+            }
+            if (r == RC_OK) st(&f->hdr[H_MIN_NR], new_min);
+        }
+        lock_release(f);
+    }
+    while (r == RC_OK && grow) {
+        if ((r = lock_acquire(f, 0)) != RC_OK) break;
+        r = check_header(f);
+        for (Py_ssize_t i = 0; r == RC_OK && i < batch; i++) {
+            /* re-checked each time: another process may have resized */
+            if (f->hdr[H_CURR_NR] >= f->hdr[H_MIN_NR]) { grow = 0; break; }
+            uint64_t unused;
+            int a = arena_take(f, 1, ST_RESERVE, &unused);
+            if (a == RC_FAIL || a == RC_DRY) { grow = 0; break; }
+            r = a;
+        }
+        /* The kernel wakes sleepers only from free; waking them here too
+         * spares them the rest of their 5 s nap. */
+        f->wake = 1;
+        lock_release(f);
+        if (after_unlock(f) < 0) return leave(f, NULL);
+    }
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, Py_NewRef(Py_None));
+}
+
+/* Slots held and cached right now (lock held): (in_use, cached). */
+static void usage(Core *f, uint64_t *in_use, uint64_t *cached) {
+    uint64_t c = 0;
+    for (uint64_t e = 0; e < f->max_procs; e++)
+        if (ld(&ENTRY(f, e)[P_EPOCH]) != 0 || ld(&ENTRY(f, e)[P_CACHE_N]) != 0) c += cached_by(f, e);
+    uint64_t free_ = f->hdr[H_CURR_NR] + f->hdr[H_ARENA_FREE] + c;
+    *cached = c;
+    *in_use = free_ >= f->capacity ? 0 : f->capacity - free_;
+}
+
+/* _destroy_core(force): (in_use, curr_nr, min_nr) if refused (elements
+ * held), else None: the status says destroyed and every sleeper is woken. */
+static PyObject *Core_destroy_core(Core *f, PyObject *arg) {
+    int force = PyObject_IsTrue(arg);
+    if (force < 0) return NULL;
+    ENTER(f);
+    uint64_t in_use = 0, cached = 0, curr = 0, min_nr = 0;
+    int refused = 0;
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        if (f->hdr[H_STATUS] != STATUS_LIVE) r = RC_DESTROYED;
+        else {
+            usage(f, &in_use, &cached);
+            curr = f->hdr[H_CURR_NR];
+            min_nr = f->hdr[H_MIN_NR];
+            if (in_use && !force) refused = 1;
+            else {
+                st(&f->hdr[H_STATUS], STATUS_DESTROYED);
+                f->wake = 1;
+            }
+        }
+        lock_release(f);
+    }
+    if (f->wake) {
+        /* wake every sleeper, whatever the count says */
+        f->wake = 0;
+        uint64_t n = ld(&f->hdr[H_NR_WAITERS]);
+        for (uint64_t i = 0; f->wait_sem && i < n && i < WAKE_MAX; i++) sem_post(f->wait_sem);
+    }
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    if (refused) return leave(f, Py_BuildValue("KKK", in_use, curr, min_nr));
+    return leave(f, Py_NewRef(Py_None));
+}
+
+/* _reclaim_core(): take back everything of dead processes; how many held
+ * elements came back. Also recounts the sleepers. */
+static PyObject *Core_reclaim_core(Core *f, PyObject *unused) {
+    ENTER(f);
+    int64_t taken = 0;
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        r = check_header(f);
+        if (r == RC_OK) {
+            int any;
+            unsigned char *dead = dead_owners(f, &any);
+            if (!dead) r = corrupt(f, "out of memory (%llu, %llu)", 0, 0);
+            else {
+                taken = retire(f, dead);
+                if (taken < 0) r = (int)taken;
+                free(dead);
+            }
+            if (r == RC_OK) {
+                uncount_dead_sleepers(f);
+                f->wake = 1;
+            }
+        }
+        lock_release(f);
+    }
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    drain_tokens(f);
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, PyLong_FromLongLong(taken));
+}
+
+/* _repair_core(): run the repair under the lock (tests, inspect's users). */
+static PyObject *Core_repair_core(Core *f, PyObject *unused) {
+    ENTER(f);
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        repair(f);
+        lock_release(f);
+    }
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, Py_NewRef(Py_None));
+}
+
+/* _stats_core(out): a consistent snapshot under the lock into out (uint64,
+ * HEADER_WORDS + 2 + N_PROC_COUNTERS): the header, then the cached total
+ * and in_use, then every per-process counter summed. */
+static PyObject *Core_stats_core(Core *f, PyObject *obj) {
+    Py_buffer out;
+    if (PyObject_GetBuffer(obj, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (out.len < (Py_ssize_t)(8 * (HEADER_WORDS + 2 + N_PROC_COUNTERS))) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "out too small");
+        return NULL;
+    }
+    if (f->hdr == NULL || f->closing) { PyBuffer_Release(&out); return closed_error(f); }
+    f->busy++;
+    uint64_t *o = (uint64_t *)out.buf;
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        memcpy(o, f->hdr, 8 * HEADER_WORDS);
+        usage(f, &o[HEADER_WORDS + 1], &o[HEADER_WORDS]);
+        for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 2 + c] = 0;
+        for (uint64_t e = 0; e < f->max_procs; e++)
+            for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 2 + c] += ld(&ENTRY(f, e)[P_COUNTERS + c]);
+        lock_release(f);
+    }
+    PyBuffer_Release(&out);
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, Py_NewRef(Py_None));
+}
+
+/* _set_faults(rate, threshold, has_seed, seed): the injected failure rate,
+ * and a seed that restarts the sequence, in one critical section. */
+static PyObject *Core_set_faults(Core *f, PyObject *args) {
+    double rate;
+    unsigned long long thr, seed;
+    int has_seed;
+    if (!PyArg_ParseTuple(args, "dKpK", &rate, &thr, &has_seed, &seed)) return NULL;
+    ENTER(f);
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        r = check_header(f);
+        if (r == RC_OK) {
+            uint64_t bits;
+            memcpy(&bits, &rate, 8);
+            st(&f->hdr[H_FAIL_RATE], bits);
+            st(&f->hdr[H_FAIL_THRESHOLD], thr);
+            if (has_seed) {
+                st(&f->hdr[H_SEED], seed);
+                st(&f->hdr[H_RNG], seed);
+            }
+        }
+        lock_release(f);
+    }
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, Py_NewRef(Py_None));
+}
+
+/* _format(min_nr): create's pre-fill of the reserve from a fresh arena
+ * (no fault injection); nobody else can see the pool yet. */
+static PyObject *Core_format(Core *f, PyObject *arg) {
+    unsigned long long min_nr = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    ENTER(f);
+    int r = RC_OK;
+    st(&f->hdr[H_MIN_NR], min_nr);
+    for (uint64_t i = 0; i < min_nr && r == RC_OK; i++) {
+        uint64_t idx;
+        if ((r = arena_pop(f, &idx)) != RC_OK) break;
+        st(&f->words[idx], mkword(ST_RESERVE, 0, W_GEN(f->words[idx])));
+        add_element(f, idx);
+    }
+    if (r != RC_OK) return leave(f, raise_for(f, r == RC_FAIL ? RC_CORRUPT : r));
+    return leave(f, Py_NewRef(Py_None));
+}
+
+static int try_ofd_lock(int fd, Core *f, uint64_t e) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)(f->off_procs + 8ull * PROC_WORDS * e);
+    fl.l_len = 1;
+    return fcntl(fd, F_OFD_SETLK, &fl) == 0;
+}
+
+/* _register(fd, pid, start): give this process a registry entry and return
+ * (index, epoch).
+ *
+ * First, without the lock (there is no token to take it with yet): claim an
+ * entry by taking the OFD lock on its byte through fd (only one process can:
+ * a vacant entry, else a dead process's), then give it a new epoch by CAS,
+ * so that every token of the entry's dead predecessor is recognisably
+ * dead. Then, under the lock taken with the new token: take back what dead
+ * processes left, the predecessor's elements included (this process has
+ * allocated nothing yet, so whatever names the entry is the predecessor's).
+ * A death at any point leaves a dead entry, retired like any other.
+ * OSError (EUSERS) if every entry belongs to a live process. */
+static PyObject *Core_register(Core *f, PyObject *args) {
+    int fd;
+    unsigned long long pid, start;
+    if (!PyArg_ParseTuple(args, "iKK", &fd, &pid, &start)) return NULL;
+    ENTER(f);
+    int64_t index = -1;
+    for (int pass = 0; pass < 2 && index < 0; pass++) {
+        for (uint64_t e = 0; e < f->max_procs; e++) {
+            uint64_t *ent = ENTRY(f, e);
+            uint64_t old = ld(&ent[P_EPOCH]);
+            if ((pass == 0) != (old == 0)) continue; /* vacant entries first */
+            if (!try_ofd_lock(fd, f, e)) continue;  /* a live process has it */
+            uint64_t epoch = __atomic_add_fetch(&f->hdr[H_EPOCH], 1, __ATOMIC_SEQ_CST) & ((1ull << 48) - 1);
+            if (epoch == 0) epoch = 1;
+            while (!__atomic_compare_exchange_n(&ent[P_EPOCH], &old, epoch, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                ; /* a reclaimer may have vacated it meanwhile: old is reloaded */
+            index = (int64_t)e;
+            f->fd = fd;
+            f->entry = ent;
+            f->cache = CACHE_OF(ent);
+            f->me = e + 1;
+            f->token = f->me | epoch << 16;
+            break;
+        }
+    }
+    if (index < 0) {
+        errno = EUSERS;
+        PyErr_Format(PyExc_OSError, "%llu live processes are attached to this pool already",
+                     (unsigned long long)f->max_procs);
+        return leave(f, NULL);
+    }
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        r = check_header(f);
+        if (r == RC_DESTROYED) r = RC_OK; /* a destroyed pool may be attached; its operations say so */
+        unsigned char *dead = NULL;
+        int any = 0;
+        if (r == RC_OK && (dead = dead_owners(f, &any)) == NULL) r = corrupt(f, "out of memory (%llu, %llu)", 0, 0);
+        if (r == RC_OK) {
+            dead[f->me] = 2; /* our predecessor's elements: taken back, the entry kept */
+            int64_t t = retire(f, dead);
+            if (t < 0) r = (int)t;
+            else uncount_dead_sleepers(f);
+        }
+        free(dead);
+        st(&f->entry[P_PID], pid);
+        st(&f->entry[P_START], start);
+        st(&f->entry[P_CACHE_N], 0);
+        st(&f->entry[P_SLEEPING], 0);
+        lock_release(f);
+    }
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, Py_BuildValue("LK", (long long)index, (unsigned long long)(f->token >> 16)));
+}
+
+/* _bind(fd, index, epoch): use this process's existing entry (another
+ * object of the same pool registered it). False if it is not ours any more. */
+static PyObject *Core_bind(Core *f, PyObject *args) {
+    int fd;
+    long long index;
+    unsigned long long epoch;
+    if (!PyArg_ParseTuple(args, "iLK", &fd, &index, &epoch)) return NULL;
+    if (f->hdr == NULL) return closed_error(f);
+    if (index < 0 || (uint64_t)index >= f->max_procs || epoch == 0) Py_RETURN_FALSE;
+    uint64_t *ent = ENTRY(f, index);
+    if (ld(&ent[P_EPOCH]) != epoch) Py_RETURN_FALSE;
+    f->fd = fd;
+    f->entry = ent;
+    f->cache = CACHE_OF(ent);
+    f->me = (uint64_t)index + 1;
+    f->token = f->me | epoch << 16;
+    Py_RETURN_TRUE;
+}
+
+/* _drain_cache(wait_ns): give our cache back to the shared free list if
+ * the lock comes within wait_ns (close, trace). True if done. */
+static PyObject *Core_drain_cache(Core *f, PyObject *arg) {
+    long long wait = PyLong_AsLongLong(arg);
+    if (wait == -1 && PyErr_Occurred()) return NULL;
+    if (f->hdr == NULL || f->entry == NULL) Py_RETURN_FALSE;
+    f->busy++;
+    int r = lock_acquire(f, deadline_from(wait));
+    if (r == RC_OK) {
+        r = drain(f, 0);
+        lock_release(f);
+    }
+    if (r == RC_SIGNAL) return leave(f, NULL);
+    return leave(f, PyBool_FromLong(r == RC_OK));
+}
+
+/* _test_lock() / _test_unlock(): take and release the pool lock as this
+ * process, for tests (a child that holds it, then is stopped or killed). */
+static PyObject *Core_test_lock(Core *f, PyObject *unused) {
+    ENTER(f);
+    int r = lock_acquire(f, 0);
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, Py_NewRef(Py_None));
+}
+
+static PyObject *Core_test_unlock(Core *f, PyObject *unused) {
+    ENTER(f);
+    if (ld(&f->hdr[H_LOCK_OWNER]) != f->token) {
+        PyErr_SetString(PyExc_RuntimeError, "this process does not hold the pool lock");
+        return leave(f, NULL);
+    }
+    lock_release(f);
+    if (after_unlock(f) < 0) return leave(f, NULL);
+    return leave(f, Py_NewRef(Py_None));
+}
+
+static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     PyObject *buf;
-    Py_ssize_t off_words, off_arena, off_stack, off_procs, max_procs, proc_words;
-    unsigned long long capacity, tag, cache_max;
+    Py_ssize_t off_words, off_stack, off_arena, off_procs, off_slots, max_procs;
+    unsigned long long capacity, stride, slot_size;
+    int poison;
     const char *lock_name, *wait_name;
-    if (!PyArg_ParseTuple(args, "OnnnnnnKKKss", &buf, &off_words, &off_arena, &off_stack, &off_procs, &max_procs,
-                          &proc_words, &capacity, &tag, &cache_max, &lock_name, &wait_name))
+    if (!PyArg_ParseTuple(args, "OnnnnnnKKKpss", &buf, &off_words, &off_stack, &off_arena, &off_procs, &off_slots,
+                          &max_procs, &capacity, &stride, &slot_size, &poison, &lock_name, &wait_name))
         return -1;
     if (f->have_view) {
-        PyErr_SetString(PyExc_RuntimeError, "FastPath initialised twice");
+        PyErr_SetString(PyExc_RuntimeError, "Core initialised twice");
         return -1;
     }
     if (PyObject_GetBuffer(buf, &f->view, PyBUF_WRITABLE) < 0) return -1;
     f->have_view = 1;
-    if (off_words < 0 || off_arena < 0 || off_stack < 0 || off_procs < 0 || max_procs < 0 || proc_words < P_CACHE ||
-        off_words + (Py_ssize_t)(8 * capacity) > f->view.len || off_arena + (Py_ssize_t)(4 * capacity) > f->view.len ||
-        off_stack + (Py_ssize_t)(4 * capacity) > f->view.len || off_procs + max_procs * proc_words * 8 > f->view.len ||
-        f->view.len < 512) {
+    Py_ssize_t len = f->view.len;
+    if (capacity < 1 || capacity > INDEX_MASK || max_procs < 1 || (uint64_t)max_procs >= OWNER_MASK ||
+        slot_size < 1 || stride < slot_size || len < 8 * HEADER_WORDS || off_words < 8 * HEADER_WORDS ||
+        off_words + (Py_ssize_t)(8 * capacity) > len || off_stack < 0 || off_stack + (Py_ssize_t)(4 * capacity) > len ||
+        off_arena < 0 || off_arena + (Py_ssize_t)(4 * capacity) > len || off_procs < 0 || off_procs % 8 ||
+        off_procs + max_procs * PROC_WORDS * 8 > len || off_slots < 0 ||
+        (uint64_t)off_slots + stride * capacity > (uint64_t)len) {
         PyErr_SetString(PyExc_ValueError, "geometry outside the mapping");
         return -1;
     }
-    f->hdr = (uint64_t *)f->view.buf;
-    f->words = (uint64_t *)((char *)f->view.buf + off_words);
-    f->arena = (uint32_t *)((char *)f->view.buf + off_arena);
-    f->stack = (uint32_t *)((char *)f->view.buf + off_stack);
-    f->registry = (uint64_t *)((char *)f->view.buf + off_procs);
-    f->max_procs = max_procs;
-    f->proc_words = proc_words;
-    /* The same named semaphores as posix_ipc's objects (glibc shares one
-     * mapping per process); without them the reserve path stays in Python. */
+    char *base = (char *)f->view.buf;
+    f->hdr = (uint64_t *)base;
+    f->words = (uint64_t *)(base + off_words);
+    f->stack = (uint32_t *)(base + off_stack);
+    f->arena = (uint32_t *)(base + off_arena);
+    f->registry = (uint64_t *)(base + off_procs);
+    f->data = (unsigned char *)(base + off_slots);
+    f->capacity = capacity;
+    f->stride = stride;
+    f->slot_size = slot_size;
+    f->max_procs = (uint64_t)max_procs;
+    f->off_procs = (uint64_t)off_procs;
+    f->poison = poison;
+    f->fd = -1;
+    f->poisoned = -1;
+    /* The same named semaphores as posix_ipc's objects. */
     f->lock_sem = sem_open(lock_name, 0);
     if (f->lock_sem == SEM_FAILED) f->lock_sem = NULL;
     f->wait_sem = sem_open(wait_name, 0);
     if (f->wait_sem == SEM_FAILED) f->wait_sem = NULL;
-    f->entry = NULL;
-    f->cache = NULL;
-    f->capacity = capacity;
-    f->tag = tag;
-    f->cache_max = cache_max;
-    f->enabled = 0; /* until bind() */
     return 0;
 }
 
-/* _unmap(): let go of the mapping (close); every later call takes the
- * slow path, which says the pool is closed. */
-static void close_sems(FastPath *f) {
+static void release_view(Core *f) {
     if (f->lock_sem) sem_close(f->lock_sem);
     if (f->wait_sem) sem_close(f->wait_sem);
     f->lock_sem = f->wait_sem = NULL;
-}
-
-static PyObject *FastPath_release(FastPath *f, PyObject *unused) {
-    close_sems(f);
     f->enabled = 0;
-    f->hdr = NULL;
-    f->words = f->entry = NULL;
-    f->arena = f->cache = f->stack = NULL;
-    f->registry = NULL;
+    f->hdr = f->words = f->registry = f->entry = NULL;
+    f->stack = f->arena = f->cache = NULL;
+    f->data = NULL;
     if (f->have_view) {
         f->have_view = 0;
         PyBuffer_Release(&f->view);
     }
+}
+
+/* _unmap(): let go of the mapping (close). A call under way on another
+ * thread (or interrupted by the signal handler that closes) finishes first:
+ * the mapping is released when the last call returns. */
+static PyObject *Core_unmap(Core *f, PyObject *unused) {
+    f->closing = 1;
+    f->enabled = 0;
+    if (f->busy == 0) release_view(f);
     Py_RETURN_NONE;
 }
 
-static void FastPath_dealloc(FastPath *f) {
-    close_sems(f);
-    if (f->have_view) PyBuffer_Release(&f->view);
+static void Core_dealloc(Core *f) {
+    release_view(f);
+    Py_CLEAR(f->trace);
     Py_TYPE(f)->tp_free((PyObject *)f);
 }
 
-static PyObject *get_enabled(FastPath *f, void *c) { return PyBool_FromLong(f->enabled && f->entry != NULL); }
-static int set_enabled(FastPath *f, PyObject *v, void *c) {
+static PyObject *get_enabled(Core *f, void *c) { return PyBool_FromLong(f->enabled && f->entry != NULL); }
+static int set_enabled(Core *f, PyObject *v, void *c) {
     int b = PyObject_IsTrue(v);
     if (b < 0) return -1;
-    f->enabled = b && f->entry != NULL;
+    f->enabled = b && f->entry != NULL && !f->closing;
     return 0;
 }
-static PyObject *get_cache_n(FastPath *f, void *c) {
-    if (!f->entry) return PyLong_FromLong(0);
-    return PyLong_FromUnsignedLongLong(f->entry[P_CACHE_N] - f->entry[P_STOLEN] + f->entry[P_DISCARDED]);
+static PyObject *get_cache_n(Core *f, void *c) {
+    if (!f->entry || !f->hdr) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(cached_by(f, f->me - 1));
+}
+static PyObject *get_recoveries(Core *f, void *c) { return PyLong_FromUnsignedLongLong(f->recoveries); }
+static PyObject *get_entry(Core *f, void *c) { return PyLong_FromLongLong((long long)f->me - 1); }
+static PyObject *get_trace_cb(Core *f, void *c) { return Py_NewRef(f->trace ? f->trace : Py_None); }
+static int set_trace_cb(Core *f, PyObject *v, void *c) {
+    Py_XSETREF(f->trace, v == NULL || v == Py_None ? NULL : Py_NewRef(v));
+    return 0;
 }
 
-static PyGetSetDef FastPath_getset[] = {
-    {"enabled", (getter)get_enabled, (setter)set_enabled, "whether alloc/free take the fast path", NULL},
-    {"cache_n", (getter)get_cache_n, NULL, "slots in this process's cache (stale entries not counted)", NULL},
+static PyGetSetDef Core_getset[] = {
+    {"enabled", (getter)get_enabled, (setter)set_enabled, "whether this object uses its process's cache", NULL},
+    {"cache_n", (getter)get_cache_n, NULL, "slots in this process's cache", NULL},
+    {"_recoveries", (getter)get_recoveries, NULL, "times this object took the lock over from a dead owner", NULL},
+    {"_entry", (getter)get_entry, NULL, "this process's registry entry (-1: none)", NULL},
+    {"_trace_cb", (getter)get_trace_cb, (setter)set_trace_cb, "the trace callback, called outside the lock", NULL},
     {NULL},
 };
 
-static PyMethodDef FastPath_methods[] = {
-    {"alloc", (PyCFunction)(void (*)(void))FastPath_alloc, METH_FASTCALL | METH_KEYWORDS,
-     "alloc($self, /, gfp=208, *, timeout=None)\n--\n\n"
-     "Allocate one element; return its handle (an int). gfp defaults to\n"
-     "GFP_KERNEL (208).\n\n"
-     "The kernel's order: the arena first; if it fails, the top of the reserve.\n"
-     "If the reserve is empty too, a gfp that may not sleep (GFP_ATOMIC,\n"
-     "GFP_NOWAIT) returns None at once, while one that may (GFP_KERNEL,\n"
-     "GFP_NOIO, GFP_NOFS) sleeps until a free refills the reserve, or for 5 s,\n"
-     "and tries again: it never returns None. timeout (seconds) bounds that:\n"
-     "TimeoutError. The element's bytes are not zeroed. TypeError/ValueError\n"
-     "for a bad gfp; PoolClosedError, PoolDestroyedError."},
-    {"free", (PyCFunction)FastPath_free, METH_O,
-     "free($self, handle, /)\n--\n\n"
-     "Return an element; None is ignored (as the kernel ignores NULL).\n\n"
-     "While the reserve is below min_nr the element refills it and wakes the\n"
-     "sleepers; otherwise it goes back to the arena. Any process may free any\n"
-     "handle that is currently held. TypeError (not an int), ValueError (out\n"
-     "of range), InvalidHandleError (not held: double free, stale, another\n"
-     "pool's); a refused free changes nothing."},
-    {"take_bulk", (PyCFunction)(void (*)(void))FastPath_take_bulk, METH_FASTCALL, "take_bulk(out, n) -> how many"},
-    {"give_bulk", (PyCFunction)(void (*)(void))FastPath_give_bulk, METH_FASTCALL, "give_bulk(handles, n) -> how many"},
-    {"cache_push", (PyCFunction)(void (*)(void))FastPath_cache_push, METH_FASTCALL, "cache_push(index, word) -> 1, 0 (full) or -1 (lost)"},
-    {"pop_cached", (PyCFunction)FastPath_pop_cached, METH_NOARGS, "hand out the cache's top (lock held), or None"},
-    {"draw", (PyCFunction)FastPath_draw, METH_NOARGS, "one fault draw: True if the arena must fail"},
-    {"refill", (PyCFunction)FastPath_refill, METH_O, "refill(k): shared free list -> cache (lock held)"},
-    {"drain", (PyCFunction)FastPath_drain, METH_O, "drain(keep): cache bottom -> shared free list (lock held)"},
-    {"cas", (PyCFunction)(void (*)(void))FastPath_cas, METH_FASTCALL, "cas(index, expected, new) -> bool"},
-    {"steal", (PyCFunction)(void (*)(void))FastPath_steal, METH_FASTCALL, "steal(registry_offset, max_procs, proc_words)"},
-    {"bind", (PyCFunction)(void (*)(void))FastPath_bind, METH_FASTCALL, "bind(entry_offset, pid, start)"},
-    {"_unmap", (PyCFunction)FastPath_release, METH_NOARGS, "let go of the mapping (close)"},
+#define M(name, fn, flags, doc) {name, (PyCFunction)(void (*)(void))fn, flags, doc}
+static PyMethodDef Core_methods[] = {
+    M("alloc", Core_alloc, METH_FASTCALL | METH_KEYWORDS,
+      "alloc($self, /, gfp=208, *, timeout=None)\n--\n\n"
+      "Allocate one element; return its handle (an int). gfp defaults to\n"
+      "GFP_KERNEL (208).\n\n"
+      "The kernel's order: the arena first; if it fails, the top of the reserve.\n"
+      "If the reserve is empty too, a gfp that may not sleep (GFP_ATOMIC,\n"
+      "GFP_NOWAIT) returns None at once (it waits for the pool lock at most\n"
+      "ATOMIC_LOCK_WAIT_SECONDS), while one that may (GFP_KERNEL, GFP_NOIO,\n"
+      "GFP_NOFS) sleeps until a free refills the reserve, or for 5 s, and tries\n"
+      "again: it never returns None. timeout (seconds) bounds the whole call,\n"
+      "the wait for the lock included: TimeoutError. The element's bytes are\n"
+      "not zeroed. TypeError/ValueError for a bad gfp; PoolClosedError,\n"
+      "PoolDestroyedError, PoolFormatError (a damaged pool)."),
+    M("free", Core_free, METH_O,
+      "free($self, handle, /)\n--\n\n"
+      "Return an element; None is ignored (as the kernel ignores NULL).\n\n"
+      "While the reserve is below min_nr the element refills it and wakes the\n"
+      "sleepers; otherwise it goes back to the arena. Any process may free any\n"
+      "handle that is currently held. TypeError (not an int), ValueError (out\n"
+      "of range), InvalidHandleError (not held: double free, stale, another\n"
+      "pool's); a refused free changes nothing."),
+    M("_alloc_core", Core_alloc_core, METH_VARARGS, "(sleeps, skip_arena, timeout_ns, retry_ns, lock_wait_ns)"),
+    M("_alloc_preallocated_core", Core_alloc_preallocated, METH_NOARGS, "the reserve only"),
+    M("_free_core", Core_free_core, METH_VARARGS, "(index, generation)"),
+    M("_adopt_core", Core_adopt_core, METH_VARARGS, "(index, generation)"),
+    M("_alloc_bulk_core", Core_alloc_bulk_core, METH_VARARGS, "(out, n, sleeps, timeout_ns, retry_ns, lock_wait_ns)"),
+    M("_free_bulk_core", Core_free_bulk_core, METH_O, "(handles int64)"),
+    M("_resize_core", Core_resize_core, METH_VARARGS, "(new_min_nr, batch)"),
+    M("_destroy_core", Core_destroy_core, METH_O, "(force) -> None or (in_use, curr_nr, min_nr)"),
+    M("_reclaim_core", Core_reclaim_core, METH_NOARGS, "take back dead processes' elements"),
+    M("_repair_core", Core_repair_core, METH_NOARGS, "rebuild stacks from the slot words"),
+    M("_stats_core", Core_stats_core, METH_O, "(out uint64)"),
+    M("_set_faults", Core_set_faults, METH_VARARGS, "(rate, threshold, has_seed, seed)"),
+    M("_format", Core_format, METH_O, "(min_nr)"),
+    M("_register", Core_register, METH_VARARGS, "(fd, pid, start) -> (index, epoch)"),
+    M("_bind", Core_bind, METH_VARARGS, "(fd, index, epoch) -> bool"),
+    M("_drain_cache", Core_drain_cache, METH_O, "(wait_ns) -> bool"),
+    M("_test_lock", Core_test_lock, METH_NOARGS, "take the pool lock (tests)"),
+    M("_test_unlock", Core_test_unlock, METH_NOARGS, "release the pool lock (tests)"),
+    M("_unmap", Core_unmap, METH_NOARGS, "let go of the mapping (close)"),
     {NULL},
 };
 
-static PyTypeObject FastPathType = {
+static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmpool._fast.FastPath",
-    .tp_basicsize = sizeof(FastPath),
+    .tp_name = "shmpool._fast.Core",
+    .tp_basicsize = sizeof(Core),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)FastPath_init,
-    .tp_dealloc = (destructor)FastPath_dealloc,
-    .tp_methods = FastPath_methods,
-    .tp_getset = FastPath_getset,
-    .tp_doc = "The lock-free hot path of one Mempool object (see the top of _fast.c).",
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_getset = Core_getset,
+    .tp_doc = "The pool lock and every transition of one pool (see the top of _fast.c).",
 };
 
-static struct PyModuleDef fastmodule = {PyModuleDef_HEAD_INIT, "shmpool._fast", NULL, -1, NULL};
+/* set_errors(PoolFormatError, PoolDestroyedError, InvalidHandleError,
+ * PoolClosedError, PoisonWarning) */
+static PyObject *mod_set_errors(PyObject *m, PyObject *args) {
+    PyObject *a, *b, *c, *d, *e;
+    if (!PyArg_ParseTuple(args, "OOOOO", &a, &b, &c, &d, &e)) return NULL;
+    Py_XSETREF(ErrFormat, Py_NewRef(a));
+    Py_XSETREF(ErrDestroyed, Py_NewRef(b));
+    Py_XSETREF(ErrInvalid, Py_NewRef(c));
+    Py_XSETREF(ErrClosed, Py_NewRef(d));
+    Py_XSETREF(WarnPoison, Py_NewRef(e));
+    Py_RETURN_NONE;
+}
 
+/* set_atomic_wait(ns): how long a call that may not sleep waits for the lock. */
+static PyObject *mod_set_atomic_wait(PyObject *m, PyObject *arg) {
+    unsigned long long ns = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    atomic_wait_ns = ns;
+    Py_RETURN_NONE;
+}
+
+/* crash_at(point): a test hook: SIGKILL this process the next time it
+ * reaches `point` ("" turns it off). */
+static PyObject *mod_crash_at(PyObject *m, PyObject *arg) {
+    const char *s = PyUnicode_AsUTF8(arg);
+    if (!s) return NULL;
+    for (int i = 0; i < CP_N; i++) {
+        if (strcmp(s, CRASH_POINTS[i]) == 0) {
+            crash_point = i;
+            Py_RETURN_NONE;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "no crash point %R", arg);
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_errors", mod_set_errors, METH_VARARGS, "set_errors(format, destroyed, invalid, closed, poison_warning)"},
+    {"set_atomic_wait", mod_set_atomic_wait, METH_O, "set_atomic_wait(ns)"},
+    {"crash_at", mod_crash_at, METH_O, "crash_at(point): SIGKILL this process at that point (tests)"},
+    {NULL},
+};
+
+static struct PyModuleDef fastmodule = {PyModuleDef_HEAD_INIT, "shmpool._fast", NULL, -1, module_methods};
+
+#define L(name) #name, (long long)(name)
 PyMODINIT_FUNC PyInit__fast(void) {
-    if (PyType_Ready(&FastPathType) < 0) return NULL;
+    if (PyType_Ready(&CoreType) < 0) return NULL;
     PyObject *m = PyModule_Create(&fastmodule);
     if (!m) return NULL;
     GFP_KERNEL_OBJ = PyLong_FromLong(0xD0);
     STR_ALLOC_SLOW = PyUnicode_InternFromString("_alloc_slow");
     STR_FREE_SLOW = PyUnicode_InternFromString("_free_slow");
-    Py_INCREF(&FastPathType);
-    PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType);
+    Py_INCREF(&CoreType);
+    PyModule_AddObject(m, "Core", (PyObject *)&CoreType);
     PyObject *layout = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
-        "H_FAIL_THRESHOLD", H_FAIL_THRESHOLD, "H_RNG", H_RNG, "H_MIN_NR", H_MIN_NR, "H_CURR_NR", H_CURR_NR,
-        "H_ARENA_FREE", H_ARENA_FREE, "H_STATUS", H_STATUS, "P_CACHE_N", P_CACHE_N, "P_PID", P_PID,
-        "P_STOLEN", P_STOLEN, "P_DISCARDED", P_DISCARDED, "H_FLAGS", H_FLAGS, "FLAG_POISON", FLAG_POISON,
-        "H_NR_WAITERS", H_NR_WAITERS, "H_LOCK_PID", H_LOCK_PID, "H_LOCK_SINCE_NS", H_LOCK_SINCE_NS,
-        "H_LOCK_START", H_LOCK_START, "H_LOCK_SEQ", H_LOCK_SEQ, "ST_RESERVE", ST_RESERVE,
-        "P_C_ALLOC_RESERVE", P_C_ALLOC_RESERVE, "P_C_FREE_RESERVE", P_C_FREE_RESERVE,
-        "P_C_ALLOC_ARENA", P_C_ALLOC_ARENA, "P_C_FREE_ARENA", P_C_FREE_ARENA, "P_C_FAULTS", P_C_FAULTS,
-        "P_CACHE", P_CACHE, "ST_CACHED", ST_CACHED, "ST_HELD", ST_HELD, "ST_ARENA", ST_ARENA);
+        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
+        L(HEADER_WORDS), L(H_FLAGS), L(H_STATUS), L(H_MIN_NR), L(H_CURR_NR), L(H_ARENA_FREE), L(H_NR_WAITERS),
+        L(H_EPOCH), L(H_FAIL_RATE), L(H_FAIL_THRESHOLD), L(H_SEED), L(H_RNG), L(H_LOCK_OWNER), L(H_LOCK_SINCE_NS),
+        L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(FLAG_POISON),
+        L(STATUS_LIVE), L(STATUS_DESTROYED), L(ST_ARENA), L(ST_RESERVE), L(ST_HELD), L(ST_CACHED), L(STATE_MASK),
+        L(OWNER_SHIFT), L(OWNER_MASK), L(GEN_SHIFT), L(GEN_MASK), L(INDEX_MASK), L(HGEN_SHIFT), L(P_PID),
+        L(P_START), L(P_SLEEPING), L(P_CACHE_N), L(P_EPOCH), L(P_COUNTERS), L(N_PROC_COUNTERS), L(P_CACHE),
+        L(CACHE_MAX), L(PROC_WORDS), L(CACHE_BLANK), L(C_ALLOC_ARENA), L(C_ALLOC_RESERVE), L(C_ALLOC_FAILED),
+        L(C_FREE_RESERVE), L(C_FREE_ARENA), L(C_SLEEPS), L(C_FAULTS), L(C_POISON));
     PyModule_AddObject(m, "LAYOUT", layout);
     return m;
 }

@@ -20,14 +20,19 @@ The slot word is the truth about a slot; everything else is derived from it::
 
     bits 0-7    state: ARENA, RESERVE, HELD or CACHED (0 never appears in a
                 live pool)
-    bits 8-31   generation: bumped each time the slot is handed out
-    bits 32-63  pid of the holder (HELD) or of the process whose cache
-                holds the free slot (CACHED)
+    bits 8-23   owner: the registry entry (index + 1) of the process that
+                holds the slot (HELD) or whose cache holds it (CACHED); 0
+                otherwise
+    bits 24-62  generation: bumped each time the slot is handed out
 
-A handle is ``index | generation << 24 | tag << 48``: the slot index, the
-generation the slot had when it was handed out, and the pool's random tag.
-A stale handle (its slot freed and handed out again) and a handle from
-another pool are therefore refused instead of freeing someone else's element.
+A handle is ``index | generation << 24``: the slot index and the generation
+the slot had when it was handed out. A stale handle (its slot freed and
+handed out again) is refused instead of freeing someone else's element.
+Generations are 39 bits and start at a random value per slot, so a handle of
+another pool (or a forged one) names the right generation with odds of
+2**-39. A slot reused at full speed (an alloc+free pair every 50 ns) takes
+2**39 * 50 ns, about 7.6 hours, to come back to a generation; a stale handle
+is accepted only if it is used at exactly that moment.
 
 The reserve stack and the arena free list are two stacks of slot indexes whose
 depths are ``curr_nr`` and ``arena_free``. They are caches of the slot words:
@@ -35,24 +40,33 @@ depths are ``curr_nr`` and ``arena_free``. They are caches of the slot words:
 ``arena[0:arena_free]`` exactly the ARENA slots. Because a single aligned
 8-byte store changes a slot's state, a process killed at any instant leaves
 slot words that are each whole, from which the stacks and counters can be
-rebuilt (see ``_debug.rebuild``).
+rebuilt (``repair`` in ``_fast.c``).
 
-The process registry has one entry per process attached (or once attached)
-to the pool: its pid, its start time (see ``_procs``), how many of its
-threads are sleeping in alloc, its counters (summed with the header's
-counters, which keep the counts of retired entries, when read: no counter
-is a cache line that every process writes) and its cache of free arena slots
-(see ``_fast.c``: a small stack that only its owner changes, whose slots are
-CACHED by the owner's pid). When the shared free list runs dry, a process
-may take cached slots from other processes' caches (by compare-and-swap on
-the slot word, under the lock), leaving stale entries that their owner drops
-when it meets them; a cache therefore holds ``cache_n - stolen + discarded``
-slots, and the arena's free count is the shared list's depth plus that of
-every cache. It names the holders behind the pids in the
-slot words: a pid without an entry, or whose entry's start time is not the
-start time of the live process with that pid, is dead. A registry entry is
-never shared: a process that registers under the pid of a dead one first
-takes back the dead one's elements.
+The process registry has one entry per process attached to the pool: its
+pid and start time (for people: see ``_procs``), its epoch (a number drawn
+from ``H_EPOCH`` when the entry was taken: it names this incarnation of the
+entry in lock tokens), how many of its threads are sleeping in alloc, its
+counters (summed with the header's counters when read: no counter is a cache
+line that every process writes; a dead process's counters stay in its entry
+and its successor there counts on from them, so nothing is folded or lost)
+and its cache of free arena slots (see
+``_fast.c``: a small stack that only its owner pushes and pops, whose slots
+are CACHED by the entry). When the shared free list runs dry, a process may
+take cached slots from other processes' caches (by compare-and-swap of the
+slot word, under the lock), and blanks the cache entry it took; an owner
+drops an entry whose slot is no longer cached by it. How many slots a cache
+holds is therefore counted from the slot words its entries name, never kept
+in a counter that a death could leave half-updated.
+
+Liveness: each attached process holds an open-file-description lock
+(``F_OFD_SETLK``) on its entry's first byte of the segment file. The kernel
+drops it when the process dies, whatever pid namespace either side is in, so
+an entry whose byte nobody locks belongs to a dead process. Pids are kept
+only to show people who is who.
+
+The pool lock is the header word ``H_LOCK_OWNER``: 0 when free, else the
+holder's token ``(entry + 1) | epoch << 16``, set by compare-and-swap, so a
+hold is never anonymous (see ``_fast.c``).
 
 Header words are native-endian u64, addressed by the ``H_*`` indexes below;
 the ones marked (f64) hold an IEEE double in the same 8 bytes. The magic
@@ -71,7 +85,7 @@ import numpy as np
 from ._errors import PoolFormatError
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 HEADER_WORDS = 64
 HEADER_BYTES = HEADER_WORDS * 8
@@ -89,7 +103,6 @@ H_OFF_WORDS = 7
 H_OFF_STACK = 8
 H_OFF_ARENA = 9
 H_OFF_SLOTS = 10
-H_TAG = 11
 H_FLAGS = 12
 H_CREATOR_PID = 13
 H_CREATED_NS = 14  # wall clock, time.time_ns()
@@ -102,14 +115,15 @@ H_CURR_NR = 18
 H_ARENA_FREE = 19
 H_NR_WAITERS = 20  # sleeping allocations between register and finish
 H_CREATOR_START = 21  # the creator's start time (see _procs); 0 if unknown
+H_EPOCH = 22  # the last epoch handed to a registry entry
 H_FAIL_RATE = 23  # (f64) probability that an arena attempt fails on purpose
 H_FAIL_THRESHOLD = 24  # fail_rate scaled to 2**64: fail when rng < threshold
 H_SEED = 25
 H_RNG = 26  # splitmix64 state of the fault injector
-# The pool lock's holder (written by its holder, read by anyone).
-H_LOCK_PID = 28
-H_LOCK_SINCE_NS = 29  # time.monotonic_ns() when it was taken
-H_LOCK_START = 30  # the holder's start time (see _procs)
+# The pool lock (see _fast.c).
+H_LOCK_OWNER = 28  # 0, or the holder's token (entry + 1) | epoch << 16
+H_LOCK_SINCE_NS = 29  # CLOCK_MONOTONIC ns when it was taken (written by the holder)
+H_LOCK_WAITERS = 30  # contenders sleeping on the lock semaphore
 H_LOCK_SEQ = 31  # bumped by every acquisition
 # Counters: guarded by the pool lock.
 H_ALLOC_ARENA = 32
@@ -151,17 +165,16 @@ STATE_NAMES = {
     ST_CACHED: "in the arena (a process's cache)",
 }
 STATE_MASK = 0xFF
-GEN_SHIFT = 8
-GEN_MASK = 0xFFFFFF
+OWNER_SHIFT = 8
+OWNER_MASK = 0xFFFF
+GEN_SHIFT = 24
+GEN_MASK = (1 << 39) - 1
 GEN_BITS = GEN_MASK << GEN_SHIFT
-PID_SHIFT = 32
 
-# Handles.
+# Handles: index | generation << HGEN_SHIFT (63 bits: fits an int64).
 INDEX_BITS = 24
 INDEX_MASK = (1 << INDEX_BITS) - 1
 HGEN_SHIFT = 24
-TAG_SHIFT = 48
-TAG_MASK = 0x7FFF  # 15 bits, so that a handle fits a signed 64-bit integer
 MAX_CAPACITY = INDEX_MASK  # 16,777,215 slots
 MAX_SLOT_SIZE = 1 << 30
 
@@ -169,23 +182,18 @@ MAX_SLOT_SIZE = 1 << 30
 P_PID = 0
 P_START = 1
 P_SLEEPING = 2
-P_CACHE_N = 3  # entries in the cache array (some may be stale: below)
-P_STOLEN = 4  # cached slots taken by other processes (written under the lock)
-P_DISCARDED = 5  # stale entries the owner dropped (written by the owner)
+P_CACHE_N = 3  # entries in the cache array (some may be stale or blank)
+P_EPOCH = 4  # 0: the entry is vacant
 P_COUNTERS = 6  # the first N_PROC_COUNTERS of COUNTERS, in that order
 N_PROC_COUNTERS = 8
 P_CACHE = P_COUNTERS + N_PROC_COUNTERS  # CACHE_MAX u32 slot indexes
 CACHE_MAX = 64
 PROC_WORDS = P_CACHE + CACHE_MAX // 2
 MAX_PROCS = 256
+MAX_MAX_PROCS = OWNER_MASK - 1  # an owner field holds entry + 1
+CACHE_BLANK = 0xFFFFFFFF  # a cache entry taken by another process
 # Per-process counter indexes (relative to P_COUNTERS).
 C_ALLOC_ARENA, C_ALLOC_RESERVE, C_ALLOC_FAILED, C_FREE_RESERVE, C_FREE_ARENA, C_SLEEPS, C_FAULTS, C_POISON = range(8)
-
-
-def cached_slots(procs: np.ndarray) -> np.ndarray:
-    """Per registry entry (rows of a (max_procs, PROC_WORDS) array), how
-    many slots its cache holds: its entries less the stale ones."""
-    return procs[:, P_CACHE_N] - procs[:, P_STOLEN] + procs[:, P_DISCARDED]
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,11 @@ class Geometry:
     max_procs: int
     off_slots: int
     total: int
+
+    def live_byte(self, entry: int) -> int:
+        """The byte of the segment file whose OFD lock says registry entry
+        ``entry`` belongs to a live process (its first byte)."""
+        return self.off_procs + 8 * PROC_WORDS * entry
 
     @classmethod
     def of(cls, slot_size: int, capacity: int, max_procs: int = MAX_PROCS) -> Geometry:
@@ -229,7 +242,7 @@ def read_geometry(mm: mmap.mmap, size: int) -> Geometry:
             f"pool has layout version {words[H_VERSION]}, this shmpool reads version {LAYOUT_VERSION}"
         )
     slot_size, capacity, max_procs = words[H_SLOT_SIZE], words[H_CAPACITY], words[H_MAX_PROCS]
-    if not (1 <= slot_size <= MAX_SLOT_SIZE and 1 <= capacity <= MAX_CAPACITY and 1 <= max_procs <= 1 << 16):
+    if not (1 <= slot_size <= MAX_SLOT_SIZE and 1 <= capacity <= MAX_CAPACITY and 1 <= max_procs <= MAX_MAX_PROCS):
         raise PoolFormatError(
             f"header has an impossible geometry: slot_size={slot_size}, capacity={capacity}, max_procs={max_procs}"
         )

@@ -9,14 +9,25 @@ exact, and the same whoever reads it.
 
 A zombie (exited, not yet reaped by its parent) counts as dead: it will never
 free anything.
+
+Pids name processes for people. For the pool itself, whether a holder lives
+is decided by OFD locks (``entry_alive``), which work across pid namespaces:
+two containers sharing /dev/shm see each other's pids as strangers.
 """
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import os
+import struct
 
-from ._layout import COUNTERS, N_PROC_COUNTERS, P_COUNTERS, P_PID, P_SLEEPING, P_START, PROC_WORDS
+import numpy as np
+
+from ._layout import P_EPOCH, P_PID, P_START, PROC_WORDS, Geometry
+
+#: fcntl's F_OFD_GETLK (Linux; the fcntl module has it from Python 3.9 on
+#: some builds only).
+F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 
 
 def start_ticks(pid: int) -> int | None:
@@ -50,84 +61,42 @@ def self_identity() -> tuple[int, int]:
     return pid, start
 
 
-class Registry:
-    """The pool's process table (see ``_layout``). Every method is called
-    with the pool lock held, except that a live process's cache and counters
-    are written by that process alone, without it."""
+def entry_alive(fd: int, geo: Geometry, entry: int) -> bool:
+    """Whether some open file description holds the OFD lock on registry
+    entry ``entry``'s byte of the segment open as ``fd``: whether the
+    process that registered there lives (in any pid namespace). The
+    description ``fd`` must not be one that holds such locks itself."""
+    flock = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, geo.live_byte(entry), 1, 0)
+    try:
+        got = fcntl.fcntl(fd, F_OFD_GETLK, flock)
+    except OSError:
+        return True  # cannot tell: never call a process dead on a guess
+    return struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK
 
-    __slots__ = ("_procs", "_max", "_hdr")
 
-    def __init__(self, procs: memoryview, max_procs: int, hdr: memoryview) -> None:
-        self._procs = procs
-        self._max = max_procs
-        self._hdr = hdr
+def live_entries(fd: int, geo: Geometry, procs: np.ndarray) -> list[int]:
+    """The registry entries (rows of ``procs``, a (max_procs, PROC_WORDS)
+    array) that belong to live processes."""
+    return [int(e) for e in np.flatnonzero(procs[:, P_EPOCH]) if entry_alive(fd, geo, int(e))]
 
-    def find(self, pid: int) -> int:
-        """Index of ``pid``'s entry, or -1."""
-        procs = self._procs
-        for i in range(0, self._max * PROC_WORDS, PROC_WORDS):
-            if procs[i + P_PID] == pid:
-                return i // PROC_WORDS
-        return -1
 
-    def pids(self) -> set[int]:
-        """Every pid with an entry."""
-        procs = self._procs
-        return {procs[i] for i in range(P_PID, self._max * PROC_WORDS, PROC_WORDS)} - {0}
+def live_pids(name: str) -> list[tuple[int, int]]:
+    """(pid, start) of every live process attached to pool ``name``, pids
+    as the process saw itself (another pid namespace's pid is not ours).
+    FileNotFoundError if there is no such pool, PoolFormatError if it is not
+    a shmpool pool of this layout."""
+    from . import _segment
+    from ._layout import read_geometry
 
-    def entry(self, index: int) -> tuple[int, int, int]:
-        """(pid, start, sleeping) of entry ``index``."""
-        base = index * PROC_WORDS
-        procs = self._procs
-        return procs[base + P_PID], procs[base + P_START], procs[base + P_SLEEPING]
-
-    def holder_alive(self, pid: int) -> bool:
-        """Whether the elements recorded under ``pid`` have a live holder."""
-        index = self.find(pid)
-        return index >= 0 and is_alive(pid, self._procs[index * PROC_WORDS + P_START])
-
-    def vacancy(self) -> tuple[int, int]:
-        """An entry to occupy: (index, 0) for a free one, else (index, pid)
-        for a dead process's, which the caller must retire first. OSError if
-        every entry belongs to a live process."""
-        procs = self._procs
-        for i in range(self._max):
-            if procs[i * PROC_WORDS + P_PID] == 0:
-                return i, 0
-        for i in range(self._max):
-            pid, start = procs[i * PROC_WORDS + P_PID], procs[i * PROC_WORDS + P_START]
-            if not is_alive(pid, start):
-                return i, pid
-        raise OSError(errno.EUSERS, f"{self._max} live processes are attached to this pool already")
-
-    def occupy(self, index: int, pid: int, start: int) -> None:
-        base = index * PROC_WORDS
-        procs = self._procs
-        procs[base + P_START] = start
-        procs[base + P_PID] = pid
-
-    def retire(self, index: int) -> None:
-        """Fold the entry's counters into the header's and free the entry
-        (its cached slots must have been given back already)."""
-        base = index * PROC_WORDS
-        procs, hdr = self._procs, self._hdr
-        for i in range(N_PROC_COUNTERS):
-            hdr[COUNTERS[i][1]] += procs[base + P_COUNTERS + i]
-        for i in range(base, base + PROC_WORDS):
-            procs[i] = 0
-
-    def add_sleeper(self, index: int, delta: int) -> None:
-        self._procs[index * PROC_WORDS + P_SLEEPING] += delta
-
-    def live_sleepers(self) -> int:
-        """Clear the sleeper counts of dead processes; return the live total."""
-        procs = self._procs
-        total = 0
-        for i in range(0, self._max * PROC_WORDS, PROC_WORDS):
-            n = procs[i + P_SLEEPING]
-            if n:
-                if is_alive(procs[i + P_PID], procs[i + P_START]):
-                    total += n
-                else:
-                    procs[i + P_SLEEPING] = 0
-        return total
+    mm, size, fd = _segment.open_shm(name, readonly=True)
+    try:
+        geo = read_geometry(mm, size)
+        procs = np.frombuffer(mm, dtype=np.uint64, count=geo.max_procs * PROC_WORDS, offset=geo.off_procs)
+        procs = procs.reshape(geo.max_procs, PROC_WORDS).copy()
+        return [(int(procs[e, P_PID]), int(procs[e, P_START])) for e in live_entries(fd, geo, procs)]
+    finally:
+        os.close(fd)
+        try:
+            mm.close()
+        except BufferError:
+            pass

@@ -3,7 +3,8 @@
 A pool named ``NAME`` is three POSIX objects:
 
 - shared memory ``/shmpool.NAME`` (``/dev/shm/shmpool.NAME`` on Linux);
-- semaphore ``/shmpool.NAME.lock`` (the pool lock, initial value 1);
+- semaphore ``/shmpool.NAME.lock`` (where contenders for the pool lock sleep;
+  the lock itself is a word of the header, see ``_fast.c``);
 - semaphore ``/shmpool.NAME.wait`` (the wait channel, initial value 0).
 
 Ownership of the name is decided by the shared memory alone: whoever creates
@@ -64,7 +65,7 @@ class Segment:
 
     mm: mmap.mmap
     size: int
-    fd: int  # kept open: crash recovery locks the segment file (see _lock)
+    fd: int  # kept open: liveness is OFD locks on the segment file (see _procs)
     lock_sem: posix_ipc.Semaphore
     wait_sem: posix_ipc.Semaphore
 
@@ -101,8 +102,9 @@ def _why_denied(path: str) -> str:
 def create(name: str, size: int, mode: int) -> Segment:
     """Create the segment (zero-filled, ``size`` bytes backed for real, so a
     full /dev/shm fails here with OSError instead of SIGBUS later) and the two
-    semaphores, the lock taken (value 0): the caller initialises the header
-    and then releases it. FileExistsError if the name is taken."""
+    semaphores (value 0: no wake-up is pending). The caller initialises the
+    header and writes the magic number last. FileExistsError if the name is
+    taken."""
     try:
         shm = posix_ipc.SharedMemory(shm_name(name), posix_ipc.O_CREX, mode=mode)
     except posix_ipc.Error as exc:
@@ -144,18 +146,20 @@ def _create_sem(sem_name: str, mode: int, value: int) -> posix_ipc.Semaphore:
     raise FileExistsError(errno.EEXIST, f"semaphore {sem_name} keeps reappearing")
 
 
-def open_shm(name: str) -> tuple[mmap.mmap, int, int]:
-    """Map an existing segment read-write: (mapping, size, a descriptor of
-    it that the caller closes). FileNotFoundError, PermissionError."""
+def open_shm(name: str, readonly: bool = False) -> tuple[mmap.mmap, int, int]:
+    """Map an existing segment read-write (or read-only): (mapping, size, a
+    descriptor of it that the caller closes). FileNotFoundError,
+    PermissionError."""
     try:
-        shm = posix_ipc.SharedMemory(shm_name(name))
+        shm = posix_ipc.SharedMemory(shm_name(name), read_only=readonly)
     except posix_ipc.Error as exc:
         raise _translate(exc, f"pool {name!r}", creating=False, path=os.path.join(SHM_DIR, SHM_PREFIX + name)) from None
     try:
         size = os.fstat(shm.fd).st_size
         if size == 0:
             raise FileNotFoundError(errno.ENOENT, f"pool {name!r} is empty (being created, or not a pool)")
-        return mmap.mmap(shm.fd, size), size, os.dup(shm.fd)
+        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        return mmap.mmap(shm.fd, size, prot=prot), size, os.dup(shm.fd)
     finally:
         shm.close_fd()
 

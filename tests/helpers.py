@@ -10,7 +10,7 @@ from typing import Callable
 
 from shmpool import Mempool
 from shmpool._debug import audit
-from shmpool._layout import H_LOCK_PID, H_LOCK_SEQ, H_LOCK_SINCE_NS, H_LOCK_START
+from shmpool._layout import H_LOCK_OWNER, H_LOCK_SEQ, H_LOCK_SINCE_NS, H_LOCK_WAITERS
 
 #: Every pool a test makes has this in its name, so the leak checks can
 #: tell this run's leftovers from anybody else's.
@@ -25,7 +25,7 @@ def snapshot(pool: Mempool) -> bytes:
     v = pool._core[0]
     with pool._core[1]:
         raw = bytearray(v.mm[:])
-    for word in (H_LOCK_PID, H_LOCK_SINCE_NS, H_LOCK_START, H_LOCK_SEQ):
+    for word in (H_LOCK_OWNER, H_LOCK_SINCE_NS, H_LOCK_WAITERS, H_LOCK_SEQ):
         raw[8 * word : 8 * word + 8] = bytes(8)
     return bytes(raw)
 

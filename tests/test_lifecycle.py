@@ -24,7 +24,7 @@ from shmpool import (
     PoolFormatError,
     ShmpoolError,
 )
-from shmpool._layout import H_OFF_SLOTS, H_VERSION, HEADER_BYTES
+from shmpool._layout import H_OFF_SLOTS, H_VERSION, HEADER_BYTES, OWNER_MASK, OWNER_SHIFT, P_PID, PROC_WORDS
 
 
 def shm_path(name: str) -> str:
@@ -277,7 +277,8 @@ def test_after_fork_the_child_is_the_holder(name: str) -> None:
         h = int.from_bytes(os.read(r, 8), "little")
         os.close(r)
         os.waitpid(pid, 0)
-        word = p._core[0].words[h & 0xFFFFFF]
-        assert word >> 32 == pid != os.getpid()
+        v = p._core[0]
+        entry = ((v.words[h & 0xFFFFFF] >> OWNER_SHIFT) & OWNER_MASK) - 1
+        assert v.procs[entry * PROC_WORDS + P_PID] == pid != os.getpid()
         p.free(h)
         p.destroy()

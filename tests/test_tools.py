@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from conftest import leftovers
+from helpers import run_python
 
 from shmpool import Mempool
 
@@ -41,28 +42,134 @@ def test_demo_refuses_a_taken_name(name: str) -> None:
         p.destroy()
 
 
-def test_cleanup_removes_a_left_pool(name: str) -> None:
-    Mempool.create(name, min_nr=1, slot_size=16, capacity=1).close()
-    listing = subprocess.run([sys.executable, os.path.join(TOOLS, "cleanup.py")], capture_output=True, text=True)
+def cleanup(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "cleanup.py"), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def segment(name: str) -> str:
+    return os.path.join("/dev/shm", "shmpool." + name)
+
+
+CREATE_AND_EXIT = (
+    "import sys, shmpool\n"
+    "pool = shmpool.Mempool.create(sys.argv[1], min_nr=1, slot_size=16, capacity=4)\n"
+    "h = pool.alloc()\n"  # held at exit: the pool is left as a crash would leave it
+)
+ATTACH = "import sys, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
+
+
+def test_cleanup_removes_a_pool_whose_creator_and_users_are_dead(name: str) -> None:
+    made = run_python(CREATE_AND_EXIT, name)
+    assert made.returncode == 0, made.stderr
+    used = run_python(ATTACH + "h = pool.alloc()", name)  # attaches, holds, exits
+    assert used.returncode == 0, used.stderr
+    listing = cleanup()
     assert name in listing.stdout.split()
-    out = subprocess.run([sys.executable, os.path.join(TOOLS, "cleanup.py"), name], capture_output=True, text=True)
+    assert f"{name}  (in use" not in listing.stdout
+    out = cleanup(name)
+    assert out.returncode == 0 and out.stdout.strip() == f"removed {name}", out.stdout + out.stderr
+    assert leftovers() == []
+
+
+def test_cleanup_yes_keeps_a_pool_a_live_process_uses_until_forced(name: str, popen) -> None:
+    made = run_python(CREATE_AND_EXIT, name)  # its creator is dead
+    assert made.returncode == 0, made.stderr
+    user = popen(ATTACH + "print('ready', flush=True)\nsys.stdin.read()", name)
+    assert user.stdout.readline() == "ready\n", user.stderr.read()
+    listing = cleanup()
+    assert f"{name}  (in use: in use by pid {user.pid} (" in listing.stdout, listing.stdout
+
+    kept = cleanup("--yes", "--prefix", name)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.startswith(f"kept {name}: in use by pid {user.pid} ({sys.executable} -c"), kept.stdout
+    assert os.path.exists(segment(name)) and len(leftovers()) == 3  # the segment and both semaphores
+    named = cleanup(name)  # naming it is no different
+    assert named.returncode == 0 and named.stdout.startswith(f"kept {name}: "), named.stdout
+    assert len(leftovers()) == 3
+
+    forced = cleanup("--yes", "--force", "--prefix", name)
+    assert forced.returncode == 0 and forced.stdout.strip() == f"removed {name}", forced.stdout + forced.stderr
+    assert leftovers() == []
+    user.stdin.close()  # the user ends normally: its mapping outlived the removal
+    assert user.wait(timeout=30) == 0, user.stderr.read()
+
+
+def test_cleanup_keeps_a_pool_whose_creator_lives(name: str) -> None:
+    Mempool.create(name, min_nr=1, slot_size=16, capacity=1).close()  # this process made it
+    out = cleanup("--yes", "--prefix", name)
+    assert out.returncode == 0
+    assert out.stdout.startswith(f"kept {name}: created by pid {os.getpid()} ("), out.stdout
+    assert os.path.exists(segment(name))
+    out = cleanup("--force", name)
     assert out.stdout.strip() == f"removed {name}"
     assert leftovers() == []
 
 
-@pytest.mark.timeout(120)
-def test_chaos_kills_workers_and_the_pool_survives(name: str) -> None:
+def test_cleanup_removes_orphan_semaphores_even_if_open(name: str) -> None:
+    import posix_ipc
+
+    held = [posix_ipc.Semaphore(f"/shmpool.{name}.{kind}", posix_ipc.O_CREX) for kind in ("lock", "wait")]
+    try:
+        assert len(leftovers()) == 2 and not os.path.exists(segment(name))
+        out = cleanup("--yes", "--prefix", name)
+        assert out.returncode == 0 and out.stdout.strip() == f"removed {name}", out.stdout + out.stderr
+        assert leftovers() == []
+    finally:
+        for sem in held:
+            sem.close()
+
+
+def chaos(name: str, *args: str) -> tuple[int, str]:
     out = subprocess.run(
-        [sys.executable, os.path.join(TOOLS, "chaos.py"), "--seconds", "3", "--name", name, "--seed", "3"],
+        [sys.executable, os.path.join(TOOLS, "chaos.py"), "--name", name, *args],
         capture_output=True, text=True, timeout=100,
     )
-    assert out.returncode == 0, out.stdout + out.stderr
-    line = out.stdout.strip()
-    assert line.endswith(": OK"), line
+    assert out.stdout.startswith("chaos: ") and out.stdout.count("\n") == 1, out.stdout + out.stderr
+    return out.returncode, out.stdout.strip()
+
+
+@pytest.mark.timeout(120)
+def test_chaos_kills_workers_and_the_pool_survives(name: str) -> None:
+    code, line = chaos(name, "--seconds", "3", "--seed", "3")
+    assert code == 0 and line.endswith(": OK"), line
     kills = int(line.split("kills ")[1].split(",")[0])
     operations = int(line.split("operations ")[1].split(",")[0])
     assert kills >= 10 and operations > 1000, line
     assert leftovers() == []
+
+
+@pytest.mark.timeout(120)
+def test_chaos_without_a_kill_tested_nothing_and_fails(name: str) -> None:
+    code, line = chaos(name, "--seconds", "0")
+    assert code == 1
+    assert " kills 0, " in line and line.endswith(": FAILED: no kill hit a running worker"), line
+    operations = int(line.split("operations ")[1].split(",")[0])
+    assert operations >= 4  # every worker ran (completed an operation) before the run began
+    assert leftovers() == []
+
+
+@pytest.mark.timeout(120)
+def test_chaos_fails_when_workers_cannot_get_to_run(name: str) -> None:
+    code, line = chaos(name, "--ready-timeout", "0", "--seconds", "3")
+    assert code == 1
+    assert " kills 0, " in line and "completed no operation within 0 s of its start" in line, line
+    assert leftovers() == []
+
+
+def test_chaos_verdict_demands_operations_and_kills() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaos_tool", os.path.join(TOOLS, "chaos.py"))
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.verdict(kills=12, operations=5000, failure="") == ""
+    assert tool.verdict(kills=12, operations=0, failure="") == "no operation completed"
+    assert tool.verdict(kills=0, operations=0, failure="") == "no operation completed"
+    assert tool.verdict(kills=0, operations=5000, failure="") == "no kill hit a running worker"
+    assert tool.verdict(kills=12, operations=5000, failure="stamp mismatch") == "stamp mismatch"
 
 
 @pytest.mark.timeout(120)

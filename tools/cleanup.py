@@ -1,14 +1,24 @@
 #!/usr/bin/env python3
 """Remove pools that an interrupted run left behind.
 
-    python tools/cleanup.py            # list this user's pools and orphans
-    python tools/cleanup.py --yes      # remove them all
-    python tools/cleanup.py NAME...    # remove these pools
+    python tools/cleanup.py                    # list this user's pools and orphans
+    python tools/cleanup.py --yes              # remove those nobody uses
+    python tools/cleanup.py --yes --prefix P   # only those whose name starts with P
+    python tools/cleanup.py NAME...            # remove these pools (if nobody uses them)
+    python tools/cleanup.py --force NAME...    # remove them even if in use
 
 A pool is its segment /dev/shm/shmpool.NAME and its semaphores
 /dev/shm/sem.shmpool.NAME.lock and .wait; an orphan is a semaphore whose
-segment is gone. Removing a pool that live processes still use does not
-disturb their mappings, but nobody can attach to it any more.
+segment is gone, and is always removed.
+
+A pool is in use, and kept unless --force, while its creator is alive or a
+live process is attached to it (its registry says so, across pid
+namespaces) or has its segment mapped (seen in /proc, this pid namespace
+only: that also covers a pool being created, or one whose registry this
+shmpool cannot read). Each kept pool is named with the reason; keeping one
+is not an error (exit 0). Removing a pool that processes still use does not
+disturb their mappings, but nobody can attach to it any more; a process
+that attaches between the check and the removal is not seen.
 """
 
 from __future__ import annotations
@@ -16,11 +26,35 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import struct
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from shmpool import _segment
+from shmpool._layout import H_CREATOR_PID, H_CREATOR_START, HEADER_WORDS
+from shmpool._procs import is_alive, start_ticks
+
+try:
+    from shmpool._procs import live_pids
+except ImportError:  # TEMPORARY until layout v4 lands: the lead deletes this fallback
+    import numpy as np
+
+    from shmpool._layout import P_PID, P_START, PROC_WORDS, read_geometry
+
+    def live_pids(name: str) -> list[tuple[int, int]]:
+        """(pid, start) of the live processes in pool ``name``'s registry."""
+        mm, size, fd = _segment.open_shm(name)  # FileNotFoundError if none
+        os.close(fd)
+        try:
+            geo = read_geometry(mm, size)
+            procs = np.frombuffer(mm, np.uint64, geo.max_procs * PROC_WORDS, geo.off_procs).reshape(-1, PROC_WORDS)
+            entries = [(int(p), int(s)) for p, s in procs[:, [P_PID, P_START]].tolist() if p]
+            del procs
+        finally:
+            mm.close()
+        return [(p, s) for p, s in entries if is_alive(p, s)]
+
 
 SEM = re.compile(r"^sem\.shmpool\.(.+)\.(lock|wait)$")
 
@@ -42,19 +76,103 @@ def pool_names() -> list[str]:
     return sorted(names)
 
 
+def _segment_path(name: str) -> str:
+    return os.path.join(_segment.SHM_DIR, _segment.SHM_PREFIX + name)
+
+
+def _header(name: str) -> tuple[int, ...] | None:
+    """The header words of segment ``name`` (read-only, however damaged),
+    None if it has none: no such segment or one shorter than a header."""
+    try:
+        fd = os.open(_segment_path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        raw = os.pread(fd, HEADER_WORDS * 8, 0)
+    finally:
+        os.close(fd)
+    return struct.unpack(f"={HEADER_WORDS}Q", raw) if len(raw) == HEADER_WORDS * 8 else None
+
+
+def mappers() -> dict[str, set[int]]:
+    """Segment name -> pids (other than ours) of the processes in this pid
+    namespace that map it, from /proc/PID/maps (unreadable ones skipped)."""
+    prefix = _segment_path("")
+    found: dict[str, set[int]] = {}
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                for line in f:
+                    path = line.split(maxsplit=5)[5:]
+                    path = path[0].rstrip("\n") if path else ""
+                    # A " (deleted)" segment is no longer the one under its name.
+                    if path.startswith(prefix) and not path.endswith(" (deleted)"):
+                        found.setdefault(path[len(prefix) :], set()).add(int(entry))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def _who(pid: int, start: int | None = None) -> str:
+    """'pid 1234 (python3 -m ...)', without a command when ``pid`` is not
+    the process (pid, start) in this pid namespace."""
+    if start is not None and start_ticks(pid) != start:
+        return f"pid {pid} (in another pid namespace)"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    if len(command) > 60:
+        command = command[:57] + "..."
+    return f"pid {pid} ({command})" if command else f"pid {pid}"
+
+
+def users(name: str, mapped: set[int]) -> list[str]:
+    """Why pool ``name`` is in use, one reason per process; [] if nobody
+    uses it (or it has no segment: orphan semaphores)."""
+    header = _header(name)
+    if header is None and not os.path.exists(_segment_path(name)):
+        return []
+    reasons: dict[int, str] = {}
+    if header is not None:
+        pid, start = header[H_CREATOR_PID], header[H_CREATOR_START]
+        if (is_alive(pid, start) if start else start_ticks(pid) is not None):  # start 0: not recorded
+            reasons[pid] = f"created by {_who(pid, start or None)}, alive"
+    try:
+        for pid, start in live_pids(name):
+            reasons.setdefault(pid, f"in use by {_who(pid, start)}")
+    except Exception:  # gone, damaged, half made, another layout: the creator and /proc decide
+        pass
+    for pid in sorted(mapped):
+        reasons.setdefault(pid, f"mapped by {_who(pid)}")
+    return [reasons[pid] for pid in sorted(reasons)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="pools to remove (default: all of this user's, with --yes)")
-    parser.add_argument("--yes", action="store_true", help="remove every pool of this user")
+    parser.add_argument("--yes", action="store_true", help="remove every pool of this user that nobody uses")
+    parser.add_argument("--prefix", default="", help="only pools whose name starts with PREFIX")
+    parser.add_argument("--force", action="store_true", help="remove pools even if live processes use them")
     args = parser.parse_args(argv)
-    names = args.names or pool_names()
+    names = [n for n in args.names or pool_names() if n.startswith(args.prefix)]
+    mapped = mappers()
     if not args.names and not args.yes:
         for n in names:
-            print(n)
-        print(f"{len(names)} pool(s); run with --yes to remove them", file=sys.stderr)
+            why = users(n, mapped.get(n, set()))
+            print(n + ("  (in use: " + "; ".join(why) + ")" if why else ""))
+        print(f"{len(names)} pool(s); run with --yes to remove those not in use", file=sys.stderr)
         return 0
     for n in names:
-        print(("removed " if _segment.unlink(n) else "not found ") + n)
+        why = [] if args.force else users(n, mapped.get(n, set()))
+        if why:
+            print(f"kept {n}: " + "; ".join(why))
+        else:
+            print(("removed " if _segment.unlink(n) else "not found ") + n)
     return 0
 
 
