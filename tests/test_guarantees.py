@@ -398,7 +398,11 @@ def test_a_lock_holder_starved_of_the_gil_by_its_own_thread_is_not_robbed(name: 
 def test_exceptions_from_signal_handlers_inside_operations_leave_no_lock_held_and_lose_nothing(
     name: str, spawn
 ) -> None:
-    with Mempool.create(name, min_nr=16, slot_size=16, capacity=4096) as pool:
+    # An interrupt that arrives during a call that hands out elements is
+    # raised when it returns, before the caller has recorded them: those
+    # stay held by the live process until reclaim_dead after its exit. Up
+    # to 8 per interrupt here, hence the capacity.
+    with Mempool.create(name, min_nr=16, slot_size=16, capacity=32768) as pool:
         go, results = ctx.Event(), ctx.Queue()
         kids = [spawn(children.interrupted_worker, name, 1500, 0.0005, seed, go, results) for seed in (1, 2)]
         for _ in kids:
@@ -406,6 +410,7 @@ def test_exceptions_from_signal_handlers_inside_operations_leave_no_lock_held_an
             assert errors == []
             assert fired >= 1500 and ops > 0
         # Both are alive and idle: neither may have left the lock held.
+        assert header_word(name, _layout.H_LOCK_OWNER) == 0
         h, took = timed(lambda: pool.alloc(GFP_ATOMIC))
         assert h is not None, "the lock is held by an idle live process"
         assert took < 1.0
@@ -674,6 +679,10 @@ def _damage(name: str, what: str, keeper: Child) -> None:
         raise AssertionError(what)
 
 
+#: Damage after which a free may also be refused as not held (the slot word
+#: it meets may be a valid word of another state or generation).
+SLOT_WORDS_DAMAGED = {"garbage slot words"}
+
 HOSTILE = [
     "cache count beyond its maximum",
     "cache count huge",
@@ -693,9 +702,14 @@ HOSTILE = [
     "garbage header",
 ]
 
-#: What an operation on a damaged pool may do: succeed, refuse the pool, or
-#: (a timed allocation) run out of time.
-ALLOWED = {"ok", "PoolFormatError"}
+def allowed(what: str, operation: str, outcome: str) -> bool:
+    """What an operation on a damaged pool may do: succeed or refuse the
+    pool (PoolFormatError); a timed allocation may also run out of time."""
+    return (
+        outcome in ("ok", "PoolFormatError")
+        or (outcome == "TimeoutError" and operation.startswith("alloc"))
+        or (outcome == "InvalidHandleError" and operation.startswith("free") and what in SLOT_WORDS_DAMAGED)
+    )
 
 
 @pytest.mark.timeout(120)
@@ -722,14 +736,19 @@ def test_damaged_bytes_give_poolformaterror_never_a_crash_or_a_hang(name: str, p
     lines = run.stdout.splitlines()
     assert lines[-1] == "end", run.stdout + run.stderr
     outcomes = [line.split(" ", 2) for line in lines[:-1]]
-    wrong = [o for o in outcomes if o[1] not in ALLOWED and not (o[1] == "TimeoutError" and o[0].startswith("alloc"))]
+    wrong = [o for o in outcomes if not allowed(what, o[0], o[1])]
     assert wrong == [], f"{what}: {wrong}"
     # The keeper, who has been attached all along, meets the damage too.
-    for code in ("for x in held: pool.free(x)", "pool.stats()", "pool.reclaim_dead()", "pool.close()"):
+    for label, code in (
+        ("free", "for x in held: pool.free(x)"),
+        ("stats", "pool.stats()"),
+        ("reclaim-dead", "pool.reclaim_dead()"),
+        ("close", "pool.close()"),
+    ):
         try:
             keeper.call(code, timeout=60)
         except ChildError as exc:
-            assert exc.args[0] == "PoolFormatError", f"{what}: {code}: {exc.args}"
+            assert allowed(what, label, exc.args[0]), f"{what}: {code}: {exc.args}"
     code = keeper.finish()
     assert code == 0, f"{what}: the keeper's exit {code}: {keeper.stderr()}"
 
@@ -831,7 +850,8 @@ def test_processes_in_different_pid_namespaces_see_each_other_alive(name: str, p
         stamp(pool, ours, (1, 2))
         child = Child(popen(EXEC, *argv, sys.executable, "-c", SERVER, name, TESTS))
         assert child.inner_pid == 1  # the first process of its own pid namespace
-        theirs = child.call("h = pool.alloc(GFP_KERNEL, timeout=5); pool.buffer(h)[:2] = b'ns'; h")
+        child.call("h = pool.alloc(GFP_KERNEL, timeout=5); pool.buffer(h)[:2] = b'ns'")
+        theirs = child.call("h")
         # Neither can see the other's pid in its /proc; neither is dead.
         assert child.call("pool.reclaim_dead()") == 0
         assert pool.reclaim_dead() == 0
