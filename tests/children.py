@@ -321,33 +321,43 @@ class _FreesWhenCollected:
             tally["errors"].append(repr(exc))
 
 
-def collector_frees(name: str, seconds: float, results: Any) -> None:
-    """With the cycle collector run at almost every allocation of a Python
-    object, loop alloc_bulk / free_bulk / alloc / free while dropping, each
-    round, objects in reference cycles whose __del__ frees an element.
-    Reports (rounds, elements given to such objects, freed by __del__,
-    errors, in_use after a last collection)."""
+def collector_frees(name: str, seconds: float, seed: int, results: Any) -> None:
+    """Loop: make objects in reference cycles whose __del__ frees an element
+    (with the collector off), then arm the collector to run after a random
+    few more allocations of Python objects, and call free_bulk, alloc_bulk,
+    alloc/free, stats or reclaim_dead, so that the collection (and the
+    __del__ calls) lands at every point of those calls in turn. Reports
+    (rounds, elements given to such objects, freed by __del__, errors,
+    in_use after a last collection)."""
+    rng = random.Random(seed)
     tally: dict[str, Any] = {"freed": 0, "errors": []}
     made = rounds = 0
     old = gc.get_threshold()
     with Mempool.attach(name) as pool:
-        gc.set_threshold(1, 1, 1)
+        operations = (
+            lambda rest: pool.free_bulk(rest),
+            lambda rest: (pool.free_bulk(pool.alloc_bulk(3, GFP_KERNEL, timeout=30)), pool.free_bulk(rest)),
+            lambda rest: (pool.free(pool.alloc(GFP_KERNEL, timeout=30)), pool.free_bulk(rest)),
+            lambda rest: (pool.stats(), pool.reclaim_dead(), pool.free_bulk(rest)),
+        )
         try:
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline and not tally["errors"]:
                 hs = pool.alloc_bulk(8, GFP_KERNEL, timeout=30)
+                gc.collect(0)
+                gc.disable()
                 for h in hs[:4].tolist():
                     _FreesWhenCollected(pool, h, tally)  # garbage at once
                     made += 1
-                pool.free_bulk(hs[4:])
-                _FreesWhenCollected(pool, pool.alloc(GFP_KERNEL, timeout=30), tally)
-                made += 1
-                pool.free(pool.alloc(GFP_KERNEL, timeout=30))
+                gc.set_threshold(gc.get_count()[0] + rng.randint(0, 30), 1, 1)
+                gc.enable()
+                operations[rounds % len(operations)](hs[4:])
                 rounds += 1
         except Exception as exc:
             tally["errors"].append(repr(exc))
         finally:
             gc.set_threshold(*old)
+            gc.enable()
         gc.collect()
         in_use = pool.stats().in_use
     results.put((rounds, made, tally["freed"], tally["errors"], in_use))

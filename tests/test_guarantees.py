@@ -469,12 +469,16 @@ def test_a_sleeping_alloc_interrupted_by_a_raising_handler_leaks_no_waiter(name:
 
 
 @pytest.mark.timeout(180)
-def test_a_del_that_frees_run_by_the_collector_wedges_nothing(name: str, spawn) -> None:
-    with Mempool.create(name, min_nr=8, slot_size=16, capacity=256) as pool:
+@pytest.mark.parametrize("path", ["reserve", "arena"])
+def test_a_del_that_frees_run_by_the_collector_wedges_nothing(name: str, spawn, path: str) -> None:
+    # "reserve": every element is the reserve's, so that every free in a
+    # __del__ needs the lock; "arena": frees go through the cache.
+    min_nr = 256 if path == "reserve" else 8
+    with Mempool.create(name, min_nr=min_nr, slot_size=16, capacity=256) as pool:
         results = ctx.Queue()
-        child = spawn(children.collector_frees, name, 3.0, results)
+        child = spawn(children.collector_frees, name, 3.0, 1, results)
         try:
-            rounds, made, freed, errors, in_use = results.get(timeout=120)
+            rounds, made, freed, errors, in_use = results.get(timeout=60)
         except queue.Empty:
             pytest.fail("the child wedged (its __del__ ran inside a critical section?)")
         child.join(30)
