@@ -197,9 +197,11 @@ def test_demo_hold_keeps_the_pool_up_until_sigint_and_cleans_up(name: str) -> No
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        while "--hold" not in p.stdout.readline():
-            pass
-        shown = subprocess.run([os.path.join(BIN, "shmpool-inspect"), name, "--json"], capture_output=True, text=True)
+        while "--hold" not in (line := p.stdout.readline()):
+            assert line, f"the demo ended before holding: {p.communicate(timeout=30)}"
+        shown = subprocess.run(
+            [os.path.join(BIN, "shmpool-inspect"), name, "--json"], capture_output=True, text=True, timeout=60
+        )
         assert shown.returncode == 0 and json.loads(shown.stdout)["name"] == name
         p.send_signal(signal.SIGTERM)  # SIGINT alike: both end the hold
         out, err = p.communicate(timeout=60)
