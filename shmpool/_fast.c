@@ -335,6 +335,12 @@ static int lock_acquire(Core *f, uint64_t deadline) {
  * so the dead ones' counts are subtracted, not the total recomputed: a live
  * sleeper leaving meanwhile is never lost. A count beyond any possible
  * number (damage) is replaced by the live total. */
+/* Take an entry's sleepers out of nr_waiters (a dead entry's). */
+static void drop_sleepers(Core *f, uint64_t *ent) {
+    uint64_t n = __atomic_exchange_n(&ent[P_SLEEPING], 0, __ATOMIC_SEQ_CST);
+    if (n && n <= SLEEPERS_MAX) __atomic_sub_fetch(&f->hdr[H_NR_WAITERS], n, __ATOMIC_SEQ_CST);
+}
+
 static void uncount_dead_sleepers(Core *f) {
     uint64_t live = 0;
     for (uint64_t e = 0; e < f->max_procs; e++) {
@@ -345,8 +351,7 @@ static void uncount_dead_sleepers(Core *f) {
             live += n;
             continue;
         }
-        if (cas(&ent[P_SLEEPING], n, 0) && n <= SLEEPERS_MAX)
-            __atomic_sub_fetch(&f->hdr[H_NR_WAITERS], n, __ATOMIC_SEQ_CST);
+        drop_sleepers(f, ent);
     }
     uint64_t now = ld(&f->hdr[H_NR_WAITERS]);
     if (now > SLEEPERS_MAX || now < live) st(&f->hdr[H_NR_WAITERS], live);
@@ -359,7 +364,15 @@ static void wake_all(Core *f) {
     if (f->wait_sem == NULL) return;
     uint64_t n = ld(&f->hdr[H_NR_WAITERS]);
     if (n == 0) return;
-    if (n > WAKE_MAX) n = WAKE_MAX; /* a damaged count: repaired by the next repair or reclaim */
+    /* Never more tokens than sleepers the registry counts: a damaged
+     * nr_waiters cannot flood the channel. */
+    uint64_t counted = 0;
+    for (uint64_t e = 0; e < f->max_procs && counted < n; e++) {
+        uint64_t k = ld(&ENTRY(f, e)[P_SLEEPING]);
+        counted += k < SLEEPERS_MAX ? k : SLEEPERS_MAX;
+    }
+    if (n > counted) n = counted;
+    if (n > WAKE_MAX) n = WAKE_MAX;
     int value = 0;
     if (sem_getvalue(f->wait_sem, &value) != 0) return;
     for (int64_t i = value; i < (int64_t)n; i++) sem_post(f->wait_sem);
@@ -375,9 +388,12 @@ static void drain_tokens(Core *f) {
     }
 }
 
+/* Count a sleeper in (d = 1) or out (d = -1): nr_waiters is never below the
+ * sum of the entries' counts (in: it first; out: it last). */
 static void sleeper_add(Core *f, int64_t d) {
-    __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+    if (d > 0) __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
     if (f->entry) __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
+    if (d < 0) __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
 }
 
 /* ------------------------------------------------------------------ */
@@ -456,6 +472,7 @@ static int check_header(Core *f) {
     if (curr > min_nr) return corrupt(f, "curr_nr %llu exceeds min_nr %llu", curr, min_nr);
     if (shared > f->capacity || curr + shared > f->capacity)
         return corrupt(f, "arena_free %llu is beyond the capacity %llu", shared, f->capacity);
+    if (h[H_NR_WAITERS] > SLEEPERS_MAX) uncount_dead_sleepers(f); /* damage: recount */
     if (f->entry && f->entry[P_CACHE_N] > CACHE_MAX)
         return corrupt(f, "this process's cache count %llu exceeds its size %llu", f->entry[P_CACHE_N], CACHE_MAX);
     if (h[H_STATUS] != STATUS_LIVE) return RC_DESTROYED;
@@ -779,7 +796,7 @@ static int64_t retire(Core *f, const unsigned char *dead) {
         uint64_t epoch = ld(&ent[P_EPOCH]);
         if (epoch == 0 || entry_locked(f, o - 1)) continue; /* vacant, or claimed by a newcomer meanwhile */
         st(&ent[P_CACHE_N], 0);
-        st(&ent[P_SLEEPING], 0);
+        drop_sleepers(f, ent);
         cas(&ent[P_EPOCH], epoch, 0); /* last, and only if nobody claimed it: the commit */
     }
     f->hdr[H_RECLAIMED] += (uint64_t)taken;
@@ -1657,7 +1674,7 @@ static PyObject *Core_register(Core *f, PyObject *args) {
         st(&f->entry[P_PID], pid);
         st(&f->entry[P_START], start);
         st(&f->entry[P_CACHE_N], 0);
-        st(&f->entry[P_SLEEPING], 0);
+        drop_sleepers(f, f->entry); /* our predecessor's */
         lock_release(f);
     }
     if (after_unlock(f) < 0) return leave(f, NULL);
@@ -1682,6 +1699,39 @@ static PyObject *Core_bind(Core *f, PyObject *args) {
     f->me = (uint64_t)index + 1;
     f->token = f->me | epoch << 16;
     Py_RETURN_TRUE;
+}
+
+/* _detach(wait_ns): if this process holds no element of the pool, give
+ * its cache back and vacate its registry entry (the caller then closes the
+ * OFD lock's descriptor). True if vacated; False if it holds elements (its
+ * entry stays, so that they stay its own) or the lock did not come. */
+static PyObject *Core_detach(Core *f, PyObject *arg) {
+    long long wait = PyLong_AsLongLong(arg);
+    if (wait == -1 && PyErr_Occurred()) return NULL;
+    if (f->hdr == NULL || f->entry == NULL) Py_RETURN_FALSE;
+    f->busy++;
+    int vacated = 0;
+    int r = lock_acquire(f, deadline_from(wait));
+    if (r == RC_OK) {
+        int holds = 0;
+        for (uint64_t idx = 0; idx < f->capacity && !holds; idx++) {
+            uint64_t w = ld(&f->words[idx]);
+            holds = W_STATE(w) == ST_HELD && W_OWNER(w) == f->me;
+        }
+        if (!holds && drain(f, 0) == RC_OK && ld(&f->entry[P_SLEEPING]) == 0) {
+            st(&f->entry[P_CACHE_N], 0);
+            st(&f->entry[P_EPOCH], 0);
+            vacated = 1;
+        }
+        lock_release(f);
+    }
+    if (r == RC_SIGNAL) return leave(f, NULL);
+    if (vacated) {
+        f->entry = NULL;
+        f->cache = NULL;
+        f->enabled = 0;
+    }
+    return leave(f, PyBool_FromLong(vacated));
 }
 
 /* _drain_cache(wait_ns): give our cache back to the shared free list if
@@ -1865,6 +1915,7 @@ static PyMethodDef Core_methods[] = {
     M("_register", Core_register, METH_VARARGS, "(fd, pid, start) -> (index, epoch)"),
     M("_bind", Core_bind, METH_VARARGS, "(fd, index, epoch) -> bool"),
     M("_drain_cache", Core_drain_cache, METH_O, "(wait_ns) -> bool"),
+    M("_detach", Core_detach, METH_O, "(wait_ns) -> bool: vacate our entry if we hold nothing"),
     M("_test_lock", Core_test_lock, METH_NOARGS, "take the pool lock (tests)"),
     M("_test_unlock", Core_test_unlock, METH_NOARGS, "release the pool lock (tests)"),
     M("_unmap", Core_unmap, METH_NOARGS, "let go of the mapping (close)"),

@@ -156,6 +156,7 @@ class _Attachment:
     fd: int  # an open file description of the segment, holding the OFD lock
     index: int
     epoch: int
+    refs: int = 0  # open Mempool objects of this process bound to it
 
 
 _attachments: dict[tuple[int, int], _Attachment] = {}
@@ -252,7 +253,9 @@ class Mempool(Core):
     below, whose docstrings give the contract.
     """
 
-    __slots__ = ("name", "_trace", "_core", "_pid", "_start", "_capacity", "_slot_size", "_stride", "_fd", "__weakref__")
+    __slots__ = (
+        "name", "_trace", "_core", "_pid", "_start", "_capacity", "_slot_size", "_stride", "_fd", "_key", "__weakref__",
+    )
 
     def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, register: bool = True) -> None:
         v = Views(seg.mm, geo)
@@ -274,6 +277,8 @@ class Mempool(Core):
         self._slot_size = geo.slot_size
         self._stride = geo.stride
         self._fd = seg.fd
+        st = os.fstat(seg.fd)
+        self._key = (st.st_dev, st.st_ino)
         self._core: tuple[Views, _LockForTests] | None = (v, _LockForTests(self))
         if register:
             self._attach_process()
@@ -406,11 +411,11 @@ class Mempool(Core):
     def _attach_process(self) -> None:
         """Bind this object to this process's registry entry in the pool,
         registering the process first if it has none."""
-        st = os.fstat(self._fd)
-        key = (st.st_dev, st.st_ino)
+        key = self._key
         with _attach_lock:
             att = _attachments.get(key)
             if att is not None and self._bind(att.fd, att.index, att.epoch):
+                att.refs += 1
                 self.enabled = self._trace is None
                 return
             # A description of our own: the OFD lock lives as long as it does.
@@ -422,8 +427,30 @@ class Mempool(Core):
                 raise
             if att is not None:
                 os.close(att.fd)
-            _attachments[key] = _Attachment(fd, index, epoch)
+            _attachments[key] = _Attachment(fd, index, epoch, 1)
         self.enabled = self._trace is None
+
+    def _release_attachment(self, destroyed: bool) -> None:
+        """This object lets go of the process's registry entry. The last one
+        to do so vacates it, unless the process still holds elements (they
+        stay its own, and the entry with them, until the process exits or
+        frees them): a process that attaches and closes many pools does not
+        keep a descriptor per pool. After destroy the descriptor goes
+        whatever is held."""
+        with _attach_lock:
+            att = _attachments.get(self._key)
+            if att is None or self._entry != att.index:
+                return
+            att.refs -= 1
+            if att.refs > 0:
+                return
+            try:
+                vacated = self._detach(_ns(CLOSE_LOCK_SECONDS))
+            except Exception:  # a damaged pool, or a signal: keep the entry
+                vacated = False
+            if vacated or destroyed:
+                del _attachments[self._key]
+                os.close(att.fd)
 
     def _become(self, pid: int, start: int) -> None:
         """After fork(): this object now belongs to the child."""
@@ -671,7 +698,7 @@ class Mempool(Core):
                 "free them first, or destroy(force=True)"
             )
         _segment.unlink(self.name)
-        self.close()
+        self._close(destroyed=True)
 
     # ------------------------------------------------------------------
     # Element access
@@ -812,6 +839,12 @@ class Mempool(Core):
         core = self._core
         if core is None:
             return
+        self._close(destroyed=False)
+
+    def _close(self, destroyed: bool) -> None:
+        core = self._core
+        if core is None:
+            return
         if self.enabled:
             self.enabled = False
             # The cache's slots back to the shared arena, if the lock comes
@@ -821,6 +854,7 @@ class Mempool(Core):
                 self._drain_cache(_ns(CLOSE_LOCK_SECONDS))
             except Exception:  # a damaged pool, or a signal: leave it to the audit
                 pass
+        self._release_attachment(destroyed)
         self._core = None
         self._unmap()
         mm = core[0].mm

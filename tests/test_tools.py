@@ -182,8 +182,8 @@ def test_bench_runs_and_reports_every_section() -> None:
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
     recovery = figures["recovery"]
-    assert recovery["recoveries"] >= 6  # every kill was recovered from
-    assert 0 < recovery["recorded_median_ms"] <= recovery["recorded_max_ms"]
+    assert recovery["recoveries"] >= 4  # every kill was recovered from
+    assert 0 < recovery["killed_holder_median_ms"] <= recovery["killed_holder_max_ms"]
     assert leftovers() == []
 
 
