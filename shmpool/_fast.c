@@ -1051,7 +1051,8 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
             }
         }
     }
-    if (f->hdr == NULL || f->closing || f->trace != NULL || timeout != Py_None || !PyLong_CheckExact(gfp))
+    if (f->hdr == NULL || f->closing || f->trace != NULL || timeout != Py_None || !PyLong_Check(gfp) ||
+        PyBool_Check(gfp))
         return call_slow_alloc(f, gfp, timeout, 0);
     long g = PyLong_AsLong(gfp);
     if (g == -1 && PyErr_Occurred()) { PyErr_Clear(); return call_slow_alloc(f, gfp, timeout, 0); }
