@@ -169,6 +169,7 @@ typedef struct {
     uint64_t last_curr;
     PyObject *trace;          /* trace(event, handle, curr_nr), or NULL */
     char msg[240];            /* why a call found the pool damaged or a handle invalid */
+    char name[256];           /* the pool's name, for messages */
 } Core;
 
 static PyObject *ErrFormat, *ErrDestroyed, *ErrInvalid, *ErrClosed, *WarnPoison;
@@ -885,7 +886,8 @@ static void repair(Core *f) {
 
 static void release_view(Core *f);
 static PyObject *closed_error(Core *f) {
-    PyErr_SetString(ErrClosed ? ErrClosed : PyExc_ValueError, "the pool is closed in this object");
+    PyErr_Format(ErrClosed ? ErrClosed : PyExc_ValueError, "pool '%s' is closed in this object; attach again to use it",
+                 f->name);
     return NULL;
 }
 
@@ -900,8 +902,8 @@ static int after_unlock(Core *f) {
     if (f->poisoned >= 0) {
         int64_t idx = f->poisoned;
         f->poisoned = -1;
-        if (PyErr_WarnFormat(WarnPoison, 2, "reserved element in slot %lld was written after it was freed",
-                             (long long)idx) < 0)
+        if (PyErr_WarnFormat(WarnPoison, 2, "pool '%s': reserved element in slot %lld was written after it was freed",
+                             f->name, (long long)idx) < 0)
             return -1;
     }
     return 0;
@@ -911,10 +913,13 @@ static int after_unlock(Core *f) {
 static PyObject *raise_for(Core *f, int r) {
     switch (r) {
     case RC_SIGNAL: return NULL; /* the handler's exception is set */
-    case RC_TIMEOUT: PyErr_SetString(PyExc_TimeoutError, "timed out"); return NULL;
-    case RC_DESTROYED: PyErr_SetString(ErrDestroyed, "the pool was destroyed"); return NULL;
+    case RC_TIMEOUT: PyErr_Format(PyExc_TimeoutError, "pool '%s': the timeout passed", f->name); return NULL;
+    case RC_DESTROYED: PyErr_Format(ErrDestroyed, "pool '%s' was destroyed", f->name); return NULL;
     case RC_CLOSED: return closed_error(f);
-    case RC_CORRUPT: PyErr_Format(ErrFormat, "pool is corrupt: %s", f->msg); return NULL;
+    case RC_CORRUPT:
+        PyErr_Format(ErrFormat, "pool '%s' is corrupt: %s (shmpool-inspect --check %s audits it)", f->name, f->msg,
+                     f->name);
+        return NULL;
     default: PyErr_Format(PyExc_SystemError, "shmpool: unexpected result %d", r); return NULL;
     }
 }
@@ -1776,10 +1781,11 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     Py_ssize_t off_words, off_stack, off_arena, off_procs, off_slots, max_procs;
     unsigned long long capacity, stride, slot_size;
     int poison;
-    const char *lock_name, *wait_name;
-    if (!PyArg_ParseTuple(args, "OnnnnnnKKKpss", &buf, &off_words, &off_stack, &off_arena, &off_procs, &off_slots,
-                          &max_procs, &capacity, &stride, &slot_size, &poison, &lock_name, &wait_name))
+    const char *lock_name, *wait_name, *name;
+    if (!PyArg_ParseTuple(args, "OnnnnnnKKKpsss", &buf, &off_words, &off_stack, &off_arena, &off_procs, &off_slots,
+                          &max_procs, &capacity, &stride, &slot_size, &poison, &lock_name, &wait_name, &name))
         return -1;
+    snprintf(f->name, sizeof f->name, "%s", name);
     if (f->have_view) {
         PyErr_SetString(PyExc_RuntimeError, "Core initialised twice");
         return -1;

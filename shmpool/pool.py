@@ -262,7 +262,7 @@ class Mempool(Core):
         lock_name, wait_name = _segment.sem_names(name)
         Core.__init__(
             self, seg.mm, geo.off_words, geo.off_stack, geo.off_arena, geo.off_procs, geo.off_slots, geo.max_procs,
-            geo.capacity, geo.stride, geo.slot_size, bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name,
+            geo.capacity, geo.stride, geo.slot_size, bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name, name,
         )
         # posix_ipc's semaphore objects are not needed: the core opened its own.
         for sem in (seg.lock_sem, seg.wait_sem):
