@@ -93,6 +93,7 @@
 #define H_ALLOC_FAILED 34
 #define H_RECOVERIES 40
 #define H_RECLAIMED 41
+#define H_ENTRIES_USED 42
 #define FLAG_POISON 1
 #define STATUS_LIVE 1
 #define STATUS_DESTROYED 2
@@ -222,6 +223,21 @@ static int entry_locked(Core *f, uint64_t e) {
     return fl.l_type != F_UNLCK;
 }
 
+/* How many registry entries scans must look at: one past the highest entry
+ * ever taken (a hint kept in the header, so that a pool used by a few
+ * processes is not scanned 256 entries deep on its reserve path). */
+static inline uint64_t entries_used(Core *f) {
+    uint64_t n = ld(&f->hdr[H_ENTRIES_USED]);
+    return n < f->max_procs ? n : f->max_procs;
+}
+
+static void note_entry_used(Core *f, uint64_t e) {
+    uint64_t seen = ld(&f->hdr[H_ENTRIES_USED]);
+    while (seen < e + 1 && !__atomic_compare_exchange_n(&f->hdr[H_ENTRIES_USED], &seen, e + 1, 0, __ATOMIC_SEQ_CST,
+                                                       __ATOMIC_SEQ_CST))
+        ;
+}
+
 /* Whether the entry behind owner field o (entry + 1) is a live process. */
 static int owner_alive(Core *f, uint64_t o) {
     if (o == 0 || o > f->max_procs) return 0;
@@ -344,7 +360,7 @@ static void drop_sleepers(Core *f, uint64_t *ent) {
 
 static void uncount_dead_sleepers(Core *f) {
     uint64_t live = 0;
-    for (uint64_t e = 0; e < f->max_procs; e++) {
+    for (uint64_t e = 0, used = entries_used(f); e < used; e++) {
         uint64_t *ent = ENTRY(f, e);
         uint64_t n = ld(&ent[P_SLEEPING]);
         if (!n) continue;
@@ -368,7 +384,7 @@ static void wake_all(Core *f) {
     /* Never more tokens than sleepers the registry counts: a damaged
      * nr_waiters cannot flood the channel. */
     uint64_t counted = 0;
-    for (uint64_t e = 0; e < f->max_procs && counted < n; e++) {
+    for (uint64_t e = 0, used = entries_used(f); e < used && counted < n; e++) {
         uint64_t k = ld(&ENTRY(f, e)[P_SLEEPING]);
         counted += k < SLEEPERS_MAX ? k : SLEEPERS_MAX;
     }
@@ -594,7 +610,7 @@ static int refill(Core *f, uint64_t k, uint64_t *moved) {
  * cache. How many moved. */
 static int steal(Core *f, uint64_t *taken) {
     *taken = 0;
-    for (uint64_t e = 0; e < f->max_procs; e++) {
+    for (uint64_t e = 0, used = entries_used(f); e < used; e++) {
         if (e + 1 == f->me) continue;
         uint64_t *ent = ENTRY(f, e);
         if (ld(&ent[P_EPOCH]) == 0) continue;
@@ -852,6 +868,10 @@ static void repair(Core *f) {
     unsigned char *dead = dead_owners(f, &any);
     if (!seen || !dead) { free(seen); free(dead); return; }
     uint64_t *h = f->hdr;
+    for (uint64_t e = 0; e < f->max_procs; e++) { /* the scans' bound, in case it was damaged */
+        uint64_t *ent = ENTRY(f, e);
+        if (ld(&ent[P_EPOCH]) || ld(&ent[P_CACHE_N]) || ld(&ent[P_SLEEPING])) note_entry_used(f, e);
+    }
     if (h[H_MIN_NR] < 1) h[H_MIN_NR] = 1;
     if (h[H_MIN_NR] > cap) h[H_MIN_NR] = cap;
     for (uint64_t idx = 0; idx < cap; idx++) {
@@ -1288,13 +1308,20 @@ static PyObject *Core_alloc_bulk_core(Core *f, PyObject *args) {
         }
         r = check_header(f);
         Py_ssize_t got = 0;
-        for (Py_ssize_t i = 0; r == RC_OK && i < n; i++) { /* n arena attempts, each with its own draw */
-            uint64_t h;
-            int a = arena_take(f, 1, ST_HELD, &h);
-            if (a == RC_OK) dst[got++] = (int64_t)h;
-            else if (a == RC_DRY) break; /* dry: no more draws */
-            else if (a != RC_FAIL) r = a; /* RC_FAIL: a fault, and the next element is another attempt */
+        /* n arena attempts, each with its own draw, straight from the shared
+         * list: our cache (the arena's top) goes back onto it first, in
+         * order, so the slots come in the order of the single locked stack. */
+        if (r == RC_OK && f->enabled && f->entry && f->entry[P_CACHE_N]) r = drain(f, 0);
+        for (Py_ssize_t i = 0; r == RC_OK && i < n; i++) {
+            uint64_t idx, taken;
+            if (f->hdr[H_ARENA_FREE] == 0) {
+                if ((r = steal(f, &taken)) != RC_OK || !taken) break; /* dry: no more draws */
+            }
+            if (fault(f)) continue; /* a fault: the next element is another attempt */
+            if ((r = arena_pop(f, &idx)) != RC_OK) break;
+            dst[got++] = (int64_t)hand_out(f, idx);
         }
+        if (got) count(f, C_ALLOC_ARENA, (uint64_t)got);
         if (r == RC_OK) {
             uint64_t need = (uint64_t)(n - got);
             if (need <= f->hdr[H_CURR_NR]) {
@@ -1453,7 +1480,7 @@ static PyObject *Core_resize_core(Core *f, PyObject *args) {
 /* Slots held and cached right now (lock held): (in_use, cached). */
 static void usage(Core *f, uint64_t *in_use, uint64_t *cached) {
     uint64_t c = 0;
-    for (uint64_t e = 0; e < f->max_procs; e++)
+    for (uint64_t e = 0, used = entries_used(f); e < used; e++)
         if (ld(&ENTRY(f, e)[P_EPOCH]) != 0 || ld(&ENTRY(f, e)[P_CACHE_N]) != 0) c += cached_by(f, e);
     uint64_t free_ = f->hdr[H_CURR_NR] + f->hdr[H_ARENA_FREE] + c;
     *cached = c;
@@ -1556,7 +1583,7 @@ static PyObject *Core_stats_core(Core *f, PyObject *obj) {
         memcpy(o, f->hdr, 8 * HEADER_WORDS);
         usage(f, &o[HEADER_WORDS + 1], &o[HEADER_WORDS]);
         for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 2 + c] = 0;
-        for (uint64_t e = 0; e < f->max_procs; e++)
+        for (uint64_t e = 0, used = entries_used(f); e < used; e++)
             for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 2 + c] += ld(&ENTRY(f, e)[P_COUNTERS + c]);
         lock_release(f);
     }
@@ -1649,6 +1676,7 @@ static PyObject *Core_register(Core *f, PyObject *args) {
             while (!__atomic_compare_exchange_n(&ent[P_EPOCH], &old, epoch, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
                 ; /* a reclaimer may have vacated it meanwhile: old is reloaded */
             index = (int64_t)e;
+            note_entry_used(f, e);
             f->fd = fd;
             f->entry = ent;
             f->cache = CACHE_OF(ent);
@@ -1998,10 +2026,10 @@ PyMODINIT_FUNC PyInit__fast(void) {
     Py_INCREF(&CoreType);
     PyModule_AddObject(m, "Core", (PyObject *)&CoreType);
     PyObject *layout = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
+        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
         L(HEADER_WORDS), L(H_FLAGS), L(H_STATUS), L(H_MIN_NR), L(H_CURR_NR), L(H_ARENA_FREE), L(H_NR_WAITERS),
         L(H_EPOCH), L(H_FAIL_RATE), L(H_FAIL_THRESHOLD), L(H_SEED), L(H_RNG), L(H_LOCK_OWNER), L(H_LOCK_SINCE_NS),
-        L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(FLAG_POISON),
+        L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(H_ENTRIES_USED), L(FLAG_POISON),
         L(STATUS_LIVE), L(STATUS_DESTROYED), L(ST_ARENA), L(ST_RESERVE), L(ST_HELD), L(ST_CACHED), L(STATE_MASK),
         L(OWNER_SHIFT), L(OWNER_MASK), L(GEN_SHIFT), L(GEN_MASK), L(INDEX_MASK), L(HGEN_SHIFT), L(P_PID),
         L(P_START), L(P_SLEEPING), L(P_CACHE_N), L(P_EPOCH), L(P_COUNTERS), L(N_PROC_COUNTERS), L(P_CACHE),

@@ -136,6 +136,7 @@ H_FAULTS = 38  # arena attempts failed on purpose
 H_POISON_ERRORS = 39
 H_RECOVERIES = 40  # times the lock was taken over from a dead holder
 H_RECLAIMED = 41  # elements taken back from dead holders
+H_ENTRIES_USED = 42  # one past the highest registry entry ever taken: how far scans look
 COUNTERS = (
     ("alloc_arena", H_ALLOC_ARENA),
     ("alloc_reserve", H_ALLOC_RESERVE),
