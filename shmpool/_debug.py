@@ -33,9 +33,17 @@ from ._layout import (
     P_EPOCH,
     P_PID,
     PROC_WORDS,
+    Q_COUNT,
+    Q_DEPTH,
+    Q_HEAD,
+    Q_STATE,
+    Q_TAIL,
+    QUEUE_LIVE,
+    QUEUE_WORDS,
     ST_ARENA,
     ST_CACHED,
     ST_HELD,
+    ST_QUEUED,
     ST_RESERVE,
     STATE_MASK,
     Views,
@@ -87,7 +95,9 @@ def audit(v: Views) -> list[str]:
         findings.append(f"curr_nr {curr_nr} + arena_free {arena_free} exceed the capacity {cap}")
         return findings  # the stacks cannot be read within bounds
     states = np.frombuffer(v.words, dtype=np.uint64) & STATE_MASK
-    bad = np.flatnonzero((states != ST_ARENA) & (states != ST_RESERVE) & (states != ST_HELD) & (states != ST_CACHED))
+    bad = np.flatnonzero(
+        (states != ST_ARENA) & (states != ST_RESERVE) & (states != ST_HELD) & (states != ST_CACHED) & (states != ST_QUEUED)
+    )
     if bad.size:
         findings.append(f"{bad.size} slot(s) have no valid state, first slot {bad[0]} (state {states[bad[0]]})")
     for label, depth, state, arr in (
@@ -109,6 +119,7 @@ def audit(v: Views) -> list[str]:
         if count != depth:
             findings.append(f"{count} slot(s) are marked {label.split()[0]} but the {label} holds {depth}")
     findings += _audit_caches(v, states)
+    findings += _audit_queues(v, states)
     if hdr[H_NR_WAITERS] >= 1 << 31:
         findings.append(f"nr_waiters {hdr[H_NR_WAITERS]} is impossible")
     if hdr[H_FLAGS] & FLAG_POISON and not findings:
@@ -141,6 +152,38 @@ def _audit_caches(v: Views, states: np.ndarray) -> list[str]:
     if unlisted.size:
         slot = int(unlisted[0])
         findings.append(f"{unlisted.size} cached slot(s) are in no cache, first slot {slot} (entry {int(owners[slot]) - 1})")
+    return findings
+
+
+def _audit_queues(v: Views, states: np.ndarray) -> list[str]:
+    """Each live queue's list, walked from its head, names exactly its
+    QUEUED slots, ``count`` of them, ending at its tail."""
+    cap = v.geo.capacity
+    words = np.frombuffer(v.words, dtype=np.uint64)
+    owners = (words >> np.uint64(OWNER_SHIFT)) & np.uint64(OWNER_MASK)
+    table = np.frombuffer(v.queues, dtype=np.uint64).reshape(v.geo.max_queues, QUEUE_WORDS)
+    nxt = np.frombuffer(v.next, dtype=np.uint32)
+    queued = states == ST_QUEUED
+    findings: list[str] = []
+    for q in range(v.geo.max_queues):
+        row = table[q]
+        mine = int(np.count_nonzero(queued & (owners == q + 1)))
+        if row[Q_STATE] != QUEUE_LIVE:
+            if mine:
+                findings.append(f"{mine} slot(s) are queued in queue {q}, which does not exist")
+            continue
+        count, depth, idx = int(row[Q_COUNT]), int(row[Q_DEPTH]), int(row[Q_HEAD])
+        if count > depth:
+            findings.append(f"queue {q} holds {count} elements, more than its depth {depth}")
+        walked, last, seen = 0, -1, set()
+        while walked < min(count, cap) and idx < cap and idx not in seen:
+            if states[idx] != ST_QUEUED or owners[idx] != q + 1:
+                break
+            seen.add(idx)
+            last, walked = idx, walked + 1
+            idx = int(nxt[idx])
+        if walked != count or mine != count or (count and last != int(row[Q_TAIL])):
+            findings.append(f"queue {q}'s list reaches {walked} element(s); its count says {count} and {mine} are queued in it")
     return findings
 
 

@@ -93,6 +93,7 @@
 #define H_ALLOC_FAILED 34
 #define H_RECOVERIES 40
 #define H_RECLAIMED 41
+#define H_ENTRIES_USED 42
 #define FLAG_POISON 1
 #define STATUS_LIVE 1
 #define STATUS_DESTROYED 2
@@ -100,6 +101,19 @@
 #define ST_RESERVE 2
 #define ST_HELD 3
 #define ST_CACHED 4
+#define ST_QUEUED 5
+#define Q_NAME 0
+#define QUEUE_NAME_BYTES 48
+#define Q_STATE 6
+#define Q_DEPTH 7
+#define Q_COUNT 8
+#define Q_HEAD 9
+#define Q_TAIL 10
+#define Q_PUTS 11
+#define Q_GETS 12
+#define QUEUE_WORDS 16
+#define QUEUE_LIVE 1
+#define NO_SLOT 0xFFFFFFFFu
 #define STATE_MASK 0xFFull
 #define OWNER_SHIFT 8
 #define OWNER_MASK 0xFFFFull
@@ -153,9 +167,10 @@ typedef struct {
     Py_buffer view;
     int have_view;
     uint64_t *hdr, *words, *registry, *entry;
-    uint32_t *stack, *arena, *cache;
+    uint32_t *stack, *arena, *cache, *next;
+    uint64_t *queues;
     unsigned char *data;
-    uint64_t capacity, stride, slot_size, max_procs, off_procs;
+    uint64_t capacity, stride, slot_size, max_procs, off_procs, max_queues;
     uint64_t me;    /* our owner field: entry index + 1 (0 until bound) */
     uint64_t token; /* our lock token */
     int fd;         /* the segment file, for OFD liveness (not owned) */
@@ -169,14 +184,17 @@ typedef struct {
     uint64_t last_curr;
     PyObject *trace;          /* trace(event, handle, curr_nr), or NULL */
     char msg[240];            /* why a call found the pool damaged or a handle invalid */
+    char name[256];           /* the pool's name, for messages */
 } Core;
 
 static PyObject *ErrFormat, *ErrDestroyed, *ErrInvalid, *ErrClosed, *WarnPoison;
 static PyObject *GFP_KERNEL_OBJ, *STR_ALLOC_SLOW, *STR_FREE_SLOW;
 static uint64_t atomic_wait_ns = 50000000ull; /* GFP_ATOMIC waits this long for the lock */
 static int crash_point = 0;                   /* test hook: SIGKILL ourselves at this point */
-enum { CP_NONE = 0, CP_ALLOC_RESERVE, CP_FREE_RESERVE, CP_RETIRE, CP_STEAL, CP_REFILL, CP_DRAIN, CP_REBUILD, CP_N };
-static const char *CRASH_POINTS[] = {"", "alloc-reserve", "free-reserve", "retire", "steal", "refill", "drain", "rebuild"};
+enum { CP_NONE = 0, CP_ALLOC_RESERVE, CP_FREE_RESERVE, CP_RETIRE, CP_STEAL, CP_REFILL, CP_DRAIN, CP_REBUILD,
+       CP_QUEUE_PUT, CP_QUEUE_GET, CP_N };
+static const char *CRASH_POINTS[] = {"", "alloc-reserve", "free-reserve", "retire", "steal", "refill", "drain", "rebuild",
+                                     "queue-put", "queue-get"};
 #define CRASH(p) do { if (crash_point == (p)) kill(getpid(), SIGKILL); } while (0)
 
 static inline uint64_t ld(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -192,6 +210,7 @@ static inline uint64_t mkword(uint64_t state, uint64_t owner, uint64_t gen) {
 #define W_GEN(w) (((w) >> GEN_SHIFT) & GEN_MASK)
 #define ENTRY(f, e) ((f)->registry + (uint64_t)(e) * PROC_WORDS)
 #define CACHE_OF(ent) ((uint32_t *)((ent) + P_CACHE))
+#define QUEUE(f, q) ((f)->queues + (uint64_t)(q) * QUEUE_WORDS)
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -219,6 +238,21 @@ static int entry_locked(Core *f, uint64_t e) {
     fl.l_len = 1;
     if (fcntl(f->fd, F_OFD_GETLK, &fl) < 0) return 1;
     return fl.l_type != F_UNLCK;
+}
+
+/* How many registry entries scans must look at: one past the highest entry
+ * ever taken (a hint kept in the header, so that a pool used by a few
+ * processes is not scanned 256 entries deep on its reserve path). */
+static inline uint64_t entries_used(Core *f) {
+    uint64_t n = ld(&f->hdr[H_ENTRIES_USED]);
+    return n < f->max_procs ? n : f->max_procs;
+}
+
+static void note_entry_used(Core *f, uint64_t e) {
+    uint64_t seen = ld(&f->hdr[H_ENTRIES_USED]);
+    while (seen < e + 1 && !__atomic_compare_exchange_n(&f->hdr[H_ENTRIES_USED], &seen, e + 1, 0, __ATOMIC_SEQ_CST,
+                                                       __ATOMIC_SEQ_CST))
+        ;
 }
 
 /* Whether the entry behind owner field o (entry + 1) is a live process. */
@@ -335,9 +369,15 @@ static int lock_acquire(Core *f, uint64_t deadline) {
  * so the dead ones' counts are subtracted, not the total recomputed: a live
  * sleeper leaving meanwhile is never lost. A count beyond any possible
  * number (damage) is replaced by the live total. */
+/* Take an entry's sleepers out of nr_waiters (a dead entry's). */
+static void drop_sleepers(Core *f, uint64_t *ent) {
+    uint64_t n = __atomic_exchange_n(&ent[P_SLEEPING], 0, __ATOMIC_SEQ_CST);
+    if (n && n <= SLEEPERS_MAX) __atomic_sub_fetch(&f->hdr[H_NR_WAITERS], n, __ATOMIC_SEQ_CST);
+}
+
 static void uncount_dead_sleepers(Core *f) {
     uint64_t live = 0;
-    for (uint64_t e = 0; e < f->max_procs; e++) {
+    for (uint64_t e = 0, used = entries_used(f); e < used; e++) {
         uint64_t *ent = ENTRY(f, e);
         uint64_t n = ld(&ent[P_SLEEPING]);
         if (!n) continue;
@@ -345,8 +385,7 @@ static void uncount_dead_sleepers(Core *f) {
             live += n;
             continue;
         }
-        if (cas(&ent[P_SLEEPING], n, 0) && n <= SLEEPERS_MAX)
-            __atomic_sub_fetch(&f->hdr[H_NR_WAITERS], n, __ATOMIC_SEQ_CST);
+        drop_sleepers(f, ent);
     }
     uint64_t now = ld(&f->hdr[H_NR_WAITERS]);
     if (now > SLEEPERS_MAX || now < live) st(&f->hdr[H_NR_WAITERS], live);
@@ -359,7 +398,15 @@ static void wake_all(Core *f) {
     if (f->wait_sem == NULL) return;
     uint64_t n = ld(&f->hdr[H_NR_WAITERS]);
     if (n == 0) return;
-    if (n > WAKE_MAX) n = WAKE_MAX; /* a damaged count: repaired by the next repair or reclaim */
+    /* Never more tokens than sleepers the registry counts: a damaged
+     * nr_waiters cannot flood the channel. */
+    uint64_t counted = 0;
+    for (uint64_t e = 0, used = entries_used(f); e < used && counted < n; e++) {
+        uint64_t k = ld(&ENTRY(f, e)[P_SLEEPING]);
+        counted += k < SLEEPERS_MAX ? k : SLEEPERS_MAX;
+    }
+    if (n > counted) n = counted;
+    if (n > WAKE_MAX) n = WAKE_MAX;
     int value = 0;
     if (sem_getvalue(f->wait_sem, &value) != 0) return;
     for (int64_t i = value; i < (int64_t)n; i++) sem_post(f->wait_sem);
@@ -375,9 +422,12 @@ static void drain_tokens(Core *f) {
     }
 }
 
+/* Count a sleeper in (d = 1) or out (d = -1): nr_waiters is never below the
+ * sum of the entries' counts (in: it first; out: it last). */
 static void sleeper_add(Core *f, int64_t d) {
-    __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+    if (d > 0) __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
     if (f->entry) __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
+    if (d < 0) __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
 }
 
 /* ------------------------------------------------------------------ */
@@ -456,6 +506,7 @@ static int check_header(Core *f) {
     if (curr > min_nr) return corrupt(f, "curr_nr %llu exceeds min_nr %llu", curr, min_nr);
     if (shared > f->capacity || curr + shared > f->capacity)
         return corrupt(f, "arena_free %llu is beyond the capacity %llu", shared, f->capacity);
+    if (h[H_NR_WAITERS] > SLEEPERS_MAX) uncount_dead_sleepers(f); /* damage: recount */
     if (f->entry && f->entry[P_CACHE_N] > CACHE_MAX)
         return corrupt(f, "this process's cache count %llu exceeds its size %llu", f->entry[P_CACHE_N], CACHE_MAX);
     if (h[H_STATUS] != STATUS_LIVE) return RC_DESTROYED;
@@ -576,7 +627,7 @@ static int refill(Core *f, uint64_t k, uint64_t *moved) {
  * cache. How many moved. */
 static int steal(Core *f, uint64_t *taken) {
     *taken = 0;
-    for (uint64_t e = 0; e < f->max_procs; e++) {
+    for (uint64_t e = 0, used = entries_used(f); e < used; e++) {
         if (e + 1 == f->me) continue;
         uint64_t *ent = ENTRY(f, e);
         if (ld(&ent[P_EPOCH]) == 0) continue;
@@ -737,7 +788,7 @@ static int release_slot(Core *f, uint64_t idx, uint64_t w, int to_cache) {
 /* Why handle (slot idx, generation gen) is not a held element: into f->msg. */
 static void describe(Core *f, uint64_t w, uint64_t gen) {
     static const char *where[] = {"in no valid state", "in the arena", "in the reserve", "held",
-                                  "in the arena (a process's cache)"};
+                                  "in the arena (a process's cache)", "in a queue"};
     uint64_t s = W_STATE(w);
     if (s == ST_HELD)
         snprintf(f->msg, sizeof f->msg,
@@ -745,7 +796,7 @@ static void describe(Core *f, uint64_t w, uint64_t gen) {
                  "again since)", (unsigned long long)W_GEN(w), (unsigned long long)gen);
     else
         snprintf(f->msg, sizeof f->msg, "its slot is %s (freed already, or never allocated, or another pool's handle)",
-                 where[s <= 4 ? s : 0]);
+                 where[s <= 5 ? s : 0]);
 }
 
 /* ------------------------------------------------------------------ */
@@ -779,7 +830,7 @@ static int64_t retire(Core *f, const unsigned char *dead) {
         uint64_t epoch = ld(&ent[P_EPOCH]);
         if (epoch == 0 || entry_locked(f, o - 1)) continue; /* vacant, or claimed by a newcomer meanwhile */
         st(&ent[P_CACHE_N], 0);
-        st(&ent[P_SLEEPING], 0);
+        drop_sleepers(f, ent);
         cas(&ent[P_EPOCH], epoch, 0); /* last, and only if nobody claimed it: the commit */
     }
     f->hdr[H_RECLAIMED] += (uint64_t)taken;
@@ -824,6 +875,46 @@ static uint64_t rebuild_list(Core *f, uint32_t *list, uint64_t depth, uint64_t s
     return j;
 }
 
+/* Rebuild every queue from the QUEUED slot words: keep each list's run from
+ * its head while it names this queue's elements, each once (FIFO order
+ * kept), then append the queue's elements that no list reached (an element
+ * queued or taken by a process killed between its word store and its
+ * links). */
+static void repair_queues(Core *f, unsigned char *seen) {
+    uint64_t cap = f->capacity;
+    memset(seen, 0, cap);
+    for (uint64_t q = 0; q < f->max_queues; q++) {
+        uint64_t *Q = QUEUE(f, q);
+        if (Q[Q_STATE] != QUEUE_LIVE) continue;
+        if (Q[Q_DEPTH] < 1 || Q[Q_DEPTH] > cap) Q[Q_DEPTH] = cap;
+        uint64_t n = 0, tail = NO_SLOT, idx = Q[Q_HEAD];
+        uint64_t limit = Q[Q_COUNT] < cap ? Q[Q_COUNT] : cap;
+        while (n < limit && idx < cap && !seen[idx] && W_STATE(f->words[idx]) == ST_QUEUED &&
+               W_OWNER(f->words[idx]) == q + 1) {
+            seen[idx] = 1;
+            tail = idx;
+            n++;
+            idx = f->next[idx];
+        }
+        if (n == 0) st(&Q[Q_HEAD], NO_SLOT);
+        else f->next[tail] = NO_SLOT;
+        st(&Q[Q_TAIL], tail);
+        st(&Q[Q_COUNT], n);
+    }
+    for (uint64_t idx = 0; idx < cap; idx++) {
+        uint64_t w = f->words[idx];
+        if (W_STATE(w) != ST_QUEUED || seen[idx]) continue;
+        uint64_t *Q = QUEUE(f, W_OWNER(w) - 1); /* a live queue: checked by the caller's first pass */
+        uint64_t n = Q[Q_COUNT];
+        f->next[idx] = NO_SLOT;
+        if (n == 0) st(&Q[Q_HEAD], idx);
+        else f->next[Q[Q_TAIL]] = (uint32_t)idx;
+        st(&Q[Q_TAIL], idx);
+        st(&Q[Q_COUNT], n + 1);
+        seen[idx] = 1;
+    }
+}
+
 /* Run by the process that took the lock over from a dead holder (and by
  * reclaim). Idempotent: on a whole pool it changes nothing. Counts the
  * things it fixed. */
@@ -834,11 +925,17 @@ static void repair(Core *f) {
     unsigned char *dead = dead_owners(f, &any);
     if (!seen || !dead) { free(seen); free(dead); return; }
     uint64_t *h = f->hdr;
+    for (uint64_t e = 0; e < f->max_procs; e++) { /* the scans' bound, in case it was damaged */
+        uint64_t *ent = ENTRY(f, e);
+        if (ld(&ent[P_EPOCH]) || ld(&ent[P_CACHE_N]) || ld(&ent[P_SLEEPING])) note_entry_used(f, e);
+    }
     if (h[H_MIN_NR] < 1) h[H_MIN_NR] = 1;
     if (h[H_MIN_NR] > cap) h[H_MIN_NR] = cap;
     for (uint64_t idx = 0; idx < cap; idx++) {
         uint64_t w = ld(&f->words[idx]), s = W_STATE(w);
-        if (s < ST_ARENA || s > ST_CACHED || (s == ST_CACHED && dead[W_OWNER(w)]))
+        if (s < ST_ARENA || s > ST_QUEUED || (s == ST_CACHED && dead[W_OWNER(w)]) ||
+            (s == ST_QUEUED && (W_OWNER(w) == 0 || W_OWNER(w) > f->max_queues ||
+                                QUEUE(f, W_OWNER(w) - 1)[Q_STATE] != QUEUE_LIVE)))
             cas(&f->words[idx], w, mkword(ST_ARENA, 0, W_GEN(w)));
         else if (s == ST_RESERVE && W_OWNER(w) != 0)
             st(&f->words[idx], mkword(ST_RESERVE, 0, W_GEN(w)));
@@ -850,6 +947,7 @@ static void repair(Core *f) {
         st(&f->words[idx], mkword(ST_ARENA, 0, W_GEN(f->words[idx])));
     }
     st(&h[H_CURR_NR], curr);
+    repair_queues(f, seen);
     st(&h[H_ARENA_FREE], rebuild_list(f, f->arena, h[H_ARENA_FREE], ST_ARENA, seen));
     uncount_dead_sleepers(f);
     free(seen);
@@ -868,7 +966,8 @@ static void repair(Core *f) {
 
 static void release_view(Core *f);
 static PyObject *closed_error(Core *f) {
-    PyErr_SetString(ErrClosed ? ErrClosed : PyExc_ValueError, "the pool is closed in this object");
+    PyErr_Format(ErrClosed ? ErrClosed : PyExc_ValueError, "pool '%s' is closed in this object; attach again to use it",
+                 f->name);
     return NULL;
 }
 
@@ -883,8 +982,8 @@ static int after_unlock(Core *f) {
     if (f->poisoned >= 0) {
         int64_t idx = f->poisoned;
         f->poisoned = -1;
-        if (PyErr_WarnFormat(WarnPoison, 2, "reserved element in slot %lld was written after it was freed",
-                             (long long)idx) < 0)
+        if (PyErr_WarnFormat(WarnPoison, 2, "pool '%s': reserved element in slot %lld was written after it was freed",
+                             f->name, (long long)idx) < 0)
             return -1;
     }
     return 0;
@@ -894,10 +993,13 @@ static int after_unlock(Core *f) {
 static PyObject *raise_for(Core *f, int r) {
     switch (r) {
     case RC_SIGNAL: return NULL; /* the handler's exception is set */
-    case RC_TIMEOUT: PyErr_SetString(PyExc_TimeoutError, "timed out"); return NULL;
-    case RC_DESTROYED: PyErr_SetString(ErrDestroyed, "the pool was destroyed"); return NULL;
+    case RC_TIMEOUT: PyErr_Format(PyExc_TimeoutError, "pool '%s': the timeout passed", f->name); return NULL;
+    case RC_DESTROYED: PyErr_Format(ErrDestroyed, "pool '%s' was destroyed", f->name); return NULL;
     case RC_CLOSED: return closed_error(f);
-    case RC_CORRUPT: PyErr_Format(ErrFormat, "pool is corrupt: %s", f->msg); return NULL;
+    case RC_CORRUPT:
+        PyErr_Format(ErrFormat, "pool '%s' is corrupt: %s (shmpool-inspect --check %s audits it)", f->name, f->msg,
+                     f->name);
+        return NULL;
     default: PyErr_Format(PyExc_SystemError, "shmpool: unexpected result %d", r); return NULL;
     }
 }
@@ -1034,7 +1136,8 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
             }
         }
     }
-    if (f->hdr == NULL || f->closing || f->trace != NULL || timeout != Py_None || !PyLong_CheckExact(gfp))
+    if (f->hdr == NULL || f->closing || f->trace != NULL || timeout != Py_None || !PyLong_Check(gfp) ||
+        PyBool_Check(gfp))
         return call_slow_alloc(f, gfp, timeout, 0);
     long g = PyLong_AsLong(gfp);
     if (g == -1 && PyErr_Occurred()) { PyErr_Clear(); return call_slow_alloc(f, gfp, timeout, 0); }
@@ -1265,13 +1368,20 @@ static PyObject *Core_alloc_bulk_core(Core *f, PyObject *args) {
         }
         r = check_header(f);
         Py_ssize_t got = 0;
-        for (Py_ssize_t i = 0; r == RC_OK && i < n; i++) { /* n arena attempts, each with its own draw */
-            uint64_t h;
-            int a = arena_take(f, 1, ST_HELD, &h);
-            if (a == RC_OK) dst[got++] = (int64_t)h;
-            else if (a == RC_DRY) break; /* dry: no more draws */
-            else if (a != RC_FAIL) r = a; /* RC_FAIL: a fault, and the next element is another attempt */
+        /* n arena attempts, each with its own draw, straight from the shared
+         * list: our cache (the arena's top) goes back onto it first, in
+         * order, so the slots come in the order of the single locked stack. */
+        if (r == RC_OK && f->enabled && f->entry && f->entry[P_CACHE_N]) r = drain(f, 0);
+        for (Py_ssize_t i = 0; r == RC_OK && i < n; i++) {
+            uint64_t idx, taken;
+            if (f->hdr[H_ARENA_FREE] == 0) {
+                if ((r = steal(f, &taken)) != RC_OK || !taken) break; /* dry: no more draws */
+            }
+            if (fault(f)) continue; /* a fault: the next element is another attempt */
+            if ((r = arena_pop(f, &idx)) != RC_OK) break;
+            dst[got++] = (int64_t)hand_out(f, idx);
         }
+        if (got) count(f, C_ALLOC_ARENA, (uint64_t)got);
         if (r == RC_OK) {
             uint64_t need = (uint64_t)(n - got);
             if (need <= f->hdr[H_CURR_NR]) {
@@ -1428,11 +1538,25 @@ static PyObject *Core_resize_core(Core *f, PyObject *args) {
 }
 
 /* Slots held and cached right now (lock held): (in_use, cached). */
+static uint64_t queued_total(Core *f) {
+    uint64_t n = 0;
+    for (uint64_t q = 0; q < f->max_queues; q++) {
+        uint64_t *Q = QUEUE(f, q);
+        if (ld(&Q[Q_STATE]) == QUEUE_LIVE) {
+            uint64_t c = ld(&Q[Q_COUNT]);
+            n += c < f->capacity ? c : f->capacity;
+        }
+    }
+    return n;
+}
+
+/* Slots held and cached right now (lock held): (in_use, cached); queued
+ * elements count in neither (stats and destroy ask queued_total). */
 static void usage(Core *f, uint64_t *in_use, uint64_t *cached) {
     uint64_t c = 0;
-    for (uint64_t e = 0; e < f->max_procs; e++)
+    for (uint64_t e = 0, used = entries_used(f); e < used; e++)
         if (ld(&ENTRY(f, e)[P_EPOCH]) != 0 || ld(&ENTRY(f, e)[P_CACHE_N]) != 0) c += cached_by(f, e);
-    uint64_t free_ = f->hdr[H_CURR_NR] + f->hdr[H_ARENA_FREE] + c;
+    uint64_t free_ = f->hdr[H_CURR_NR] + f->hdr[H_ARENA_FREE] + c + queued_total(f);
     *cached = c;
     *in_use = free_ >= f->capacity ? 0 : f->capacity - free_;
 }
@@ -1452,6 +1576,7 @@ static PyObject *Core_destroy_core(Core *f, PyObject *arg) {
             usage(f, &in_use, &cached);
             curr = f->hdr[H_CURR_NR];
             min_nr = f->hdr[H_MIN_NR];
+            in_use += queued_total(f); /* queued elements are lent too */
             if (in_use && !force) refused = 1;
             else {
                 st(&f->hdr[H_STATUS], STATUS_DESTROYED);
@@ -1515,12 +1640,13 @@ static PyObject *Core_repair_core(Core *f, PyObject *unused) {
 }
 
 /* _stats_core(out): a consistent snapshot under the lock into out (uint64,
- * HEADER_WORDS + 2 + N_PROC_COUNTERS): the header, then the cached total
+ * HEADER_WORDS + 3 + N_PROC_COUNTERS): the header, then the cached total,
+ * the queued total
  * and in_use, then every per-process counter summed. */
 static PyObject *Core_stats_core(Core *f, PyObject *obj) {
     Py_buffer out;
     if (PyObject_GetBuffer(obj, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (out.len < (Py_ssize_t)(8 * (HEADER_WORDS + 2 + N_PROC_COUNTERS))) {
+    if (out.len < (Py_ssize_t)(8 * (HEADER_WORDS + 3 + N_PROC_COUNTERS))) {
         PyBuffer_Release(&out);
         PyErr_SetString(PyExc_ValueError, "out too small");
         return NULL;
@@ -1532,9 +1658,10 @@ static PyObject *Core_stats_core(Core *f, PyObject *obj) {
     if (r == RC_OK) {
         memcpy(o, f->hdr, 8 * HEADER_WORDS);
         usage(f, &o[HEADER_WORDS + 1], &o[HEADER_WORDS]);
-        for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 2 + c] = 0;
-        for (uint64_t e = 0; e < f->max_procs; e++)
-            for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 2 + c] += ld(&ENTRY(f, e)[P_COUNTERS + c]);
+        o[HEADER_WORDS + 2] = queued_total(f);
+        for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 3 + c] = 0;
+        for (uint64_t e = 0, used = entries_used(f); e < used; e++)
+            for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 3 + c] += ld(&ENTRY(f, e)[P_COUNTERS + c]);
         lock_release(f);
     }
     PyBuffer_Release(&out);
@@ -1626,6 +1753,7 @@ static PyObject *Core_register(Core *f, PyObject *args) {
             while (!__atomic_compare_exchange_n(&ent[P_EPOCH], &old, epoch, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
                 ; /* a reclaimer may have vacated it meanwhile: old is reloaded */
             index = (int64_t)e;
+            note_entry_used(f, e);
             f->fd = fd;
             f->entry = ent;
             f->cache = CACHE_OF(ent);
@@ -1657,7 +1785,7 @@ static PyObject *Core_register(Core *f, PyObject *args) {
         st(&f->entry[P_PID], pid);
         st(&f->entry[P_START], start);
         st(&f->entry[P_CACHE_N], 0);
-        st(&f->entry[P_SLEEPING], 0);
+        drop_sleepers(f, f->entry); /* our predecessor's */
         lock_release(f);
     }
     if (after_unlock(f) < 0) return leave(f, NULL);
@@ -1684,6 +1812,39 @@ static PyObject *Core_bind(Core *f, PyObject *args) {
     Py_RETURN_TRUE;
 }
 
+/* _detach(wait_ns): if this process holds no element of the pool, give
+ * its cache back and vacate its registry entry (the caller then closes the
+ * OFD lock's descriptor). True if vacated; False if it holds elements (its
+ * entry stays, so that they stay its own) or the lock did not come. */
+static PyObject *Core_detach(Core *f, PyObject *arg) {
+    long long wait = PyLong_AsLongLong(arg);
+    if (wait == -1 && PyErr_Occurred()) return NULL;
+    if (f->hdr == NULL || f->entry == NULL) Py_RETURN_FALSE;
+    f->busy++;
+    int vacated = 0;
+    int r = lock_acquire(f, deadline_from(wait));
+    if (r == RC_OK) {
+        int holds = 0;
+        for (uint64_t idx = 0; idx < f->capacity && !holds; idx++) {
+            uint64_t w = ld(&f->words[idx]);
+            holds = W_STATE(w) == ST_HELD && W_OWNER(w) == f->me;
+        }
+        if (!holds && drain(f, 0) == RC_OK && ld(&f->entry[P_SLEEPING]) == 0) {
+            st(&f->entry[P_CACHE_N], 0);
+            st(&f->entry[P_EPOCH], 0);
+            vacated = 1;
+        }
+        lock_release(f);
+    }
+    if (r == RC_SIGNAL) return leave(f, NULL);
+    if (vacated) {
+        f->entry = NULL;
+        f->cache = NULL;
+        f->enabled = 0;
+    }
+    return leave(f, PyBool_FromLong(vacated));
+}
+
 /* _drain_cache(wait_ns): give our cache back to the shared free list if
  * the lock comes within wait_ns (close, trace). True if done. */
 static PyObject *Core_drain_cache(Core *f, PyObject *arg) {
@@ -1698,6 +1859,256 @@ static PyObject *Core_drain_cache(Core *f, PyObject *arg) {
     }
     if (r == RC_SIGNAL) return leave(f, NULL);
     return leave(f, PyBool_FromLong(r == RC_OK));
+}
+
+/* ------------------------------------------------------------------ */
+/* Queues: ownership moves with the element                            */
+
+/* The live queue q and its bounds, or RC_CORRUPT / RC_INVALID. */
+static int queue_check(Core *f, uint64_t q) {
+    if (q >= f->max_queues || QUEUE(f, q)[Q_STATE] != QUEUE_LIVE) {
+        snprintf(f->msg, sizeof f->msg, "queue %llu does not exist", (unsigned long long)q);
+        return RC_INVALID;
+    }
+    uint64_t *Q = QUEUE(f, q);
+    uint64_t n = Q[Q_COUNT], depth = Q[Q_DEPTH];
+    if (depth < 1 || depth > f->capacity) return corrupt(f, "queue %llu has depth %llu", q, depth);
+    if (n > depth) return corrupt(f, "queue %llu holds %llu elements, more than its depth", q, n);
+    if (n && (Q[Q_HEAD] >= f->capacity || Q[Q_TAIL] >= f->capacity))
+        return corrupt(f, "queue %llu's head or tail is beyond the capacity (%llu)", q, f->capacity);
+    return RC_OK;
+}
+
+/* Link slot idx, whose word now says QUEUED by q, at q's tail. */
+static void queue_link(Core *f, uint64_t q, uint64_t idx) {
+    uint64_t *Q = QUEUE(f, q);
+    uint64_t n = Q[Q_COUNT];
+    f->next[idx] = NO_SLOT;
+    if (n == 0) st(&Q[Q_HEAD], idx);
+    else f->next[Q[Q_TAIL]] = (uint32_t)idx;
+    st(&Q[Q_TAIL], idx);
+    st(&Q[Q_COUNT], n + 1);
+    Q[Q_PUTS]++;
+}
+
+/* Unlink q's head (count > 0, checked by queue_check): its index. The
+ * word still says QUEUED: the caller hands it out (the commit). */
+static int queue_unlink(Core *f, uint64_t q, uint64_t *out) {
+    uint64_t *Q = QUEUE(f, q);
+    uint64_t n = Q[Q_COUNT], head = Q[Q_HEAD];
+    uint64_t w = f->words[head];
+    if (W_STATE(w) != ST_QUEUED || W_OWNER(w) != q + 1)
+        return corrupt(f, "queue %llu's head is slot %llu, which is not in it", q, head);
+    uint64_t nx = n > 1 ? f->next[head] : NO_SLOT;
+    if (n > 1 && nx >= f->capacity) return corrupt(f, "queue %llu links slot %llu to nowhere", q, head);
+    st(&Q[Q_HEAD], nx);
+    if (n == 1) st(&Q[Q_TAIL], NO_SLOT);
+    st(&Q[Q_COUNT], n - 1);
+    Q[Q_GETS]++;
+    *out = head;
+    return RC_OK;
+}
+
+/* put of n handles (lock held): all checked first (held by this process
+ * under their generation), then all or nothing: room for every one, else
+ * RC_SLEEP (registered) or RC_FAIL. *bad: which handle was refused. */
+static int queue_put_step(Core *f, uint64_t q, const int64_t *src, Py_ssize_t n, int mode, Py_ssize_t *bad) {
+    int r = check_header(f);
+    if (r != RC_OK) return r;
+    if ((r = queue_check(f, q)) != RC_OK) return r;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t h = (uint64_t)src[i], idx = h & INDEX_MASK, gen = h >> HGEN_SHIFT;
+        uint64_t w = idx < f->capacity ? ld(&f->words[idx]) : 0;
+        if (idx >= f->capacity || W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+            if (idx < f->capacity) describe(f, w, gen);
+            else snprintf(f->msg, sizeof f->msg, "its slot is beyond the capacity");
+            *bad = i;
+            return RC_INVALID;
+        }
+        if (W_OWNER(w) != f->me) {
+            snprintf(f->msg, sizeof f->msg, "held by another process, not this one (it must adopt() it first)");
+            *bad = i;
+            return RC_INVALID;
+        }
+    }
+    uint64_t *Q = QUEUE(f, q);
+    if (Q[Q_COUNT] + (uint64_t)n > Q[Q_DEPTH]) {
+        if (mode == MODE_SLEEP) {
+            sleeper_add(f, 1);
+            return RC_SLEEP;
+        }
+        return RC_FAIL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t h = (uint64_t)src[i], idx = h & INDEX_MASK, gen = h >> HGEN_SHIFT;
+        uint64_t w = mkword(ST_HELD, f->me, gen);
+        if (!cas(&f->words[idx], w, mkword(ST_QUEUED, q + 1, gen))) { /* freed meanwhile by another process */
+            snprintf(f->msg, sizeof f->msg, "freed by another process at the same moment");
+            *bad = i;
+            return RC_INVALID; /* the ones before it are queued: said in the message */
+        }
+        CRASH(CP_QUEUE_PUT); /* queued by its word, not yet linked */
+        queue_link(f, q, idx);
+    }
+    if (ld(&f->hdr[H_NR_WAITERS])) f->wake = 1;
+    return RC_OK;
+}
+
+/* get of up to max_n (lock held): the queue's first elements, now held by
+ * this process (their handles unchanged), into dst; *got. */
+static int queue_get_step(Core *f, uint64_t q, int64_t *dst, Py_ssize_t max_n, int mode, Py_ssize_t *got) {
+    int r = check_header(f);
+    if (r != RC_OK) return r;
+    if ((r = queue_check(f, q)) != RC_OK) return r;
+    uint64_t *Q = QUEUE(f, q);
+    if (Q[Q_COUNT] == 0) {
+        if (mode == MODE_SLEEP) {
+            sleeper_add(f, 1);
+            return RC_SLEEP;
+        }
+        return RC_FAIL;
+    }
+    Py_ssize_t k = 0;
+    while (k < max_n && Q[Q_COUNT] > 0) {
+        uint64_t idx;
+        if ((r = queue_unlink(f, q, &idx)) != RC_OK) break;
+        CRASH(CP_QUEUE_GET); /* unlinked, its word still QUEUED */
+        uint64_t gen = W_GEN(f->words[idx]);
+        st(&f->words[idx], mkword(ST_HELD, f->me, gen)); /* the commit: ours now */
+        dst[k++] = (int64_t)(idx | gen << HGEN_SHIFT);
+    }
+    *got = k;
+    if (k && ld(&f->hdr[H_NR_WAITERS])) f->wake = 1;
+    return k ? RC_OK : r;
+}
+
+/* _queue_move(kind, q, buffer, n, block, timeout_ns, retry_ns): put (kind
+ * 0) the n handles of buffer into queue q, or get (kind 1) up to n from it
+ * into buffer. Blocking waits sleep like a sleeping alloc (registered in
+ * the critical section that found no room or nothing, woken after the
+ * lock is released by the get or put that changes that). Returns how many
+ * moved: n for a put, 1..n for a get, 0 if it would block (not `block`) or
+ * the timeout passed. InvalidHandleError for a handle not held by this
+ * process (nothing moved); PoolFormatError; PoolDestroyedError. */
+static PyObject *Core_queue_move(Core *f, PyObject *args) {
+    int kind, block;
+    unsigned long long q;
+    PyObject *obj;
+    Py_ssize_t n;
+    long long timeout_ns, retry_ns;
+    if (!PyArg_ParseTuple(args, "iKOnpLL", &kind, &q, &obj, &n, &block, &timeout_ns, &retry_ns)) return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(obj, &buf, (kind ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (n < 1 || buf.len < n * 8) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "n out of range, or the buffer too small");
+        return NULL;
+    }
+    if (f->hdr == NULL || f->closing) { PyBuffer_Release(&buf); return closed_error(f); }
+    f->busy++;
+    int64_t *data = (int64_t *)buf.buf;
+    uint64_t deadline = deadline_from(timeout_ns);
+    Py_ssize_t moved = 0, bad = -1;
+    int r;
+    for (;;) {
+        int mode = block && !(deadline && now_ns() >= deadline) ? MODE_SLEEP : MODE_FAIL;
+        r = lock_acquire(f, deadline);
+        if (r != RC_OK) break;
+        if (kind == 0) {
+            r = queue_put_step(f, q, data, n, mode, &bad);
+            if (r == RC_OK) moved = n;
+        } else {
+            r = queue_get_step(f, q, data, n, mode, &moved);
+        }
+        lock_release(f);
+        if (after_unlock(f) < 0) {
+            if (r == RC_SLEEP) sleeper_add(f, -1);
+            r = RC_SIGNAL;
+            break;
+        }
+        if (r != RC_SLEEP) break;
+        uint64_t until = now_ns() + (uint64_t)(retry_ns > 0 ? retry_ns : 1);
+        if (deadline && deadline < until) until = deadline;
+        if ((r = sleep_until(f, until)) != RC_OK) break;
+    }
+    PyBuffer_Release(&buf);
+    if (r == RC_OK) return leave(f, PyLong_FromSsize_t(moved));
+    if (r == RC_FAIL || r == RC_TIMEOUT) return leave(f, PyLong_FromLong(0));
+    if (r == RC_INVALID && bad >= 0) return leave(f, invalid(f, (uint64_t)((int64_t *)data)[bad]));
+    if (r == RC_INVALID) {
+        PyErr_SetString(PyExc_ValueError, f->msg);
+        return leave(f, NULL);
+    }
+    return leave(f, raise_for(f, r));
+}
+
+/* _queue_open(name, depth): the index of queue `name` (bytes); created
+ * with `depth` if missing and depth > 0. (index, depth); -1 as the index if
+ * missing and depth is 0; -2 if the table is full. */
+static PyObject *Core_queue_open(Core *f, PyObject *args) {
+    const char *name;
+    Py_ssize_t len;
+    unsigned long long depth;
+    if (!PyArg_ParseTuple(args, "y#K", &name, &len, &depth)) return NULL;
+    if (len < 1 || len >= QUEUE_NAME_BYTES || depth > f->capacity) {
+        PyErr_SetString(PyExc_ValueError, "queue name or depth out of range");
+        return NULL;
+    }
+    ENTER(f);
+    char padded[QUEUE_NAME_BYTES];
+    memset(padded, 0, sizeof padded);
+    memcpy(padded, name, (size_t)len);
+    long long index = -1;
+    uint64_t have = 0;
+    int r = lock_acquire(f, 0);
+    if (r == RC_OK) {
+        r = check_header(f);
+        int64_t vacant = -1;
+        for (uint64_t q = 0; r == RC_OK && q < f->max_queues; q++) {
+            uint64_t *Q = QUEUE(f, q);
+            if (Q[Q_STATE] != QUEUE_LIVE) {
+                if (vacant < 0) vacant = (int64_t)q;
+                continue;
+            }
+            if (memcmp(Q + Q_NAME, padded, QUEUE_NAME_BYTES) == 0) {
+                index = (long long)q;
+                have = Q[Q_DEPTH];
+                break;
+            }
+        }
+        if (r == RC_OK && index < 0 && depth > 0) {
+            if (vacant < 0) index = -2;
+            else {
+                uint64_t *Q = QUEUE(f, (uint64_t)vacant);
+                memcpy(Q + Q_NAME, padded, QUEUE_NAME_BYTES);
+                st(&Q[Q_DEPTH], depth);
+                st(&Q[Q_COUNT], 0);
+                st(&Q[Q_HEAD], NO_SLOT);
+                st(&Q[Q_TAIL], NO_SLOT);
+                Q[Q_PUTS] = Q[Q_GETS] = 0;
+                st(&Q[Q_STATE], QUEUE_LIVE); /* last: the queue exists */
+                index = vacant;
+                have = depth;
+            }
+        }
+        lock_release(f);
+    }
+    if (r != RC_OK) return leave(f, raise_for(f, r));
+    return leave(f, Py_BuildValue("LK", index, (unsigned long long)have));
+}
+
+/* _queue_count(q): how many elements queue q holds now (lock-free: a
+ * single load, exact at that instant). */
+static PyObject *Core_queue_count(Core *f, PyObject *arg) {
+    unsigned long long q = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    if (f->hdr == NULL || f->closing) return closed_error(f);
+    if (q >= f->max_queues) {
+        PyErr_SetString(PyExc_ValueError, "no such queue");
+        return NULL;
+    }
+    uint64_t n = ld(&QUEUE(f, q)[Q_COUNT]);
+    return PyLong_FromUnsignedLongLong(n < f->capacity ? n : f->capacity);
 }
 
 /* _test_lock() / _test_unlock(): take and release the pool lock as this
@@ -1722,13 +2133,15 @@ static PyObject *Core_test_unlock(Core *f, PyObject *unused) {
 
 static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     PyObject *buf;
-    Py_ssize_t off_words, off_stack, off_arena, off_procs, off_slots, max_procs;
+    Py_ssize_t off_words, off_stack, off_arena, off_next, off_procs, off_queues, max_queues, off_slots, max_procs;
     unsigned long long capacity, stride, slot_size;
     int poison;
-    const char *lock_name, *wait_name;
-    if (!PyArg_ParseTuple(args, "OnnnnnnKKKpss", &buf, &off_words, &off_stack, &off_arena, &off_procs, &off_slots,
-                          &max_procs, &capacity, &stride, &slot_size, &poison, &lock_name, &wait_name))
+    const char *lock_name, *wait_name, *name;
+    if (!PyArg_ParseTuple(args, "OnnnnnnnnnKKKpsss", &buf, &off_words, &off_stack, &off_arena, &off_next, &off_procs,
+                          &off_queues, &max_queues, &off_slots, &max_procs, &capacity, &stride, &slot_size, &poison,
+                          &lock_name, &wait_name, &name))
         return -1;
+    snprintf(f->name, sizeof f->name, "%s", name);
     if (f->have_view) {
         PyErr_SetString(PyExc_RuntimeError, "Core initialised twice");
         return -1;
@@ -1739,7 +2152,10 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     if (capacity < 1 || capacity > INDEX_MASK || max_procs < 1 || (uint64_t)max_procs >= OWNER_MASK ||
         slot_size < 1 || stride < slot_size || len < 8 * HEADER_WORDS || off_words < 8 * HEADER_WORDS ||
         off_words + (Py_ssize_t)(8 * capacity) > len || off_stack < 0 || off_stack + (Py_ssize_t)(4 * capacity) > len ||
-        off_arena < 0 || off_arena + (Py_ssize_t)(4 * capacity) > len || off_procs < 0 || off_procs % 8 ||
+        off_arena < 0 || off_arena + (Py_ssize_t)(4 * capacity) > len || off_next < 0 ||
+        off_next + (Py_ssize_t)(4 * capacity) > len || off_queues < 0 || off_queues % 8 || max_queues < 0 ||
+        max_queues >= (Py_ssize_t)OWNER_MASK || off_queues + max_queues * QUEUE_WORDS * 8 > len ||
+        off_procs < 0 || off_procs % 8 ||
         off_procs + max_procs * PROC_WORDS * 8 > len || off_slots < 0 ||
         (uint64_t)off_slots + stride * capacity > (uint64_t)len) {
         PyErr_SetString(PyExc_ValueError, "geometry outside the mapping");
@@ -1750,6 +2166,9 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     f->words = (uint64_t *)(base + off_words);
     f->stack = (uint32_t *)(base + off_stack);
     f->arena = (uint32_t *)(base + off_arena);
+    f->next = (uint32_t *)(base + off_next);
+    f->queues = (uint64_t *)(base + off_queues);
+    f->max_queues = (uint64_t)max_queues;
     f->registry = (uint64_t *)(base + off_procs);
     f->data = (unsigned char *)(base + off_slots);
     f->capacity = capacity;
@@ -1774,7 +2193,8 @@ static void release_view(Core *f) {
     f->lock_sem = f->wait_sem = NULL;
     f->enabled = 0;
     f->hdr = f->words = f->registry = f->entry = NULL;
-    f->stack = f->arena = f->cache = NULL;
+    f->stack = f->arena = f->cache = f->next = NULL;
+    f->queues = NULL;
     f->data = NULL;
     if (f->have_view) {
         f->have_view = 0;
@@ -1865,6 +2285,10 @@ static PyMethodDef Core_methods[] = {
     M("_register", Core_register, METH_VARARGS, "(fd, pid, start) -> (index, epoch)"),
     M("_bind", Core_bind, METH_VARARGS, "(fd, index, epoch) -> bool"),
     M("_drain_cache", Core_drain_cache, METH_O, "(wait_ns) -> bool"),
+    M("_detach", Core_detach, METH_O, "(wait_ns) -> bool: vacate our entry if we hold nothing"),
+    M("_queue_move", Core_queue_move, METH_VARARGS, "(kind, q, buffer, n, block, timeout_ns, retry_ns) -> moved"),
+    M("_queue_open", Core_queue_open, METH_VARARGS, "(name, depth) -> (index, depth)"),
+    M("_queue_count", Core_queue_count, METH_O, "(q) -> count"),
     M("_test_lock", Core_test_lock, METH_NOARGS, "take the pool lock (tests)"),
     M("_test_unlock", Core_test_unlock, METH_NOARGS, "release the pool lock (tests)"),
     M("_unmap", Core_unmap, METH_NOARGS, "let go of the mapping (close)"),
@@ -1940,11 +2364,13 @@ PyMODINIT_FUNC PyInit__fast(void) {
     Py_INCREF(&CoreType);
     PyModule_AddObject(m, "Core", (PyObject *)&CoreType);
     PyObject *layout = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
+        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
         L(HEADER_WORDS), L(H_FLAGS), L(H_STATUS), L(H_MIN_NR), L(H_CURR_NR), L(H_ARENA_FREE), L(H_NR_WAITERS),
         L(H_EPOCH), L(H_FAIL_RATE), L(H_FAIL_THRESHOLD), L(H_SEED), L(H_RNG), L(H_LOCK_OWNER), L(H_LOCK_SINCE_NS),
-        L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(FLAG_POISON),
-        L(STATUS_LIVE), L(STATUS_DESTROYED), L(ST_ARENA), L(ST_RESERVE), L(ST_HELD), L(ST_CACHED), L(STATE_MASK),
+        L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(H_ENTRIES_USED), L(FLAG_POISON),
+        L(STATUS_LIVE), L(STATUS_DESTROYED), L(ST_ARENA), L(ST_RESERVE), L(ST_HELD), L(ST_CACHED), L(ST_QUEUED), L(Q_NAME),
+        L(QUEUE_NAME_BYTES), L(Q_STATE), L(Q_DEPTH), L(Q_COUNT), L(Q_HEAD), L(Q_TAIL), L(Q_PUTS), L(Q_GETS),
+        L(QUEUE_WORDS), L(QUEUE_LIVE), L(NO_SLOT), L(STATE_MASK),
         L(OWNER_SHIFT), L(OWNER_MASK), L(GEN_SHIFT), L(GEN_MASK), L(INDEX_MASK), L(HGEN_SHIFT), L(P_PID),
         L(P_START), L(P_SLEEPING), L(P_CACHE_N), L(P_EPOCH), L(P_COUNTERS), L(N_PROC_COUNTERS), L(P_CACHE),
         L(CACHE_MAX), L(PROC_WORDS), L(CACHE_BLANK), L(C_ALLOC_ARENA), L(C_ALLOC_RESERVE), L(C_ALLOC_FAILED),

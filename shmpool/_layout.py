@@ -6,11 +6,13 @@ One POSIX shared-memory segment holds one pool::
     off_words           slot words: capacity x u64, one per slot (the truth)
     off_stack           reserve stack: capacity x u32 slot indexes (elements[])
     off_arena           arena free list: capacity x u32 slot indexes (a stack)
+    off_next            queue links: capacity x u32, the next slot in a queue
     off_procs           process registry: max_procs x PROC_WORDS u64 (below)
+    off_queues          queue table: max_queues x QUEUE_WORDS u64 (below)
     off_slots           slots: capacity x stride bytes, page-aligned start
     total               end of the segment
 
-That is 16 bytes of metadata per slot beyond the fixed header. The stack has
+That is 20 bytes of metadata per slot beyond the fixed header. The stack has
 room for ``capacity`` entries, so ``resize`` can grow ``min_nr`` up to the
 capacity without moving anything. ``stride`` is ``slot_size`` rounded up to
 8, so every slot is 8-byte aligned (numpy views of any dtype up to 8 bytes are
@@ -18,11 +20,11 @@ aligned).
 
 The slot word is the truth about a slot; everything else is derived from it::
 
-    bits 0-7    state: ARENA, RESERVE, HELD or CACHED (0 never appears in a
-                live pool)
+    bits 0-7    state: ARENA, RESERVE, HELD, CACHED or QUEUED (0 never
+                appears in a live pool)
     bits 8-23   owner: the registry entry (index + 1) of the process that
-                holds the slot (HELD) or whose cache holds it (CACHED); 0
-                otherwise
+                holds the slot (HELD) or whose cache holds it (CACHED), or
+                the queue (index + 1) that holds it (QUEUED); 0 otherwise
     bits 24-62  generation: bumped each time the slot is handed out
 
 A handle is ``index | generation << 24``: the slot index and the generation
@@ -63,6 +65,13 @@ Liveness: each attached process holds an open-file-description lock
 drops it when the process dies, whatever pid namespace either side is in, so
 an entry whose byte nobody locks belongs to a dead process. Pids are kept
 only to show people who is who.
+
+Queues: a named queue is a FIFO of elements linked through ``next[]`` (an
+element is in one queue at most, so one link per slot serves every queue),
+with its head, tail, count and depth in the queue table. The QUEUED slot
+word is the truth; the links, head, tail and count are rebuilt from the words
+by the repair, so an element is in its queue or with a process, never both
+and never neither, whatever instant a process dies at.
 
 The pool lock is the header word ``H_LOCK_OWNER``: 0 when free, else the
 holder's token ``(entry + 1) | epoch << 16``, set by compare-and-swap, so a
@@ -136,6 +145,10 @@ H_FAULTS = 38  # arena attempts failed on purpose
 H_POISON_ERRORS = 39
 H_RECOVERIES = 40  # times the lock was taken over from a dead holder
 H_RECLAIMED = 41  # elements taken back from dead holders
+H_OFF_NEXT = 43
+H_OFF_QUEUES = 44
+H_MAX_QUEUES = 45
+H_ENTRIES_USED = 42  # one past the highest registry entry ever taken: how far scans look
 COUNTERS = (
     ("alloc_arena", H_ALLOC_ARENA),
     ("alloc_reserve", H_ALLOC_RESERVE),
@@ -158,11 +171,13 @@ ST_ARENA = 1
 ST_RESERVE = 2
 ST_HELD = 3
 ST_CACHED = 4
+ST_QUEUED = 5
 STATE_NAMES = {
     ST_ARENA: "in the arena",
     ST_RESERVE: "in the reserve",
     ST_HELD: "held",
     ST_CACHED: "in the arena (a process's cache)",
+    ST_QUEUED: "in a queue",
 }
 STATE_MASK = 0xFF
 OWNER_SHIFT = 8
@@ -192,6 +207,20 @@ PROC_WORDS = P_CACHE + CACHE_MAX // 2
 MAX_PROCS = 256
 MAX_MAX_PROCS = OWNER_MASK - 1  # an owner field holds entry + 1
 CACHE_BLANK = 0xFFFFFFFF  # a cache entry taken by another process
+# Queue table entries: QUEUE_WORDS u64 each.
+Q_NAME = 0  # QUEUE_NAME_BYTES, NUL-padded
+QUEUE_NAME_BYTES = 48
+Q_STATE = 6  # 0 vacant, QUEUE_LIVE in use
+Q_DEPTH = 7
+Q_COUNT = 8
+Q_HEAD = 9  # slot index, or NO_SLOT
+Q_TAIL = 10
+Q_PUTS = 11
+Q_GETS = 12
+QUEUE_WORDS = 16
+QUEUE_LIVE = 1
+MAX_QUEUES = 64
+NO_SLOT = 0xFFFFFFFF
 # Per-process counter indexes (relative to P_COUNTERS).
 C_ALLOC_ARENA, C_ALLOC_RESERVE, C_ALLOC_FAILED, C_FREE_RESERVE, C_FREE_ARENA, C_SLEEPS, C_FAULTS, C_POISON = range(8)
 
@@ -206,8 +235,11 @@ class Geometry:
     off_words: int
     off_stack: int
     off_arena: int
+    off_next: int
     off_procs: int
     max_procs: int
+    off_queues: int
+    max_queues: int
     off_slots: int
     total: int
 
@@ -222,10 +254,15 @@ class Geometry:
         off_words = HEADER_BYTES
         off_stack = off_words + 8 * capacity
         off_arena = off_stack + 4 * capacity
-        off_procs = (off_arena + 4 * capacity + 7) & ~7
-        off_slots = -(-(off_procs + 8 * PROC_WORDS * max_procs) // PAGE) * PAGE
+        off_next = off_arena + 4 * capacity
+        off_procs = (off_next + 4 * capacity + 7) & ~7
+        off_queues = off_procs + 8 * PROC_WORDS * max_procs
+        off_slots = -(-(off_queues + 8 * QUEUE_WORDS * MAX_QUEUES) // PAGE) * PAGE
         total = off_slots + stride * capacity
-        return cls(slot_size, capacity, stride, off_words, off_stack, off_arena, off_procs, max_procs, off_slots, total)
+        return cls(
+            slot_size, capacity, stride, off_words, off_stack, off_arena, off_next, off_procs, max_procs, off_queues,
+            MAX_QUEUES, off_slots, total,
+        )
 
 
 def read_geometry(mm: mmap.mmap, size: int) -> Geometry:
@@ -249,10 +286,12 @@ def read_geometry(mm: mmap.mmap, size: int) -> Geometry:
     geo = Geometry.of(slot_size, capacity, max_procs)
     stored = (
         words[H_HEADER_BYTES], words[H_STRIDE], words[H_OFF_WORDS], words[H_OFF_STACK],
-        words[H_OFF_ARENA], words[H_OFF_PROCS], words[H_OFF_SLOTS], words[H_TOTAL],
+        words[H_OFF_ARENA], words[H_OFF_PROCS], words[H_OFF_SLOTS], words[H_TOTAL], words[H_OFF_NEXT],
+        words[H_OFF_QUEUES], words[H_MAX_QUEUES],
     )
     expected = (
         HEADER_BYTES, geo.stride, geo.off_words, geo.off_stack, geo.off_arena, geo.off_procs, geo.off_slots, geo.total,
+        geo.off_next, geo.off_queues, geo.max_queues,
     )
     if stored != expected:
         raise PoolFormatError("header offsets disagree with its geometry")
@@ -274,6 +313,9 @@ def write_geometry(hdr: memoryview, geo: Geometry) -> None:
     hdr[H_OFF_ARENA] = geo.off_arena
     hdr[H_OFF_PROCS] = geo.off_procs
     hdr[H_MAX_PROCS] = geo.max_procs
+    hdr[H_OFF_NEXT] = geo.off_next
+    hdr[H_OFF_QUEUES] = geo.off_queues
+    hdr[H_MAX_QUEUES] = geo.max_queues
     hdr[H_OFF_SLOTS] = geo.off_slots
 
 
@@ -281,7 +323,7 @@ class Views:
     """Typed memoryviews over one mapping. Holding a Views keeps the mapping
     alive (each view is an export of it); dropping the last one unmaps."""
 
-    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "procs", "data")
+    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "next", "procs", "queues", "data")
 
     def __init__(self, mm: mmap.mmap, geo: Geometry) -> None:
         base = memoryview(mm)
@@ -292,5 +334,7 @@ class Views:
         self.words = base[geo.off_words : geo.off_stack].cast("Q")
         self.stack = base[geo.off_stack : geo.off_arena].cast("I")
         self.arena = base[geo.off_arena : geo.off_arena + 4 * geo.capacity].cast("I")
+        self.next = base[geo.off_next : geo.off_next + 4 * geo.capacity].cast("I")
         self.procs = base[geo.off_procs : geo.off_procs + 8 * PROC_WORDS * geo.max_procs].cast("Q")
+        self.queues = base[geo.off_queues : geo.off_queues + 8 * QUEUE_WORDS * geo.max_queues].cast("Q")
         self.data = base[geo.off_slots : geo.total]

@@ -40,6 +40,7 @@ Handles are ``index | generation << 24`` (see ``_layout``).
 from __future__ import annotations
 
 import atexit
+import errno
 import math
 import operator
 import os
@@ -87,6 +88,7 @@ from ._layout import (
     INDEX_MASK,
     MAGIC,
     MAX_CAPACITY,
+    MAX_QUEUES,
     MAX_SLOT_SIZE,
     N_PROC_COUNTERS,
     ST_ARENA,
@@ -101,6 +103,7 @@ from ._layout import (
 )
 from ._procs import self_identity
 from .gfp import GFP_KERNEL, may_sleep
+from .queues import Queue, check_queue_name
 from .stats import PoolStats
 
 __all__ = ["Mempool", "Trace"]
@@ -156,6 +159,7 @@ class _Attachment:
     fd: int  # an open file description of the segment, holding the OFD lock
     index: int
     epoch: int
+    refs: int = 0  # open Mempool objects of this process bound to it
 
 
 _attachments: dict[tuple[int, int], _Attachment] = {}
@@ -252,14 +256,17 @@ class Mempool(Core):
     below, whose docstrings give the contract.
     """
 
-    __slots__ = ("name", "_trace", "_core", "_pid", "_start", "_capacity", "_slot_size", "_stride", "_fd", "__weakref__")
+    __slots__ = (
+        "name", "_trace", "_core", "_pid", "_start", "_capacity", "_slot_size", "_stride", "_fd", "_key", "__weakref__",
+    )
 
     def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, register: bool = True) -> None:
         v = Views(seg.mm, geo)
         lock_name, wait_name = _segment.sem_names(name)
         Core.__init__(
-            self, seg.mm, geo.off_words, geo.off_stack, geo.off_arena, geo.off_procs, geo.off_slots, geo.max_procs,
-            geo.capacity, geo.stride, geo.slot_size, bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name,
+            self, seg.mm, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_procs, geo.off_queues,
+            geo.max_queues, geo.off_slots, geo.max_procs, geo.capacity, geo.stride, geo.slot_size,
+            bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name, name,
         )
         # posix_ipc's semaphore objects are not needed: the core opened its own.
         for sem in (seg.lock_sem, seg.wait_sem):
@@ -274,6 +281,8 @@ class Mempool(Core):
         self._slot_size = geo.slot_size
         self._stride = geo.stride
         self._fd = seg.fd
+        st = os.fstat(seg.fd)
+        self._key = (st.st_dev, st.st_ino)
         self._core: tuple[Views, _LockForTests] | None = (v, _LockForTests(self))
         if register:
             self._attach_process()
@@ -406,11 +415,11 @@ class Mempool(Core):
     def _attach_process(self) -> None:
         """Bind this object to this process's registry entry in the pool,
         registering the process first if it has none."""
-        st = os.fstat(self._fd)
-        key = (st.st_dev, st.st_ino)
+        key = self._key
         with _attach_lock:
             att = _attachments.get(key)
             if att is not None and self._bind(att.fd, att.index, att.epoch):
+                att.refs += 1
                 self.enabled = self._trace is None
                 return
             # A description of our own: the OFD lock lives as long as it does.
@@ -422,8 +431,30 @@ class Mempool(Core):
                 raise
             if att is not None:
                 os.close(att.fd)
-            _attachments[key] = _Attachment(fd, index, epoch)
+            _attachments[key] = _Attachment(fd, index, epoch, 1)
         self.enabled = self._trace is None
+
+    def _release_attachment(self, destroyed: bool) -> None:
+        """This object lets go of the process's registry entry. The last one
+        to do so vacates it, unless the process still holds elements (they
+        stay its own, and the entry with them, until the process exits or
+        frees them): a process that attaches and closes many pools does not
+        keep a descriptor per pool. After destroy the descriptor goes
+        whatever is held."""
+        with _attach_lock:
+            att = _attachments.get(self._key)
+            if att is None or self._entry != att.index:
+                return
+            att.refs -= 1
+            if att.refs > 0:
+                return
+            try:
+                vacated = self._detach(_ns(CLOSE_LOCK_SECONDS))
+            except Exception:  # a damaged pool, or a signal: keep the entry
+                vacated = False
+            if vacated or destroyed:
+                del _attachments[self._key]
+                os.close(att.fd)
 
     def _become(self, pid: int, start: int) -> None:
         """After fork(): this object now belongs to the child."""
@@ -545,26 +576,32 @@ class Mempool(Core):
         """
         if self._core is None:
             raise self._closed()
+        arr = self._check_handles(handles)
+        if arr.size:
+            self._free_bulk_core(arr)
+
+    def _check_handles(self, handles: Any) -> np.ndarray:
+        """Many handles as a contiguous int64 array, each an int in range and
+        no slot named twice (TypeError, ValueError, InvalidHandleError).
+        Costs in proportion to the batch, not the pool."""
         arr = np.asarray(handles)
         if not arr.size:
-            return  # nothing to free (an empty list is float64 to numpy)
+            return np.empty(0, dtype=np.int64)  # (an empty list is float64 to numpy)
         if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"handles must be integers, not {arr.dtype}")
         if arr.dtype == np.uint64 and int(arr.max()) >> 63:
             raise ValueError(f"handle {int(arr.max())} is out of range")
         arr = np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
-        n = arr.size
         idx = arr & INDEX_MASK
         bad = np.flatnonzero((arr < 0) | (idx >= self._capacity))
         if bad.size:
             raise ValueError(f"handle {int(arr[bad[0]])} is out of range")
-        seen = np.zeros(self._capacity, dtype=bool)
-        seen[idx] = True
-        if np.count_nonzero(seen) != n:
-            slots, counts = np.unique(idx, return_counts=True)
-            twice = int(slots[np.argmax(counts > 1)])
-            raise InvalidHandleError(int(arr[np.argmax(idx == twice)]), "given twice in one free_bulk")
-        self._free_bulk_core(arr)
+        if arr.size > 1:
+            order = np.argsort(idx, kind="stable")
+            twice = np.flatnonzero(idx[order][1:] == idx[order][:-1])
+            if twice.size:
+                raise InvalidHandleError(int(arr[order[twice[0] + 1]]), "given twice in one call")
+        return arr
 
     def reclaim_dead(self) -> int:
         """Take back every element held by a process that no longer exists,
@@ -626,6 +663,35 @@ class Mempool(Core):
         return seconds
 
     # ------------------------------------------------------------------
+    # Queues
+
+    def queue(self, name: str, depth: int | None = None) -> Queue:
+        """Queue ``name`` of this pool (see ``shmpool.queues``): created with
+        ``depth`` (1 to the capacity) if it does not exist, else opened.
+        Any process opens it by name: ``pool.queue("frames")``.
+
+        Raises FileNotFoundError if there is no such queue and no ``depth``,
+        ValueError if it exists with another depth, OSError if the pool
+        already has MAX_QUEUES queues.
+        """
+        if self._core is None:
+            raise self._closed()
+        raw = check_queue_name(name)
+        want = 0
+        if depth is not None:
+            want = _check_int(depth, "depth")
+            if not 1 <= want <= self._capacity:
+                raise ValueError(f"depth must be from 1 to the capacity ({self._capacity}), not {want}")
+        index, have = self._queue_open(raw, want)
+        if index == -1:
+            raise FileNotFoundError(errno.ENOENT, f"pool {self.name!r} has no queue {name!r} (give a depth to create it)")
+        if index == -2:
+            raise OSError(errno.ENOSPC, f"pool {self.name!r} has {MAX_QUEUES} queues already")
+        if depth is not None and have != want:
+            raise ValueError(f"queue {name!r} exists with depth {have}, not {want}")
+        return Queue(self, name, index, have)
+
+    # ------------------------------------------------------------------
     # Resize and destroy
 
     def resize(self, new_min_nr: int, gfp: int = GFP_KERNEL) -> None:
@@ -651,7 +717,7 @@ class Mempool(Core):
         """Unlink the pool's segment and semaphores, and close this object.
 
         Refuses with PoolBusyError, changing nothing, while elements are
-        held, unless ``force``. A reserve that is not full with nothing held
+        held or queued, unless ``force``. A reserve that is not full with nothing held
         (a growing resize that found the arena failing) does not stop it:
         later kernels dropped v3.2's ``BUG_ON(curr_nr != min_nr)`` for that
         case. Other processes that are still attached get PoolDestroyedError
@@ -667,11 +733,12 @@ class Mempool(Core):
         if refused is not None:
             in_use, curr_nr, min_nr = refused
             raise PoolBusyError(
-                f"pool {self.name!r} still lends {in_use} element(s) (its reserve holds {curr_nr} of {min_nr}): "
+                f"pool {self.name!r} still lends {in_use} element(s), held or queued (its reserve holds {curr_nr} "
+                f"of {min_nr}): "
                 "free them first, or destroy(force=True)"
             )
         _segment.unlink(self.name)
-        self.close()
+        self._close(destroyed=True)
 
     # ------------------------------------------------------------------
     # Element access
@@ -725,11 +792,11 @@ class Mempool(Core):
         core = self._core
         if core is None:
             raise self._closed()
-        buf = np.empty(HEADER_WORDS + 2 + N_PROC_COUNTERS, dtype=np.uint64)
+        buf = np.empty(HEADER_WORDS + 3 + N_PROC_COUNTERS, dtype=np.uint64)
         self._stats_core(buf)
         words = buf.tolist()
-        cached, in_use = words[HEADER_WORDS], words[HEADER_WORDS + 1]
-        per_proc = words[HEADER_WORDS + 2 :]
+        cached, in_use, queued = words[HEADER_WORDS], words[HEADER_WORDS + 1], words[HEADER_WORDS + 2]
+        per_proc = words[HEADER_WORDS + 3 :]
         counts = {name: words[index] + (per_proc[i] if i < N_PROC_COUNTERS else 0) for i, (name, index) in enumerate(COUNTERS)}
         curr_nr = words[H_CURR_NR]
         return PoolStats(
@@ -740,6 +807,7 @@ class Mempool(Core):
             curr_nr=curr_nr,
             arena_free=words[H_ARENA_FREE] + cached,
             in_use=in_use,
+            queued=queued,
             nr_waiters=words[H_NR_WAITERS],
             fail_rate=float(buf[H_FAIL_RATE : H_FAIL_RATE + 1].view(np.float64)[0]),
             seed=words[H_SEED],
@@ -812,6 +880,12 @@ class Mempool(Core):
         core = self._core
         if core is None:
             return
+        self._close(destroyed=False)
+
+    def _close(self, destroyed: bool) -> None:
+        core = self._core
+        if core is None:
+            return
         if self.enabled:
             self.enabled = False
             # The cache's slots back to the shared arena, if the lock comes
@@ -821,6 +895,7 @@ class Mempool(Core):
                 self._drain_cache(_ns(CLOSE_LOCK_SECONDS))
             except Exception:  # a damaged pool, or a signal: leave it to the audit
                 pass
+        self._release_attachment(destroyed)
         self._core = None
         self._unmap()
         mm = core[0].mm

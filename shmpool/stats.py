@@ -8,8 +8,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class PoolStats:
-    """One consistent view of a pool. ``curr_nr + arena_free + in_use ==
-    capacity`` always holds in a snapshot.
+    """One consistent view of a pool. ``curr_nr + arena_free + in_use +
+    queued == capacity`` always holds in a snapshot: ``in_use`` counts the
+    elements processes hold, ``queued`` those that queues hold.
 
     Counters count since create, over every process: ``alloc_arena`` and
     ``alloc_reserve`` are allocations served by the arena and by the
@@ -29,6 +30,7 @@ class PoolStats:
     curr_nr: int
     arena_free: int
     in_use: int
+    queued: int
     nr_waiters: int
     fail_rate: float
     seed: int

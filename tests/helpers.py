@@ -36,7 +36,7 @@ def check_whole(pool: Mempool) -> None:
         findings = audit(pool._core[0])
     assert findings == []
     s = pool.stats()
-    assert s.curr_nr + s.arena_free + s.in_use == s.capacity
+    assert s.curr_nr + s.arena_free + s.in_use + s.queued == s.capacity
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

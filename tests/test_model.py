@@ -379,13 +379,13 @@ class PoolMachine(RuleBasedStateMachine):
         s = self.pool.stats()
         want = PoolStats(
             name=self.pool.name, slot_size=24, capacity=m.capacity, min_nr=m.min_nr, curr_nr=len(m.reserve),
-            arena_free=len(m.arena), in_use=len(m.held), nr_waiters=0, fail_rate=m.fail_rate, seed=m.seed,
+            arena_free=len(m.arena), in_use=len(m.held), queued=0, nr_waiters=0, fail_rate=m.fail_rate, seed=m.seed,
             poison=self.poison, poison_errors=0, lock_recoveries=0, reclaimed=0, **m.counters,
         )
         got: dict[str, Any] = dataclasses.asdict(s)
         diff = {k: (got[k], v) for k, v in dataclasses.asdict(want).items() if got[k] != v}
         assert not diff, f"stats differ from the model (field: (pool, model)): {diff}"
-        assert s.curr_nr + s.arena_free + s.in_use == s.capacity
+        assert s.curr_nr + s.arena_free + s.in_use + s.queued == s.capacity
         assert self._stack() == m.reserve, f"reserve stack {self._stack()} != model {m.reserve} (bottom first)"
         check_whole(self.pool)
 

@@ -182,8 +182,8 @@ def test_bench_runs_and_reports_every_section() -> None:
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
     recovery = figures["recovery"]
-    assert recovery["recoveries"] >= 6  # every kill was recovered from
-    assert 0 < recovery["recorded_median_ms"] <= recovery["recorded_max_ms"]
+    assert recovery["recoveries"] >= 4  # every kill was recovered from
+    assert 0 < recovery["killed_holder_median_ms"] <= recovery["killed_holder_max_ms"]
     assert leftovers() == []
 
 
@@ -197,9 +197,11 @@ def test_demo_hold_keeps_the_pool_up_until_sigint_and_cleans_up(name: str) -> No
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        while "--hold" not in p.stdout.readline():
-            pass
-        shown = subprocess.run([os.path.join(BIN, "shmpool-inspect"), name, "--json"], capture_output=True, text=True)
+        while "--hold" not in (line := p.stdout.readline()):
+            assert line, f"the demo ended before holding: {p.communicate(timeout=30)}"
+        shown = subprocess.run(
+            [os.path.join(BIN, "shmpool-inspect"), name, "--json"], capture_output=True, text=True, timeout=60
+        )
         assert shown.returncode == 0 and json.loads(shown.stdout)["name"] == name
         p.send_signal(signal.SIGTERM)  # SIGINT alike: both end the hold
         out, err = p.communicate(timeout=60)

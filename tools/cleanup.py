@@ -33,28 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from shmpool import _segment
 from shmpool._layout import H_CREATOR_PID, H_CREATOR_START, HEADER_WORDS
-from shmpool._procs import is_alive, start_ticks
-
-try:
-    from shmpool._procs import live_pids
-except ImportError:  # TEMPORARY until layout v4 lands: the lead deletes this fallback
-    import numpy as np
-
-    from shmpool._layout import P_PID, P_START, PROC_WORDS, read_geometry
-
-    def live_pids(name: str) -> list[tuple[int, int]]:
-        """(pid, start) of the live processes in pool ``name``'s registry."""
-        mm, size, fd = _segment.open_shm(name)  # FileNotFoundError if none
-        os.close(fd)
-        try:
-            geo = read_geometry(mm, size)
-            procs = np.frombuffer(mm, np.uint64, geo.max_procs * PROC_WORDS, geo.off_procs).reshape(-1, PROC_WORDS)
-            entries = [(int(p), int(s)) for p, s in procs[:, [P_PID, P_START]].tolist() if p]
-            del procs
-        finally:
-            mm.close()
-        return [(p, s) for p, s in entries if is_alive(p, s)]
-
+from shmpool._procs import is_alive, live_pids, start_ticks
 
 SEM = re.compile(r"^sem\.shmpool\.(.+)\.(lock|wait)$")
 

@@ -1,0 +1,310 @@
+"""Queues of elements inside a pool: multiprocessing.Queue's interface, and
+ownership that moves with the element."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import time
+
+import numpy as np
+import pytest
+from helpers import check_whole, snapshot, wait_for
+
+from shmpool import GFP_ATOMIC, InvalidHandleError, Mempool, PoolBusyError, PoolClosedError
+from shmpool._layout import MAX_QUEUES
+
+ATTACH = "import sys, time, numpy as np, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
+
+
+def child(popen, code: str, name: str):
+    """A separate interpreter running ``code``; returns it once it printed
+    its first line (the line is returned too)."""
+    p = popen(ATTACH + code, name)
+    line = p.stdout.readline().strip()
+    if not line:
+        p.kill()
+        raise AssertionError(f"child failed: {p.communicate(timeout=10)[1]}")
+    return p, line
+
+
+def kill(p) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=10)
+
+
+@pytest.fixture
+def pool(name: str):
+    with Mempool.create(name, min_nr=2, slot_size=32, capacity=16) as p:
+        yield p
+        p.destroy(force=True)
+
+
+def test_fifo_full_empty_and_nowait(pool: Mempool) -> None:
+    q = pool.queue("frames", depth=3)
+    hs = [pool.alloc() for _ in range(4)]
+    for h in hs[:3]:
+        q.put(h)
+    assert (q.qsize(), len(q), q.full(), q.empty()) == (3, 3, True, False)
+    with pytest.raises(queue.Full):
+        q.put_nowait(hs[3])
+    with pytest.raises(queue.Full):
+        q.put(hs[3], timeout=0.05)
+    assert [q.get() for _ in range(3)] == hs[:3]  # first in, first out; the same handles
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.05)
+    assert q.empty()
+    pool.free_bulk(hs)
+    check_whole(pool)
+
+
+def test_a_queued_element_belongs_to_the_queue(pool: Mempool) -> None:
+    q = pool.queue("q", depth=4)
+    h = pool.alloc()
+    q.put(h)
+    with pytest.raises(InvalidHandleError, match="in a queue"):
+        pool.free(h)  # no longer the caller's to free
+    with pytest.raises(InvalidHandleError):
+        pool.buffer(h)
+    s = pool.stats()
+    assert (s.queued, s.in_use) == (1, 0)
+    assert s.curr_nr + s.arena_free + s.in_use + s.queued == s.capacity
+    with pytest.raises(PoolBusyError, match="held or queued"):
+        pool.destroy()
+    assert q.get() == h
+    pool.buffer(h)[:2] = b"ok"  # ours again
+    pool.free(h)
+
+
+def test_put_many_is_all_or_nothing_and_get_many_takes_what_is_there(pool: Mempool) -> None:
+    q = pool.queue("q", depth=4)
+    hs = [pool.alloc() for _ in range(5)]
+    q.put(hs[0])
+    before = snapshot(pool)
+    with pytest.raises(queue.Full):
+        q.put_many(hs[1:5], block=False)  # room for 3, not 4: none goes in
+    assert snapshot(pool) == before
+    with pytest.raises(ValueError, match="never fit"):
+        q.put_many(hs[:5])
+    q.put_many(hs[1:4])
+    got = q.get_many(10)
+    assert got.dtype == np.int64 and got.tolist() == hs[:4]
+    q.put_many(np.array(hs[:2]))
+    assert q.get_many(1).tolist() == hs[:1]
+    assert q.get_many(5, timeout=1).tolist() == hs[1:2]
+    with pytest.raises(queue.Empty):
+        q.get_many(3, block=False)
+    pool.free_bulk(hs)
+
+
+def test_refused_puts_change_nothing(pool: Mempool, name: str) -> None:
+    q = pool.queue("q", depth=4)
+    h = pool.alloc()
+    gone = pool.alloc()
+    pool.free(gone)
+    before = snapshot(pool)
+    with pytest.raises(InvalidHandleError):
+        q.put(gone)  # not held: freed already
+    with pytest.raises(TypeError):
+        q.put("7")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        q.put(-1)
+    with pytest.raises(InvalidHandleError, match="given twice"):
+        q.put_many([h, h])
+    with pytest.raises(InvalidHandleError):
+        q.put_many([h, gone])  # one bad handle refuses the whole batch
+    assert snapshot(pool) == before
+    pool.free(h)
+
+
+def test_only_the_holder_may_put(pool: Mempool, name: str, popen) -> None:
+    q = pool.queue("q", depth=4)
+    h = pool.alloc()
+    code = (
+        "q = pool.queue('q')\n"
+        "h = int(sys.stdin.readline())\n"
+        "try:\n    q.put(h)\n    print('put', flush=True)\n"
+        "except shmpool.InvalidHandleError as e:\n    print('refused', e, flush=True)\n"
+    )
+    p = popen(ATTACH + code, name)
+    p.stdin.write(f"{h}\n")
+    p.stdin.flush()
+    line = p.stdout.readline()
+    assert line.startswith("refused") and "another process" in line
+    p.wait(timeout=10)
+    assert q.qsize() == 0
+    pool.free(h)
+
+
+def test_opening_queues(pool: Mempool) -> None:
+    with pytest.raises(FileNotFoundError):
+        pool.queue("nope")
+    a = pool.queue("a", depth=5)
+    assert pool.queue("a").depth == 5 and pool.queue("a", depth=5).depth == 5
+    with pytest.raises(ValueError, match="depth 5"):
+        pool.queue("a", depth=6)
+    with pytest.raises(ValueError):
+        pool.queue("b", depth=0)
+    with pytest.raises(ValueError):
+        pool.queue("b", depth=17)  # beyond the capacity
+    with pytest.raises(ValueError):
+        pool.queue("x" * 48, depth=1)
+    with pytest.raises(TypeError):
+        pool.queue(3, depth=1)  # type: ignore[arg-type]
+    for i in range(MAX_QUEUES - 1):
+        pool.queue(f"q{i}", depth=1)
+    with pytest.raises(OSError, match="queues already"):
+        pool.queue("one-too-many", depth=1)
+    a.close()
+    with pytest.raises(PoolClosedError):
+        a.get_nowait()
+
+
+@pytest.mark.timeout(60)
+def test_a_blocked_get_is_woken_by_a_put_in_another_process(pool: Mempool, name: str, popen) -> None:
+    q = pool.queue("q", depth=2)
+    p, line = child(popen, "q = pool.queue('q')\nprint('waiting', flush=True)\nprint(q.get(timeout=30), flush=True)\n", name)
+    assert line == "waiting"
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep in get")
+    h = pool.alloc()
+    q.put(h)
+    assert int(p.stdout.readline()) == h  # the same handle, now the child's
+    p.wait(timeout=10)
+    assert pool.reclaim_dead() == 1  # the child held it when it exited
+    assert pool.stats().nr_waiters == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_blocked_put_is_woken_by_a_get_in_another_process(pool: Mempool, name: str, popen) -> None:
+    q = pool.queue("q", depth=1)
+    q.put(pool.alloc())
+    p, line = child(popen, "q = pool.queue('q')\nh = pool.alloc()\nprint('putting', flush=True)\n"
+                    "q.put(h, timeout=30)\nprint('done', flush=True)\nsys.stdin.read()\n", name)
+    assert line == "putting"
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep in put")
+    first = q.get()
+    assert p.stdout.readline().strip() == "done"
+    kill(p)
+    assert pool.reclaim_dead() == 0  # what it put belongs to the queue
+    second = q.get_nowait()
+    pool.free_bulk([first, second])
+    check_whole(pool)
+
+
+@pytest.mark.timeout(60)
+def test_senders_and_receivers_that_die(pool: Mempool, name: str, popen) -> None:
+    q = pool.queue("q", depth=8)
+    sender, line = child(popen, "q = pool.queue('q')\nq.put_many([pool.alloc() for _ in range(3)])\n"
+                         "print('sent', flush=True)\nsys.stdin.read()\n", name)
+    kill(sender)
+    assert pool.reclaim_dead() == 0  # a sender that dies after put loses nothing
+    assert q.qsize() == 3
+    receiver, line = child(popen, "q = pool.queue('q')\nq.get()\nprint('got', flush=True)\nsys.stdin.read()\n", name)
+    kill(receiver)
+    assert pool.reclaim_dead() == 1  # the receiver held what it got
+    assert q.qsize() == 2
+    pool.free_bulk(q.get_many(2))
+    s = pool.stats()
+    assert (s.in_use, s.queued) == (0, 0)
+    check_whole(pool)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("point", ["queue-put", "queue-get"])
+def test_killed_inside_put_or_get_the_element_is_in_the_queue(pool: Mempool, name: str, popen, point: str) -> None:
+    q = pool.queue("q", depth=8)
+    kept = pool.alloc()
+    q.put(kept)  # an element queued before, whose place must survive
+    code = "import shmpool._fast\nq = pool.queue('q')\nh = pool.alloc()\n"
+    if point == "queue-get":
+        code += "q.put(h)\n"
+    code += f"print('ready', flush=True)\nsys.stdin.readline()\nshmpool._fast.crash_at({point!r})\n"
+    code += "q.put(pool.alloc())\n" if point == "queue-put" else "q.get(); q.get()\n"
+    p, line = child(popen, code, name)
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    assert p.wait(timeout=20) == -signal.SIGKILL
+    pool.reclaim_dead()  # takes the lock over from the dead child, repairs, reclaims
+    s = pool.stats()
+    assert s.curr_nr + s.arena_free + s.in_use + s.queued == s.capacity
+    check_whole(pool)
+    # In the queue, never both and never neither: the element being put (its
+    # word was the commit) or being taken (not yet ours) is in the queue; the
+    # child's other element was reclaimed.
+    assert (s.queued, s.in_use) == (2, 0)
+    got = q.get_many(8)
+    assert kept in got.tolist() and len(set(got.tolist())) == 2
+    pool.free_bulk(got)
+
+
+@pytest.mark.timeout(120)
+def test_many_producers_and_consumers_count_every_element(name: str, popen) -> None:
+    n_each, producers, consumers = 300, 2, 2
+    with Mempool.create(name, min_nr=4, slot_size=16, capacity=32, fail_rate=0.3, seed=1) as pool:
+        q = pool.queue("work", depth=8)
+        prod = (
+            "q = pool.queue('work')\nprint('up', flush=True)\n"
+            f"for i in range({n_each}):\n"
+            "    h = pool.alloc(timeout=30)\n"
+            "    pool.ndarray(h, np.int64, 2)[:] = (int(sys.argv[2]), i)\n"
+            "    q.put(h, timeout=30)\n"
+            "print('done', flush=True)\n"
+        )
+        cons = (
+            "q = pool.queue('work')\nprint('up', flush=True)\nseen = []\n"
+            "while True:\n"
+            "    h = q.get(timeout=30)\n"
+            "    who, i = pool.ndarray(h, np.int64, 2).tolist()\n"
+            "    pool.free(h)\n"
+            "    if who < 0:\n        break\n"
+            "    seen.append(who * 100000 + i)\n"
+            "print(' '.join(map(str, seen)), flush=True)\n"
+        )
+        ps = [popen(ATTACH + prod, name, str(k)) for k in range(producers)]
+        cs = [popen(ATTACH + cons, name) for _ in range(consumers)]
+        for p in ps + cs:
+            assert p.stdout.readline().strip() == "up"
+        for p in ps:
+            assert p.stdout.readline().strip() == "done"
+            p.wait(timeout=30)
+        for _ in cs:  # one stop message per consumer
+            h = pool.alloc(timeout=30)
+            pool.ndarray(h, np.int64, 2)[:] = (-1, 0)
+            q.put(h, timeout=30)
+        seen: list[int] = []
+        for c in cs:
+            mine = [int(x) for x in c.stdout.readline().split()]
+            for k in range(producers):  # FIFO: each consumer sees each producer's elements in order
+                order = [v % 100000 for v in mine if v // 100000 == k]
+                assert order == sorted(order)
+            seen += mine
+            c.wait(timeout=30)
+        assert sorted(seen) == sorted(k * 100000 + i for k in range(producers) for i in range(n_each))
+        s = pool.stats()
+        assert (s.in_use, s.queued, s.nr_waiters) == (0, 0, 0)
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_handlers_exception_ends_a_blocked_get_and_leaks_nothing(pool: Mempool, name: str, popen) -> None:
+    pool.queue("q", depth=2)
+    code = (
+        "import signal\n"
+        "def stop(*args):\n    raise KeyboardInterrupt\n"
+        "signal.signal(signal.SIGUSR1, stop)\n"
+        "q = pool.queue('q')\nprint('waiting', flush=True)\n"
+        "try:\n    q.get()\nexcept KeyboardInterrupt:\n    print('interrupted', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    p, line = child(popen, code, name)
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep in get")
+    p.send_signal(signal.SIGUSR1)
+    assert p.stdout.readline().strip() == "interrupted"
+    assert pool.stats().nr_waiters == 0
+    t0 = time.monotonic()
+    assert pool.alloc(GFP_ATOMIC) is not None  # nothing wedged
+    assert time.monotonic() - t0 < 5
+    kill(p)
