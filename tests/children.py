@@ -147,30 +147,37 @@ def reserve_hammer(name: str, progress: Any, stop: Any, results: Any) -> None:
 def _under_interrupts(body: Any, nr_interrupts: int, interval: float) -> int:
     """Call ``body()`` again and again while an interval timer's SIGALRM
     handler raises KeyboardInterrupt (what Ctrl-C raises, not an Exception)
-    every ``interval`` seconds, until ``nr_interrupts`` have fired or body
-    returns False; an interrupt is absorbed wherever it lands, the loop's
-    own bytecode included. Stops the timer; returns how many fired."""
-    fired = [0]
+    every ``interval`` seconds, until ``nr_interrupts`` have been raised or
+    body returns False. Stops the timer; returns how many were raised.
+
+    The handler raises only inside ``body`` (armed just before it, and it
+    disarms itself when it raises), so that an interrupt never escapes
+    through this loop's own bytecode: on a loaded machine two can come
+    close enough together for the second to land in the except clause
+    that caught the first."""
+    raised = [0]
+    armed = [False]
 
     def handler(signum: int, frame: Any) -> None:
-        fired[0] += 1
-        raise KeyboardInterrupt
+        if armed[0]:
+            armed[0] = False
+            raised[0] += 1
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, interval, interval)
-    while True:
-        try:  # an interrupt that lands outside the inner try is absorbed here
-            going = True
-            while going and fired[0] < nr_interrupts:
-                try:
-                    going = body() is not False
-                except KeyboardInterrupt:
-                    pass
-            signal.signal(signal.SIGALRM, signal.SIG_IGN)  # a pending one no longer raises
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            return fired[0]
+    going = True
+    while going and raised[0] < nr_interrupts:
+        try:
+            armed[0] = True
+            going = body() is not False
         except KeyboardInterrupt:
             pass
+        finally:
+            armed[0] = False
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    return raised[0]
 
 
 def _one_operation(pool: Mempool, rng: random.Random, held: list[int], limit: int = 48) -> None:
@@ -226,7 +233,7 @@ def interrupted_worker(name: str, nr_interrupts: int, interval: float, seed: int
 
         fired = _under_interrupts(body, nr_interrupts, interval)
         results.put((fired, ops[0], errors))
-        go.wait(120)
+        go.wait(600)  # the parent's checks come first
         late: list[str] = []
         try:
             if held:

@@ -223,6 +223,15 @@ def timed_raises(exc: type[BaseException], fn: Callable[[], Any]) -> float:
     return time.monotonic() - t0
 
 
+def report(q: Any, timeout: float, who: str = "a child") -> Any:
+    """The next report on ``q``; fails the test, saying who, if none comes
+    in time (a wedged child)."""
+    try:
+        return q.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"no report from {who} within {timeout} s: wedged?")
+
+
 def assert_settled(pool: Mempool, **expected: int) -> None:
     """The audit passes and the stats fields named say what is expected."""
     check_whole(pool)
@@ -360,7 +369,7 @@ def test_a_process_stopped_anywhere_in_its_operations_wedges_nobody(name: str, s
                 pool.free(h)
                 served += 1
         stop.value = 1
-        rounds, child_bad, errors = results.get(timeout=60)
+        rounds, child_bad, errors = report(results, 60, "the stopped hammer")
         child.join(30)
         assert errors == [] and child.exitcode == 0
         assert (bad, child_bad) == (0, 0)
@@ -378,10 +387,10 @@ def test_a_lock_holder_starved_of_the_gil_by_its_own_thread_is_not_robbed(name: 
         hog_results, work_results = ctx.Queue(), ctx.Queue()
         hog = spawn(children.gil_hog, name, 4.0, hog_results)
         workers = [spawn(children.hammer, name, 20_000, seed, work_results) for seed in (1, 2)]
-        calls, sorts, errors = hog_results.get(timeout=240)
+        calls, sorts, errors = report(hog_results, 240, "the GIL hog")
         assert errors == [] and calls > 0 and sorts > 0
         for _ in workers:
-            ops, bad, errors = work_results.get(timeout=240)
+            ops, bad, errors = report(work_results, 240, "a hammer")
             assert errors == [] and bad == 0 and ops > 0
         for p in [hog, *workers]:
             p.join(30)
@@ -406,7 +415,7 @@ def test_exceptions_from_signal_handlers_inside_operations_leave_no_lock_held_an
         go, results = ctx.Event(), ctx.Queue()
         kids = [spawn(children.interrupted_worker, name, 1500, 0.0005, seed, go, results) for seed in (1, 2)]
         for _ in kids:
-            fired, ops, errors = results.get(timeout=240)
+            fired, ops, errors = report(results, 120, "an interrupted worker")
             assert errors == []
             assert fired >= 1500 and ops > 0
         # Both are alive and idle: neither may have left the lock held.
@@ -420,7 +429,7 @@ def test_exceptions_from_signal_handlers_inside_operations_leave_no_lock_held_an
         assert s.lock_recoveries == 0
         go.set()
         for _ in kids:
-            assert results.get(timeout=60) == []  # what they know they hold, they free
+            assert report(results, 60, "an interrupted worker") == []  # what they know they hold, they free
         for p in kids:
             p.join(30)
             assert p.exitcode == 0
@@ -436,7 +445,7 @@ def test_a_sleeping_alloc_interrupted_by_a_raising_handler_leaks_no_waiter(name:
         assert None not in mine
         commands, results = ctx.Queue(), ctx.Queue()
         child = spawn(children.interrupted_sleeper, name, 300, 0.0007, commands, results)
-        fired, _, errors = results.get(timeout=240)
+        fired, _, errors = report(results, 120, "the interrupted sleeper")
         assert errors == [] and fired >= 300
         assert pool.stats().sleeps > 0  # the interrupts found allocations asleep
         # The child lives on, sleeping nowhere: no sleeper may be counted.
@@ -445,16 +454,16 @@ def test_a_sleeping_alloc_interrupted_by_a_raising_handler_leaks_no_waiter(name:
             commands.put("sleep")
             wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep")
             os.kill(child.pid, signal.SIGUSR1)
-            assert results.get(timeout=30) == ("interrupted", k)
+            assert report(results, 30, "the sleeper") == ("interrupted", k)
             assert pool.stats().nr_waiters == 0
         # And a sleeper that a free wakes is still woken.
         commands.put("alloc")
         wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep")
         pool.free(mine.pop())
-        what, _ = results.get(timeout=30)
+        what, _ = report(results, 30, "the sleeper")
         assert what == "got"
         commands.put(None)
-        assert results.get(timeout=30) == ("done", [])
+        assert report(results, 30, "the sleeper") == ("done", [])
         child.join(30)
         assert child.exitcode == 0
         for h in mine:
@@ -477,10 +486,7 @@ def test_a_del_that_frees_run_by_the_collector_wedges_nothing(name: str, spawn, 
     with Mempool.create(name, min_nr=min_nr, slot_size=16, capacity=256) as pool:
         results = ctx.Queue()
         child = spawn(children.collector_frees, name, 3.0, 1, results)
-        try:
-            rounds, made, freed, errors, in_use = results.get(timeout=60)
-        except queue.Empty:
-            pytest.fail("the child wedged (its __del__ ran inside a critical section?)")
+        rounds, made, freed, errors, in_use = report(results, 60, "the child whose __del__ frees")
         child.join(30)
         assert child.exitcode == 0
         assert errors == []
