@@ -386,7 +386,7 @@ def test_a_lock_holder_starved_of_the_gil_by_its_own_thread_is_not_robbed(name: 
     with Mempool.create(name, min_nr=4, slot_size=16, capacity=8, fail_rate=1.0) as pool:
         hog_results, work_results = ctx.Queue(), ctx.Queue()
         hog = spawn(children.gil_hog, name, 4.0, hog_results)
-        workers = [spawn(children.hammer, name, 20_000, seed, work_results) for seed in (1, 2)]
+        workers = [spawn(children.hammer, name, 10_000, seed, work_results) for seed in (1, 2)]
         calls, sorts, errors = report(hog_results, 240, "the GIL hog")
         assert errors == [] and calls > 0 and sorts > 0
         for _ in workers:
