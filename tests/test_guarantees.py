@@ -727,14 +727,15 @@ def allowed(what: str, operation: str, outcome: str) -> bool:
 def test_damaged_bytes_give_poolformaterror_never_a_crash_or_a_hang(name: str, popen, what: str) -> None:
     pool = Mempool.create(name, min_nr=4, slot_size=16, capacity=HOSTILE_CAPACITY)
     pool.close()  # the parent never runs the C path over the damage
-    # A live process that holds elements and caches most of the arena (so
-    # that the others must steal from its cache).
+    # A live process that holds 2 elements and caches the rest of the arena
+    # (so that the others must steal from its cache).
     keeper = start_child(popen, name)
     keeper.call(
-        "xs = [pool.alloc(GFP_KERNEL, timeout=10) for _ in range(30)]\n"
+        f"xs = [pool.alloc(GFP_KERNEL, timeout=10) for _ in range({HOSTILE_CAPACITY - 4})]\n"
         "held = xs[:2]\n"
         "for x in xs[2:]: pool.free(x)"
     )
+    assert header_word(name, _layout.H_ARENA_FREE) == 0  # the shared free list is dry
     _damage(name, what, keeper)
     try:
         run = subprocess.run(
