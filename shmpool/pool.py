@@ -266,7 +266,7 @@ class Mempool(Core):
         Core.__init__(
             self, seg.mm, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_procs, geo.off_queues,
             geo.max_queues, geo.off_slots, geo.max_procs, geo.capacity, geo.stride, geo.slot_size,
-            bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name, name,
+            bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name, name, _segment.queue_sem_prefix(name),
         )
         # posix_ipc's semaphore objects are not needed: the core opened its own.
         for sem in (seg.lock_sem, seg.wait_sem):
@@ -284,6 +284,7 @@ class Mempool(Core):
         st = os.fstat(seg.fd)
         self._key = (st.st_dev, st.st_ino)
         self._core: tuple[Views, _LockForTests] | None = (v, _LockForTests(self))
+        self._set_data(v.data)
         if register:
             self._attach_process()
         _live_pools.add(self)
@@ -755,17 +756,16 @@ class Mempool(Core):
             raise InvalidHandleError(handle, self._describe(word, gen))
         return idx * self._stride
 
-    def buffer(self, handle: int) -> memoryview:
-        """A writable memoryview of the element's ``slot_size`` bytes. It
-        stays valid after ``close()`` (the mapping lives while views do)."""
+    # buffer(handle) and ndarray(handle, dtype, shape) are the compiled
+    # Core's: a checked handle and a view cut in C. Whatever they find
+    # unusual comes here, to be checked and said in Python.
+
+    def _buffer_slow(self, handle: int) -> memoryview:
         off = self._slot_offset(handle)
         return self._core[0].data[off : off + self._slot_size]  # type: ignore[index]
 
-    def ndarray(self, handle: int, dtype: Any = np.uint8, shape: Any = None) -> np.ndarray:
-        """A zero-copy numpy view of the element. ``shape`` defaults to as
-        many ``dtype`` items as fit in the slot; a shape that does not fit
-        raises ValueError. Slots are 8-byte aligned."""
-        dt = np.dtype(dtype)
+    def _ndarray_slow(self, handle: int, dtype: Any = None, shape: Any = None) -> np.ndarray:
+        dt = np.dtype(np.uint8 if dtype is None else dtype)
         if dt.hasobject:
             raise TypeError("a slot cannot hold Python objects (dtype has object fields)")
         if dt.itemsize < 1:
