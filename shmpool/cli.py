@@ -718,13 +718,17 @@ def _dead_findings(copy: Copy) -> list[str]:
 
 
 def _waiter_findings(copy: Copy) -> list[str]:
-    """nr_waiters counts at least the sleepers that live processes record
-    in their registry entries (sleepers that died may stay counted)."""
+    """nr_waiters counts the sleepers that processes record in their
+    registry entries: every sleeper counts itself in both (dead ones too,
+    until they are uncounted from both)."""
     sleeping = _procs(copy.views)[:, P_SLEEPING]
-    live = int(sleeping[copy.alive].sum())
+    live, recorded = int(sleeping[copy.alive].sum()), int(sleeping.sum())
     nr_waiters = int(copy.views.hdr[H_NR_WAITERS])
     if nr_waiters < live:
         return [f"nr_waiters {nr_waiters} is less than the {live} sleeping allocation(s) of live processes"]
+    if nr_waiters > recorded:
+        return [f"nr_waiters {nr_waiters} is more than the {recorded} sleeping allocation(s) recorded in the "
+                f"registry: wake-ups are posted for sleepers that do not exist"]
     return []
 
 
