@@ -246,7 +246,9 @@ class Copy:
     belonged to a live process just after the copy. ``unpoisoned`` lists
     the reserve slots whose poison pattern was found broken, or is None
     when not scanned. ``identity`` tells this pool from a later one of the
-    same name."""
+    same name. A ``summary`` copy holds only the header, the registry and
+    the slot words that the registry's caches name (enough for
+    ``summarize``); the rest of its words and stacks are zeros."""
 
     name: str
     views: Views
@@ -255,10 +257,13 @@ class Copy:
     alive: np.ndarray
     unpoisoned: np.ndarray | None
     identity: tuple[int, int]
+    summary: bool = False
 
     @functools.cached_property
     def slots(self) -> tuple[np.ndarray, np.ndarray]:
         """(state, owner field) of every slot word, computed once."""
+        if self.summary:
+            raise ValueError("a summary copy holds no slot words")
         return _fields(np.frombuffer(self.views.words, dtype=np.uint64))
 
 
@@ -292,11 +297,14 @@ def _open_readonly(name: str) -> tuple[mmap.mmap, int, int]:
         raise
 
 
-def take_copy(name: str, lock_timeout: float = LOCK_TIMEOUT, *, scan_poison: bool = True) -> Copy:
+def take_copy(
+    name: str, lock_timeout: float = LOCK_TIMEOUT, *, scan_poison: bool = True, summary: bool = False
+) -> Copy:
     """Copy pool ``name``'s metadata without its lock: a quiet copy (see the
     module doc) if one comes within ``lock_timeout`` seconds, else the last
     try (``consistent`` False). With ``scan_poison``, a poisoned pool's
-    reserve elements are checked for their pattern within the same try.
+    reserve elements are checked for their pattern within the same try;
+    with ``summary``, only what ``summarize`` reads is copied (see Copy).
     Never writes to the pool and never blocks longer than ``lock_timeout``
     plus a copy. Raises InspectError (PoolMissing if there is no such
     pool)."""
@@ -310,13 +318,15 @@ def take_copy(name: str, lock_timeout: float = LOCK_TIMEOUT, *, scan_poison: boo
             geo = read_geometry(mm, size)
         except PoolFormatError as exc:
             raise InspectError(f"{name!r} is not a usable shmpool pool: {exc}") from None
-        return _copy(name, mm, fd, geo, lock_timeout, scan_poison)
+        return _copy(name, mm, fd, geo, lock_timeout, scan_poison and not summary, summary)
     finally:
         os.close(fd)
         mm.close()
 
 
-def _copy(name: str, mm: mmap.mmap, fd: int, geo: Geometry, lock_timeout: float, scan_poison: bool) -> Copy:
+def _copy(
+    name: str, mm: mmap.mmap, fd: int, geo: Geometry, lock_timeout: float, scan_poison: bool, summary: bool
+) -> Copy:
     base = memoryview(mm)
     hdr = base[:HEADER_BYTES].cast("Q")  # live: aligned 8-byte loads of the lock's words
     try:
@@ -329,7 +339,7 @@ def _copy(name: str, mm: mmap.mmap, fd: int, geo: Geometry, lock_timeout: float,
             last_try = time.monotonic() >= deadline
             if owner == 0 or last_try:
                 copied_ns = time.monotonic_ns()
-                meta = mm[: geo.off_slots]
+                meta = _summary_bytes(mm, geo) if summary else mm[: geo.off_slots]
                 unpoisoned = _scan_poison(mm, Views(meta, geo)) if scan_poison else None  # type: ignore[arg-type]
                 after = (hdr[H_LOCK_OWNER], hdr[H_LOCK_SEQ])
                 quiet = owner == 0 and after == (0, seq)
@@ -349,7 +359,26 @@ def _copy(name: str, mm: mmap.mmap, fd: int, geo: Geometry, lock_timeout: float,
     throughout = not quiet and lock_timeout > 0 and first[0] != 0 and after == first
     lock = LockState(holder(views, fd), waited, throughout, copied_ns)
     identity = (os.fstat(fd).st_ino, int(views.hdr[H_CREATED_NS]))
-    return Copy(name, views, quiet, lock, alive, unpoisoned, identity)
+    return Copy(name, views, quiet, lock, alive, unpoisoned, identity, summary)
+
+
+def _summary_bytes(mm: mmap.mmap, geo: Geometry) -> np.ndarray:
+    """The metadata as ``summarize`` needs it: the header and the registry
+    copied, of the slot words only those the caches name, zeros elsewhere
+    (untouched pages of a zeroed buffer cost nothing)."""
+    meta = np.zeros(geo.off_slots, dtype=np.uint8)
+    procs_end = geo.off_procs + 8 * PROC_WORDS * geo.max_procs
+    meta[:HEADER_BYTES] = np.frombuffer(mm, dtype=np.uint8, count=HEADER_BYTES)
+    meta[geo.off_procs : procs_end] = np.frombuffer(mm, dtype=np.uint8, count=procs_end - geo.off_procs,
+                                                    offset=geo.off_procs)
+    idx, _ = _cache_slots(meta[geo.off_procs : procs_end].view(np.uint64).reshape(geo.max_procs, PROC_WORDS),
+                          geo.capacity)
+    live = np.frombuffer(mm, dtype=np.uint64, count=geo.capacity, offset=geo.off_words)
+    try:
+        meta[geo.off_words : geo.off_stack].view(np.uint64)[idx] = live[idx]
+    finally:
+        del live  # the mapping cannot be closed while a view of it lives
+    return meta
 
 
 def _scan_poison(mm: mmap.mmap, v: Views) -> np.ndarray | None:
@@ -658,7 +687,7 @@ def list_pools() -> list[dict[str, Any]]:
             out.append({"name": name, "error": kind})
             continue
         try:
-            out.append(summarize(take_copy(name, LIST_LOCK_TIMEOUT, scan_poison=False)))
+            out.append(summarize(take_copy(name, LIST_LOCK_TIMEOUT, summary=True)))
         except PoolMissing:
             continue
         except InspectError as exc:
@@ -740,6 +769,8 @@ def check(copy: Copy) -> list[str]:
     and sleepers of dead processes, the waiter count; and, if one holder
     kept the lock for the whole wait, a line that says so (the audit then
     ran on a copy that a critical section may have left half done)."""
+    if copy.summary:
+        raise ValueError("a summary copy cannot be audited")
     v = copy.views
     findings = audit(_without_poison_flag(v))
     if copy.unpoisoned is not None and copy.unpoisoned.size and not findings:  # as audit: on an otherwise whole pool
