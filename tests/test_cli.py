@@ -720,3 +720,22 @@ def test_the_creator_is_known_dead_once_it_exits(name: str) -> None:
         assert creator["pid"] == os.getpid() and creator["alive"] is True
         pool.destroy()
 
+
+@pytest.mark.timeout(120)
+def test_bench_inspect_runs_and_cleans_up() -> None:
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_inspect.py"
+    args = ["--slots", "4096", "--held", "1000", "--dead", "100", "--min-nr", "16", "--reps", "1", "--json"]
+    with subprocess.Popen([sys.executable, str(tool), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=110)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 0, stderr
+    figures = json.loads(stdout)
+    assert set(figures["in_process"]) >= {"list", "show", "json", "check"} and "check" in figures["subprocess"]
+    assert len(figures["check_findings"]) == 1 and "100 element(s) held by dead processes" in (
+        figures["check_findings"][0])
+    assert [e for e in os.listdir("/dev/shm") if f"bench-inspect-{p.pid}-" in e] == []  # its pool is gone
