@@ -288,8 +288,6 @@ def test_a_dead_sleeper_fails_the_check_until_reclaimed(name: str, spawn) -> Non
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="_fast.c: retire() zeroes a dead entry's P_SLEEPING before "
-                   "uncount_dead_sleepers() subtracts it from nr_waiters (Core_register, Core_reclaim_core)")
 def test_reclaiming_a_dead_sleeper_uncounts_it(name: str, spawn) -> None:
     with a_dead_sleeper(name, spawn) as (pool, _):
         pool.reclaim_dead()
