@@ -1209,7 +1209,8 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
         return call_slow_alloc(f, gfp, timeout, 0);
     long g = PyLong_AsLong(gfp);
     if (g == -1 && PyErr_Occurred()) { PyErr_Clear(); return call_slow_alloc(f, gfp, timeout, 0); }
-    if ((g & ~0xF0L) != 0 || ld(&f->hdr[H_STATUS]) != STATUS_LIVE) return call_slow_alloc(f, gfp, timeout, 0);
+    /* Every v3.2 bit but __GFP_ZERO (it warns: Python) means nothing here beyond __GFP_WAIT. */
+    if ((g & ~0xEF7FFFL) != 0 || ld(&f->hdr[H_STATUS]) != STATUS_LIVE) return call_slow_alloc(f, gfp, timeout, 0);
     int sleeps = (g & GFP_WAIT) != 0, skip = 0;
     if (f->enabled && f->entry && f->entry[P_CACHE_N] > 0) {
         if (fault(f)) skip = 1;

@@ -538,7 +538,9 @@ class Mempool(Core):
 
     def alloc_bulk(self, n: int, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> np.ndarray | None:
         """Allocate ``n`` elements at once; return their handles as a numpy
-        int64 array (the kernel 6.19's mempool_alloc_bulk).
+        int64 array. Not the kernel's mempool_alloc_bulk (in linux-next,
+        not in a release), which fills the caller's array, takes no gfp and
+        keeps what it got while it waits: KERNEL.md lists the differences.
 
         Each element is an arena attempt first (with its own fault draw);
         the elements the arena does not give come from the reserve, all of
@@ -574,6 +576,9 @@ class Mempool(Core):
         ValueError, InvalidHandleError) and nothing is freed. Then, as if
         freed one by one: the first ones refill the reserve while it is
         below min_nr (waking sleepers), the rest go back to the arena.
+        Returns None: the kernel's mempool_free_bulk (linux-next) returns how
+        many it put in the reserve and leaves the rest to the caller; here
+        every element is freed.
         """
         if self._core is None:
             raise self._closed()
