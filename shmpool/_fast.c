@@ -202,6 +202,7 @@ typedef struct {
 static PyObject *ErrFormat, *ErrDestroyed, *ErrInvalid, *ErrClosed, *WarnPoison;
 static PyObject *GFP_KERNEL_OBJ, *STR_ALLOC_SLOW, *STR_FREE_SLOW;
 static uint64_t atomic_wait_ns = 50000000ull; /* GFP_ATOMIC waits this long for the lock */
+static long fast_gfp_bits = 0xF0;             /* gfp bits the C path takes as they are (set_gfp_bits) */
 static int crash_point = 0;                   /* test hook: SIGKILL ourselves at this point */
 enum { CP_NONE = 0, CP_ALLOC_RESERVE, CP_FREE_RESERVE, CP_RETIRE, CP_STEAL, CP_REFILL, CP_DRAIN, CP_REBUILD,
        CP_QUEUE_PUT, CP_QUEUE_GET, CP_N };
@@ -1209,8 +1210,8 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
         return call_slow_alloc(f, gfp, timeout, 0);
     long g = PyLong_AsLong(gfp);
     if (g == -1 && PyErr_Occurred()) { PyErr_Clear(); return call_slow_alloc(f, gfp, timeout, 0); }
-    /* Every v3.2 bit but __GFP_ZERO (it warns: Python) means nothing here beyond __GFP_WAIT. */
-    if ((g & ~0xEF7FFFL) != 0 || ld(&f->hdr[H_STATUS]) != STATUS_LIVE) return call_slow_alloc(f, gfp, timeout, 0);
+    /* gfp.py's valid bits but __GFP_ZERO (it warns: Python) mean nothing here beyond __GFP_WAIT. */
+    if ((g & ~fast_gfp_bits) != 0 || ld(&f->hdr[H_STATUS]) != STATUS_LIVE) return call_slow_alloc(f, gfp, timeout, 0);
     int sleeps = (g & GFP_WAIT) != 0, skip = 0;
     if (f->enabled && f->entry && f->entry[P_CACHE_N] > 0) {
         if (fault(f)) skip = 1;
@@ -2555,6 +2556,14 @@ static PyObject *mod_set_atomic_wait(PyObject *m, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* set_gfp_bits(mask): the gfp bits alloc() may take without Python's check. */
+static PyObject *mod_set_gfp_bits(PyObject *m, PyObject *arg) {
+    long bits = PyLong_AsLong(arg);
+    if (bits == -1 && PyErr_Occurred()) return NULL;
+    fast_gfp_bits = bits;
+    Py_RETURN_NONE;
+}
+
 /* crash_at(point): a test hook: SIGKILL this process the next time it
  * reaches `point` ("" turns it off). */
 static PyObject *mod_crash_at(PyObject *m, PyObject *arg) {
@@ -2573,6 +2582,7 @@ static PyObject *mod_crash_at(PyObject *m, PyObject *arg) {
 static PyMethodDef module_methods[] = {
     {"set_errors", mod_set_errors, METH_VARARGS, "set_errors(format, destroyed, invalid, closed, poison_warning)"},
     {"set_atomic_wait", mod_set_atomic_wait, METH_O, "set_atomic_wait(ns)"},
+    {"set_gfp_bits", mod_set_gfp_bits, METH_O, "set_gfp_bits(mask)"},
     {"crash_at", mod_crash_at, METH_O, "crash_at(point): SIGKILL this process at that point (tests)"},
     {NULL},
 };

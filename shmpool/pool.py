@@ -63,7 +63,7 @@ from ._errors import (
     PoolFormatError,
 )
 from ._fast import LAYOUT as _FAST_LAYOUT
-from ._fast import Core, set_atomic_wait, set_errors
+from ._fast import Core, set_atomic_wait, set_errors, set_gfp_bits
 from ._layout import (
     COUNTERS,
     FLAG_POISON,
@@ -102,7 +102,7 @@ from ._layout import (
     write_geometry,
 )
 from ._procs import self_identity
-from .gfp import GFP_KERNEL, may_sleep
+from .gfp import __GFP_ZERO, GFP_KERNEL, GFP_VALID_MASK, may_sleep
 from .queues import Queue, check_queue_name
 from .stats import PoolStats
 
@@ -129,6 +129,7 @@ _FAULT_BITS = 53  # fault draws are compared as 53-bit fractions, exact at 0 and
 
 set_errors(PoolFormatError, PoolDestroyedError, InvalidHandleError, PoolClosedError, PoisonWarning)
 set_atomic_wait(int(ATOMIC_LOCK_WAIT_SECONDS * _NS))
+set_gfp_bits(GFP_VALID_MASK & ~__GFP_ZERO)  # the one list of valid bits is gfp.py's
 
 
 def _check_fast_layout() -> None:
