@@ -19,13 +19,24 @@ from ._errors import (
     ShmpoolError,
 )
 from ._layout import INDEX_MASK
-from .gfp import GFP, GFP_ATOMIC, GFP_KERNEL, GFP_NOFS, GFP_NOIO, GFP_NOWAIT
+from .gfp import GFP, GFP_ATOMIC, GFP_KERNEL, GFP_NOFS, GFP_NOIO, GFP_NOWAIT, GFPWarning
 from .kernel import (
     mempool_alloc,
     mempool_alloc_preallocated,
     mempool_create,
+    mempool_create_kmalloc_pool,
+    mempool_create_node,
+    mempool_create_page_pool,
+    mempool_create_slab_pool,
     mempool_destroy,
+    mempool_exit,
     mempool_free,
+    mempool_init,
+    mempool_init_kmalloc_pool,
+    mempool_init_node,
+    mempool_init_page_pool,
+    mempool_init_slab_pool,
+    mempool_initialized,
     mempool_is_saturated,
     mempool_resize,
 )
@@ -41,6 +52,7 @@ __all__ = [
     "GFP_NOFS",
     "GFP_NOIO",
     "GFP_NOWAIT",
+    "GFPWarning",
     "InvalidHandleError",
     "Mempool",
     "PoisonWarning",
@@ -54,8 +66,19 @@ __all__ = [
     "mempool_alloc",
     "mempool_alloc_preallocated",
     "mempool_create",
+    "mempool_create_kmalloc_pool",
+    "mempool_create_node",
+    "mempool_create_page_pool",
+    "mempool_create_slab_pool",
     "mempool_destroy",
+    "mempool_exit",
     "mempool_free",
+    "mempool_init",
+    "mempool_init_kmalloc_pool",
+    "mempool_init_node",
+    "mempool_init_page_pool",
+    "mempool_init_slab_pool",
+    "mempool_initialized",
     "mempool_is_saturated",
     "mempool_resize",
 ]

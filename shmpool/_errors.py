@@ -60,9 +60,10 @@ class PoolDestroyedError(ShmpoolError, RuntimeError):
 
 
 class PoolBusyError(ShmpoolError, RuntimeError):
-    """``destroy()`` of a pool that still lends elements out, or whose
-    reserve is not full (the kernel's ``BUG_ON(curr_nr != min_nr)``).
-    Free the elements first, or pass ``force=True``."""
+    """``destroy()`` of a pool that still lends elements out (held or
+    queued). (A reserve below ``min_nr`` with nothing held does not stop it:
+    later kernels dropped v3.2's ``BUG_ON(curr_nr != min_nr)``.) Free the
+    elements first, or pass ``force=True``."""
 
 
 class PoisonWarning(UserWarning):

@@ -63,9 +63,12 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <semaphore.h>
+#include <sys/stat.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -111,6 +114,7 @@
 #define Q_TAIL 10
 #define Q_PUTS 11
 #define Q_GETS 12
+#define Q_WAITERS 13
 #define QUEUE_WORDS 16
 #define QUEUE_LIVE 1
 #define NO_SLOT 0xFFFFFFFFu
@@ -130,7 +134,9 @@
 #define N_PROC_COUNTERS 8
 #define P_CACHE 14
 #define CACHE_MAX 64
-#define PROC_WORDS 46
+#define P_QSLEEP 46
+#define MAX_QUEUES 64
+#define PROC_WORDS 54
 #define CACHE_BLANK 0xFFFFFFFFu
 #define C_ALLOC_ARENA 0
 #define C_ALLOC_RESERVE 1
@@ -145,6 +151,7 @@
 #define GOLDEN 0x9E3779B97F4A7C15ull
 #define CACHE_BATCH (CACHE_MAX / 2)
 #define LOCK_SLICE_NS 20000000ull       /* a contender looks at the owner this often */
+#define LOCK_SPINS 256                  /* pauses a contender spins before it sleeps */
 #define WAKE_MAX 65536                  /* tokens one wake-up may post */
 #define SLEEPERS_MAX (1ull << 20)       /* more sleepers than this: a damaged count */
 #define POISON_FREE 0x6b
@@ -175,14 +182,20 @@ typedef struct {
     uint64_t token; /* our lock token */
     int fd;         /* the segment file, for OFD liveness (not owned) */
     sem_t *lock_sem, *wait_sem;
+    sem_t *qsem[MAX_QUEUES]; /* each queue's wait channel, opened when first needed */
+    char qsem_prefix[300];
     int enabled, poison, busy, closing;
     int wake;                 /* set under the lock: post wake-ups once it is released */
+    int qwake;                /* likewise for a queue's channel: its index + 1 */
     int recount;              /* a nap ended with no wake-up: uncount dead sleepers next time */
     int64_t poisoned;         /* a slot found written after free (warn after unlock), or -1 */
     uint64_t recoveries;      /* times this object took the lock over from a dead owner */
     int last_event;
     uint64_t last_curr;
     PyObject *trace;          /* trace(event, handle, curr_nr), or NULL */
+    PyObject *data_mv;        /* a memoryview of the slots: views are slices of it (they keep the mapping) */
+    PyObject *last_dtype;     /* the dtype argument ndarray() saw last, and its descr */
+    PyArray_Descr *last_descr;
     char msg[240];            /* why a call found the pool damaged or a handle invalid */
     char name[256];           /* the pool's name, for messages */
 } Core;
@@ -190,6 +203,7 @@ typedef struct {
 static PyObject *ErrFormat, *ErrDestroyed, *ErrInvalid, *ErrClosed, *WarnPoison;
 static PyObject *GFP_KERNEL_OBJ, *STR_ALLOC_SLOW, *STR_FREE_SLOW;
 static uint64_t atomic_wait_ns = 50000000ull; /* GFP_ATOMIC waits this long for the lock */
+static long fast_gfp_bits = 0xF0;             /* gfp bits the C path takes as they are (set_gfp_bits) */
 static int crash_point = 0;                   /* test hook: SIGKILL ourselves at this point */
 enum { CP_NONE = 0, CP_ALLOC_RESERVE, CP_FREE_RESERVE, CP_RETIRE, CP_STEAL, CP_REFILL, CP_DRAIN, CP_REBUILD,
        CP_QUEUE_PUT, CP_QUEUE_GET, CP_N };
@@ -325,8 +339,22 @@ static int sem_nap(sem_t *sem, uint64_t until) {
 /* Take the pool lock by `deadline` (monotonic ns; 0: no deadline). Between
  * naps (the lock not held) Python signal handlers run: an exception from one
  * ends the wait (RC_SIGNAL). RC_CLOSED if the object was closed meanwhile. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 static int lock_acquire(Core *f, uint64_t deadline) {
     if (lock_try(f)) return RC_OK;
+    /* Critical sections last about a hundred nanoseconds: spin a little on a
+     * plain load before paying two system calls to sleep and be woken. */
+    for (int i = 0; i < LOCK_SPINS; i++) {
+        cpu_relax();
+        if (__atomic_load_n(&f->hdr[H_LOCK_OWNER], __ATOMIC_RELAXED) == 0 && lock_try(f)) return RC_OK;
+    }
     for (;;) {
         __atomic_add_fetch(&f->hdr[H_LOCK_WAITERS], 1, __ATOMIC_SEQ_CST);
         int got = lock_try(f);
@@ -373,62 +401,110 @@ static int lock_acquire(Core *f, uint64_t deadline) {
 static void drop_sleepers(Core *f, uint64_t *ent) {
     uint64_t n = __atomic_exchange_n(&ent[P_SLEEPING], 0, __ATOMIC_SEQ_CST);
     if (n && n <= SLEEPERS_MAX) __atomic_sub_fetch(&f->hdr[H_NR_WAITERS], n, __ATOMIC_SEQ_CST);
+    uint8_t *qs = (uint8_t *)(ent + P_QSLEEP);
+    for (uint64_t q = 0; q < MAX_QUEUES; q++) {
+        uint8_t k = __atomic_exchange_n(&qs[q], 0, __ATOMIC_SEQ_CST);
+        if (k && q < f->max_queues) __atomic_sub_fetch(&QUEUE(f, q)[Q_WAITERS], k, __ATOMIC_SEQ_CST);
+    }
 }
 
 static void uncount_dead_sleepers(Core *f) {
     uint64_t live = 0;
     for (uint64_t e = 0, used = entries_used(f); e < used; e++) {
         uint64_t *ent = ENTRY(f, e);
-        uint64_t n = ld(&ent[P_SLEEPING]);
-        if (!n) continue;
+        uint64_t n = ld(&ent[P_SLEEPING]), qs = 0;
+        for (int w = 0; w < MAX_QUEUES / 8; w++) qs |= ld(&ent[P_QSLEEP + w]);
+        if (!n && !qs) continue;
         if (n <= SLEEPERS_MAX && owner_alive(f, e + 1)) {
             live += n;
             continue;
         }
         drop_sleepers(f, ent);
     }
-    uint64_t now = ld(&f->hdr[H_NR_WAITERS]);
-    if (now > SLEEPERS_MAX || now < live) st(&f->hdr[H_NR_WAITERS], live);
+    /* Only an impossible count is replaced: a count below the live total is
+     * what a sleeper leaving right now looks like (its entry is uncounted
+     * before nr_waiters), and must be left alone. */
+    if (ld(&f->hdr[H_NR_WAITERS]) > SLEEPERS_MAX) st(&f->hdr[H_NR_WAITERS], live);
 }
 
-/* wake_up(&pool->wait), called after the lock is released: a token for
- * every sleeper (tokens are "retry" messages addressed to nobody). */
-static void wake_all(Core *f) {
-    f->wake = 0;
-    if (f->wait_sem == NULL) return;
-    uint64_t n = ld(&f->hdr[H_NR_WAITERS]);
-    if (n == 0) return;
-    /* Never more tokens than sleepers the registry counts: a damaged
-     * nr_waiters cannot flood the channel. */
+/* Wait channels. Channel 0 is the pool's (sleeping allocations: the
+ * reserve refilled); channel q + 1 is queue q's (a blocked put or get: the
+ * queue changed). Each is a named semaphore whose posts are "retry" tokens
+ * addressed to nobody, a count of its sleepers, and per registry entry how
+ * many of that process's threads sleep on it (so that a dead sleeper can be
+ * uncounted). Separate channels mean a token is only ever taken by a sleeper
+ * waiting for what the waker changed. */
+static uint64_t *waiters_of(Core *f, int ch) {
+    return ch == 0 ? &f->hdr[H_NR_WAITERS] : &QUEUE(f, ch - 1)[Q_WAITERS];
+}
+
+static sem_t *sem_of(Core *f, int ch) {
+    if (ch == 0) return f->wait_sem;
+    if (f->qsem[ch - 1] == NULL) {
+        char nm[340];
+        snprintf(nm, sizeof nm, "%s%d", f->qsem_prefix, ch - 1);
+        sem_t *sem = sem_open(nm, 0);
+        if (sem != SEM_FAILED) f->qsem[ch - 1] = sem;
+    }
+    return f->qsem[ch - 1];
+}
+
+/* This entry's count of its threads asleep on channel ch. */
+static inline void entry_sleepers_add(Core *f, int ch, int64_t d) {
+    if (!f->entry) return;
+    if (ch == 0) __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
+    else __atomic_add_fetch((uint8_t *)(f->entry + P_QSLEEP) + (ch - 1), (uint8_t)d, __ATOMIC_SEQ_CST);
+}
+
+/* Count a sleeper in (d = 1, lock held) or out (d = -1, lock-free): the
+ * channel's count is never below the sum of the entries' counts (in: it
+ * first; out: it last). */
+static void sleeper_add_ch(Core *f, int ch, int64_t d) {
+    uint64_t *w = waiters_of(f, ch);
+    if (d > 0) __atomic_add_fetch(w, (uint64_t)d, __ATOMIC_SEQ_CST);
+    entry_sleepers_add(f, ch, d);
+    if (d < 0) __atomic_add_fetch(w, (uint64_t)d, __ATOMIC_SEQ_CST);
+}
+
+static void sleeper_add(Core *f, int64_t d) { sleeper_add_ch(f, 0, d); }
+
+/* wake_up(&wait), called after the lock is released: a token for every
+ * sleeper on the channel, never more than the registry counts (a damaged
+ * count cannot flood the channel). */
+static void wake_ch(Core *f, int ch) {
+    sem_t *sem = sem_of(f, ch);
+    uint64_t n = ld(waiters_of(f, ch));
+    if (sem == NULL || n == 0) return;
     uint64_t counted = 0;
     for (uint64_t e = 0, used = entries_used(f); e < used && counted < n; e++) {
-        uint64_t k = ld(&ENTRY(f, e)[P_SLEEPING]);
+        uint64_t *ent = ENTRY(f, e);
+        uint64_t k = ch == 0 ? ld(&ent[P_SLEEPING]) : __atomic_load_n((uint8_t *)(ent + P_QSLEEP) + (ch - 1), __ATOMIC_ACQUIRE);
         counted += k < SLEEPERS_MAX ? k : SLEEPERS_MAX;
     }
     if (n > counted) n = counted;
     if (n > WAKE_MAX) n = WAKE_MAX;
     int value = 0;
-    if (sem_getvalue(f->wait_sem, &value) != 0) return;
-    for (int64_t i = value; i < (int64_t)n; i++) sem_post(f->wait_sem);
+    if (sem_getvalue(sem, &value) != 0) return;
+    for (int64_t i = value; i < (int64_t)n; i++) sem_post(sem);
+}
+
+static void wake_all(Core *f) {
+    f->wake = 0;
+    wake_ch(f, 0);
 }
 
 /* Take back tokens beyond the number of sleepers (finish_wait). */
-static void drain_tokens(Core *f) {
-    if (f->wait_sem == NULL) return;
+static void drain_tokens_ch(Core *f, int ch) {
+    sem_t *sem = sem_of(f, ch);
+    if (sem == NULL) return;
     int value = 0;
     for (int i = 0; i < WAKE_MAX; i++) {
-        if (sem_getvalue(f->wait_sem, &value) != 0 || (uint64_t)value <= ld(&f->hdr[H_NR_WAITERS])) break;
-        if (sem_trywait(f->wait_sem) != 0) break;
+        if (sem_getvalue(sem, &value) != 0 || (uint64_t)value <= ld(waiters_of(f, ch))) break;
+        if (sem_trywait(sem) != 0) break;
     }
 }
 
-/* Count a sleeper in (d = 1) or out (d = -1): nr_waiters is never below the
- * sum of the entries' counts (in: it first; out: it last). */
-static void sleeper_add(Core *f, int64_t d) {
-    if (d > 0) __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
-    if (f->entry) __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
-    if (d < 0) __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
-}
+static void drain_tokens(Core *f) { drain_tokens_ch(f, 0); }
 
 /* ------------------------------------------------------------------ */
 /* Fault injection (lock-free)                                         */
@@ -979,6 +1055,11 @@ static PyObject *leave(Core *f, PyObject *result) {
 /* After the lock is released: wake-ups, then the poison warning. */
 static int after_unlock(Core *f) {
     if (f->wake) wake_all(f);
+    if (f->qwake) {
+        int ch = f->qwake;
+        f->qwake = 0;
+        wake_ch(f, ch);
+    }
     if (f->poisoned >= 0) {
         int64_t idx = f->poisoned;
         f->poisoned = -1;
@@ -1060,19 +1141,22 @@ static void give_back(Core *f, uint64_t handle) {
 /* Sleep until a wake-up token, `until`, or a signal handler's exception
  * (RC_SIGNAL); the caller is registered as a sleeper and unregisters after,
  * lock-free, so that an interrupted sleep never leaks nr_waiters. */
-static int sleep_until(Core *f, uint64_t until) {
+static int sleep_until_ch(Core *f, int ch, uint64_t until) {
     int r = RC_OK, woken = 0;
+    sem_t *sem = sem_of(f, ch);
     for (;;) {
-        if ((woken = sem_nap(f->wait_sem, until)) || f->closing) break;
+        if ((woken = sem_nap(sem, until)) || f->closing) break;
         if (PyErr_CheckSignals() < 0) { r = RC_SIGNAL; break; }
         if (now_ns() >= until) break;
     }
     if (!woken) f->recount = 1; /* nobody woke us: some sleepers may have died */
-    sleeper_add(f, -1); /* finish_wait */
-    drain_tokens(f);
+    sleeper_add_ch(f, ch, -1); /* finish_wait */
+    drain_tokens_ch(f, ch);
     if (r == RC_OK && f->closing) r = RC_CLOSED;
     return r;
 }
+
+static int sleep_until(Core *f, uint64_t until) { return sleep_until_ch(f, 0, until); }
 
 /* The whole of mempool_alloc for a call that may sleep or fail: attempts
  * under the lock, sleeps without it. `deadline` (0: none) bounds the whole
@@ -1141,7 +1225,8 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
         return call_slow_alloc(f, gfp, timeout, 0);
     long g = PyLong_AsLong(gfp);
     if (g == -1 && PyErr_Occurred()) { PyErr_Clear(); return call_slow_alloc(f, gfp, timeout, 0); }
-    if ((g & ~0xF0L) != 0 || ld(&f->hdr[H_STATUS]) != STATUS_LIVE) return call_slow_alloc(f, gfp, timeout, 0);
+    /* gfp.py's valid bits but __GFP_ZERO (it warns: Python) mean nothing here beyond __GFP_WAIT. */
+    if ((g & ~fast_gfp_bits) != 0 || ld(&f->hdr[H_STATUS]) != STATUS_LIVE) return call_slow_alloc(f, gfp, timeout, 0);
     int sleeps = (g & GFP_WAIT) != 0, skip = 0;
     if (f->enabled && f->entry && f->entry[P_CACHE_N] > 0) {
         if (fault(f)) skip = 1;
@@ -1588,8 +1673,12 @@ static PyObject *Core_destroy_core(Core *f, PyObject *arg) {
     if (f->wake) {
         /* wake every sleeper, whatever the count says */
         f->wake = 0;
-        uint64_t n = ld(&f->hdr[H_NR_WAITERS]);
-        for (uint64_t i = 0; f->wait_sem && i < n && i < WAKE_MAX; i++) sem_post(f->wait_sem);
+        for (int ch = 0; ch <= (int)f->max_queues; ch++) {
+            if (ch && QUEUE(f, ch - 1)[Q_STATE] != QUEUE_LIVE) continue;
+            sem_t *sem = sem_of(f, ch);
+            uint64_t n = ld(waiters_of(f, ch));
+            for (uint64_t i = 0; sem && i < n && i < WAKE_MAX; i++) sem_post(sem);
+        }
     }
     if (r != RC_OK) return leave(f, raise_for(f, r));
     if (refused) return leave(f, Py_BuildValue("KKK", in_use, curr, min_nr));
@@ -1659,6 +1748,8 @@ static PyObject *Core_stats_core(Core *f, PyObject *obj) {
         memcpy(o, f->hdr, 8 * HEADER_WORDS);
         usage(f, &o[HEADER_WORDS + 1], &o[HEADER_WORDS]);
         o[HEADER_WORDS + 2] = queued_total(f);
+        for (uint64_t q = 0; q < f->max_queues; q++) /* queue sleepers count as waiters too */
+            if (QUEUE(f, q)[Q_STATE] == QUEUE_LIVE) o[H_NR_WAITERS] += QUEUE(f, q)[Q_WAITERS] < SLEEPERS_MAX ? QUEUE(f, q)[Q_WAITERS] : 0;
         for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 3 + c] = 0;
         for (uint64_t e = 0, used = entries_used(f); e < used; e++)
             for (int c = 0; c < N_PROC_COUNTERS; c++) o[HEADER_WORDS + 3 + c] += ld(&ENTRY(f, e)[P_COUNTERS + c]);
@@ -1934,7 +2025,7 @@ static int queue_put_step(Core *f, uint64_t q, const int64_t *src, Py_ssize_t n,
     uint64_t *Q = QUEUE(f, q);
     if (Q[Q_COUNT] + (uint64_t)n > Q[Q_DEPTH]) {
         if (mode == MODE_SLEEP) {
-            sleeper_add(f, 1);
+            sleeper_add_ch(f, (int)q + 1, 1);
             return RC_SLEEP;
         }
         return RC_FAIL;
@@ -1950,7 +2041,7 @@ static int queue_put_step(Core *f, uint64_t q, const int64_t *src, Py_ssize_t n,
         CRASH(CP_QUEUE_PUT); /* queued by its word, not yet linked */
         queue_link(f, q, idx);
     }
-    if (ld(&f->hdr[H_NR_WAITERS])) f->wake = 1;
+    if (ld(&Q[Q_WAITERS])) f->qwake = (int)q + 1; /* getters sleeping: one more element */
     return RC_OK;
 }
 
@@ -1963,7 +2054,7 @@ static int queue_get_step(Core *f, uint64_t q, int64_t *dst, Py_ssize_t max_n, i
     uint64_t *Q = QUEUE(f, q);
     if (Q[Q_COUNT] == 0) {
         if (mode == MODE_SLEEP) {
-            sleeper_add(f, 1);
+            sleeper_add_ch(f, (int)q + 1, 1);
             return RC_SLEEP;
         }
         return RC_FAIL;
@@ -1978,7 +2069,7 @@ static int queue_get_step(Core *f, uint64_t q, int64_t *dst, Py_ssize_t max_n, i
         dst[k++] = (int64_t)(idx | gen << HGEN_SHIFT);
     }
     *got = k;
-    if (k && ld(&f->hdr[H_NR_WAITERS])) f->wake = 1;
+    if (k && ld(&Q[Q_WAITERS])) f->qwake = (int)q + 1; /* putters sleeping: more room */
     return k ? RC_OK : r;
 }
 
@@ -2022,14 +2113,14 @@ static PyObject *Core_queue_move(Core *f, PyObject *args) {
         }
         lock_release(f);
         if (after_unlock(f) < 0) {
-            if (r == RC_SLEEP) sleeper_add(f, -1);
+            if (r == RC_SLEEP) sleeper_add_ch(f, (int)q + 1, -1);
             r = RC_SIGNAL;
             break;
         }
         if (r != RC_SLEEP) break;
         uint64_t until = now_ns() + (uint64_t)(retry_ns > 0 ? retry_ns : 1);
         if (deadline && deadline < until) until = deadline;
-        if ((r = sleep_until(f, until)) != RC_OK) break;
+        if ((r = sleep_until_ch(f, (int)q + 1, until)) != RC_OK) break;
     }
     PyBuffer_Release(&buf);
     if (r == RC_OK) return leave(f, PyLong_FromSsize_t(moved));
@@ -2040,6 +2131,21 @@ static PyObject *Core_queue_move(Core *f, PyObject *args) {
         return leave(f, NULL);
     }
     return leave(f, raise_for(f, r));
+}
+
+/* The queue's wait channel, made with the pool's permissions (a syscall
+ * under the lock, no Python). Without it blocked calls fall back to naps. */
+static void create_queue_sem(Core *f, uint64_t q) {
+    char nm[340], path[400];
+    snprintf(nm, sizeof nm, "%s%llu", f->qsem_prefix, (unsigned long long)q);
+    struct stat sb;
+    mode_t mode = f->fd >= 0 && fstat(f->fd, &sb) == 0 ? (sb.st_mode & 0777) : 0600;
+    sem_t *sem = sem_open(nm, O_CREAT, mode, 0);
+    if (sem == SEM_FAILED) return;
+    snprintf(path, sizeof path, "/dev/shm/sem.%s", nm + 1);
+    chmod(path, mode); /* exactly the pool's mode, whatever the umask */
+    if (f->qsem[q]) sem_close(f->qsem[q]);
+    f->qsem[q] = sem;
 }
 
 /* _queue_open(name, depth): the index of queue `name` (bytes); created
@@ -2086,6 +2192,8 @@ static PyObject *Core_queue_open(Core *f, PyObject *args) {
                 st(&Q[Q_HEAD], NO_SLOT);
                 st(&Q[Q_TAIL], NO_SLOT);
                 Q[Q_PUTS] = Q[Q_GETS] = 0;
+                st(&Q[Q_WAITERS], 0);
+                create_queue_sem(f, (uint64_t)vacant);
                 st(&Q[Q_STATE], QUEUE_LIVE); /* last: the queue exists */
                 index = vacant;
                 have = depth;
@@ -2109,6 +2217,121 @@ static PyObject *Core_queue_count(Core *f, PyObject *arg) {
     }
     uint64_t n = ld(&QUEUE(f, q)[Q_COUNT]);
     return PyLong_FromUnsignedLongLong(n < f->capacity ? n : f->capacity);
+}
+
+/* ------------------------------------------------------------------ */
+/* Element views                                                       */
+
+static PyObject *STR_BUFFER_SLOW, *STR_NDARRAY_SLOW;
+
+/* The slot of a handle this object may view: held now under its
+ * generation (a single load: the caller holds the handle, so nobody else
+ * may change the word). -1 if anything is unusual (the slow path says what). */
+static int64_t viewable(Core *f, PyObject *handle) {
+    uint64_t idx, gen;
+    if (f->hdr == NULL || f->closing || f->data_mv == NULL || !decode(f, handle, &idx, &gen)) return -1;
+    uint64_t w = ld(&f->words[idx]);
+    if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) return -1;
+    return (int64_t)idx;
+}
+
+/* buffer(handle): a writable memoryview of the element's bytes: a slice of
+ * the slots' memoryview, so it keeps the mapping alive after close(). */
+static PyObject *Core_buffer(Core *f, PyObject *handle) {
+    int64_t idx = viewable(f, handle);
+    if (idx < 0) {
+        PyObject *a[2] = {(PyObject *)f, handle};
+        return PyObject_VectorcallMethod(STR_BUFFER_SLOW, a, 2, NULL);
+    }
+    Py_ssize_t off = (Py_ssize_t)((uint64_t)idx * f->stride);
+    return PySequence_GetSlice(f->data_mv, off, off + (Py_ssize_t)f->slot_size);
+}
+
+/* ndarray(handle, dtype=uint8, shape=None): a zero-copy numpy view of the
+ * element, based on a memoryview of the slots (which keeps the mapping). */
+static PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *handle = NULL, *dtype = Py_None, *shape = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs >= 1) handle = args[0];
+    if (nargs >= 2) dtype = args[1];
+    if (nargs >= 3) shape = args[2];
+    int simple = nargs >= 1 && nargs <= 3;
+    for (Py_ssize_t i = 0; i < nkw && simple; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(key, "dtype") == 0 && nargs < 2) dtype = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(key, "shape") == 0 && nargs < 3) shape = args[nargs + i];
+        else simple = 0;
+    }
+    int64_t idx = simple ? viewable(f, handle) : -1;
+    PyArray_Descr *descr = NULL;
+    if (idx >= 0) {
+        if (dtype == Py_None) {
+            descr = PyArray_DescrFromType(NPY_UINT8);
+        } else if (dtype == f->last_dtype && f->last_descr) {
+            descr = f->last_descr;
+            Py_INCREF(descr);
+        } else {
+            if (!PyArray_DescrConverter(dtype, &descr)) PyErr_Clear(), descr = NULL;
+            else if (descr) {
+                Py_XSETREF(f->last_dtype, Py_NewRef(dtype));
+                Py_XSETREF(f->last_descr, descr);
+                Py_INCREF(descr);
+            }
+        }
+    }
+    npy_intp dims[NPY_MAXDIMS];
+    int nd = 0;
+    if (descr) {
+        Py_ssize_t item = PyDataType_ELSIZE(descr);
+        npy_intp total = 1;
+        if (item < 1 || PyDataType_REFCHK(descr)) nd = -1;
+        else if (shape == Py_None) {
+            dims[0] = (npy_intp)(f->slot_size / (uint64_t)item);
+            nd = 1;
+            total = dims[0];
+        } else if (PyLong_CheckExact(shape)) {
+            dims[0] = PyLong_AsSsize_t(shape);
+            nd = 1;
+            total = dims[0];
+        } else if (PyTuple_CheckExact(shape) && PyTuple_GET_SIZE(shape) <= NPY_MAXDIMS) {
+            nd = (int)PyTuple_GET_SIZE(shape);
+            for (int i = 0; i < nd && nd >= 0; i++) {
+                PyObject *d = PyTuple_GET_ITEM(shape, i);
+                dims[i] = PyLong_CheckExact(d) ? PyLong_AsSsize_t(d) : -1;
+                if (dims[i] < 0 || (dims[i] && total > PY_SSIZE_T_MAX / dims[i])) nd = -1;
+                else total *= dims[i];
+            }
+        } else nd = -1;
+        if (PyErr_Occurred()) PyErr_Clear(), nd = -1;
+        if (nd >= 0 && (dims[0] < 0 || (uint64_t)total * (uint64_t)item > f->slot_size)) nd = -1;
+        if (nd < 0) Py_CLEAR(descr);
+    }
+    if (!descr) { /* anything unusual: the Python path checks and says what */
+        PyObject *a[4] = {(PyObject *)f, nargs >= 1 ? args[0] : Py_None, dtype, shape};
+        if (nargs < 1) {
+            PyErr_SetString(PyExc_TypeError, "ndarray() needs a handle");
+            return NULL;
+        }
+        return PyObject_VectorcallMethod(STR_NDARRAY_SLOW, a, 4, NULL);
+    }
+    char *ptr = (char *)f->data + (uint64_t)idx * f->stride;
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr, NPY_ARRAY_CARRAY, NULL);
+    if (!arr) return NULL;
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(f->data_mv)) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+/* _set_data(memoryview): the slots' memoryview that views are cut from. */
+static PyObject *Core_set_data(Core *f, PyObject *mv) {
+    if (!PyMemoryView_Check(mv)) {
+        PyErr_SetString(PyExc_TypeError, "a memoryview of the slots");
+        return NULL;
+    }
+    Py_XSETREF(f->data_mv, Py_NewRef(mv));
+    Py_RETURN_NONE;
 }
 
 /* _test_lock() / _test_unlock(): take and release the pool lock as this
@@ -2136,11 +2359,12 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     Py_ssize_t off_words, off_stack, off_arena, off_next, off_procs, off_queues, max_queues, off_slots, max_procs;
     unsigned long long capacity, stride, slot_size;
     int poison;
-    const char *lock_name, *wait_name, *name;
-    if (!PyArg_ParseTuple(args, "OnnnnnnnnnKKKpsss", &buf, &off_words, &off_stack, &off_arena, &off_next, &off_procs,
+    const char *lock_name, *wait_name, *name, *qprefix;
+    if (!PyArg_ParseTuple(args, "OnnnnnnnnnKKKpssss", &buf, &off_words, &off_stack, &off_arena, &off_next, &off_procs,
                           &off_queues, &max_queues, &off_slots, &max_procs, &capacity, &stride, &slot_size, &poison,
-                          &lock_name, &wait_name, &name))
+                          &lock_name, &wait_name, &name, &qprefix))
         return -1;
+    snprintf(f->qsem_prefix, sizeof f->qsem_prefix, "%s", qprefix);
     snprintf(f->name, sizeof f->name, "%s", name);
     if (f->have_view) {
         PyErr_SetString(PyExc_RuntimeError, "Core initialised twice");
@@ -2154,7 +2378,7 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
         off_words + (Py_ssize_t)(8 * capacity) > len || off_stack < 0 || off_stack + (Py_ssize_t)(4 * capacity) > len ||
         off_arena < 0 || off_arena + (Py_ssize_t)(4 * capacity) > len || off_next < 0 ||
         off_next + (Py_ssize_t)(4 * capacity) > len || off_queues < 0 || off_queues % 8 || max_queues < 0 ||
-        max_queues >= (Py_ssize_t)OWNER_MASK || off_queues + max_queues * QUEUE_WORDS * 8 > len ||
+        max_queues > MAX_QUEUES || off_queues + max_queues * QUEUE_WORDS * 8 > len ||
         off_procs < 0 || off_procs % 8 ||
         off_procs + max_procs * PROC_WORDS * 8 > len || off_slots < 0 ||
         (uint64_t)off_slots + stride * capacity > (uint64_t)len) {
@@ -2188,6 +2412,10 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
 }
 
 static void release_view(Core *f) {
+    for (int q = 0; q < MAX_QUEUES; q++) {
+        if (f->qsem[q]) sem_close(f->qsem[q]);
+        f->qsem[q] = NULL;
+    }
     if (f->lock_sem) sem_close(f->lock_sem);
     if (f->wait_sem) sem_close(f->wait_sem);
     f->lock_sem = f->wait_sem = NULL;
@@ -2215,6 +2443,9 @@ static PyObject *Core_unmap(Core *f, PyObject *unused) {
 static void Core_dealloc(Core *f) {
     release_view(f);
     Py_CLEAR(f->trace);
+    Py_CLEAR(f->data_mv);
+    Py_CLEAR(f->last_dtype);
+    Py_CLEAR(f->last_descr);
     Py_TYPE(f)->tp_free((PyObject *)f);
 }
 
@@ -2286,6 +2517,17 @@ static PyMethodDef Core_methods[] = {
     M("_bind", Core_bind, METH_VARARGS, "(fd, index, epoch) -> bool"),
     M("_drain_cache", Core_drain_cache, METH_O, "(wait_ns) -> bool"),
     M("_detach", Core_detach, METH_O, "(wait_ns) -> bool: vacate our entry if we hold nothing"),
+    M("buffer", Core_buffer, METH_O,
+      "buffer($self, handle, /)\n--\n\n"
+      "A writable memoryview of the element's slot_size bytes. It stays valid\n"
+      "after close() (the mapping lives while views do). InvalidHandleError if\n"
+      "the handle is not held now."),
+    M("ndarray", Core_ndarray, METH_FASTCALL | METH_KEYWORDS,
+      "ndarray($self, handle, /, dtype=numpy.uint8, shape=None)\n--\n\n"
+      "A zero-copy numpy view of the element. shape defaults to as many dtype\n"
+      "items as fit in the slot; a shape that does not fit raises ValueError.\n"
+      "Slots are 8-byte aligned. It keeps the mapping alive after close()."),
+    M("_set_data", Core_set_data, METH_O, "(memoryview of the slots)"),
     M("_queue_move", Core_queue_move, METH_VARARGS, "(kind, q, buffer, n, block, timeout_ns, retry_ns) -> moved"),
     M("_queue_open", Core_queue_open, METH_VARARGS, "(name, depth) -> (index, depth)"),
     M("_queue_count", Core_queue_count, METH_O, "(q) -> count"),
@@ -2329,6 +2571,14 @@ static PyObject *mod_set_atomic_wait(PyObject *m, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* set_gfp_bits(mask): the gfp bits alloc() may take without Python's check. */
+static PyObject *mod_set_gfp_bits(PyObject *m, PyObject *arg) {
+    long bits = PyLong_AsLong(arg);
+    if (bits == -1 && PyErr_Occurred()) return NULL;
+    fast_gfp_bits = bits;
+    Py_RETURN_NONE;
+}
+
 /* crash_at(point): a test hook: SIGKILL this process the next time it
  * reaches `point` ("" turns it off). */
 static PyObject *mod_crash_at(PyObject *m, PyObject *arg) {
@@ -2347,6 +2597,7 @@ static PyObject *mod_crash_at(PyObject *m, PyObject *arg) {
 static PyMethodDef module_methods[] = {
     {"set_errors", mod_set_errors, METH_VARARGS, "set_errors(format, destroyed, invalid, closed, poison_warning)"},
     {"set_atomic_wait", mod_set_atomic_wait, METH_O, "set_atomic_wait(ns)"},
+    {"set_gfp_bits", mod_set_gfp_bits, METH_O, "set_gfp_bits(mask)"},
     {"crash_at", mod_crash_at, METH_O, "crash_at(point): SIGKILL this process at that point (tests)"},
     {NULL},
 };
@@ -2355,7 +2606,10 @@ static struct PyModuleDef fastmodule = {PyModuleDef_HEAD_INIT, "shmpool._fast", 
 
 #define L(name) #name, (long long)(name)
 PyMODINIT_FUNC PyInit__fast(void) {
+    import_array();
     if (PyType_Ready(&CoreType) < 0) return NULL;
+    STR_BUFFER_SLOW = PyUnicode_InternFromString("_buffer_slow");
+    STR_NDARRAY_SLOW = PyUnicode_InternFromString("_ndarray_slow");
     PyObject *m = PyModule_Create(&fastmodule);
     if (!m) return NULL;
     GFP_KERNEL_OBJ = PyLong_FromLong(0xD0);
@@ -2364,13 +2618,13 @@ PyMODINIT_FUNC PyInit__fast(void) {
     Py_INCREF(&CoreType);
     PyModule_AddObject(m, "Core", (PyObject *)&CoreType);
     PyObject *layout = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
+        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
         L(HEADER_WORDS), L(H_FLAGS), L(H_STATUS), L(H_MIN_NR), L(H_CURR_NR), L(H_ARENA_FREE), L(H_NR_WAITERS),
         L(H_EPOCH), L(H_FAIL_RATE), L(H_FAIL_THRESHOLD), L(H_SEED), L(H_RNG), L(H_LOCK_OWNER), L(H_LOCK_SINCE_NS),
         L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(H_ENTRIES_USED), L(FLAG_POISON),
         L(STATUS_LIVE), L(STATUS_DESTROYED), L(ST_ARENA), L(ST_RESERVE), L(ST_HELD), L(ST_CACHED), L(ST_QUEUED), L(Q_NAME),
         L(QUEUE_NAME_BYTES), L(Q_STATE), L(Q_DEPTH), L(Q_COUNT), L(Q_HEAD), L(Q_TAIL), L(Q_PUTS), L(Q_GETS),
-        L(QUEUE_WORDS), L(QUEUE_LIVE), L(NO_SLOT), L(STATE_MASK),
+        L(QUEUE_WORDS), L(QUEUE_LIVE), L(NO_SLOT), L(Q_WAITERS), L(P_QSLEEP), L(MAX_QUEUES), L(STATE_MASK),
         L(OWNER_SHIFT), L(OWNER_MASK), L(GEN_SHIFT), L(GEN_MASK), L(INDEX_MASK), L(HGEN_SHIFT), L(P_PID),
         L(P_START), L(P_SLEEPING), L(P_CACHE_N), L(P_EPOCH), L(P_COUNTERS), L(N_PROC_COUNTERS), L(P_CACHE),
         L(CACHE_MAX), L(PROC_WORDS), L(CACHE_BLANK), L(C_ALLOC_ARENA), L(C_ALLOC_RESERVE), L(C_ALLOC_FAILED),

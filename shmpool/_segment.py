@@ -5,7 +5,9 @@ A pool named ``NAME`` is three POSIX objects:
 - shared memory ``/shmpool.NAME`` (``/dev/shm/shmpool.NAME`` on Linux);
 - semaphore ``/shmpool.NAME.lock`` (where contenders for the pool lock sleep;
   the lock itself is a word of the header, see ``_fast.c``);
-- semaphore ``/shmpool.NAME.wait`` (the wait channel, initial value 0).
+- semaphore ``/shmpool.NAME.wait`` (the wait channel, initial value 0);
+- semaphores ``/shmpool.NAME.q0`` ... (a wait channel per queue, made with
+  the queue).
 
 Ownership of the name is decided by the shared memory alone: whoever creates
 it with O_CREAT|O_EXCL owns the pool's name, so its semaphores are created
@@ -28,8 +30,11 @@ from dataclasses import dataclass
 
 import posix_ipc
 
+from ._layout import MAX_QUEUES
+
 SHM_PREFIX = "shmpool."
 LOCK_SUFFIX = ".lock"
+QUEUE_SUFFIX = ".q"
 WAIT_SUFFIX = ".wait"
 # Linux keeps both kinds of object in /dev/shm, semaphores as "sem.<name>":
 # NAME_MAX (255) bounds the longest file, "sem.shmpool.NAME.lock".
@@ -57,6 +62,12 @@ def shm_name(name: str) -> str:
 def sem_names(name: str) -> tuple[str, str]:
     base = "/" + SHM_PREFIX + name
     return base + LOCK_SUFFIX, base + WAIT_SUFFIX
+
+
+def queue_sem_prefix(name: str) -> str:
+    """Queue ``i``'s wait channel is the semaphore ``prefix + str(i)``,
+    made by the process that creates the queue (``_fast.c``)."""
+    return "/" + SHM_PREFIX + name + QUEUE_SUFFIX
 
 
 @dataclass
@@ -187,6 +198,9 @@ def unlink(name: str) -> bool:
     removed = False
     for sem_name in sem_names(name):
         removed |= _unlink_sem(sem_name)
+    prefix = queue_sem_prefix(name)
+    for i in range(MAX_QUEUES):
+        removed |= _unlink_sem(prefix + str(i))
     try:
         posix_ipc.unlink_shared_memory(shm_name(name))
         removed = True

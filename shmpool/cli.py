@@ -2,30 +2,48 @@
 
 Design
 ------
-Inspecting never changes a pool. The segment is opened and mapped read-only
-(a stray store would fault, not corrupt), and the pool lock is taken on its
-semaphore directly, not through ``PoolLock``, which would write its holder
-into the header. Under the lock only the metadata is copied (header, slot
-words, both stacks, process registry: 16 bytes a slot, a few milliseconds
-for a million slots) and, for ``--check`` of a poisoned pool, the reserve's
-elements are compared with the poison pattern in place. Everything shown is
-computed from that copy with numpy over the per-slot words; nothing loops
-over slots in Python.
+Inspecting never changes a pool, and never takes its lock. The segment is
+opened and mapped read-only (a stray store would fault, not corrupt), and
+neither the pool lock (the header word ``H_LOCK_OWNER``, see ``_fast.c``)
+nor the named semaphore ``/shmpool.NAME.lock`` where contenders sleep is
+touched: a lock taken by the inspector would have to be recorded like any
+holder's, and an inspector that is killed, stopped or slow must never be
+one more thing the pool's users wait for.
 
-The inspector holds the lock with signals blocked (Ctrl-C or Ctrl-Z arrive
-after the release), so it cannot be stopped while holding it. Killed while
-holding it (SIGKILL), it leaves the lock taken with no holder recorded,
-which the pool's users take over after ``_lock.ORPHAN_SECONDS``.
+Only the metadata is copied (header, slot words, both stacks, process
+registry: 16 bytes a slot, a few milliseconds for a million slots), and,
+for ``--check`` of a poisoned pool, the reserve's elements are compared with
+the poison pattern in place. Everything shown is computed from that copy
+with numpy over the per-slot words; nothing loops over slots in Python.
 
-It never hangs: if the lock does not come within ``--lock-timeout``
-(0.25 s), because a process is stuck or was killed holding it, the copy is
-taken without it, says who holds the lock (alive or dead, for how long),
-and is marked ``"consistent": false``.
+A quiet copy: every critical section runs under the lock, and every
+acquisition bumps ``H_LOCK_SEQ``. A copy during which the lock was free,
+before and after, with the same sequence number, saw no critical section:
+the reserve, the shared arena, the stacks and the counters in it agree with
+each other (``"consistent": true``). A process's own cache changes without
+the lock (see ``_fast.c``), so a quiet copy may still catch one cache push
+or pop half done. The inspector retries (reading only the lock's words
+between tries) until it gets a quiet copy or ``--lock-timeout`` (0.25 s)
+has passed; then it keeps the last copy, marked ``"consistent": false``, and
+says who holds the lock: the holder's registry entry and the pid it
+recorded there, alive or dead, for how long.
 
-Who is alive: a holder is the pid in a slot word, qualified by its registry
-entry's start time (``_procs``), so a reused pid is not mistaken for the
-holder. The creator is alive if its pid runs with the start time the header
-recorded at create.
+``--check`` audits three copies, a little apart (0.05 s, then 0.2 s), and
+reports a finding only if it shows in all three: a busy pool's passing
+inconsistencies (a cache push caught half way, a process preempted inside
+one) are not damage. It fails with exit status 1 when elements are held by
+dead processes or dead processes' sleepers are still counted, and says to
+run ``shmpool-inspect --reclaim-dead NAME`` (or ``pool.reclaim_dead()``).
+
+Who is alive: a registry entry belongs to a live process iff its epoch is
+not 0 and some open file description holds the OFD lock on the entry's
+byte of the segment (``_procs.entry_alive``); the kernel drops that lock
+when its process dies, whatever the pid namespaces. A held slot's holder is
+the entry in its owner field; one that names a vacant entry, or no entry at
+all, is held by the dead. Pids are shown as the processes recorded them
+(they may be another pid namespace's): a command name is shown only for a
+pid that runs here with the recorded start time. The creator is alive if
+its pid runs with the start time the header recorded at create.
 
 Slot map: one character per slot, or per group of slots for big pools (at
 most 8 rows of 64)::
@@ -45,7 +63,7 @@ JSON keys (``--json``; stable: keys may be added, never renamed)
 One pool (``NAME --json``; one document per line with ``--watch``)::
 
     name, layout_version, path, status ("live" | "destroyed"),
-    consistent (bool: the copy was taken under the lock),
+    consistent (bool: a quiet copy, see above),
     geometry {slot_size, capacity, stride, total_bytes},
     min_nr, curr_nr, arena_free, arena_shared, arena_cached, in_use,
     nr_waiters, fail_rate, seed, poison (bool),
@@ -54,12 +72,13 @@ One pool (``NAME --json``; one document per line with ``--watch``)::
               lock_recoveries, reclaimed},
     rates {the counters' keys: per second; --watch only, from frame 2},
     reserve_stack [slot, ...]  (top first; the first 16 unless --all),
-    holders [{pid, name, alive, held, cached, sleeping}]  (one per process
-        that is alive and attached, or that holds, caches or sleeps),
+    holders [{pid, name, alive, held, cached, sleeping, entry, epoch}]
+        (one per registry entry whose process is alive, or that holds,
+        caches or sleeps; entry null for held slots that name no entry),
     slot_counts {reserve, arena, cached, held, held_dead, invalid},
     slot_map (string, legend above), slot_map_group (slots per character),
-    lock {held (bool, or null if unknown), pid, alive, held_for_s,
-          waited_s (how long the inspector waited for it), error},
+    lock {held (bool), pid, alive, held_for_s, waited_s, error,
+          entry, epoch, seq, waiters, held_throughout},
     creator {pid, alive, created_s (Unix time)}
 
 The numbers ``min_nr`` .. ``poison`` and ``counters`` are those of
@@ -67,6 +86,19 @@ The numbers ``min_nr`` .. ``poison`` and ``counters`` are those of
 findings [sentence, ...]}. No NAME: a list with, per pool, {name, slot_size,
 capacity, min_nr, curr_nr, in_use, nr_waiters, creator_pid, creator_alive,
 consistent}, or {name, error} for one that cannot be read.
+
+Since layout v4 (the lock is a header word holding its owner's token):
+``lock.held`` is always a bool (it was null when the semaphore could not be
+opened); ``lock.pid`` is the pid recorded in the holder's registry entry,
+null when the token names no current entry (the holder is gone), and
+``lock.alive`` is decided by the entry's OFD lock; ``lock.error`` is always
+null (no semaphore is opened any more); ``lock.waited_s`` is how long the
+inspector waited for a quiet copy; new: ``lock.entry`` (registry entry of
+the holder, or null), ``lock.epoch``, ``lock.seq`` (acquisitions so far),
+``lock.waiters`` (contenders asleep on the lock), ``lock.held_throughout``
+(one holder kept the lock for the whole wait). ``consistent`` means a quiet
+copy (it meant: copied under the lock). ``holders`` rows are per registry
+entry (new keys ``entry``, ``epoch``), their ``alive`` by OFD lock.
 
 Exit status: 0 fine; 1 ``--check`` found problems; 2 usage error, no such
 pool, or not a pool (a message on stderr); 130 interrupted (but ``--watch``,
@@ -76,31 +108,30 @@ which ends with 0 on Ctrl-C and when its pool is gone).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
 import math
 import mmap
 import os
+import re
 import signal
 import stat
 import struct
 import sys
 import textwrap
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import posix_ipc
 import psutil
 
 from . import _segment
 from ._debug import audit, poison_pattern
 from ._errors import PoolFormatError
 from ._layout import (
+    CACHE_MAX,
     COUNTERS,
     FLAG_POISON,
     H_ARENA_FREE,
@@ -110,23 +141,26 @@ from ._layout import (
     H_CURR_NR,
     H_FAIL_RATE,
     H_FLAGS,
-    H_LOCK_PID,
-    H_LOCK_SINCE_NS,
-    H_LOCK_START,
+    H_LOCK_OWNER,
+    H_LOCK_SEQ,
+    H_LOCK_WAITERS,
     H_MIN_NR,
     H_NR_WAITERS,
     H_SEED,
     H_STATUS,
-    H_TAG,
     H_VERSION,
     HEADER_BYTES,
     MAGIC,
     N_PROC_COUNTERS,
+    OWNER_MASK,
+    OWNER_SHIFT,
+    P_CACHE,
+    P_CACHE_N,
     P_COUNTERS,
+    P_EPOCH,
     P_PID,
     P_SLEEPING,
     P_START,
-    PID_SHIFT,
     PROC_WORDS,
     ST_ARENA,
     ST_CACHED,
@@ -136,27 +170,24 @@ from ._layout import (
     STATUS_LIVE,
     Geometry,
     Views,
-    cached_slots,
     read_geometry,
 )
-from ._procs import is_alive, start_ticks
+from ._lock import LockHolder, holder
+from ._procs import entry_alive, is_alive, start_ticks
 
 PROG = "shmpool-inspect"
-LOCK_TIMEOUT = 0.25  # seconds to wait for the pool lock (--lock-timeout)
+LOCK_TIMEOUT = 0.25  # seconds to try for a quiet copy (--lock-timeout)
 LIST_LOCK_TIMEOUT = 0.05  # the same, per pool, when listing them all
-ACQUIRE_SLICE = 0.1  # the wait for the lock is made of slices this long
+RETRY_FIRST_S = 0.0005  # the first pause between tries for a quiet copy
+RETRY_MAX_S = 0.01  # pauses double up to this
 STACK_SHOWN = 16  # reserve stack entries shown without --all
 MAP_WIDTH = 64  # slot map characters per row
 MAP_ROWS = 8  # at most this many rows: bigger pools are grouped
 CHECK_ATTEMPTS = 3  # a finding must show in this many copies in a row
+CHECK_SPACING_S = (0.05, 0.2)  # pauses before the second and third of them
+HOLDERS_NAMED = 4  # a finding names at most this many processes
 CREATE_TIME_SLACK_S = 1.0  # psutil's start times are derived from a boot time in whole seconds
 POISON_CHUNK_BYTES = 8 << 20  # the poison scan compares this much at a time
-#: Held off while the inspector holds the pool lock, so that it cannot be
-#: stopped or interrupted there (faults caused by the process itself stay).
-HOLD_SIGNALS = signal.valid_signals() - {
-    signal.SIGKILL, signal.SIGSTOP, signal.SIGBUS, signal.SIGSEGV, signal.SIGFPE, signal.SIGILL,
-    signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT,
-}
 
 # Slot map codes, in the order of their symbols: 0-3 are normal states
 # (ranked for ties), 4-5 problems (shown if present at all).
@@ -176,6 +207,9 @@ examples:
 slot map: R reserve, . arena free, c free in a process's cache,
           H held by a live process, X held by a dead one, ? damaged
           (for big pools a character stands for a group of slots)
+
+It never takes the pool lock: it copies the pool's metadata while the lock
+is free (--lock-timeout bounds the wait for that).
 
 exit status: 0 fine, 1 --check found problems, 2 usage error, no such pool
 or not a pool, 130 interrupted. JSON keys: see shmpool/cli.py.
@@ -198,119 +232,153 @@ class PoolMissing(InspectError):
 class LockState:
     """What the inspector learnt about the pool lock while copying."""
 
-    taken: bool  # the inspector held it while copying
-    waited_s: float  # how long it waited (the whole bound if not taken)
-    surplus: int  # the semaphore's value while held: 0 unless the lock is broken
-    error: str | None  # why the semaphore could not be opened
+    holder: LockHolder | None  # who held it when the copy was taken (None: free)
+    waited_s: float  # how long it waited for a quiet copy
+    held_throughout: bool  # one holder kept the lock from the first look to the copy
+    copied_ns: int  # CLOCK_MONOTONIC ns when the copy was taken
 
 
 @dataclass(frozen=True)
 class Copy:
     """A pool's metadata, copied. ``views`` covers the header, slot words,
     stacks and registry of the copy; its ``data`` is empty (slot contents
-    are not copied). ``unpoisoned`` lists the reserve slots whose poison
-    pattern was found broken, or is None when not scanned."""
+    are not copied). ``alive[e]`` says whether registry entry ``e``
+    belonged to a live process just after the copy. ``unpoisoned`` lists
+    the reserve slots whose poison pattern was found broken, or is None
+    when not scanned. ``identity`` tells this pool from a later one of the
+    same name. A ``summary`` copy holds only the header, the registry and
+    the slot words that the registry's caches name (enough for
+    ``summarize``); the rest of its words and stacks are zeros."""
 
     name: str
     views: Views
     consistent: bool
     lock: LockState
+    alive: np.ndarray
     unpoisoned: np.ndarray | None
+    identity: tuple[int, int]
+    summary: bool = False
+
+    @functools.cached_property
+    def slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """(state, owner field) of every slot word, computed once."""
+        if self.summary:
+            raise ValueError("a summary copy holds no slot words")
+        return _fields(np.frombuffer(self.views.words, dtype=np.uint64))
 
 
-def _open_readonly(name: str) -> tuple[mmap.mmap, int]:
-    """Map segment ``name`` read-only; (mapping, size). InspectError."""
+def _path(name: str) -> str:
+    return os.path.join(_segment.SHM_DIR, _segment.SHM_PREFIX + name)
+
+
+def _open_readonly(name: str) -> tuple[mmap.mmap, int, int]:
+    """Map segment ``name`` read-only: (mapping, size, descriptor). The
+    descriptor is a description of our own that holds no OFD lock (for the
+    liveness checks). Opened without blocking and never through a link, so
+    that something odd in /dev/shm cannot hang it. InspectError."""
+    path = _path(name)
     try:
-        shm = posix_ipc.SharedMemory(_segment.shm_name(name), read_only=True)
-    except posix_ipc.ExistentialError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
         raise PoolMissing(f"no pool named {name!r}") from None
-    except posix_ipc.PermissionsError:
-        path = os.path.join(_segment.SHM_DIR, _segment.SHM_PREFIX + name)
+    except PermissionError:
         raise InspectError(f"pool {name!r}: permission denied: {_segment._why_denied(path)}") from None
+    except OSError as exc:
+        raise InspectError(f"{name!r} is not a shmpool pool ({exc.strerror})") from None
     try:
-        size = os.fstat(shm.fd).st_size
-        if size == 0:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InspectError(f"{name!r} is not a shmpool pool (not a regular file)")
+        if st.st_size == 0:
             raise InspectError(f"{name!r} is not a shmpool pool (an empty segment: being created, or not a pool)")
-        return mmap.mmap(shm.fd, size, access=mmap.ACCESS_READ), size
-    finally:
-        shm.close_fd()
+        return mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ), st.st_size, fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def _open_lock(name: str) -> tuple[posix_ipc.Semaphore | None, str | None]:
-    """The pool lock's semaphore, or None and why not."""
-    try:
-        return posix_ipc.Semaphore(_segment.sem_names(name)[0]), None
-    except posix_ipc.ExistentialError:
-        return None, "its semaphore does not exist (the pool is half made or half destroyed)"
-    except posix_ipc.PermissionsError:
-        return None, "this user may not open its semaphore"
-
-
-def take_copy(name: str, lock_timeout: float = LOCK_TIMEOUT, *, scan_poison: bool = True) -> Copy:
-    """Copy pool ``name``'s metadata, under its lock if the lock comes
-    within ``lock_timeout`` seconds, else without it (``consistent`` False).
-    With ``scan_poison``, a poisoned pool's reserve elements are checked
-    for their pattern too (while the lock is held). Never writes to the
-    pool and never blocks longer than ``lock_timeout`` plus the copy.
-    Raises InspectError (PoolMissing if there is no such pool)."""
+def take_copy(
+    name: str, lock_timeout: float = LOCK_TIMEOUT, *, scan_poison: bool = True, summary: bool = False
+) -> Copy:
+    """Copy pool ``name``'s metadata without its lock: a quiet copy (see the
+    module doc) if one comes within ``lock_timeout`` seconds, else the last
+    try (``consistent`` False). With ``scan_poison``, a poisoned pool's
+    reserve elements are checked for their pattern within the same try;
+    with ``summary``, only what ``summarize`` reads is copied (see Copy).
+    Never writes to the pool and never blocks longer than ``lock_timeout``
+    plus a copy. Raises InspectError (PoolMissing if there is no such
+    pool)."""
     try:
         _segment.check_name(name)
     except (TypeError, ValueError) as exc:
         raise InspectError(str(exc)) from None
-    mm, size = _open_readonly(name)
+    mm, size, fd = _open_readonly(name)
     try:
         try:
             geo = read_geometry(mm, size)
         except PoolFormatError as exc:
             raise InspectError(f"{name!r} is not a usable shmpool pool: {exc}") from None
-        sem, error = _open_lock(name)
-        try:
-            return _copy_locked(name, mm, geo, sem, error, lock_timeout, scan_poison)
-        finally:
-            if sem is not None:
-                sem.close()
+        return _copy(name, mm, fd, geo, lock_timeout, scan_poison and not summary, summary)
     finally:
+        os.close(fd)
         mm.close()
 
 
-@contextlib.contextmanager
-def _holding(sem: posix_ipc.Semaphore | None, timeout: float) -> Iterator[tuple[bool, float]]:
-    """Take the lock's semaphore if it comes within ``timeout`` seconds and
-    hold it for the body; yields (taken, seconds waited). Records nothing
-    in the pool. Signals are held off while it is held, so the holder
-    cannot be stopped (Ctrl-Z) or interrupted there; the wait is made of
-    slices between which a pending Ctrl-C gets in."""
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HOLD_SIGNALS)
-    taken = False
+def _copy(
+    name: str, mm: mmap.mmap, fd: int, geo: Geometry, lock_timeout: float, scan_poison: bool, summary: bool
+) -> Copy:
+    base = memoryview(mm)
+    hdr = base[:HEADER_BYTES].cast("Q")  # live: aligned 8-byte loads of the lock's words
     try:
         started = time.monotonic()
-        deadline = started + timeout
-        while sem is not None:
-            try:
-                sem.acquire(max(0.0, min(ACQUIRE_SLICE, deadline - time.monotonic())))  # no EINTR: blocked
-                taken = True
-                break
-            except posix_ipc.BusyError:
-                if time.monotonic() >= deadline:
+        deadline = started + lock_timeout
+        first = (hdr[H_LOCK_OWNER], hdr[H_LOCK_SEQ])
+        pause = RETRY_FIRST_S
+        while True:
+            owner, seq = hdr[H_LOCK_OWNER], hdr[H_LOCK_SEQ]
+            last_try = time.monotonic() >= deadline
+            if owner == 0 or last_try:
+                copied_ns = time.monotonic_ns()
+                meta = _summary_bytes(mm, geo) if summary else mm[: geo.off_slots]
+                unpoisoned = _scan_poison(mm, Views(meta, geo)) if scan_poison else None  # type: ignore[arg-type]
+                after = (hdr[H_LOCK_OWNER], hdr[H_LOCK_SEQ])
+                quiet = owner == 0 and after == (0, seq)
+                if quiet or last_try:
                     break
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a pending signal's handler runs here
-            signal.pthread_sigmask(signal.SIG_BLOCK, HOLD_SIGNALS)
-        yield taken, time.monotonic() - started
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))  # Ctrl-C gets in here
+            pause = min(2 * pause, RETRY_MAX_S)
+        waited = time.monotonic() - started
     finally:
-        if taken:
-            sem.release()  # type: ignore[union-attr]
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        hdr.release()
+        base.release()
+    views = Views(meta, geo)  # type: ignore[arg-type]  # any buffer will do
+    procs = _procs(views)
+    alive = np.zeros(geo.max_procs, dtype=bool)
+    for e in np.flatnonzero(procs[:, P_EPOCH]).tolist():
+        alive[e] = entry_alive(fd, geo, e)
+    throughout = not quiet and lock_timeout > 0 and first[0] != 0 and after == first
+    lock = LockState(holder(views, fd), waited, throughout, copied_ns)
+    identity = (os.fstat(fd).st_ino, int(views.hdr[H_CREATED_NS]))
+    return Copy(name, views, quiet, lock, alive, unpoisoned, identity, summary)
 
 
-def _copy_locked(
-    name: str, mm: mmap.mmap, geo: Geometry, sem: posix_ipc.Semaphore | None, error: str | None,
-    lock_timeout: float, scan_poison: bool,
-) -> Copy:
-    with _holding(sem, lock_timeout) as (taken, waited):
-        surplus = sem.value if taken and sem is not None else 0
-        views = Views(mm[: geo.off_slots], geo)  # type: ignore[arg-type]  # any buffer will do
-        unpoisoned = _scan_poison(mm, views) if scan_poison else None
-    return Copy(name, views, taken, LockState(taken, waited, surplus, error), unpoisoned)
+def _summary_bytes(mm: mmap.mmap, geo: Geometry) -> np.ndarray:
+    """The metadata as ``summarize`` needs it: the header and the registry
+    copied, of the slot words only those the caches name, zeros elsewhere
+    (untouched pages of a zeroed buffer cost nothing)."""
+    meta = np.zeros(geo.off_slots, dtype=np.uint8)
+    procs_end = geo.off_procs + 8 * PROC_WORDS * geo.max_procs
+    meta[:HEADER_BYTES] = np.frombuffer(mm, dtype=np.uint8, count=HEADER_BYTES)
+    meta[geo.off_procs : procs_end] = np.frombuffer(mm, dtype=np.uint8, count=procs_end - geo.off_procs,
+                                                    offset=geo.off_procs)
+    idx, _ = _cache_slots(meta[geo.off_procs : procs_end].view(np.uint64).reshape(geo.max_procs, PROC_WORDS),
+                          geo.capacity)
+    live = np.frombuffer(mm, dtype=np.uint64, count=geo.capacity, offset=geo.off_words)
+    try:
+        meta[geo.off_words : geo.off_stack].view(np.uint64)[idx] = live[idx]
+    finally:
+        del live  # the mapping cannot be closed while a view of it lives
+    return meta
 
 
 def _scan_poison(mm: mmap.mmap, v: Views) -> np.ndarray | None:
@@ -344,7 +412,11 @@ def _scan_poison(mm: mmap.mmap, v: Views) -> np.ndarray | None:
 
 @functools.lru_cache(maxsize=1024)
 def _command(pid: int, start: int) -> str:
-    """The command name of the live process (pid, start), or ''."""
+    """The command name of process ``pid`` if it runs here with start time
+    ``start`` (a pid recorded in another pid namespace names a stranger
+    here), else ''."""
+    if not is_alive(pid, start):
+        return ""
     try:
         return psutil.Process(pid).name()
     except (psutil.Error, OSError):
@@ -371,60 +443,57 @@ def _procs(v: Views) -> np.ndarray:
     return np.frombuffer(v.procs, dtype=np.uint64).reshape(v.geo.max_procs, PROC_WORDS)
 
 
-def _registry(procs: np.ndarray) -> dict[int, int]:
-    """pid -> registry row, for every entry in use."""
-    rows = np.flatnonzero(procs[:, P_PID]).tolist()
-    return {int(procs[row, P_PID]): row for row in rows}
+def _fields(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(state, owner field) of each of ``words``."""
+    return (words & np.uint64(STATE_MASK)).astype(np.uint8), (
+        (words >> np.uint64(OWNER_SHIFT)) & np.uint64(OWNER_MASK)).astype(np.uint16)
 
 
-def _live_pids(procs: np.ndarray, pids: Iterable[int]) -> set[int]:
-    """Those of ``pids`` whose registry entry names a process still running."""
-    registry = _registry(procs)
-    return {pid for pid in pids if pid in registry and is_alive(pid, int(procs[registry[pid], P_START]))}
+def _cache_slots(procs: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slots each registry entry's cache names, (max_procs, CACHE_MAX)
+    (0 where an entry is past ``cache_n``, blank or out of range), and
+    where they are valid. Entries count as ``usage`` in ``_fast.c`` counts
+    them: those in use, or with a cache count."""
+    n = np.minimum(procs[:, P_CACHE_N], CACHE_MAX).astype(np.int64)
+    counted = (procs[:, P_EPOCH] != 0) | (procs[:, P_CACHE_N] != 0)
+    cache = np.ascontiguousarray(procs[:, P_CACHE : P_CACHE + CACHE_MAX // 2]).view(np.uint32).astype(np.int64)
+    valid = (np.arange(CACHE_MAX)[None, :] < n[:, None]) & counted[:, None] & (cache < capacity)
+    return np.where(valid, cache, 0), valid
 
 
-def _counts_by_pid(owners: np.ndarray, mask: np.ndarray) -> dict[int, int]:
-    pids, counts = np.unique(owners[mask], return_counts=True)
-    return dict(zip(pids.tolist(), counts.tolist()))
+def cached_per_entry(v: Views) -> np.ndarray:
+    """How many slots each registry entry's cache holds: the entries of
+    ``cache[0:cache_n]`` that name a slot CACHED by that entry (as
+    ``usage`` in ``_fast.c`` counts them: never a counter)."""
+    idx, valid = _cache_slots(_procs(v), v.geo.capacity)
+    states, owners = _fields(np.frombuffer(v.words, dtype=np.uint64)[idx])
+    me = np.arange(1, v.geo.max_procs + 1)[:, None]
+    return (valid & (states == ST_CACHED) & (owners == me)).sum(axis=1)
 
 
-def _holders(states: np.ndarray, owners: np.ndarray, procs: np.ndarray) -> tuple[list[dict[str, Any]], set[int]]:
-    """One row per process that is alive and attached, or that holds,
-    caches or sleeps (a dead process with nothing is no holder); and the
-    set of live pids."""
-    held = _counts_by_pid(owners, states == ST_HELD)
-    cached = _counts_by_pid(owners, states == ST_CACHED)
-    registry = _registry(procs)
-    live = _live_pids(procs, set(held) | set(cached) | set(registry))
-    rows = []
-    for pid in sorted(set(held) | set(cached) | set(registry)):
-        row = registry.get(pid)
-        sleeping = int(procs[row, P_SLEEPING]) if row is not None else 0
-        alive = pid in live
-        if not (alive or held.get(pid) or cached.get(pid) or sleeping):
-            continue
-        rows.append({
-            "pid": pid,
-            "name": _command(pid, int(procs[row, P_START])) if alive and row is not None else "",
-            "alive": alive,
-            "held": held.get(pid, 0),
-            "cached": cached.get(pid, 0),
-            "sleeping": sleeping,
-        })
-    return rows, live
+def owner_alive(alive: np.ndarray) -> np.ndarray:
+    """Indexed by an owner field (entry + 1): whether it names a live
+    process (0 and fields beyond the registry name none)."""
+    table = np.zeros(OWNER_MASK + 1, dtype=bool)
+    table[1 : alive.size + 1] = alive
+    return table
 
 
-def slot_codes(words: np.ndarray, states: np.ndarray, live: set[int]) -> np.ndarray:
-    """Each slot's slot-map code (M_*), from its word and state; a held
-    slot is M_HELD if its pid is in ``live``, else M_DEAD."""
-    codes = np.full(words.size, M_INVALID, dtype=np.uint8)
+def slot_codes(words: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """Each slot's slot-map code (M_*), from its word; a held slot is
+    M_HELD if its owner field names a registry entry that ``alive`` (one
+    bool per entry) says is alive, else M_DEAD."""
+    return _codes(*_fields(words), alive)
+
+
+def _codes(states: np.ndarray, owners: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    codes = np.full(states.size, M_INVALID, dtype=np.uint8)
     codes[states == ST_ARENA] = M_ARENA
     codes[states == ST_CACHED] = M_CACHED
     codes[states == ST_RESERVE] = M_RESERVE
     held = states == ST_HELD
     codes[held] = M_DEAD
-    if live:
-        codes[held & np.isin(words >> np.uint64(PID_SHIFT), np.fromiter(live, dtype=np.uint64))] = M_HELD
+    codes[held & owner_alive(alive)[owners]] = M_HELD
     return codes
 
 
@@ -448,6 +517,40 @@ def slot_map(codes: np.ndarray) -> tuple[str, int]:
     return "".join(symbols[shown]), group
 
 
+def _held_per_owner(copy: Copy) -> np.ndarray:
+    """How many slots are HELD under each owner field (OWNER_MASK + 1)."""
+    states, owners = copy.slots
+    return np.bincount(owners[states == ST_HELD], minlength=OWNER_MASK + 1)
+
+
+def holders(copy: Copy) -> list[dict[str, Any]]:
+    """One row per registry entry whose process is alive, or that holds,
+    caches or sleeps (a dead entry with nothing is no holder), by entry;
+    then one row (entry None, pid 0) for held slots whose owner field names
+    no entry (0, or beyond the registry: damage)."""
+    v, alive = copy.views, copy.alive
+    procs, held, cached = _procs(v), _held_per_owner(copy), cached_per_entry(v)
+    n = v.geo.max_procs
+    rows = []
+    for e in np.flatnonzero(alive | (held[1 : n + 1] > 0) | (cached > 0) | (procs[:, P_SLEEPING] > 0)).tolist():
+        pid, start = int(procs[e, P_PID]), int(procs[e, P_START])
+        rows.append({
+            "pid": pid,
+            "name": _command(pid, start) if alive[e] else "",
+            "alive": bool(alive[e]),
+            "held": int(held[e + 1]),
+            "cached": int(cached[e]),
+            "sleeping": int(procs[e, P_SLEEPING]),
+            "entry": e,
+            "epoch": int(procs[e, P_EPOCH]),
+        })
+    orphans = int(held[0] + held[n + 1 :].sum())
+    if orphans:
+        rows.append({"pid": 0, "name": "", "alive": False, "held": orphans, "cached": 0, "sleeping": 0,
+                     "entry": None, "epoch": 0})
+    return rows
+
+
 def _counters(v: Views) -> dict[str, int]:
     """The counters as stats() sums them: the header's plus every
     registry entry's."""
@@ -459,19 +562,17 @@ def _counters(v: Views) -> dict[str, int]:
 
 
 def _lock_info(copy: Copy) -> dict[str, Any]:
-    hdr, lock = copy.views.hdr, copy.lock
+    hdr, lock, h = copy.views.hdr, copy.lock, copy.lock.holder
     info: dict[str, Any] = {
-        "held": None, "pid": None, "alive": None, "held_for_s": None, "waited_s": None, "error": lock.error,
+        "held": h is not None, "pid": None, "alive": None, "held_for_s": None,
+        "waited_s": round(lock.waited_s, 3), "error": None, "entry": None, "epoch": None,
+        "seq": int(hdr[H_LOCK_SEQ]), "waiters": int(hdr[H_LOCK_WAITERS]), "held_throughout": lock.held_throughout,
     }
-    if lock.taken:
-        info.update(held=False, waited_s=round(lock.waited_s, 3))
-    elif lock.error is None:
-        pid, since = int(hdr[H_LOCK_PID]), int(hdr[H_LOCK_SINCE_NS])
-        info["held"] = True
-        if pid:  # recorded by its holder (copied right after the wait)
-            info.update(pid=pid, alive=is_alive(pid, int(hdr[H_LOCK_START])))
-            if since:
-                info["held_for_s"] = round(max(0, time.monotonic_ns() - since) / 1e9, 3)
+    if h is not None:
+        info.update(alive=h.alive, epoch=h.epoch, entry=h.entry if h.entry >= 0 else None,
+                    pid=h.pid if h.pid else None)
+        if h.since_ns:
+            info["held_for_s"] = round(max(0, lock.copied_ns - h.since_ns) / 1e9, 3)
     return info
 
 
@@ -479,10 +580,10 @@ def _totals(v: Views) -> dict[str, int]:
     """The header's numbers, as stats() derives them."""
     hdr, cap = v.hdr, v.geo.capacity
     curr_nr, shared = int(hdr[H_CURR_NR]), int(hdr[H_ARENA_FREE])
-    cached = int(cached_slots(_procs(v)).sum())
+    cached = int(cached_per_entry(v).sum())
     return {
         "min_nr": int(hdr[H_MIN_NR]), "curr_nr": curr_nr, "arena_free": shared + cached,
-        "arena_shared": shared, "arena_cached": cached, "in_use": cap - curr_nr - shared - cached,
+        "arena_shared": shared, "arena_cached": cached, "in_use": max(0, cap - curr_nr - shared - cached),
         "nr_waiters": int(hdr[H_NR_WAITERS]),
     }
 
@@ -493,18 +594,11 @@ def _creator(v: Views) -> dict[str, Any]:
     return {"pid": pid, "alive": alive, "created_s": round(created_ns / 1e9, 3)}
 
 
-def _path(name: str) -> str:
-    return os.path.join(_segment.SHM_DIR, _segment.SHM_PREFIX + name)
-
-
 def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
     """Everything about one pool, as the JSON document (see the module doc)."""
     v, geo = copy.views, copy.views.geo
     hdr = v.hdr
-    words = np.frombuffer(v.words, dtype=np.uint64)
-    states = (words & np.uint64(STATE_MASK)).astype(np.uint8)
-    holders, live = _holders(states, words >> np.uint64(PID_SHIFT), _procs(v))
-    codes = slot_codes(words, states, live)
+    codes = _codes(*copy.slots, copy.alive)
     smap, group = slot_map(codes)
     totals = _totals(v)
     depth = min(totals["curr_nr"], geo.capacity)
@@ -523,7 +617,7 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
         "poison": bool(hdr[H_FLAGS] & FLAG_POISON),
         "counters": _counters(v),
         "reserve_stack": (stack if show_all else stack[:STACK_SHOWN]).tolist(),
-        "holders": holders,
+        "holders": holders(copy),
         "slot_counts": dict(zip(SLOT_COUNT_KEYS, np.bincount(codes, minlength=len(MAP_SYMBOLS)).tolist())),
         "slot_map": smap,
         "slot_map_group": group,
@@ -533,7 +627,7 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
 
 
 def summarize(copy: Copy) -> dict[str, Any]:
-    """One pool's line of the listing (no per-slot work)."""
+    """One pool's line of the listing (no per-slot work but the caches)."""
     v = copy.views
     totals = _totals(v)
     creator = _creator(v)
@@ -593,7 +687,7 @@ def list_pools() -> list[dict[str, Any]]:
             out.append({"name": name, "error": kind})
             continue
         try:
-            out.append(summarize(take_copy(name, LIST_LOCK_TIMEOUT, scan_poison=False)))
+            out.append(summarize(take_copy(name, LIST_LOCK_TIMEOUT, summary=True)))
         except PoolMissing:
             continue
         except InspectError as exc:
@@ -614,24 +708,56 @@ def _without_poison_flag(v: Views) -> Views:
     return Views(meta, v.geo)  # type: ignore[arg-type]
 
 
-def _waiter_findings(v: Views) -> list[str]:
-    """nr_waiters counts at least the sleepers that live processes record
-    in their registry entries (sleepers that died may stay counted)."""
-    procs = _procs(v)
-    sleeping = {int(procs[r, P_PID]): int(procs[r, P_SLEEPING]) for r in np.flatnonzero(procs[:, P_SLEEPING]).tolist()}
-    alive = _live_pids(procs, sleeping)
-    live = sum(n for pid, n in sleeping.items() if pid in alive)
-    nr_waiters = int(v.hdr[H_NR_WAITERS])
+def _who(procs: np.ndarray, entries: list[int], what: np.ndarray, unit: str) -> str:
+    """'pid 12 (entry 0): 3 <unit>, ...' for the first few ``entries``."""
+    named = []
+    for e in entries[:HOLDERS_NAMED]:
+        whose = f"pid {int(procs[e, P_PID])}" if procs[e, P_EPOCH] else f"vacant, last pid {int(procs[e, P_PID])}"
+        named.append(f"{int(what[e])} {unit} of entry {e} ({whose})")
+    more = len(entries) - HOLDERS_NAMED
+    return ", ".join(named) + (f" and {more} more entries" if more > 0 else "")
+
+
+def _dead_findings(copy: Copy) -> list[str]:
+    """Elements held by dead processes (an entry whose process is dead, or
+    an owner field naming a vacant entry or none at all), and sleepers that
+    dead processes still count: what reclaim_dead takes back."""
+    v, alive = copy.views, copy.alive
+    procs, held, n = _procs(v), _held_per_owner(copy), v.geo.max_procs
+    hint = f"run `{PROG} --reclaim-dead {copy.name}` (or pool.reclaim_dead())"
+    findings = []
+    per_entry = held[1 : n + 1]
+    dead = np.flatnonzero((per_entry > 0) & ~alive).tolist()
+    if dead:
+        total = int(per_entry[dead].sum())
+        findings.append(f"{total} element(s) held by dead processes ({_who(procs, dead, per_entry, 'held')}): {hint}")
+    states, owners = copy.slots
+    for label, mask in (("record no holder (owner 0)", owners == 0),
+                        (f"name an owner beyond the registry of {n} entries", owners > n)):
+        slots = np.flatnonzero((states == ST_HELD) & mask)
+        if slots.size:
+            findings.append(f"{slots.size} held slot(s) {label}, first slot {slots[0]}: {hint}")
+    sleeping = procs[:, P_SLEEPING]
+    ghosts = np.flatnonzero((sleeping > 0) & ~alive).tolist()
+    if ghosts:
+        total = int(sleeping[ghosts].sum())
+        findings.append(f"{total} sleeping allocation(s) of dead processes still counted "
+                        f"({_who(procs, ghosts, sleeping, 'sleeping')}): {hint}")
+    return findings
+
+
+def _waiter_findings(copy: Copy) -> list[str]:
+    """nr_waiters counts the sleepers that processes record in their
+    registry entries: every sleeper counts itself in both (dead ones too,
+    until they are uncounted from both)."""
+    sleeping = _procs(copy.views)[:, P_SLEEPING]
+    live, recorded = int(sleeping[copy.alive].sum()), int(sleeping.sum())
+    nr_waiters = int(copy.views.hdr[H_NR_WAITERS])
     if nr_waiters < live:
         return [f"nr_waiters {nr_waiters} is less than the {live} sleeping allocation(s) of live processes"]
-    return []
-
-
-def _holder_findings(v: Views) -> list[str]:
-    words = np.frombuffer(v.words, dtype=np.uint64)
-    orphans = np.flatnonzero(((words & np.uint64(STATE_MASK)) == ST_HELD) & ((words >> np.uint64(PID_SHIFT)) == 0))
-    if orphans.size:
-        return [f"{orphans.size} held slot(s) record no holder (pid 0), first slot {orphans[0]}"]
+    if nr_waiters > recorded:
+        return [f"nr_waiters {nr_waiters} is more than the {recorded} sleeping allocation(s) recorded in the "
+                f"registry: wake-ups are posted for sleepers that do not exist"]
     return []
 
 
@@ -639,33 +765,46 @@ def check(copy: Copy) -> list[str]:
     """Every broken invariant in ``copy``, one sentence each that names the
     damage (empty for a healthy pool): ``_debug.audit`` (each slot in one
     place, stacks of distinct slots in the right state, counts that add up,
-    curr_nr <= min_nr <= capacity, caches), the reserve's poison, the waiter
-    count, holders, the lock semaphore; and, on a copy taken without the
-    lock, a line that says so (such an audit proves nothing)."""
+    curr_nr <= min_nr <= capacity, caches), the reserve's poison, elements
+    and sleepers of dead processes, the waiter count; and, if one holder
+    kept the lock for the whole wait, a line that says so (the audit then
+    ran on a copy that a critical section may have left half done)."""
+    if copy.summary:
+        raise ValueError("a summary copy cannot be audited")
     v = copy.views
     findings = audit(_without_poison_flag(v))
     if copy.unpoisoned is not None and copy.unpoisoned.size and not findings:  # as audit: on an otherwise whole pool
         n, first = copy.unpoisoned.size, int(copy.unpoisoned[0])
         findings.append(f"{n} reserved element(s) lost their poison (written after free), first slot {first}")
-    findings += _holder_findings(v) + _waiter_findings(v)
+    findings += _dead_findings(copy) + _waiter_findings(copy)
     if v.hdr[H_STATUS] != STATUS_LIVE:
         findings.append("the pool is marked destroyed but still exists (its destroyer may have died)")
-    if copy.lock.surplus:
-        findings.append(f"the lock's semaphore had value {copy.lock.surplus + 1}, not 1: the lock is broken")
-    if not copy.consistent:
-        findings.append(f"{_lock_text(_lock_info(copy))}: this audit ran on a copy taken without the lock")
+    if copy.lock.held_throughout:
+        findings.append(f"the lock was {_lock_text(_lock_info(copy))}, all {copy.lock.waited_s:.2f} s the inspector "
+                        f"waited: this audit ran on a copy that a critical section may have left half done")
     return findings
 
 
+def _kind(finding: str) -> str:
+    """A finding without its numbers: the same problem seen again."""
+    return re.sub(r"\d+(\.\d+)?", "#", finding)
+
+
 def check_pool(name: str, lock_timeout: float = LOCK_TIMEOUT) -> tuple[Copy, list[str]]:
-    """Audit pool ``name``. A live process changes its own cache without the
-    lock, so a copy can catch it half way: findings count only if they show
-    in CHECK_ATTEMPTS copies in a row (those of the last are returned)."""
-    for _ in range(CHECK_ATTEMPTS):
-        copy = take_copy(name, lock_timeout)
-        findings = check(copy)
-        if not findings or not copy.consistent:
+    """Audit pool ``name``. Nothing guarantees a copy taken without the lock
+    is whole (a process's cache changes without the lock, a holder may be
+    stopped half way), so a finding counts only if it shows in
+    CHECK_ATTEMPTS copies in a row, CHECK_SPACING_S apart; the last copy
+    and its confirmed findings are returned."""
+    copy = take_copy(name, lock_timeout)
+    findings = check(copy)
+    for pause in CHECK_SPACING_S[: CHECK_ATTEMPTS - 1]:
+        if not findings:
             break
+        time.sleep(pause)
+        copy = take_copy(name, lock_timeout)
+        kinds = {_kind(f) for f in findings}
+        findings = [f for f in check(copy) if _kind(f) in kinds]
     return copy, findings
 
 
@@ -679,14 +818,13 @@ def _bar(curr: int, min_nr: int, width: int = 20) -> str:
 
 
 def _lock_text(lock: dict[str, Any]) -> str:
-    if lock["held"] is None:
-        return f"unknown: {lock['error']}"
     if not lock["held"]:
         waited = lock["waited_s"] or 0
-        return "free" + (f" (waited {waited * 1000:.0f} ms for it)" if waited >= 0.001 else "")
+        return "free" + (f" (waited {waited * 1000:.0f} ms for a quiet copy)" if waited >= 0.001 else "")
     if lock["pid"] is None:
-        return "held, holder not recorded (being taken or released)"
-    text = f"held by pid {lock['pid']} ({'alive' if lock['alive'] else 'dead'})"
+        text = f"held by a process no longer registered (token of entry {lock['entry']}, epoch {lock['epoch']}): dead"
+    else:
+        text = f"held by pid {lock['pid']} ({'alive' if lock['alive'] else 'dead'}, registry entry {lock['entry']})"
     return text + (f" for {lock['held_for_s']:.3f} s" if lock["held_for_s"] is not None else "")
 
 
@@ -726,11 +864,12 @@ def _stack_lines(d: dict[str, Any]) -> list[str]:
 
 
 def _holder_lines(d: dict[str, Any]) -> list[str]:
-    lines = [f"{'PID':>8}  {'COMMAND':<20} {'STATE':<5} {'HELD':>10} {'CACHED':>8} {'SLEEPING':>8}"]
+    lines = [f"{'PID':>8}  {'COMMAND':<20} {'STATE':<5} {'HELD':>10} {'CACHED':>8} {'SLEEPING':>8} {'ENTRY':>6}"]
     for h in d["holders"]:
+        entry = "-" if h["entry"] is None else str(h["entry"])
         lines.append(
             f"{h['pid']:>8}  {(h['name'] or '-')[:20]:<20} {'alive' if h['alive'] else 'DEAD':<5} "
-            f"{h['held']:>10} {h['cached']:>8} {h['sleeping']:>8}"
+            f"{h['held']:>10} {h['cached']:>8} {h['sleeping']:>8} {entry:>6}"
         )
     if not d["holders"]:
         lines.append(f"{'':>8}  (no process holds or waits)")
@@ -762,8 +901,8 @@ def render(d: dict[str, Any], when: str = "") -> str:
     """One pool for a person, in 80 columns (a long pool name aside)."""
     lines = [f"pool {d['name']} (shmpool layout v{d['layout_version']})" + (f"  at {when}" if when else "")]
     if not d["consistent"]:
-        lines += ["  WARNING: the lock was not free in time, so this snapshot was copied",
-                  "  without it and may be inconsistent"]
+        lines += [f"  WARNING: the pool lock was not free for a whole copy within {d['lock']['waited_s']:.2f} s,",
+                  "  so this snapshot may be inconsistent"]
     sections = [_summary_lines(d), _stack_lines(d), _holder_lines(d), _counter_lines(d), _map_lines(d)]
     for section in sections:
         lines += section + [""]
@@ -777,7 +916,7 @@ def render_list(pools: list[dict[str, Any]]) -> str:
     for p in pools:
         name = p["name"] if len(p["name"]) <= width else p["name"][: width - 1] + "~"
         if "error" in p:
-            lines.append(f"{name:<{width}} ({p['error']})")
+            lines += textwrap.wrap(f"{name:<{width}} ({p['error']})", 80, subsequent_indent=" " * (width + 1))
             continue
         lines.append(
             f"{name:<{width}} {p['slot_size']:>6} {p['capacity']:>8} {p['min_nr']:>7} {p['curr_nr']:>7} "
@@ -811,7 +950,7 @@ def watch(name: str, interval: float, lock_timeout: float, as_json: bool, show_a
     def on_signal(signum: int, frame: Any) -> None:
         if not stopping[0]:
             stopping[0] = True
-            raise _Stop  # at once, even in a wait for the lock (between its slices)
+            raise _Stop  # at once, even in a wait for a quiet copy
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -839,10 +978,9 @@ def _watch_frames(
                 stopping[0] = True
                 raise
             return gone("is gone" if isinstance(exc, PoolMissing) else f"cannot be shown any more ({exc})")
-        this = (int(copy.views.hdr[H_CREATED_NS]), int(copy.views.hdr[H_TAG]))
-        if identity is not None and this != identity:
+        if identity is not None and copy.identity != identity:
             return gone("is gone (replaced by a new pool of that name)")
-        identity = this
+        identity = copy.identity
         now = time.monotonic()
         d = describe(copy, show_all)
         if previous is not None:
@@ -861,21 +999,31 @@ def _watch_frames(
 
 def reclaim(name: str, lock_timeout: float = LOCK_TIMEOUT) -> int:
     """--reclaim-dead: the one command that writes (it attaches as a
-    process). Says, per dead process, what it held and cached (as seen
-    just before), then how many elements ``reclaim_dead`` took back."""
+    process, which itself takes back what dead processes left, then calls
+    ``reclaim_dead``). Says, per dead process, what it held, cached and
+    slept on (as a copy just before saw it), then how many elements came
+    back: the rise of the pool's ``reclaimed`` counter meanwhile (another
+    process reclaiming at the same moment is counted too)."""
     from .pool import Mempool
 
     before = describe(take_copy(name, lock_timeout, scan_poison=False))
     try:
         with Mempool.attach(name) as pool:
             taken = pool.reclaim_dead()
+            reclaimed = pool.stats().reclaimed
     except FileNotFoundError:
         raise PoolMissing(f"no pool named {name!r}") from None
     except (OSError, PoolFormatError, ValueError) as exc:
         raise InspectError(str(exc)) from None
     for h in before["holders"]:
-        if not h["alive"] and (h["held"] or h["cached"]):
-            _emit(f"  pid {h['pid']} (dead): {h['held']} held element(s), {h['cached']} cached slot(s)")
+        if h["alive"] or not (h["held"] or h["cached"] or h["sleeping"]):
+            continue
+        what = f"{h['held']} held element(s), {h['cached']} cached slot(s), {h['sleeping']} sleeping"
+        if h["entry"] is None:
+            _emit(f"  no holder recorded: {h['held']} held element(s)")
+        else:
+            _emit(f"  pid {h['pid']} (dead): {what} (registry entry {h['entry']})")
+    taken = max(taken, reclaimed - before["counters"]["reclaimed"])
     _emit(f"reclaimed {taken} element(s) from dead processes in pool {name!r}")
     return 0
 
@@ -897,7 +1045,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reclaim-dead", action="store_true",
                         help="take back elements held by dead processes (writes to the pool)")
     parser.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT, metavar="SECONDS",
-                        help=f"wait this long for the pool lock, then copy without it (default {LOCK_TIMEOUT})")
+                        help="try this long for a copy taken while the pool lock is free, then keep the last "
+                             f"(default {LOCK_TIMEOUT}; the lock itself is never taken)")
     return parser
 
 

@@ -1,9 +1,11 @@
 """shmpool-demo: the kernel's mempool guarantee, shown across processes.
 
 Producers allocate with GFP_KERNEL from a pool whose arena fails 30% of the
-time (seeded), fill each element with a payload and its CRC-32, and pass the
-integer handle over a queue; consumers, in other processes, check the CRC and
-free the element. Each process prints a kernel-style trace of what the pool
+time (seeded), fill each element with a payload and its CRC-32, and put it on
+the pool's queue "work", which moves the element's ownership: while it is
+queued it belongs to the queue, not to its producer (a producer that died
+would lose nothing). Consumers, in other processes, get it (now they hold
+it), check the CRC and free it. Each process prints a kernel-style trace of what the pool
 did for it, and the closing summary shows with figures that no sleeping
 allocation failed although the arena did, and that the pool is whole again.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue as stdqueue
 import random
 import signal
 import sys
@@ -51,11 +54,18 @@ def _tracer(tag: str, counts: dict[str, int], limit: int) -> Any:
     return trace
 
 
-def _producer(name: str, tag: str, n: int, hold: Any, queue: Any, results: Any, trace_limit: int) -> None:
+#: The pool's queue that carries elements from producers to consumers.
+QUEUE = "work"
+#: How often a consumer with nothing to do looks whether the run is over.
+IDLE_POLL_SECONDS = 0.05
+
+
+def _producer(name: str, tag: str, n: int, hold: Any, results: Any, trace_limit: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     counts: dict[str, int] = {}
     rng = random.Random(os.getpid())
     with Mempool.attach(name) as pool:
+        queue = pool.queue(QUEUE)
         pool.trace = _tracer(tag, counts, trace_limit)
         done = 0
         while done < n or hold.is_set():  # --hold: until the parent clears it
@@ -67,18 +77,25 @@ def _producer(name: str, tag: str, n: int, hold: Any, queue: Any, results: Any, 
             buf[:_HEADER] = zlib.crc32(payload).to_bytes(4, "little") + len(payload).to_bytes(4, "little")
             buf[_HEADER : _HEADER + len(payload)] = payload
             del buf
-            queue.put(handle)
+            queue.put(handle)  # the element is the queue's now
             done += 1
     results.put(("producer", counts))
 
 
-def _consumer(name: str, tag: str, queue: Any, results: Any, trace_limit: int, work_s: float) -> None:
+def _consumer(name: str, tag: str, finished: Any, results: Any, trace_limit: int, work_s: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     counts: dict[str, int] = {}
     checked = bad = 0
     with Mempool.attach(name) as pool:
+        queue = pool.queue(QUEUE)
         pool.trace = _tracer(tag, counts, trace_limit)
-        while (handle := queue.get()) is not None:
+        while True:
+            try:
+                handle = queue.get(timeout=IDLE_POLL_SECONDS)  # ours now
+            except stdqueue.Empty:
+                if finished.is_set() and queue.empty():
+                    break  # every producer is done and nothing is left
+                continue
             buf = pool.buffer(handle)
             crc, size = int.from_bytes(buf[:4], "little"), int.from_bytes(buf[4:8], "little")
             ok = size <= pool.slot_size - _HEADER and zlib.crc32(buf[_HEADER : _HEADER + size]) == crc
@@ -142,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         f"elements, {args.consumers} consumers",
         flush=True,
     )
+    pool.queue(QUEUE, depth=args.capacity)
     ctx = mp.get_context("spawn")
-    queue, results, hold = ctx.Queue(), ctx.Queue(), ctx.Event()
+    results, hold, finished = ctx.Queue(), ctx.Event(), ctx.Event()
     if args.hold:
         hold.set()
     procs = [
-        ctx.Process(target=_producer, args=(args.name, f"p{i}", args.iterations, hold, queue, results, args.trace))
+        ctx.Process(target=_producer, args=(args.name, f"p{i}", args.iterations, hold, results, args.trace))
         for i in range(args.producers)
     ]
     consumers = [
-        ctx.Process(target=_consumer, args=(args.name, f"c{i}", queue, results, args.trace, args.work_ms / 1000))
+        ctx.Process(target=_consumer, args=(args.name, f"c{i}", finished, results, args.trace, args.work_ms / 1000))
         for i in range(args.consumers)
     ]
     reports: list[tuple[str, dict[str, int]]] = []
@@ -170,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             hold.clear()
         for p in procs:
             p.join()
-        for _ in consumers:
-            queue.put(None)
+        finished.set()
         for p in consumers:
             p.join()
         reports = [results.get(timeout=10) for _ in procs + consumers]
@@ -205,10 +222,10 @@ def _summary(args: Any, stats: Any, reports: list[tuple[str, dict[str, int]]], f
     print(f"  free:    {stats.free_reserve} refilled the reserve, {stats.free_arena} went back to the arena")
     print(f"  data:    {checked} elements passed between processes, {bad} CRC mismatches")
     print(
-        f"  pool:    reserve {stats.curr_nr}/{stats.min_nr}, {stats.in_use} in use, "
+        f"  pool:    reserve {stats.curr_nr}/{stats.min_nr}, {stats.in_use} in use, {stats.queued} queued, "
         f"{stats.arena_free} free in the arena, audit: {'clean' if not findings else '; '.join(findings)}"
     )
-    ok = stats.alloc_failed == 0 and bad == 0 and not findings and not crashed and stats.in_use == 0
+    ok = stats.alloc_failed == 0 and bad == 0 and not findings and not crashed and stats.in_use == stats.queued == 0
     ok = ok and stats.curr_nr == stats.min_nr and checked == allocs
     if ok:
         print("  result:  OK: no sleeping allocation failed while the arena was failing")

@@ -1,40 +1,195 @@
-"""GFP flags, composed from bits as in the kernel (include/linux/gfp.h, v3.2).
+"""GFP flags with the values of Linux v3.2 (include/linux/gfp.h).
 
-Only the may-sleep bit changes what an allocation does here: without it an
-allocation that finds the arena failing and the reserve empty returns None;
-with it, it sleeps and retries. The I/O and FS bits are kept so that code
-ported from the kernel reads the same.
+Every bit that a v3.2 mask can hold is accepted, with its v3.2 value, so that
+code ported from the kernel passes its masks unchanged:
+
+- ``__GFP_WAIT`` (0x10) is the only bit that changes what an allocation does:
+  without it, an allocation that finds the arena failing and the reserve
+  empty returns None; with it, it sleeps and retries, never failing.
+- ``__GFP_ZERO`` (0x8000) is accepted but elements are not zeroed (a recycled
+  element holds what its last user wrote, as a kernel element from the
+  reserve does): the first mask with it warns once per process
+  (:class:`GFPWarning`), as later kernels' ``WARN_ON_ONCE(gfp_mask &
+  __GFP_ZERO)`` in mempool_alloc does.
+- Every other bit means nothing to this allocator and is ignored: the zone
+  bits (``__GFP_DMA``, ``__GFP_HIGHMEM``, ``__GFP_DMA32``, ``__GFP_MOVABLE``,
+  combinations that v3.2 would BUG on included), ``__GFP_HIGH`` (the arena
+  has no emergency pool), ``__GFP_IO`` and ``__GFP_FS`` (nothing here does
+  I/O), and the modifiers ``__GFP_COLD``, ``__GFP_NOWARN``, ``__GFP_REPEAT``,
+  ``__GFP_NOFAIL`` (a sleeping allocation never fails anyway),
+  ``__GFP_NORETRY``, ``__GFP_COMP``, ``__GFP_NOMEMALLOC``, ``__GFP_HARDWALL``,
+  ``__GFP_THISNODE``, ``__GFP_RECLAIMABLE``, ``__GFP_NOTRACK``,
+  ``__GFP_NO_KSWAPD``, ``__GFP_OTHER_NODE``.
+- A bit that no v3.2 mask has is refused (ValueError): 0x2000 and 0x100000
+  (unused in v3.2), 0x1000000 and above (``__GFP_BITS_SHIFT`` is 24; later
+  kernels' bits such as ``__GFP_WRITE`` do not exist in v3.2), and negative
+  numbers.
+
+Names: the kernel's ``__GFP_*`` bits and ``GFP_*`` masks are module
+attributes (``from shmpool.gfp import __GFP_NOWARN`` works), and the
+:class:`GFP` flag class has a member per bit (``GFP.NOWARN``). Python
+mangles ``__GFP_*`` names used inside a class body; there, write
+``GFP.NOWARN`` instead. Where v3.2's value depends on the configuration, the
+one with the option on is used: ``__GFP_NOTRACK`` is 0x200000
+(CONFIG_KMEMCHECK; 0 without it) and ``GFP_THISNODE`` is
+``__GFP_THISNODE | __GFP_NOWARN | __GFP_NORETRY`` (CONFIG_NUMA; 0 without
+it).
 """
 
 from __future__ import annotations
 
 import enum
+import os
+import sys
+import warnings
+
+
+class GFPWarning(UserWarning):
+    """A GFP bit asked for something that this allocator does not do:
+    ``__GFP_ZERO`` (elements are not zeroed). Issued once per process."""
 
 
 class GFP(enum.IntFlag):
-    WAIT = 0x10  # __GFP_WAIT: may sleep
-    HIGH = 0x20  # __GFP_HIGH: may use emergency pools
-    IO = 0x40  # __GFP_IO: may start I/O
-    FS = 0x80  # __GFP_FS: may call into the file system
+    """The v3.2 GFP bits (``GFP.WAIT`` is ``__GFP_WAIT``, and so on)."""
+
+    DMA = 0x01
+    HIGHMEM = 0x02
+    DMA32 = 0x04
+    MOVABLE = 0x08
+    WAIT = 0x10  # may sleep: the one bit that changes behaviour here
+    HIGH = 0x20  # may use emergency pools
+    IO = 0x40  # may start I/O
+    FS = 0x80  # may call into the file system
+    COLD = 0x100
+    NOWARN = 0x200
+    REPEAT = 0x400
+    NOFAIL = 0x800
+    NORETRY = 0x1000
+    COMP = 0x4000
+    ZERO = 0x8000  # accepted, warns once: elements are not zeroed
+    NOMEMALLOC = 0x10000
+    HARDWALL = 0x20000
+    THISNODE = 0x40000
+    RECLAIMABLE = 0x80000
+    NOTRACK = 0x200000
+    NO_KSWAPD = 0x400000
+    OTHER_NODE = 0x800000
 
 
-GFP_NOWAIT = GFP(0)
-GFP_ATOMIC = GFP.HIGH
-GFP_NOIO = GFP.WAIT
-GFP_NOFS = GFP.WAIT | GFP.IO
-GFP_KERNEL = GFP.WAIT | GFP.IO | GFP.FS
+# The bits, under their kernel names.
+__GFP_DMA = GFP.DMA
+__GFP_HIGHMEM = GFP.HIGHMEM
+__GFP_DMA32 = GFP.DMA32
+__GFP_MOVABLE = GFP.MOVABLE
+__GFP_WAIT = GFP.WAIT
+__GFP_HIGH = GFP.HIGH
+__GFP_IO = GFP.IO
+__GFP_FS = GFP.FS
+__GFP_COLD = GFP.COLD
+__GFP_NOWARN = GFP.NOWARN
+__GFP_REPEAT = GFP.REPEAT
+__GFP_NOFAIL = GFP.NOFAIL
+__GFP_NORETRY = GFP.NORETRY
+__GFP_COMP = GFP.COMP
+__GFP_ZERO = GFP.ZERO
+__GFP_NOMEMALLOC = GFP.NOMEMALLOC
+__GFP_HARDWALL = GFP.HARDWALL
+__GFP_THISNODE = GFP.THISNODE
+__GFP_RECLAIMABLE = GFP.RECLAIMABLE
+__GFP_NOTRACK = GFP.NOTRACK
+__GFP_NO_KSWAPD = GFP.NO_KSWAPD
+__GFP_OTHER_NODE = GFP.OTHER_NODE
+__GFP_NOTRACK_FALSE_POSITIVE = __GFP_NOTRACK
 
-_ALL = int(GFP.WAIT | GFP.HIGH | GFP.IO | GFP.FS)
-# Every valid mask -> whether it may sleep: one dict lookup on the hot path.
-_MAY_SLEEP = {mask: bool(mask & GFP.WAIT) for mask in range(_ALL + 1) if not mask & ~_ALL}
+# The masks, as v3.2 composes them.
+GFP_ZONEMASK = __GFP_DMA | __GFP_HIGHMEM | __GFP_DMA32 | __GFP_MOVABLE
+GFP_ATOMIC = __GFP_HIGH
+GFP_NOWAIT = GFP(0)  # v3.2: GFP_ATOMIC & ~__GFP_HIGH
+GFP_NOIO = __GFP_WAIT
+GFP_NOFS = __GFP_WAIT | __GFP_IO
+GFP_KERNEL = __GFP_WAIT | __GFP_IO | __GFP_FS
+GFP_TEMPORARY = __GFP_WAIT | __GFP_IO | __GFP_FS | __GFP_RECLAIMABLE
+GFP_USER = __GFP_WAIT | __GFP_IO | __GFP_FS | __GFP_HARDWALL
+GFP_HIGHUSER = __GFP_WAIT | __GFP_IO | __GFP_FS | __GFP_HARDWALL | __GFP_HIGHMEM
+GFP_HIGHUSER_MOVABLE = __GFP_WAIT | __GFP_IO | __GFP_FS | __GFP_HARDWALL | __GFP_HIGHMEM | __GFP_MOVABLE
+GFP_IOFS = __GFP_IO | __GFP_FS
+GFP_TRANSHUGE = GFP_HIGHUSER_MOVABLE | __GFP_COMP | __GFP_NOMEMALLOC | __GFP_NORETRY | __GFP_NOWARN | __GFP_NO_KSWAPD
+GFP_THISNODE = __GFP_THISNODE | __GFP_NOWARN | __GFP_NORETRY
+GFP_MOVABLE_MASK = __GFP_RECLAIMABLE | __GFP_MOVABLE
+GFP_RECLAIM_MASK = (
+    __GFP_WAIT | __GFP_HIGH | __GFP_IO | __GFP_FS | __GFP_NOWARN | __GFP_REPEAT | __GFP_NOFAIL
+    | __GFP_NORETRY | __GFP_NOMEMALLOC
+)
+GFP_CONSTRAINT_MASK = __GFP_HARDWALL | __GFP_THISNODE
+GFP_DMA = __GFP_DMA
+GFP_DMA32 = __GFP_DMA32
+
+#: Every bit that some v3.2 mask can hold; any other is refused.
+GFP_VALID_MASK = 0xEFDFFF
+assert GFP_VALID_MASK == sum(member.value for member in GFP.__members__.values())
+_REFUSED = ~GFP_VALID_MASK  # also catches negative numbers
+_WAIT = int(GFP.WAIT)
+_ZERO = int(GFP.ZERO)
+
+# The masks that code passes most, with and without the bits mempool_alloc
+# itself adds to its first try -> whether they may sleep: one dict lookup.
+_COMMON = [int(GFP_NOWAIT), int(GFP_ATOMIC), int(GFP_NOIO), int(GFP_NOFS), int(GFP_KERNEL), int(GFP_TEMPORARY),
+           int(GFP_USER), int(GFP_HIGHUSER), int(GFP_HIGHUSER_MOVABLE), int(GFP_IOFS), int(GFP_TRANSHUGE),
+           int(GFP_THISNODE), int(GFP_DMA), int(GFP_DMA32)]
+_COMMON += range(0x100)  # every combination of the low byte (the four old bits and the zone bits)
+_MEMPOOL_BITS = int(__GFP_NOMEMALLOC | __GFP_NORETRY | __GFP_NOWARN)
+_MAY_SLEEP = {
+    mask | extra: bool(mask & _WAIT)
+    for mask in _COMMON
+    for extra in (0, int(__GFP_NOWARN), int(__GFP_NORETRY), int(__GFP_NOMEMALLOC), _MEMPOOL_BITS)
+}
+assert not any(mask & (_REFUSED | _ZERO) for mask in _MAY_SLEEP)
+
+_zero_warned = False
+
+
+def _forget_zero_warning() -> None:
+    global _zero_warned
+    _zero_warned = False
+
+
+os.register_at_fork(after_in_child=_forget_zero_warning)  # once per process, a forked child included
 
 
 def may_sleep(gfp: object) -> bool:
-    """Whether ``gfp`` allows sleeping; TypeError for a non-int, ValueError
-    for bits that are not GFP flags."""
+    """Whether ``gfp`` allows sleeping (has ``__GFP_WAIT``): the one check
+    of every mask that shmpool is given.
+
+    TypeError for anything but an int (or a :class:`GFP`); ValueError for a
+    bit that no v3.2 mask has. The first mask with ``__GFP_ZERO`` warns
+    (:class:`GFPWarning`), once per process: elements are not zeroed.
+    """
     if type(gfp) is GFP or type(gfp) is int:
         answer = _MAY_SLEEP.get(gfp)  # type: ignore[call-overload]
         if answer is not None:
             return answer
-        raise ValueError(f"gfp {gfp:#x} has bits that are not GFP flags (valid: {_ALL:#x})")
+        g = int(gfp)  # type: ignore[call-overload]
+        if g & _REFUSED:
+            raise ValueError(f"gfp {g:#x} has bits that no Linux v3.2 GFP mask has (valid: {GFP_VALID_MASK:#x})")
+        if g & _ZERO and not _zero_warned:
+            _warn_zero()
+        return bool(g & _WAIT)
     raise TypeError(f"gfp must be a GFP flag combination (an int), not {type(gfp).__name__}")
+
+
+def _warn_zero() -> None:
+    global _zero_warned
+    _zero_warned = True
+    # Point at the first caller outside shmpool (the C methods have no frame).
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("shmpool."):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(
+        "__GFP_ZERO is not supported: shmpool does not zero elements (a recycled element holds what its last "
+        "user wrote); clear the element yourself. Warned once per process.",
+        GFPWarning,
+        stacklevel=level,
+    )
+
+
+__all__ = ["GFP", "GFPWarning", "may_sleep"] + [name for name in list(globals()) if name.startswith(("__GFP_", "GFP_"))]

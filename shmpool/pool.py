@@ -63,7 +63,7 @@ from ._errors import (
     PoolFormatError,
 )
 from ._fast import LAYOUT as _FAST_LAYOUT
-from ._fast import Core, set_atomic_wait, set_errors
+from ._fast import Core, set_atomic_wait, set_errors, set_gfp_bits
 from ._layout import (
     COUNTERS,
     FLAG_POISON,
@@ -102,7 +102,7 @@ from ._layout import (
     write_geometry,
 )
 from ._procs import self_identity
-from .gfp import GFP_KERNEL, may_sleep
+from .gfp import __GFP_ZERO, GFP_KERNEL, GFP_VALID_MASK, may_sleep
 from .queues import Queue, check_queue_name
 from .stats import PoolStats
 
@@ -129,6 +129,7 @@ _FAULT_BITS = 53  # fault draws are compared as 53-bit fractions, exact at 0 and
 
 set_errors(PoolFormatError, PoolDestroyedError, InvalidHandleError, PoolClosedError, PoisonWarning)
 set_atomic_wait(int(ATOMIC_LOCK_WAIT_SECONDS * _NS))
+set_gfp_bits(GFP_VALID_MASK & ~__GFP_ZERO)  # the one list of valid bits is gfp.py's
 
 
 def _check_fast_layout() -> None:
@@ -266,7 +267,7 @@ class Mempool(Core):
         Core.__init__(
             self, seg.mm, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_procs, geo.off_queues,
             geo.max_queues, geo.off_slots, geo.max_procs, geo.capacity, geo.stride, geo.slot_size,
-            bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name, name,
+            bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name, name, _segment.queue_sem_prefix(name),
         )
         # posix_ipc's semaphore objects are not needed: the core opened its own.
         for sem in (seg.lock_sem, seg.wait_sem):
@@ -284,6 +285,7 @@ class Mempool(Core):
         st = os.fstat(seg.fd)
         self._key = (st.st_dev, st.st_ino)
         self._core: tuple[Views, _LockForTests] | None = (v, _LockForTests(self))
+        self._set_data(v.data)
         if register:
             self._attach_process()
         _live_pools.add(self)
@@ -537,7 +539,9 @@ class Mempool(Core):
 
     def alloc_bulk(self, n: int, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> np.ndarray | None:
         """Allocate ``n`` elements at once; return their handles as a numpy
-        int64 array (the kernel 6.19's mempool_alloc_bulk).
+        int64 array. Not the kernel's mempool_alloc_bulk (in linux-next,
+        not in a release), which fills the caller's array, takes no gfp and
+        keeps what it got while it waits: KERNEL.md lists the differences.
 
         Each element is an arena attempt first (with its own fault draw);
         the elements the arena does not give come from the reserve, all of
@@ -573,6 +577,9 @@ class Mempool(Core):
         ValueError, InvalidHandleError) and nothing is freed. Then, as if
         freed one by one: the first ones refill the reserve while it is
         below min_nr (waking sleepers), the rest go back to the arena.
+        Returns None: the kernel's mempool_free_bulk (linux-next) returns how
+        many it put in the reserve and leaves the rest to the caller; here
+        every element is freed.
         """
         if self._core is None:
             raise self._closed()
@@ -755,17 +762,16 @@ class Mempool(Core):
             raise InvalidHandleError(handle, self._describe(word, gen))
         return idx * self._stride
 
-    def buffer(self, handle: int) -> memoryview:
-        """A writable memoryview of the element's ``slot_size`` bytes. It
-        stays valid after ``close()`` (the mapping lives while views do)."""
+    # buffer(handle) and ndarray(handle, dtype, shape) are the compiled
+    # Core's: a checked handle and a view cut in C. Whatever they find
+    # unusual comes here, to be checked and said in Python.
+
+    def _buffer_slow(self, handle: int) -> memoryview:
         off = self._slot_offset(handle)
         return self._core[0].data[off : off + self._slot_size]  # type: ignore[index]
 
-    def ndarray(self, handle: int, dtype: Any = np.uint8, shape: Any = None) -> np.ndarray:
-        """A zero-copy numpy view of the element. ``shape`` defaults to as
-        many ``dtype`` items as fit in the slot; a shape that does not fit
-        raises ValueError. Slots are 8-byte aligned."""
-        dt = np.dtype(dtype)
+    def _ndarray_slow(self, handle: int, dtype: Any = None, shape: Any = None) -> np.ndarray:
+        dt = np.dtype(np.uint8 if dtype is None else dtype)
         if dt.hasobject:
             raise TypeError("a slot cannot hold Python objects (dtype has object fields)")
         if dt.itemsize < 1:

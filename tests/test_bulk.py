@@ -1,4 +1,6 @@
-"""alloc_bulk / free_bulk: the kernel 6.19 bulk rules."""
+"""alloc_bulk / free_bulk: the reserve part all or nothing, nothing held
+while waiting (KERNEL.md says how they differ from the kernel's bulk calls,
+which are in linux-next, not in a release)."""
 
 from __future__ import annotations
 

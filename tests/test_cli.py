@@ -27,11 +27,17 @@ from shmpool import GFP_ATOMIC, Mempool, _segment, cli
 from shmpool._layout import (
     COUNTERS,
     H_CURR_NR,
+    H_LOCK_OWNER,
+    H_LOCK_SEQ,
     H_NR_WAITERS,
     H_VERSION,
     LAYOUT_VERSION,
     MAGIC,
-    PID_SHIFT,
+    OWNER_MASK,
+    OWNER_SHIFT,
+    P_PID,
+    P_START,
+    PROC_WORDS,
     ST_HELD,
     STATE_MASK,
     Views,
@@ -39,6 +45,17 @@ from shmpool._layout import (
 
 INSPECT = os.path.join(os.path.dirname(sys.executable), "shmpool-inspect")
 ATTACH = "import sys, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
+LOCKER = ATTACH + "pool._test_lock()\nprint('ready', flush=True)\nsys.stdin.read()"
+#: Keys of the JSON documents (shmpool/cli.py): tested so that none is lost.
+POOL_KEYS = {
+    "name", "layout_version", "path", "status", "consistent", "geometry", "min_nr", "curr_nr", "arena_free",
+    "arena_shared", "arena_cached", "in_use", "nr_waiters", "fail_rate", "seed", "poison", "counters",
+    "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator",
+}
+LOCK_KEYS = {"held", "pid", "alive", "held_for_s", "waited_s", "error", "entry", "epoch", "seq", "waiters",
+             "held_throughout"}
+HOLDER_KEYS = {"pid", "name", "alive", "held", "cached", "sleeping", "entry", "epoch"}
+NO_PID = (1 << 22) + 12345  # beyond PID_MAX_LIMIT: no process has it, in any pid namespace
 
 
 def inspect(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -56,12 +73,17 @@ def raw(name: str) -> bytes:
         return f.read()
 
 
-def lock_value(name: str) -> int:
-    sem = posix_ipc.Semaphore(_segment.sem_names(name)[0])
-    try:
-        return sem.value
-    finally:
-        sem.close()
+def sem_values(name: str) -> list[int]:
+    """The values of the pool's two semaphores (the lock's sleepers, the
+    wait channel)."""
+    values = []
+    for sem_name in _segment.sem_names(name):
+        sem = posix_ipc.Semaphore(sem_name)
+        try:
+            values.append(sem.value)
+        finally:
+            sem.close()
+    return values
 
 
 def holder(popen: Callable[..., subprocess.Popen[str]], name: str, n: int) -> subprocess.Popen[str]:
@@ -100,19 +122,40 @@ def watching(*args: str) -> Iterator[subprocess.Popen[str]]:
         p.stderr.close()
 
 
+def lock_holder(popen: Callable[..., subprocess.Popen[str]], name: str) -> subprocess.Popen[str]:
+    """A separate interpreter that holds the pool lock (recorded as its own,
+    in C) until it is killed; returns it once it does."""
+    p = popen(LOCKER, name)
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def dead(p: subprocess.Popen[str]) -> subprocess.Popen[str]:
+    p.kill()
+    p.wait(timeout=10)
+    return p
+
+
+def entry_of(d: dict[str, Any], pid: int) -> dict[str, Any]:
+    return next(h for h in d["holders"] if h["pid"] == pid)
+
+
 @contextlib.contextmanager
 def damaged(pool: Mempool, harm: Callable[[Views], None]) -> Iterator[None]:
     """Damage the pool on purpose (``harm`` writes into its header, slot
-    words, stacks or slots, under the lock); every byte is put back after."""
-    v, lock = pool._core[0], pool._core[1]
-    with lock:
-        saved = v.mm[:]
+    words, stacks, registry or slots, under the lock); every byte but the
+    lock's own words is put back after."""
+    v = pool._core[0]
+    lock_words = slice(8 * H_LOCK_OWNER, 8 * (H_LOCK_SEQ + 1))
+    with pool._core[1]:
+        saved = bytes(v.mm[:])
         harm(v)
     try:
         yield
     finally:
-        with lock:
-            v.mm[:] = saved
+        with pool._core[1]:
+            v.mm[: lock_words.start] = saved[: lock_words.start]
+            v.mm[lock_words.stop :] = saved[lock_words.stop :]
 
 
 @pytest.fixture
@@ -133,16 +176,22 @@ def test_json_agrees_with_stats_and_attributes_holders(pool: Mempool, name: str,
     four, one = holder(popen, name, 4), holder(popen, name, 1)
     d = shown(name)
     s = pool.stats()
+    assert set(d) == POOL_KEYS and set(d["lock"]) == LOCK_KEYS
+    assert all(set(h) == HOLDER_KEYS for h in d["holders"])
     for key in ("min_nr", "curr_nr", "arena_free", "in_use", "nr_waiters", "fail_rate", "seed", "poison"):
         assert d[key] == getattr(s, key), key
     assert d["counters"] == {k: getattr(s, k) for k in d["counters"]}
     assert d["geometry"] == {"slot_size": 64, "capacity": 16, "stride": 64, "total_bytes": len(raw(name))}
     assert d["consistent"] is True and d["lock"]["held"] is False and d["status"] == "live"
+    assert d["lock"]["pid"] is None and d["lock"]["error"] is None and d["lock"]["held_throughout"] is False
     assert d["layout_version"] == LAYOUT_VERSION and d["creator"] == {**d["creator"], "pid": os.getpid(), "alive": True}
     holders = {h["pid"]: h for h in d["holders"]}
     assert holders[os.getpid()]["held"] == 2 and holders[os.getpid()]["alive"]
     assert holders[four.pid]["held"] == 4 and holders[one.pid]["held"] == 1
     assert holders[four.pid]["name"] == psutil.Process(four.pid).name() and holders[four.pid]["alive"]
+    assert holders[os.getpid()]["entry"] == pool._entry and holders[os.getpid()]["epoch"] > 0
+    assert len({h["entry"] for h in d["holders"]}) == 3
+    assert d["arena_cached"] == sum(h["cached"] for h in d["holders"])
     counts = d["slot_counts"]
     assert counts["held"] == s.in_use == 7 and counts["reserve"] == s.curr_nr and counts["held_dead"] == 0
     assert d["slot_map"].count("H") == 7 and "X" not in d["slot_map"] and d["slot_map_group"] == 1
@@ -170,28 +219,107 @@ def test_text_shows_the_same_numbers_in_80_columns(pool: Mempool, name: str, pop
     assert counters == {k: s.as_dict()[k] for k in names}
     row = next(line.split() for line in lines if line.split()[:1] == [str(child.pid)])
     assert row[1:4] == [psutil.Process(child.pid).name(), "alive", "5"]
+    assert row[-1] == str(entry_of(shown(name), child.pid)["entry"])
     assert max(len(line) for line in lines) <= 80
     for h in held:
         pool.free(h)
 
 
 @pytest.mark.timeout(60)
-def test_a_dead_holder_shows_as_dead_and_reclaim_dead_takes_it_back(pool: Mempool, name: str, popen) -> None:
-    child = holder(popen, name, 3)
-    child.kill()
-    child.wait(timeout=10)
+def test_a_dead_holder_shows_as_dead_fails_the_check_and_reclaim_dead_takes_it_back(
+    pool: Mempool, name: str, popen
+) -> None:
+    child = dead(holder(popen, name, 3))
     d = shown(name)
-    dead = [h for h in d["holders"] if h["pid"] == child.pid]
-    assert dead and dead[0]["alive"] is False and dead[0]["held"] == 3 and dead[0]["name"] == ""
+    row = entry_of(d, child.pid)
+    assert row["alive"] is False and row["held"] == 3 and row["name"] == "" and row["epoch"] > 0
     assert d["slot_map"].count("X") == 3 and d["slot_counts"]["held_dead"] == 3
     text = inspect(name).stdout
     assert next(line.split() for line in text.splitlines() if line.split()[:1] == [str(child.pid)])[1:4] == [
         "-", "DEAD", "3"]
     assert "3 held by dead processes" in summary_rows(text)["in use"]
-    out = inspect(name, "--reclaim-dead")
-    assert out.returncode == 0 and "reclaimed 3 element(s)" in out.stdout
+    check = inspect(name, "--check")  # issue 9: not "all checks pass"
+    assert check.returncode == 1 and check.stderr == ""
+    assert f"3 element(s) held by dead processes (3 held of entry {row['entry']} (pid {child.pid}))" in check.stdout
+    assert f"run `shmpool-inspect --reclaim-dead {name}` (or pool.reclaim_dead())" in check.stdout
+    assert json.loads(inspect(name, "--check", "--json").stdout)["ok"] is False
+    out = inspect("--reclaim-dead", name)  # as the hint says it
+    assert out.returncode == 0 and "reclaimed 3 element(s)" in out.stdout, out.stdout + out.stderr
     assert f"pid {child.pid} (dead): 3 held element(s)" in out.stdout
-    assert pool.stats().in_use == 0
+    assert f"(registry entry {row['entry']})" in out.stdout
+    assert pool.stats().in_use == 0 and pool.stats().reclaimed == 3
+    assert inspect(name, "--check").returncode == 0
+    assert inspect(name, "--reclaim-dead").stdout.endswith(f"reclaimed 0 element(s) from dead processes in pool {name!r}\n")
+
+
+@contextlib.contextmanager
+def a_dead_sleeper(name: str, spawn) -> Iterator[tuple[Mempool, Any]]:
+    """A pool whose only element this process holds, and a child that was
+    killed while it slept in alloc (still counted in nr_waiters)."""
+    pool = Mempool.create(name, min_nr=1, slot_size=8, capacity=1)
+    try:
+        h = pool.alloc(GFP_ATOMIC)  # the only element: the next alloc sleeps
+        results = mp.get_context("spawn").Queue()  # kept: the child unpickles it
+        child = spawn(children.sleeping_alloc, name, results)
+        wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep")
+        child.kill()
+        child.join(10)
+        yield pool, child
+        pool.free(h)
+    finally:
+        pool.destroy(force=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_sleeper_fails_the_check_until_reclaimed(name: str, spawn) -> None:
+    with a_dead_sleeper(name, spawn) as (pool, child):
+        d = shown(name)
+        row = entry_of(d, child.pid)
+        assert row["alive"] is False and row["sleeping"] == 1 and d["nr_waiters"] == 1
+        check = inspect(name, "--check")
+        assert check.returncode == 1, check.stdout
+        assert (f"1 sleeping allocation(s) of dead processes still counted (1 sleeping of entry {row['entry']} "
+                f"(pid {child.pid})): run `shmpool-inspect --reclaim-dead {name}`") in check.stdout
+        out = inspect(name, "--reclaim-dead")
+        assert out.returncode == 0 and f"pid {child.pid} (dead): 0 held element(s), 0 cached slot(s), 1 sleeping" in (
+            out.stdout)
+        assert "of dead processes" not in inspect(name, "--check").stdout
+        assert all(h["pid"] != child.pid for h in shown(name)["holders"])
+
+
+@pytest.mark.timeout(60)
+def test_reclaiming_a_dead_sleeper_uncounts_it(name: str, spawn) -> None:
+    with a_dead_sleeper(name, spawn) as (pool, _):
+        pool.reclaim_dead()
+        out = inspect(name, "--check")
+        assert out.returncode == 0, out.stdout  # not "nr_waiters 1 is more than the 0 sleeping allocation(s) ..."
+        assert pool.stats().nr_waiters == 0
+
+
+@pytest.mark.timeout(60)
+def test_liveness_is_the_registry_entrys_ofd_lock_not_the_pid(pool: Mempool, name: str, popen) -> None:
+    """Pids may be another pid namespace's: a live holder whose recorded pid
+    names nobody here is alive; a dead one whose pid (and start time) names
+    a live process here is dead."""
+    live, gone = holder(popen, name, 2), dead(holder(popen, name, 1))
+    d = shown(name)
+    live_entry, gone_entry = entry_of(d, live.pid)["entry"], entry_of(d, gone.pid)["entry"]
+    me_pid, me_start = os.getpid(), int(pool._core[0].procs[pool._entry * PROC_WORDS + P_START])
+
+    def swap_identities(v: Views) -> None:
+        v.procs[live_entry * PROC_WORDS + P_PID] = NO_PID
+        v.procs[gone_entry * PROC_WORDS + P_PID] = me_pid
+        v.procs[gone_entry * PROC_WORDS + P_START] = me_start
+
+    with damaged(pool, swap_identities):
+        d = shown(name)
+        rows = {h["entry"]: h for h in d["holders"]}
+        assert rows[live_entry] == {**rows[live_entry], "pid": NO_PID, "alive": True, "held": 2, "name": ""}
+        assert rows[gone_entry] == {**rows[gone_entry], "pid": me_pid, "alive": False, "held": 1, "name": ""}
+        assert d["slot_counts"]["held"] == 2 and d["slot_counts"]["held_dead"] == 1
+        check = inspect(name, "--check")
+        assert check.returncode == 1 and f"1 held of entry {gone_entry} (pid {me_pid})" in check.stdout
+        assert str(NO_PID) not in check.stdout
 
 
 @pytest.mark.timeout(60)
@@ -242,12 +370,11 @@ def test_inspecting_never_changes_the_pool(name: str, popen) -> None:
     pool = Mempool.create(name, min_nr=3, slot_size=64, capacity=16, poison=True)
     try:
         h = pool.alloc(GFP_ATOMIC)
-        dead = holder(popen, name, 2)
-        dead.kill()
-        dead.wait(timeout=10)
-        before, sem_before = raw(name), lock_value(name)
-        for args in ([name], [name, "--json"], [name, "--check"], [name, "--check", "--json"], [name, "--all"], []):
-            assert inspect(*args).returncode == 0, args
+        dead(holder(popen, name, 2))
+        before, sems_before = raw(name), sem_values(name)
+        for args, status in (([name], 0), ([name, "--json"], 0), ([name, "--check"], 1), ([name, "--all"], 0),
+                             ([name, "--check", "--json"], 1), ([name, "--lock-timeout", "0"], 0), ([], 0)):
+            assert inspect(*args).returncode == status, args
         p = subprocess.Popen([INSPECT, name, "--watch", "0.05", "--json"], stdout=subprocess.PIPE, text=True)
         try:
             for _ in range(3):
@@ -259,7 +386,7 @@ def test_inspecting_never_changes_the_pool(name: str, popen) -> None:
             p.wait()
             p.stdout.close()
         assert raw(name) == before  # every byte, the lock's words and the dead holder's included
-        assert lock_value(name) == sem_before == 1
+        assert sem_values(name) == sems_before
         pool.free(h)
     finally:
         pool.destroy(force=True)
@@ -267,27 +394,34 @@ def test_inspecting_never_changes_the_pool(name: str, popen) -> None:
 
 @pytest.mark.timeout(60)
 def test_a_stuck_lock_holder_does_not_hang_it(pool: Mempool, name: str, popen) -> None:
-    child = popen(ATTACH + "pool._core[1].__enter__(); print('ready', flush=True); sys.stdin.read()", name)
-    assert child.stdout.readline().strip() == "ready"
+    child = lock_holder(popen, name)
+    before, sems_before = raw(name), sem_values(name)
     t0 = time.monotonic()
     out = inspect(name, "--lock-timeout", "0.2", timeout=20)
     assert time.monotonic() - t0 < 5  # the bound, an interpreter start and some slack
     assert out.returncode == 0
-    assert f"held by pid {child.pid} (alive)" in out.stdout and "may be inconsistent" in out.stdout
+    entry = entry_of(shown(name, "--lock-timeout", "0"), child.pid)["entry"]
+    assert f"held by pid {child.pid} (alive, registry entry {entry})" in out.stdout
+    assert "may be inconsistent" in out.stdout
     assert max(len(line) for line in out.stdout.splitlines()) <= 80
     d = shown(name, "--lock-timeout", "0.2")
     assert d["consistent"] is False and d["lock"]["pid"] == child.pid and d["lock"]["alive"] is True
-    assert d["lock"]["held"] is True and d["lock"]["held_for_s"] >= 0
+    assert d["lock"]["held"] is True and d["lock"]["held_for_s"] >= 0.2 and d["lock"]["held_throughout"] is True
+    assert d["lock"]["entry"] == entry and d["lock"]["waited_s"] >= 0.2 and d["lock"]["waiters"] == 0
     assert d["curr_nr"] == pool._core[0].hdr[H_CURR_NR]  # a snapshot all the same
     check = inspect(name, "--check", "--lock-timeout", "0.2")
-    assert check.returncode == 1 and "audit ran on a copy taken without the lock" in check.stdout
+    assert check.returncode == 1
+    assert f"the lock was held by pid {child.pid} (alive, registry entry {entry})" in check.stdout
+    assert "this audit ran on a copy that a critical section may have left half done" in check.stdout
     listing = [p for p in json.loads(inspect("--json").stdout) if p["name"] == name]
     assert listing and listing[0]["consistent"] is False
-    child.kill()
-    child.wait(timeout=10)
-    assert shown(name, "--lock-timeout", "0.1")["lock"] == {**d["lock"], "alive": False, "held_for_s": pytest.approx(
-        d["lock"]["held_for_s"], abs=60)}
-    assert f"held by pid {child.pid} (dead)" in inspect(name, "--lock-timeout", "0.1").stdout
+    assert raw(name) == before and sem_values(name) == sems_before  # it waited without taking anything
+    dead(child)
+    after = shown(name, "--lock-timeout", "0.1")["lock"]
+    assert after == {**d["lock"], "alive": False, "held_for_s": after["held_for_s"], "waited_s": after["waited_s"]}
+    assert f"held by pid {child.pid} (dead, registry entry {entry})" in inspect(name, "--lock-timeout", "0.1").stdout
+    assert pool.stats().lock_recoveries == 1  # taken over from the dead holder
+    assert shown(name)["lock"]["held"] is False and inspect(name, "--check").returncode == 0
 
 
 @pytest.mark.timeout(60)
@@ -295,12 +429,12 @@ def test_a_stuck_lock_holder_does_not_hang_it(pool: Mempool, name: str, popen) -
 def test_ctrl_c_gets_through_a_long_wait_for_a_stuck_lock(
     pool: Mempool, name: str, popen, args: tuple[str, ...], status: int
 ) -> None:
-    child = popen(ATTACH + "pool._core[1].__enter__(); print('ready', flush=True); sys.stdin.read()", name)
-    assert child.stdout.readline().strip() == "ready"
+    lock_holder(popen, name)
     with watching(name, "--lock-timeout", "30", *args) as p:
-        sem_file = f"/dev/shm/sem.shmpool.{name}.lock"  # mapped by sem_open, just before the wait
+        segment = f"/dev/shm/shmpool.{name}"  # mapped just before the wait for a quiet copy
         maps = pathlib.Path(f"/proc/{p.pid}/maps")
-        wait_for(lambda: sem_file in maps.read_text(), what="the CLI to open the lock")
+        wait_for(lambda: segment in maps.read_text(), what="the CLI to map the pool")
+        assert f"sem.shmpool.{name}" not in maps.read_text()  # the semaphores are none of its business
         t0 = time.monotonic()
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=20) == status
@@ -325,7 +459,8 @@ def test_check_passes_on_a_healthy_pool_in_use(pool: Mempool, name: str, spawn) 
     for _ in range(3):  # every process busy allocating and freeing meanwhile
         out = inspect(name, "--check")
         assert out.returncode == 0, out.stdout
-    d = json.loads(inspect(name, "--check", "--json").stdout)
+    # A quiet copy comes soon even now (the bound is only a bound).
+    d = json.loads(inspect(name, "--check", "--json", "--lock-timeout", "10").stdout)
     assert d == {"name": name, "consistent": True, "ok": True, "findings": []}
 
 
@@ -342,7 +477,19 @@ def _invalid_state(v: Views) -> None:
 
 
 def _held_by_nobody(v: Views) -> None:
-    v.words[6] = (v.words[6] & ~STATE_MASK & ((1 << PID_SHIFT) - 1)) | ST_HELD
+    v.words[6] = v.words[6] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_HELD
+
+
+def _held_by_a_vacant_entry(v: Views) -> None:
+    v.words[7] = v.words[7] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_HELD | 201 << OWNER_SHIFT
+
+
+def _held_beyond_the_registry(v: Views) -> None:
+    v.words[8] = v.words[8] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_HELD | OWNER_MASK << OWNER_SHIFT
+
+
+def _phantom_waiter(v: Views) -> None:
+    v.hdr[H_NR_WAITERS] = 1
 
 
 def _reserve_written_after_free(v: Views) -> None:
@@ -354,7 +501,10 @@ def _reserve_written_after_free(v: Views) -> None:
     (_curr_nr_beyond_min_nr, "curr_nr 4 exceeds min_nr 3"),
     (_duplicate_stack_entry, "reserve stack holds a slot more than once"),
     (_invalid_state, "1 slot(s) have no valid state, first slot 5 (state 9)"),
-    (_held_by_nobody, "1 held slot(s) record no holder (pid 0), first slot 6"),
+    (_held_by_nobody, "1 held slot(s) record no holder (owner 0), first slot 6: run `shmpool-inspect --reclaim-dead"),
+    (_held_by_a_vacant_entry, "1 element(s) held by dead processes (1 held of entry 200 (vacant, last pid 0))"),
+    (_held_beyond_the_registry, "1 held slot(s) name an owner beyond the registry of 256 entries, first slot 8"),
+    (_phantom_waiter, "nr_waiters 1 is more than the 0 sleeping allocation(s) recorded in the registry"),
     (_reserve_written_after_free, "1 reserved element(s) lost their poison (written after free)"),
 ])
 def test_check_names_the_damage(name: str, harm: Callable[[Views], None], finding: str) -> None:
@@ -369,6 +519,9 @@ def test_check_names_the_damage(name: str, harm: Callable[[Views], None], findin
             assert d["ok"] is False and any(finding in f for f in d["findings"])
             if harm is _invalid_state:
                 assert shown(name)["slot_map"][5] == "?"
+            if harm in (_held_by_nobody, _held_by_a_vacant_entry, _held_beyond_the_registry):
+                d = shown(name)
+                assert d["slot_counts"]["held_dead"] == 1 and d["slot_map"].count("X") == 1
         assert inspect(name, "--check").returncode == 0  # and whole again
     finally:
         pool.destroy(force=True)
@@ -421,6 +574,8 @@ def test_segments_that_are_not_pools_are_refused_and_not_listed(name: str) -> No
         assert odd["junk"] not in names and odd["empty"] not in names and f"{name}-fifo" not in names
         assert next(p for p in listing if p["name"] == odd["old"])["error"].endswith(
             f"this shmpool reads version {LAYOUT_VERSION}")
+        text = inspect(timeout=20).stdout  # an error too long for a line is wrapped
+        assert f"reads version {LAYOUT_VERSION})" in text and max(len(line) for line in text.splitlines()) <= 80
     finally:
         for n in odd.values():
             _segment.unlink(n)
@@ -543,10 +698,11 @@ def test_the_slot_map_is_exact_for_small_pools_and_never_hides_problems_in_group
     assert cli.slot_map(tie) == ("R" * (cli.MAP_ROWS * cli.MAP_WIDTH), 2)  # a tie goes to the busier state
 
 
-def test_held_slots_outside_the_live_set_are_dead() -> None:
-    words = np.array([ST_HELD | 5 << PID_SHIFT, ST_HELD | 6 << PID_SHIFT], np.uint64)
-    codes = cli.slot_codes(words, words & np.uint64(STATE_MASK), {5})
-    assert codes.tolist() == [cli.M_HELD, cli.M_DEAD]
+def test_held_slots_of_entries_not_alive_are_dead() -> None:
+    owners = [1, 2, 0, 3, OWNER_MASK]  # entries 0 (alive), 1 (dead), none, 2 (beyond the registry), none
+    words = np.array([ST_HELD | o << OWNER_SHIFT | 77 << 24 for o in owners], np.uint64)
+    codes = cli.slot_codes(words, np.array([True, False]))
+    assert codes.tolist() == [cli.M_HELD, cli.M_DEAD, cli.M_DEAD, cli.M_DEAD, cli.M_DEAD]
     assert H_VERSION == 1  # the header word the JSON's layout_version comes from
 
 
@@ -561,3 +717,23 @@ def test_the_creator_is_known_dead_once_it_exits(name: str) -> None:
         creator = json.loads(inspect(name, "--json").stdout)["creator"]
         assert creator["pid"] == os.getpid() and creator["alive"] is True
         pool.destroy()
+
+
+@pytest.mark.timeout(120)
+def test_bench_inspect_runs_and_cleans_up() -> None:
+    tool = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_inspect.py"
+    args = ["--slots", "4096", "--held", "1000", "--dead", "100", "--min-nr", "16", "--reps", "1", "--json"]
+    with subprocess.Popen([sys.executable, str(tool), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=110)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert p.returncode == 0, stderr
+    figures = json.loads(stdout)
+    assert set(figures["in_process"]) >= {"list", "show", "json", "check"} and "check" in figures["subprocess"]
+    assert len(figures["check_findings"]) == 1 and "100 element(s) held by dead processes" in (
+        figures["check_findings"][0])
+    assert [e for e in os.listdir("/dev/shm") if f"bench-inspect-{p.pid}-" in e] == []  # its pool is gone

@@ -308,3 +308,57 @@ def test_a_signal_handlers_exception_ends_a_blocked_get_and_leaks_nothing(pool: 
     assert pool.alloc(GFP_ATOMIC) is not None  # nothing wedged
     assert time.monotonic() - t0 < 5
     kill(p)
+
+
+@pytest.mark.timeout(120)
+def test_senders_and_receivers_killed_at_random_points_lose_nothing(name: str, popen) -> None:
+    """Producers and consumers hammer one queue while random ones are
+    SIGKILLed (only once they have moved elements, so every kill lands in
+    running code); afterwards every element is counted back."""
+    import random
+
+    rng = random.Random(7)
+    worker = (
+        "import os, queue\nq = pool.queue('q')\nrole = sys.argv[2]\nk = 0\n"
+        "while True:\n"
+        "    if role == 'p':\n"
+        "        h = pool.alloc(timeout=5)\n"
+        "        try:\n            q.put(h, timeout=0.5)\n"
+        "        except queue.Full:\n            pool.free(h)\n"
+        "    else:\n"
+        "        try:\n            pool.free_bulk(q.get_many(4, timeout=0.5))\n"
+        "        except queue.Empty:\n            pass\n"
+        "    k += 1\n"
+        "    if k == 20:\n        print('busy', flush=True)\n"
+    )
+    with Mempool.create(name, min_nr=4, slot_size=16, capacity=64, fail_rate=0.2, seed=3) as pool:
+        pool.queue("q", depth=16)
+        procs = []
+
+        def start(role: str):
+            p = popen(ATTACH + worker, name, role)
+            assert p.stdout.readline().strip() == "busy"
+            return p
+
+        for role in "ppcc":
+            procs.append((role, start(role)))
+        kills = 0
+        for _ in range(12):
+            i = rng.randrange(len(procs))
+            role, p = procs[i]
+            kill(p)
+            kills += 1
+            procs[i] = (role, start(role))
+        for _, p in procs:
+            kill(p)
+        pool.reclaim_dead()
+        s = pool.stats()
+        assert kills == 12 and s.in_use == 0
+        assert s.curr_nr + s.arena_free + s.queued == s.capacity
+        check_whole(pool)
+        q = pool.queue("q")
+        while not q.empty():
+            pool.free_bulk(q.get_many(16))
+        s = pool.stats()
+        assert (s.in_use, s.queued, s.curr_nr + s.arena_free) == (0, 0, 64)
+        pool.destroy()

@@ -35,7 +35,7 @@ from shmpool import _segment
 from shmpool._layout import H_CREATOR_PID, H_CREATOR_START, HEADER_WORDS
 from shmpool._procs import is_alive, live_pids, start_ticks
 
-SEM = re.compile(r"^sem\.shmpool\.(.+)\.(lock|wait)$")
+SEM = re.compile(r"^sem\.shmpool\.(.+)\.(lock|wait|q\d+)$")
 
 
 def pool_names() -> list[str]:
