@@ -34,7 +34,8 @@ entry and the pid it recorded there, alive or dead, for how long.
 reports a finding only if it shows in all three: a busy pool's passing
 inconsistencies (a cache push caught half way, a process preempted inside
 one) are not damage. It fails with exit status 1 when elements are held by
-dead processes or dead processes' sleepers are still counted, and says to run ``shmpool-inspect --reclaim-dead NAME`` (or
+dead processes or dead processes' sleepers (in alloc or on a queue) are
+still counted, and says to run ``shmpool-inspect --reclaim-dead NAME`` (or
 ``pool.reclaim_dead()``). An element in a queue is the queue's, not its
 sender's: one whose sender died is no finding (reclaim_dead never takes it).
 
@@ -810,8 +811,9 @@ def _who(procs: np.ndarray, entries: list[int], what: np.ndarray, unit: str) -> 
 
 def _dead_findings(copy: Copy) -> list[str]:
     """Elements held by dead processes (an entry whose process is dead, or
-    an owner field naming a vacant entry or none at all), and sleepers that
-    dead processes still count: what reclaim_dead takes back. A queued element is the queue's, whoever put it: never a
+    an owner field naming a vacant entry or none at all), and sleepers (in
+    alloc, on queues) that dead processes still count: what reclaim_dead
+    takes back. A queued element is the queue's, whoever put it: never a
     finding here."""
     v, alive = copy.views, copy.alive
     procs, held, n = _procs(v), _held_per_owner(copy), v.geo.max_procs
@@ -834,6 +836,12 @@ def _dead_findings(copy: Copy) -> list[str]:
         total = int(sleeping[ghosts].sum())
         findings.append(f"{total} sleeping allocation(s) of dead processes still counted "
                         f"({_who(procs, ghosts, sleeping, 'sleeping')}): {hint}")
+    on_queues = queue_sleepers(v).sum(axis=1)
+    ghosts = np.flatnonzero((on_queues > 0) & ~alive).tolist()
+    if ghosts:
+        total = int(on_queues[ghosts].sum())
+        findings.append(f"{total} queue sleeper(s) of dead processes still counted "
+                        f"({_who(procs, ghosts, on_queues, 'asleep on queues')}): {hint}")
     return findings
 
 
@@ -852,13 +860,45 @@ def _waiter_findings(copy: Copy) -> list[str]:
     return []
 
 
+def _queue_waiter_findings(copy: Copy) -> list[str]:
+    """Each live queue's waiter count counts the sleepers that processes
+    record per queue in their registry entries, as nr_waiters does for
+    allocations."""
+    v = copy.views
+    table, per = _queue_table(v), queue_sleepers(v)
+    findings = []
+    for q in np.flatnonzero(live_queues(v)).tolist():
+        waiters = int(table[q, Q_WAITERS])
+        live, recorded = int(per[copy.alive, q].sum()), int(per[:, q].sum())
+        which = f"queue {q} ({_queue_name(table[q])!r})"
+        if waiters < live:
+            findings.append(f"{which} counts {waiters} waiter(s), fewer than the {live} sleeping on it in live "
+                            f"processes")
+        elif waiters > recorded:
+            findings.append(f"{which} counts {waiters} waiter(s), more than the {recorded} recorded in the registry")
+    return findings
+
+
+def _queued_findings(copy: Copy) -> list[str]:
+    """Queued slots whose owner field names no queue table entry at all (0,
+    or beyond the table): the audit checks those that name an entry."""
+    states, owners = copy.slots
+    n = copy.views.geo.max_queues
+    slots = np.flatnonzero((states == ST_QUEUED) & ((owners == 0) | (owners > n)))
+    if slots.size:
+        return [f"{slots.size} queued slot(s) name no queue of the table's {n} (owner field "
+                f"{int(owners[slots[0]])}), first slot {slots[0]}"]
+    return []
+
+
 def check(copy: Copy) -> list[str]:
     """Every broken invariant in ``copy``, one sentence each that names the
     damage (empty for a healthy pool): ``_debug.audit`` (each slot in one
     place, stacks of distinct slots in the right state, counts that add up,
     curr_nr <= min_nr <= capacity, caches, each queue's list), the
-    reserve's poison, elements and sleepers of dead processes, the waiter
-    count; and, if one holder
+    reserve's poison, queued slots that name no queue, elements and
+    sleepers of dead processes, the waiter counts (the pool's and each
+    queue's); and, if one holder
     kept the lock for the whole wait, a line that says so (the audit then
     ran on a copy that a critical section may have left half done)."""
     if copy.summary:
@@ -868,7 +908,7 @@ def check(copy: Copy) -> list[str]:
     if copy.unpoisoned is not None and copy.unpoisoned.size and not findings:  # as audit: on an otherwise whole pool
         n, first = copy.unpoisoned.size, int(copy.unpoisoned[0])
         findings.append(f"{n} reserved element(s) lost their poison (written after free), first slot {first}")
-    findings += _dead_findings(copy) + _waiter_findings(copy)
+    findings += _queued_findings(copy) + _dead_findings(copy) + _waiter_findings(copy) + _queue_waiter_findings(copy)
     if v.hdr[H_STATUS] != STATUS_LIVE:
         findings.append("the pool is marked destroyed but still exists (its destroyer may have died)")
     if copy.lock.held_throughout:
@@ -1140,9 +1180,10 @@ def reclaim(name: str, lock_timeout: float = LOCK_TIMEOUT) -> int:
     except (OSError, PoolFormatError, ValueError) as exc:
         raise InspectError(str(exc)) from None
     for h in before["holders"]:
-        if h["alive"] or not (h["held"] or h["cached"] or h["sleeping"]):
+        if h["alive"] or not (h["held"] or h["cached"] or h["sleeping"] or h["queue_sleeping"]):
             continue
-        what = f"{h['held']} held element(s), {h['cached']} cached slot(s), {h['sleeping']} sleeping"
+        what = f"{h['held']} held element(s), {h['cached']} cached slot(s), {h['sleeping']} sleeping" + (
+            f", {h['queue_sleeping']} asleep on queues" if h["queue_sleeping"] else "")
         if h["entry"] is None:
             _emit(f"  no holder recorded: {h['held']} held element(s)")
         else:

@@ -39,6 +39,8 @@ from shmpool._layout import (
     P_PID,
     P_START,
     PROC_WORDS,
+    Q_WAITERS,
+    QUEUE_WORDS,
     ST_HELD,
     ST_QUEUED,
     STATE_MASK,
@@ -503,6 +505,27 @@ def test_a_queued_element_whose_putter_died_is_no_finding(pool: Mempool, name: s
         pool.free(h)
 
 
+@pytest.mark.timeout(60)
+def test_a_dead_queue_sleeper_fails_the_check_until_reclaimed(pool: Mempool, name: str, popen) -> None:
+    pool.queue("in", depth=4)
+    getter = popen(GETTER, name, "in")
+    assert getter.stdout.readline().strip() == "ready"
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="the getter to sleep")
+    dead(getter)
+    d = shown(name)
+    row = entry_of(d, getter.pid)
+    assert row["alive"] is False and row["queue_sleeping"] == 1 and d["queues"][0]["waiters"] == 1
+    check = inspect(name, "--check")
+    assert check.returncode == 1
+    assert (f"1 queue sleeper(s) of dead processes still counted (1 asleep on queues of entry {row['entry']} "
+            f"(pid {getter.pid})): run `shmpool-inspect --reclaim-dead {name}`") in check.stdout
+    out = inspect(name, "--reclaim-dead")
+    assert out.returncode == 0 and f"pid {getter.pid} (dead): 0 held element(s), 0 cached slot(s), 0 sleeping, " \
+        "1 asleep on queues" in out.stdout, out.stdout
+    assert inspect(name, "--check").returncode == 0
+    assert pool.stats().nr_waiters == 0 and shown(name)["queues"][0]["waiters"] == 0
+
+
 # ----------------------------------------------------------------------
 # Read-only, and never hangs
 
@@ -638,6 +661,18 @@ def _reserve_written_after_free(v: Views) -> None:
     v.data[v.stack[0] * v.geo.stride + 3] = 0
 
 
+def _queued_in_no_queue(v: Views) -> None:
+    v.words[9] = v.words[9] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_QUEUED
+
+
+def _queued_in_a_vacant_queue(v: Views) -> None:
+    v.words[10] = v.words[10] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_QUEUED | 5 << OWNER_SHIFT
+
+
+def _phantom_queue_waiter(v: Views) -> None:
+    v.queues[0 * QUEUE_WORDS + Q_WAITERS] = 1
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("harm", "finding"), [
     (_curr_nr_beyond_min_nr, "curr_nr 4 exceeds min_nr 3"),
@@ -648,10 +683,14 @@ def _reserve_written_after_free(v: Views) -> None:
     (_held_beyond_the_registry, "1 held slot(s) name an owner beyond the registry of 256 entries, first slot 8"),
     (_phantom_waiter, "nr_waiters 1 is more than the 0 sleeping allocation(s) recorded in the registry"),
     (_reserve_written_after_free, "1 reserved element(s) lost their poison (written after free)"),
+    (_queued_in_no_queue, "1 queued slot(s) name no queue of the table's 64 (owner field 0), first slot 9"),
+    (_queued_in_a_vacant_queue, "1 slot(s) are queued in queue 4, which does not exist"),
+    (_phantom_queue_waiter, "queue 0 ('q') counts 1 waiter(s), more than the 0 recorded in the registry"),
 ])
 def test_check_names_the_damage(name: str, harm: Callable[[Views], None], finding: str) -> None:
     pool = Mempool.create(name, min_nr=3, slot_size=64, capacity=16, poison=True)
     try:
+        pool.queue("q", depth=4).put(pool.alloc(GFP_ATOMIC))  # a queue holding an element
         assert inspect(name, "--check").returncode == 0
         with damaged(pool, harm):
             out = inspect(name, "--check")
@@ -661,6 +700,9 @@ def test_check_names_the_damage(name: str, harm: Callable[[Views], None], findin
             assert d["ok"] is False and any(finding in f for f in d["findings"])
             if harm is _invalid_state:
                 assert shown(name)["slot_map"][5] == "?"
+            if harm in (_queued_in_no_queue, _queued_in_a_vacant_queue):
+                d = shown(name)
+                assert d["slot_counts"]["invalid"] == 1 and d["slot_map"].count("?") == 1 and d["queued"] == 1
             if harm in (_held_by_nobody, _held_by_a_vacant_entry, _held_beyond_the_registry):
                 d = shown(name)
                 assert d["slot_counts"]["held_dead"] == 1 and d["slot_map"].count("X") == 1
