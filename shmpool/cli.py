@@ -1072,21 +1072,31 @@ def render(d: dict[str, Any], when: str = "") -> str:
     return "\n".join(lines[:-1])
 
 
+LIST_COLUMNS = (("SLOT", "slot_size"), ("CAPACITY", "capacity"), ("MIN", "min_nr"), ("CURR", "curr_nr"),
+                ("IN USE", "in_use"), ("QUEUED", "queued"), ("WAIT", "nr_waiters"))
+LIST_NAME_MIN = 8  # the name column is never narrower than this
+
+
 def render_list(pools: list[dict[str, Any]]) -> str:
-    """The listing: one line a pool."""
-    width = min(24, max([4, *(len(p["name"]) for p in pools)]))
-    lines = [f"{'NAME':<{width}} {'SLOT':>6} {'CAPACITY':>8} {'MIN':>6} {'CURR':>6} {'IN USE':>7} {'QUEUED':>6} "
-             f"{'WAIT':>4} CREATOR"]
+    """The listing: one line a pool, in 80 columns (unless numbers too big
+    for them): each number column as wide as its widest entry, the name
+    column what is left (a longer name ends in ~)."""
+    shown = [p for p in pools if "error" not in p]
+    widths = [max([len(head), *(len(str(p[key])) for p in shown)]) for head, key in LIST_COLUMNS]
+    creators = {id(p): ("alive" if p["creator_alive"] else "gone") + ("" if p["consistent"] else " (lock busy)")
+                for p in shown}
+    tail = max([len("CREATOR"), *map(len, creators.values())])
+    room = 80 - sum(w + 1 for w in widths) - 1 - tail
+    width = max(LIST_NAME_MIN, min(room, max([4, *(len(p["name"]) for p in pools)])))
+    heads = " ".join(f"{head:>{w}}" for (head, _), w in zip(LIST_COLUMNS, widths))
+    lines = [f"{'NAME':<{width}} {heads} CREATOR"]
     for p in pools:
         name = p["name"] if len(p["name"]) <= width else p["name"][: width - 1] + "~"
         if "error" in p:
             lines += textwrap.wrap(f"{name:<{width}} ({p['error']})", 80, subsequent_indent=" " * (width + 1))
             continue
-        lines.append(
-            f"{name:<{width}} {p['slot_size']:>6} {p['capacity']:>8} {p['min_nr']:>6} {p['curr_nr']:>6} "
-            f"{p['in_use']:>7} {p['queued']:>6} {p['nr_waiters']:>4} {'alive' if p['creator_alive'] else 'gone'}"
-            + ("" if p["consistent"] else " (lock busy)")
-        )
+        numbers = " ".join(f"{p[key]:>{w}}" for (_, key), w in zip(LIST_COLUMNS, widths))
+        lines.append(f"{name:<{width}} {numbers} {creators[id(p)]}")
     if not pools:
         lines.append("(no pools)")
     return "\n".join(lines)
