@@ -10,37 +10,42 @@ touched: a lock taken by the inspector would have to be recorded like any
 holder's, and an inspector that is killed, stopped or slow must never be
 one more thing the pool's users wait for.
 
-Only the metadata is copied (header, slot words, both stacks, process
-registry: 16 bytes a slot, a few milliseconds for a million slots), and,
-for ``--check`` of a poisoned pool, the reserve's elements are compared with
-the poison pattern in place. Everything shown is computed from that copy
-with numpy over the per-slot words; nothing loops over slots in Python.
+Only the metadata is copied (header, slot words, both stacks, queue
+links, process registry, queue table: 20 bytes a slot, a few milliseconds
+for a million slots), and, for ``--check`` of a poisoned pool, the
+reserve's elements are compared with the poison pattern in place.
+Everything shown is computed from that copy with numpy over the per-slot
+words; nothing loops over slots in Python (but ``--check`` walks each
+queue's list, as the audit does).
 
 A quiet copy: every critical section runs under the lock, and every
 acquisition bumps ``H_LOCK_SEQ``. A copy during which the lock was free,
 before and after, with the same sequence number, saw no critical section:
-the reserve, the shared arena, the stacks and the counters in it agree with
-each other (``"consistent": true``). A process's own cache changes without
-the lock (see ``_fast.c``), so a quiet copy may still catch one cache push
-or pop half done. The inspector retries (reading only the lock's words
-between tries) until it gets a quiet copy or ``--lock-timeout`` (0.25 s)
-has passed; then it keeps the last copy, marked ``"consistent": false``, and
-says who holds the lock: the holder's registry entry and the pid it
-recorded there, alive or dead, for how long.
+the reserve, the shared arena, the queues, the stacks and the counters in
+it agree with each other (``"consistent": true``). A process's own cache
+changes without the lock (see ``_fast.c``), so a quiet copy may still
+catch one cache push or pop half done. The inspector retries (reading
+only the lock's words between tries) until it gets a quiet copy or
+``--lock-timeout`` (0.25 s) has passed; then it keeps the last copy, marked
+``"consistent": false``, and says who holds the lock: the holder's registry
+entry and the pid it recorded there, alive or dead, for how long.
 
 ``--check`` audits three copies, a little apart (0.05 s, then 0.2 s), and
 reports a finding only if it shows in all three: a busy pool's passing
 inconsistencies (a cache push caught half way, a process preempted inside
 one) are not damage. It fails with exit status 1 when elements are held by
-dead processes or dead processes' sleepers are still counted, and says to
-run ``shmpool-inspect --reclaim-dead NAME`` (or ``pool.reclaim_dead()``).
+dead processes or dead processes' sleepers (in alloc or on a queue) are
+still counted, and says to run ``shmpool-inspect --reclaim-dead NAME`` (or
+``pool.reclaim_dead()``). An element in a queue is the queue's, not its
+sender's: one whose sender died is no finding (reclaim_dead never takes it).
 
 Who is alive: a registry entry belongs to a live process iff its epoch is
 not 0 and some open file description holds the OFD lock on the entry's
 byte of the segment (``_procs.entry_alive``); the kernel drops that lock
 when its process dies, whatever the pid namespaces. A held slot's holder is
 the entry in its owner field; one that names a vacant entry, or no entry at
-all, is held by the dead. Pids are shown as the processes recorded them
+all, is held by the dead. A queued slot's owner field names its queue
+(index + 1), not a process. Pids are shown as the processes recorded them
 (they may be another pid namespace's): a command name is shown only for a
 pid that runs here with the recorded start time. The creator is alive if
 its pid runs with the start time the header recorded at create.
@@ -50,11 +55,12 @@ most 8 rows of 64)::
 
     R  in the reserve          H  held by a live process
     .  free in the arena       X  held by a dead process
-    c  free in a process's     ?  no valid state (damage)
-       cache (see _fast.c)
+    c  free in a process's     Q  in a queue (shmpool.queues)
+       cache (see _fast.c)     ?  no valid state, or queued in a
+                                  queue that does not exist (damage)
 
 A character for a group shows the state most of its slots are in (a tie
-goes to the busier state: H, c, R, then .), except that a group with any
+goes to the busier state: H, Q, R, c, then .), except that a group with any
 ``?`` slot shows ``?`` and else one with any ``X`` slot shows ``X``:
 problems are never averaged away.
 
@@ -66,26 +72,41 @@ One pool (``NAME --json``; one document per line with ``--watch``)::
     consistent (bool: a quiet copy, see above),
     geometry {slot_size, capacity, stride, total_bytes},
     min_nr, curr_nr, arena_free, arena_shared, arena_cached, in_use,
-    nr_waiters, fail_rate, seed, poison (bool),
+    queued, nr_waiters, fail_rate, seed, poison (bool),
     counters {alloc_arena, alloc_reserve, alloc_failed, free_reserve,
               free_arena, sleeps, faults_injected, poison_errors,
               lock_recoveries, reclaimed},
     rates {the counters' keys: per second; --watch only, from frame 2},
     reserve_stack [slot, ...]  (top first; the first 16 unless --all),
-    holders [{pid, name, alive, held, cached, sleeping, entry, epoch}]
+    holders [{pid, name, alive, held, cached, sleeping, entry, epoch,
+              queue_sleeping}]
         (one per registry entry whose process is alive, or that holds,
-        caches or sleeps; entry null for held slots that name no entry),
-    slot_counts {reserve, arena, cached, held, held_dead, invalid},
+        caches or sleeps; entry null for held slots that name no entry;
+        sleeping: its threads in a sleeping alloc, queue_sleeping: its
+        threads asleep in a blocked put or get, on any queue),
+    queues [{name, index, depth, count, waiters, puts, gets}]
+        (one per live queue, by index in the queue table: count is the
+        elements in it now, waiters the threads asleep in a blocked put or
+        get on it, puts and gets its counters),
+    slot_counts {reserve, arena, cached, queued, held, held_dead, invalid},
     slot_map (string, legend above), slot_map_group (slots per character),
     lock {held (bool), pid, alive, held_for_s, waited_s, error,
           entry, epoch, seq, waiters, held_throughout},
     creator {pid, alive, created_s (Unix time)}
 
 The numbers ``min_nr`` .. ``poison`` and ``counters`` are those of
-``Mempool.stats()``. ``NAME --check --json``: {name, consistent, ok,
-findings [sentence, ...]}. No NAME: a list with, per pool, {name, slot_size,
-capacity, min_nr, curr_nr, in_use, nr_waiters, creator_pid, creator_alive,
-consistent}, or {name, error} for one that cannot be read.
+``Mempool.stats()``: ``curr_nr + arena_free + in_use + queued == capacity``.
+``NAME --check --json``: {name, consistent, ok, findings [sentence, ...]}.
+No NAME: a list with, per pool, {name, slot_size, capacity, min_nr,
+curr_nr, in_use, nr_waiters, creator_pid, creator_alive, consistent,
+queued}, or {name, error} for one that cannot be read.
+
+Since queues (issue 10), as ``stats()``: ``in_use`` counts the elements
+processes hold and no longer those that queues hold (new ``queued``);
+``nr_waiters`` counts the threads asleep on queues too (the header's word
+counts sleeping allocations only); new keys ``queues``,
+``slot_counts.queued``, ``holders[].queue_sleeping`` and the listing's
+``queued``; the slot map's new ``Q``.
 
 Since layout v4 (the lock is a header word holding its owner's token):
 ``lock.held`` is always a bool (it was null when the semaphore could not be
@@ -159,12 +180,24 @@ from ._layout import (
     P_COUNTERS,
     P_EPOCH,
     P_PID,
+    P_QSLEEP,
     P_SLEEPING,
     P_START,
     PROC_WORDS,
+    Q_COUNT,
+    Q_DEPTH,
+    Q_GETS,
+    Q_NAME,
+    Q_PUTS,
+    Q_STATE,
+    Q_WAITERS,
+    QUEUE_LIVE,
+    QUEUE_NAME_BYTES,
+    QUEUE_WORDS,
     ST_ARENA,
     ST_CACHED,
     ST_HELD,
+    ST_QUEUED,
     ST_RESERVE,
     STATE_MASK,
     STATUS_LIVE,
@@ -188,12 +221,15 @@ CHECK_SPACING_S = (0.05, 0.2)  # pauses before the second and third of them
 HOLDERS_NAMED = 4  # a finding names at most this many processes
 CREATE_TIME_SLACK_S = 1.0  # psutil's start times are derived from a boot time in whole seconds
 POISON_CHUNK_BYTES = 8 << 20  # the poison scan compares this much at a time
+SLEEPERS_MAX = 1 << 20  # _fast.c's bound: a waiter count beyond it is damage (stats() counts it as 0)
+QUEUE_NAME_SHOWN = 16  # a longer queue name gets a line of its own in the text view
 
-# Slot map codes, in the order of their symbols: 0-3 are normal states
-# (ranked for ties), 4-5 problems (shown if present at all).
-MAP_SYMBOLS = ".cRHX?"
-M_ARENA, M_CACHED, M_RESERVE, M_HELD, M_DEAD, M_INVALID = range(6)
-SLOT_COUNT_KEYS = ("arena", "cached", "reserve", "held", "held_dead", "invalid")
+# Slot map codes, in the order of their symbols: 0-4 are normal states
+# (ranked for ties: the higher code wins), 5-6 problems (shown if present
+# at all).
+MAP_SYMBOLS = ".cRQHX?"
+M_ARENA, M_CACHED, M_RESERVE, M_QUEUED, M_HELD, M_DEAD, M_INVALID = range(7)
+SLOT_COUNT_KEYS = ("arena", "cached", "reserve", "queued", "held", "held_dead", "invalid")
 
 EXAMPLES = """\
 examples:
@@ -205,7 +241,8 @@ examples:
   shmpool-inspect demo --reclaim-dead take back dead processes' elements
 
 slot map: R reserve, . arena free, c free in a process's cache,
-          H held by a live process, X held by a dead one, ? damaged
+          Q in a queue, H held by a live process, X held by a dead one,
+          ? damaged
           (for big pools a character stands for a group of slots)
 
 It never takes the pool lock: it copies the pool's metadata while the lock
@@ -247,8 +284,9 @@ class Copy:
     the reserve slots whose poison pattern was found broken, or is None
     when not scanned. ``identity`` tells this pool from a later one of the
     same name. A ``summary`` copy holds only the header, the registry and
-    the slot words that the registry's caches name (enough for
-    ``summarize``); the rest of its words and stacks are zeros."""
+    the queue table and the slot words that the registry's caches name
+    (enough for ``summarize``); the rest of its words, stacks and links are
+    zeros."""
 
     name: str
     views: Views
@@ -363,14 +401,15 @@ def _copy(
 
 
 def _summary_bytes(mm: mmap.mmap, geo: Geometry) -> np.ndarray:
-    """The metadata as ``summarize`` needs it: the header and the registry
-    copied, of the slot words only those the caches name, zeros elsewhere
-    (untouched pages of a zeroed buffer cost nothing)."""
+    """The metadata as ``summarize`` needs it: the header, the registry and
+    the queue table copied, of the slot words only those the caches name,
+    zeros elsewhere (untouched pages of a zeroed buffer cost nothing)."""
     meta = np.zeros(geo.off_slots, dtype=np.uint8)
     procs_end = geo.off_procs + 8 * PROC_WORDS * geo.max_procs
+    queues_end = geo.off_queues + 8 * QUEUE_WORDS * geo.max_queues  # the table follows the registry
     meta[:HEADER_BYTES] = np.frombuffer(mm, dtype=np.uint8, count=HEADER_BYTES)
-    meta[geo.off_procs : procs_end] = np.frombuffer(mm, dtype=np.uint8, count=procs_end - geo.off_procs,
-                                                    offset=geo.off_procs)
+    meta[geo.off_procs : queues_end] = np.frombuffer(mm, dtype=np.uint8, count=queues_end - geo.off_procs,
+                                                     offset=geo.off_procs)
     idx, _ = _cache_slots(meta[geo.off_procs : procs_end].view(np.uint64).reshape(geo.max_procs, PROC_WORDS),
                           geo.capacity)
     live = np.frombuffer(mm, dtype=np.uint64, count=geo.capacity, offset=geo.off_words)
@@ -472,25 +511,31 @@ def cached_per_entry(v: Views) -> np.ndarray:
 
 
 def owner_alive(alive: np.ndarray) -> np.ndarray:
-    """Indexed by an owner field (entry + 1): whether it names a live
-    process (0 and fields beyond the registry name none)."""
+    """Indexed by an owner field (entry + 1, or queue + 1): whether it
+    names an entry (a queue) that ``alive`` says is alive (live); 0 and
+    fields beyond ``alive`` name none."""
     table = np.zeros(OWNER_MASK + 1, dtype=bool)
     table[1 : alive.size + 1] = alive
     return table
 
 
-def slot_codes(words: np.ndarray, alive: np.ndarray) -> np.ndarray:
+def slot_codes(words: np.ndarray, alive: np.ndarray, queue_live: np.ndarray | None = None) -> np.ndarray:
     """Each slot's slot-map code (M_*), from its word; a held slot is
     M_HELD if its owner field names a registry entry that ``alive`` (one
-    bool per entry) says is alive, else M_DEAD."""
-    return _codes(*_fields(words), alive)
+    bool per entry) says is alive, else M_DEAD; a queued slot is M_QUEUED
+    if its owner field names a queue that ``queue_live`` (one bool per
+    queue table entry) says exists, else M_INVALID (None: any queue)."""
+    if queue_live is None:
+        queue_live = np.ones(OWNER_MASK, dtype=bool)
+    return _codes(*_fields(words), alive, queue_live)
 
 
-def _codes(states: np.ndarray, owners: np.ndarray, alive: np.ndarray) -> np.ndarray:
+def _codes(states: np.ndarray, owners: np.ndarray, alive: np.ndarray, queue_live: np.ndarray) -> np.ndarray:
     codes = np.full(states.size, M_INVALID, dtype=np.uint8)
     codes[states == ST_ARENA] = M_ARENA
     codes[states == ST_CACHED] = M_CACHED
     codes[states == ST_RESERVE] = M_RESERVE
+    codes[(states == ST_QUEUED) & owner_alive(queue_live)[owners]] = M_QUEUED  # the others stay M_INVALID
     held = states == ST_HELD
     codes[held] = M_DEAD
     codes[held & owner_alive(alive)[owners]] = M_HELD
@@ -510,7 +555,7 @@ def slot_map(codes: np.ndarray) -> tuple[str, int]:
     kinds = len(MAP_SYMBOLS)
     key = np.arange(n, dtype=np.int64) // group * kinds + codes
     counts = np.bincount(key, minlength=groups * kinds).reshape(groups, kinds)
-    normal = counts[:, M_HELD::-1]  # H, c, R, . (reversed: argmax takes the first of a tie)
+    normal = counts[:, M_HELD::-1]  # H, Q, R, c, . (reversed: argmax takes the first of a tie)
     shown = M_HELD - np.argmax(normal, axis=1)
     shown[counts[:, M_DEAD] > 0] = M_DEAD
     shown[counts[:, M_INVALID] > 0] = M_INVALID
@@ -523,16 +568,27 @@ def _held_per_owner(copy: Copy) -> np.ndarray:
     return np.bincount(owners[states == ST_HELD], minlength=OWNER_MASK + 1)
 
 
+def queue_sleepers(v: Views) -> np.ndarray:
+    """How many threads of each registry entry's process sleep on each
+    queue, (max_procs, max_queues): the entries' P_QSLEEP bytes."""
+    procs = _procs(v)
+    per = np.ascontiguousarray(procs[:, P_QSLEEP : PROC_WORDS]).view(np.uint8)
+    return per[:, : v.geo.max_queues].astype(np.int64)
+
+
 def holders(copy: Copy) -> list[dict[str, Any]]:
     """One row per registry entry whose process is alive, or that holds,
-    caches or sleeps (a dead entry with nothing is no holder), by entry;
-    then one row (entry None, pid 0) for held slots whose owner field names
-    no entry (0, or beyond the registry: damage)."""
+    caches or sleeps (in alloc or on a queue; a dead entry with nothing is
+    no holder), by entry; then one row (entry None, pid 0) for held slots
+    whose owner field names no entry (0, or beyond the registry: damage).
+    Queued elements are the queues', never a process's: no row counts them."""
     v, alive = copy.views, copy.alive
     procs, held, cached = _procs(v), _held_per_owner(copy), cached_per_entry(v)
+    on_queues = queue_sleepers(v).sum(axis=1)
     n = v.geo.max_procs
     rows = []
-    for e in np.flatnonzero(alive | (held[1 : n + 1] > 0) | (cached > 0) | (procs[:, P_SLEEPING] > 0)).tolist():
+    busy = (held[1 : n + 1] > 0) | (cached > 0) | (procs[:, P_SLEEPING] > 0) | (on_queues > 0)
+    for e in np.flatnonzero(alive | busy).tolist():
         pid, start = int(procs[e, P_PID]), int(procs[e, P_START])
         rows.append({
             "pid": pid,
@@ -543,12 +599,40 @@ def holders(copy: Copy) -> list[dict[str, Any]]:
             "sleeping": int(procs[e, P_SLEEPING]),
             "entry": e,
             "epoch": int(procs[e, P_EPOCH]),
+            "queue_sleeping": int(on_queues[e]),
         })
     orphans = int(held[0] + held[n + 1 :].sum())
     if orphans:
         rows.append({"pid": 0, "name": "", "alive": False, "held": orphans, "cached": 0, "sleeping": 0,
-                     "entry": None, "epoch": 0})
+                     "entry": None, "epoch": 0, "queue_sleeping": 0})
     return rows
+
+
+def _queue_table(v: Views) -> np.ndarray:
+    return np.frombuffer(v.queues, dtype=np.uint64).reshape(v.geo.max_queues, QUEUE_WORDS)
+
+
+def live_queues(v: Views) -> np.ndarray:
+    """One bool per queue table entry: whether that queue exists."""
+    return _queue_table(v)[:, Q_STATE] == QUEUE_LIVE
+
+
+def _queue_name(row: np.ndarray) -> str:
+    raw = np.ascontiguousarray(row[Q_NAME : Q_NAME + QUEUE_NAME_BYTES // 8]).tobytes()
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def queues(v: Views) -> list[dict[str, Any]]:
+    """One row per live queue, by index: its name, index in the queue
+    table, depth, count (elements in it now), waiters (threads asleep in a
+    blocked put or get on it) and its puts and gets counters, as the queue
+    table has them."""
+    table = _queue_table(v)
+    return [
+        {"name": _queue_name(table[q]), "index": q, "depth": int(table[q, Q_DEPTH]), "count": int(table[q, Q_COUNT]),
+         "waiters": int(table[q, Q_WAITERS]), "puts": int(table[q, Q_PUTS]), "gets": int(table[q, Q_GETS])}
+        for q in np.flatnonzero(live_queues(v)).tolist()
+    ]
 
 
 def _counters(v: Views) -> dict[str, int]:
@@ -577,14 +661,20 @@ def _lock_info(copy: Copy) -> dict[str, Any]:
 
 
 def _totals(v: Views) -> dict[str, int]:
-    """The header's numbers, as stats() derives them."""
+    """The header's numbers, as stats() derives them: queued elements are
+    the live queues' counts, in_use the rest of the capacity, nr_waiters
+    the sleeping allocations plus every live queue's waiters."""
     hdr, cap = v.hdr, v.geo.capacity
     curr_nr, shared = int(hdr[H_CURR_NR]), int(hdr[H_ARENA_FREE])
     cached = int(cached_per_entry(v).sum())
+    table = _queue_table(v)[live_queues(v)]
+    queued = int(np.minimum(table[:, Q_COUNT], cap).sum())
+    waiters = table[:, Q_WAITERS]
+    on_queues = int(waiters[waiters < SLEEPERS_MAX].sum())
     return {
         "min_nr": int(hdr[H_MIN_NR]), "curr_nr": curr_nr, "arena_free": shared + cached,
-        "arena_shared": shared, "arena_cached": cached, "in_use": max(0, cap - curr_nr - shared - cached),
-        "nr_waiters": int(hdr[H_NR_WAITERS]),
+        "arena_shared": shared, "arena_cached": cached, "in_use": max(0, cap - curr_nr - shared - cached - queued),
+        "queued": queued, "nr_waiters": int(hdr[H_NR_WAITERS]) + on_queues,
     }
 
 
@@ -598,7 +688,7 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
     """Everything about one pool, as the JSON document (see the module doc)."""
     v, geo = copy.views, copy.views.geo
     hdr = v.hdr
-    codes = _codes(*copy.slots, copy.alive)
+    codes = _codes(*copy.slots, copy.alive, live_queues(v))
     smap, group = slot_map(codes)
     totals = _totals(v)
     depth = min(totals["curr_nr"], geo.capacity)
@@ -618,6 +708,7 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
         "counters": _counters(v),
         "reserve_stack": (stack if show_all else stack[:STACK_SHOWN]).tolist(),
         "holders": holders(copy),
+        "queues": queues(v),
         "slot_counts": dict(zip(SLOT_COUNT_KEYS, np.bincount(codes, minlength=len(MAP_SYMBOLS)).tolist())),
         "slot_map": smap,
         "slot_map_group": group,
@@ -635,7 +726,7 @@ def summarize(copy: Copy) -> dict[str, Any]:
         "name": copy.name, "slot_size": v.geo.slot_size, "capacity": v.geo.capacity,
         "min_nr": totals["min_nr"], "curr_nr": totals["curr_nr"], "in_use": totals["in_use"],
         "nr_waiters": totals["nr_waiters"], "creator_pid": creator["pid"], "creator_alive": creator["alive"],
-        "consistent": copy.consistent,
+        "consistent": copy.consistent, "queued": totals["queued"],
     }
 
 
@@ -720,8 +811,10 @@ def _who(procs: np.ndarray, entries: list[int], what: np.ndarray, unit: str) -> 
 
 def _dead_findings(copy: Copy) -> list[str]:
     """Elements held by dead processes (an entry whose process is dead, or
-    an owner field naming a vacant entry or none at all), and sleepers that
-    dead processes still count: what reclaim_dead takes back."""
+    an owner field naming a vacant entry or none at all), and sleepers (in
+    alloc, on queues) that dead processes still count: what reclaim_dead
+    takes back. A queued element is the queue's, whoever put it: never a
+    finding here."""
     v, alive = copy.views, copy.alive
     procs, held, n = _procs(v), _held_per_owner(copy), v.geo.max_procs
     hint = f"run `{PROG} --reclaim-dead {copy.name}` (or pool.reclaim_dead())"
@@ -743,6 +836,12 @@ def _dead_findings(copy: Copy) -> list[str]:
         total = int(sleeping[ghosts].sum())
         findings.append(f"{total} sleeping allocation(s) of dead processes still counted "
                         f"({_who(procs, ghosts, sleeping, 'sleeping')}): {hint}")
+    on_queues = queue_sleepers(v).sum(axis=1)
+    ghosts = np.flatnonzero((on_queues > 0) & ~alive).tolist()
+    if ghosts:
+        total = int(on_queues[ghosts].sum())
+        findings.append(f"{total} queue sleeper(s) of dead processes still counted "
+                        f"({_who(procs, ghosts, on_queues, 'asleep on queues')}): {hint}")
     return findings
 
 
@@ -761,12 +860,45 @@ def _waiter_findings(copy: Copy) -> list[str]:
     return []
 
 
+def _queue_waiter_findings(copy: Copy) -> list[str]:
+    """Each live queue's waiter count counts the sleepers that processes
+    record per queue in their registry entries, as nr_waiters does for
+    allocations."""
+    v = copy.views
+    table, per = _queue_table(v), queue_sleepers(v)
+    findings = []
+    for q in np.flatnonzero(live_queues(v)).tolist():
+        waiters = int(table[q, Q_WAITERS])
+        live, recorded = int(per[copy.alive, q].sum()), int(per[:, q].sum())
+        which = f"queue {q} ({_queue_name(table[q])!r})"
+        if waiters < live:
+            findings.append(f"{which} counts {waiters} waiter(s), fewer than the {live} sleeping on it in live "
+                            f"processes")
+        elif waiters > recorded:
+            findings.append(f"{which} counts {waiters} waiter(s), more than the {recorded} recorded in the registry")
+    return findings
+
+
+def _queued_findings(copy: Copy) -> list[str]:
+    """Queued slots whose owner field names no queue table entry at all (0,
+    or beyond the table): the audit checks those that name an entry."""
+    states, owners = copy.slots
+    n = copy.views.geo.max_queues
+    slots = np.flatnonzero((states == ST_QUEUED) & ((owners == 0) | (owners > n)))
+    if slots.size:
+        return [f"{slots.size} queued slot(s) name no queue of the table's {n} (owner field "
+                f"{int(owners[slots[0]])}), first slot {slots[0]}"]
+    return []
+
+
 def check(copy: Copy) -> list[str]:
     """Every broken invariant in ``copy``, one sentence each that names the
     damage (empty for a healthy pool): ``_debug.audit`` (each slot in one
     place, stacks of distinct slots in the right state, counts that add up,
-    curr_nr <= min_nr <= capacity, caches), the reserve's poison, elements
-    and sleepers of dead processes, the waiter count; and, if one holder
+    curr_nr <= min_nr <= capacity, caches, each queue's list), the
+    reserve's poison, queued slots that name no queue, elements and
+    sleepers of dead processes, the waiter counts (the pool's and each
+    queue's); and, if one holder
     kept the lock for the whole wait, a line that says so (the audit then
     ran on a copy that a critical section may have left half done)."""
     if copy.summary:
@@ -776,7 +908,7 @@ def check(copy: Copy) -> list[str]:
     if copy.unpoisoned is not None and copy.unpoisoned.size and not findings:  # as audit: on an otherwise whole pool
         n, first = copy.unpoisoned.size, int(copy.unpoisoned[0])
         findings.append(f"{n} reserved element(s) lost their poison (written after free), first slot {first}")
-    findings += _dead_findings(copy) + _waiter_findings(copy)
+    findings += _queued_findings(copy) + _dead_findings(copy) + _waiter_findings(copy) + _queue_waiter_findings(copy)
     if v.hdr[H_STATUS] != STATUS_LIVE:
         findings.append("the pool is marked destroyed but still exists (its destroyer may have died)")
     if copy.lock.held_throughout:
@@ -817,6 +949,14 @@ def _bar(curr: int, min_nr: int, width: int = 20) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
+def _printable(text: str) -> str:
+    """``text`` with anything a terminal would act on escaped (a queue name
+    is any UTF-8 without NUL)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _lock_text(lock: dict[str, Any]) -> str:
     if not lock["held"]:
         waited = lock["waited_s"] or 0
@@ -837,6 +977,7 @@ def _summary_lines(d: dict[str, Any]) -> list[str]:
     created = datetime.datetime.fromtimestamp(creator["created_s"]).strftime("%Y-%m-%d %H:%M:%S")
     short = d["min_nr"] - d["curr_nr"]
     dead = d["slot_counts"]["held_dead"]
+    on_queues = sum(q["waiters"] for q in d["queues"] if q["waiters"] < SLEEPERS_MAX)
     rows = [
         ("segment", f"{d['path']}, {g['total_bytes']} bytes"),
         ("geometry", f"{g['capacity']} slots of {g['slot_size']} bytes (stride {g['stride']})"),
@@ -844,7 +985,9 @@ def _summary_lines(d: dict[str, Any]) -> list[str]:
                     + ("full" if short <= 0 else f"{short} below min_nr")),
         ("arena", f"{d['arena_free']} free ({d['arena_shared']} shared, {d['arena_cached']} in process caches)"),
         ("in use", f"{d['in_use']}" + (f" ({dead} held by dead processes)" if dead else "")),
-        ("waiters", f"{d['nr_waiters']} sleeping"),
+        ("queued", f"{d['queued']} in {len(d['queues'])} queue(s)" if d["queues"] else f"{d['queued']} (no queues)"),
+        ("waiters", f"{d['nr_waiters']} sleeping" + (
+            f" ({d['nr_waiters'] - on_queues} in alloc, {on_queues} on queues)" if on_queues else "")),
         ("faults", f"fail_rate {d['fail_rate']:g}, seed {d['seed']}"),
         ("poison", "on" if d["poison"] else "off"),
         ("lock", _lock_text(d["lock"])),
@@ -864,16 +1007,33 @@ def _stack_lines(d: dict[str, Any]) -> list[str]:
 
 
 def _holder_lines(d: dict[str, Any]) -> list[str]:
-    lines = [f"{'PID':>8}  {'COMMAND':<20} {'STATE':<5} {'HELD':>10} {'CACHED':>8} {'SLEEPING':>8} {'ENTRY':>6}"]
+    lines = [f"{'PID':>8}  {'COMMAND':<20} {'STATE':<5} {'HELD':>8} {'CACHED':>6} {'SLEEPING':>8} {'Q-WAIT':>6} "
+             f"{'ENTRY':>6}"]
     for h in d["holders"]:
         entry = "-" if h["entry"] is None else str(h["entry"])
         lines.append(
             f"{h['pid']:>8}  {(h['name'] or '-')[:20]:<20} {'alive' if h['alive'] else 'DEAD':<5} "
-            f"{h['held']:>10} {h['cached']:>8} {h['sleeping']:>8} {entry:>6}"
+            f"{h['held']:>8} {h['cached']:>6} {h['sleeping']:>8} {h['queue_sleeping']:>6} {entry:>6}"
         )
     if not d["holders"]:
         lines.append(f"{'':>8}  (no process holds or waits)")
     return lines
+
+
+def _queue_lines(d: dict[str, Any]) -> list[str]:
+    """Each live queue: its fill against its depth, waiters and counters
+    (a name too long for its column gets a line of its own)."""
+    w = QUEUE_NAME_SHOWN
+    lines = [f"  {'QUEUE':<{w}} {'FILL':<14} {'COUNT/DEPTH':>13} {'WAITERS':>7} {'PUTS':>10} {'GETS':>10}"]
+    for q in d["queues"]:
+        name = _printable(q["name"])
+        if len(name) > w:
+            lines.append(f"  {name}")
+            name = ""
+        fill = f"{q['count']}/{q['depth']}"
+        lines.append(f"  {name:<{w}} {_bar(q['count'], q['depth'], 12)} {fill:>13} {q['waiters']:>7} "
+                     f"{q['puts']:>10} {q['gets']:>10}")
+    return [f"queues ({len(d['queues'])}):", *lines]
 
 
 def _counter_lines(d: dict[str, Any]) -> list[str]:
@@ -889,7 +1049,7 @@ def _counter_lines(d: dict[str, Any]) -> list[str]:
 
 def _map_lines(d: dict[str, Any]) -> list[str]:
     group, smap = d["slot_map_group"], d["slot_map"]
-    lines = ["slot map: R reserve  . arena  c cached  H held  X held by the dead  ? bad"]
+    lines = ["slot map: R reserve  . arena  c cached  Q queued  H held  X held by dead  ? bad"]
     if group > 1:
         lines.append(f"  1 char = {group} slots: the state of most (X or ? if any)")
     for i in range(0, len(smap), MAP_WIDTH):
@@ -903,26 +1063,40 @@ def render(d: dict[str, Any], when: str = "") -> str:
     if not d["consistent"]:
         lines += [f"  WARNING: the pool lock was not free for a whole copy within {d['lock']['waited_s']:.2f} s,",
                   "  so this snapshot may be inconsistent"]
-    sections = [_summary_lines(d), _stack_lines(d), _holder_lines(d), _counter_lines(d), _map_lines(d)]
+    sections = [_summary_lines(d), _stack_lines(d), _holder_lines(d)]
+    if d["queues"]:
+        sections.append(_queue_lines(d))
+    sections += [_counter_lines(d), _map_lines(d)]
     for section in sections:
         lines += section + [""]
     return "\n".join(lines[:-1])
 
 
+LIST_COLUMNS = (("SLOT", "slot_size"), ("CAPACITY", "capacity"), ("MIN", "min_nr"), ("CURR", "curr_nr"),
+                ("IN USE", "in_use"), ("QUEUED", "queued"), ("WAIT", "nr_waiters"))
+LIST_NAME_MIN = 8  # the name column is never narrower than this
+
+
 def render_list(pools: list[dict[str, Any]]) -> str:
-    """The listing: one line a pool."""
-    width = min(28, max([4, *(len(p["name"]) for p in pools)]))
-    lines = [f"{'NAME':<{width}} {'SLOT':>6} {'CAPACITY':>8} {'MIN':>7} {'CURR':>7} {'IN USE':>8} {'WAIT':>4} CREATOR"]
+    """The listing: one line a pool, in 80 columns (unless numbers too big
+    for them): each number column as wide as its widest entry, the name
+    column what is left (a longer name ends in ~)."""
+    shown = [p for p in pools if "error" not in p]
+    widths = [max([len(head), *(len(str(p[key])) for p in shown)]) for head, key in LIST_COLUMNS]
+    creators = {id(p): ("alive" if p["creator_alive"] else "gone") + ("" if p["consistent"] else " (lock busy)")
+                for p in shown}
+    tail = max([len("CREATOR"), *map(len, creators.values())])
+    room = 80 - sum(w + 1 for w in widths) - 1 - tail
+    width = max(LIST_NAME_MIN, min(room, max([4, *(len(p["name"]) for p in pools)])))
+    heads = " ".join(f"{head:>{w}}" for (head, _), w in zip(LIST_COLUMNS, widths))
+    lines = [f"{'NAME':<{width}} {heads} CREATOR"]
     for p in pools:
         name = p["name"] if len(p["name"]) <= width else p["name"][: width - 1] + "~"
         if "error" in p:
             lines += textwrap.wrap(f"{name:<{width}} ({p['error']})", 80, subsequent_indent=" " * (width + 1))
             continue
-        lines.append(
-            f"{name:<{width}} {p['slot_size']:>6} {p['capacity']:>8} {p['min_nr']:>7} {p['curr_nr']:>7} "
-            f"{p['in_use']:>8} {p['nr_waiters']:>4} {'alive' if p['creator_alive'] else 'gone'}"
-            + ("" if p["consistent"] else " (lock busy)")
-        )
+        numbers = " ".join(f"{p[key]:>{w}}" for (_, key), w in zip(LIST_COLUMNS, widths))
+        lines.append(f"{name:<{width}} {numbers} {creators[id(p)]}")
     if not pools:
         lines.append("(no pools)")
     return "\n".join(lines)
@@ -1016,9 +1190,10 @@ def reclaim(name: str, lock_timeout: float = LOCK_TIMEOUT) -> int:
     except (OSError, PoolFormatError, ValueError) as exc:
         raise InspectError(str(exc)) from None
     for h in before["holders"]:
-        if h["alive"] or not (h["held"] or h["cached"] or h["sleeping"]):
+        if h["alive"] or not (h["held"] or h["cached"] or h["sleeping"] or h["queue_sleeping"]):
             continue
-        what = f"{h['held']} held element(s), {h['cached']} cached slot(s), {h['sleeping']} sleeping"
+        what = f"{h['held']} held element(s), {h['cached']} cached slot(s), {h['sleeping']} sleeping" + (
+            f", {h['queue_sleeping']} asleep on queues" if h["queue_sleeping"] else "")
         if h["entry"] is None:
             _emit(f"  no holder recorded: {h['held']} held element(s)")
         else:

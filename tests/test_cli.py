@@ -31,6 +31,7 @@ from shmpool._layout import (
     H_LOCK_SEQ,
     H_NR_WAITERS,
     H_VERSION,
+    INDEX_MASK,
     LAYOUT_VERSION,
     MAGIC,
     OWNER_MASK,
@@ -38,7 +39,10 @@ from shmpool._layout import (
     P_PID,
     P_START,
     PROC_WORDS,
+    Q_WAITERS,
+    QUEUE_WORDS,
     ST_HELD,
+    ST_QUEUED,
     STATE_MASK,
     Views,
 )
@@ -50,11 +54,13 @@ LOCKER = ATTACH + "pool._test_lock()\nprint('ready', flush=True)\nsys.stdin.read
 POOL_KEYS = {
     "name", "layout_version", "path", "status", "consistent", "geometry", "min_nr", "curr_nr", "arena_free",
     "arena_shared", "arena_cached", "in_use", "nr_waiters", "fail_rate", "seed", "poison", "counters",
-    "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator",
+    "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator", "queued", "queues",
 }
 LOCK_KEYS = {"held", "pid", "alive", "held_for_s", "waited_s", "error", "entry", "epoch", "seq", "waiters",
              "held_throughout"}
-HOLDER_KEYS = {"pid", "name", "alive", "held", "cached", "sleeping", "entry", "epoch"}
+HOLDER_KEYS = {"pid", "name", "alive", "held", "cached", "sleeping", "entry", "epoch", "queue_sleeping"}
+QUEUE_KEYS = {"name", "index", "depth", "count", "waiters", "puts", "gets"}
+SLOT_COUNT_KEYS = {"reserve", "arena", "cached", "queued", "held", "held_dead", "invalid"}
 NO_PID = (1 << 22) + 12345  # beyond PID_MAX_LIMIT: no process has it, in any pid namespace
 
 
@@ -91,6 +97,44 @@ def holder(popen: Callable[..., subprocess.Popen[str]], name: str, n: int) -> su
     p = popen(ATTACH + f"hs = [pool.alloc() for _ in range({n})]\nprint('ready', flush=True)\nsys.stdin.read()", name)
     assert p.stdout.readline().strip() == "ready"
     return p
+
+
+#: A separate interpreter that puts N elements into queue Q (created with
+#: depth D if need be) and then holds one more: prints 'ready', the queued
+#: handles and the held one.
+PUTTER = ATTACH + (
+    "q = pool.queue(sys.argv[2], depth=int(sys.argv[3]))\n"
+    "hs = [pool.alloc() for _ in range(int(sys.argv[4]))]\n"
+    "q.put_many(hs)\n"
+    "held = pool.alloc()\n"
+    "print('ready', *hs, held, flush=True)\n"
+    "sys.stdin.read()"
+)
+#: A separate interpreter that blocks in get on queue Q (no timeout), then
+#: prints what it got.
+GETTER = ATTACH + "q = pool.queue(sys.argv[2])\nprint('ready', flush=True)\nprint(q.get(), flush=True)"
+
+
+def putter(popen: Callable[..., subprocess.Popen[str]], name: str, queue: str, depth: int,
+           n: int) -> tuple[subprocess.Popen[str], list[int], int]:
+    """A separate interpreter that put n elements into ``queue`` and holds
+    one more: (it, the queued handles, the held handle), once it has."""
+    p = popen(PUTTER, name, queue, str(depth), str(n))
+    word, *handles = p.stdout.readline().split()
+    assert word == "ready", p.stderr.read()
+    return p, [int(h) for h in handles[:-1]], int(handles[-1])
+
+
+def queue_lines(text: str) -> dict[str, list[str]]:
+    """The rows of the text view's queues section, by queue name."""
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("queues (")))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("  "):
+            break
+        rows[line.split()[0]] = line.split()[1:]
+    return rows
 
 
 def summary_rows(text: str) -> dict[str, str]:
@@ -176,9 +220,9 @@ def test_json_agrees_with_stats_and_attributes_holders(pool: Mempool, name: str,
     four, one = holder(popen, name, 4), holder(popen, name, 1)
     d = shown(name)
     s = pool.stats()
-    assert set(d) == POOL_KEYS and set(d["lock"]) == LOCK_KEYS
-    assert all(set(h) == HOLDER_KEYS for h in d["holders"])
-    for key in ("min_nr", "curr_nr", "arena_free", "in_use", "nr_waiters", "fail_rate", "seed", "poison"):
+    assert set(d) == POOL_KEYS and set(d["lock"]) == LOCK_KEYS and set(d["slot_counts"]) == SLOT_COUNT_KEYS
+    assert all(set(h) == HOLDER_KEYS for h in d["holders"]) and d["queues"] == [] and d["queued"] == 0
+    for key in ("min_nr", "curr_nr", "arena_free", "in_use", "queued", "nr_waiters", "fail_rate", "seed", "poison"):
         assert d[key] == getattr(s, key), key
     assert d["counters"] == {k: getattr(s, k) for k in d["counters"]}
     assert d["geometry"] == {"slot_size": 64, "capacity": 16, "stride": 64, "total_bytes": len(raw(name))}
@@ -362,6 +406,127 @@ def test_sleepers_are_shown_and_a_waiter_count_below_them_is_damage(name: str, s
 
 
 # ----------------------------------------------------------------------
+# Queues (issue 10)
+
+
+@pytest.mark.timeout(60)
+def test_queued_elements_show_in_json_text_and_the_slot_map(pool: Mempool, name: str, popen) -> None:
+    pool.set_fail_rate(0.0)  # every allocation below succeeds
+    child, queued, held = putter(popen, name, "frames", 8, 3)
+    frames = pool.queue("frames")
+    mine = [pool.alloc(GFP_ATOMIC) for _ in range(3)]
+    frames.put_many(mine[:2])  # 5 in frames, from two processes
+    pool.queue("a-queue-name-longer-than-its-column", depth=4)  # empty
+    frames.put(frames.get())  # a get and a put more: puts 6, gets 1
+    queued = queued[1:] + mine[:2] + queued[:1]
+    d = shown(name)
+    s = pool.stats()
+    assert s.queued == 5 and s.in_use == 2  # one held by the child, one by this process
+    for key in ("curr_nr", "arena_free", "in_use", "queued", "nr_waiters"):
+        assert d[key] == getattr(s, key), key
+    assert d["curr_nr"] + d["arena_free"] + d["in_use"] + d["queued"] == 16
+    assert all(set(q) == QUEUE_KEYS for q in d["queues"])
+    assert d["queues"] == [
+        {"name": "frames", "index": 0, "depth": 8, "count": 5, "waiters": 0, "puts": 6, "gets": 1},
+        {"name": "a-queue-name-longer-than-its-column", "index": 1, "depth": 4, "count": 0, "waiters": 0, "puts": 0,
+         "gets": 0},
+    ]
+    assert d["slot_counts"]["queued"] == 5 and d["slot_counts"]["held"] == 2 and d["slot_counts"]["held_dead"] == 0
+    assert d["slot_map"].count("Q") == 5 and d["slot_map"].count("H") == 2
+    assert [d["slot_map"][h & INDEX_MASK] for h in queued] == ["Q"] * 5
+    assert d["slot_map"][held & INDEX_MASK] == "H" == d["slot_map"][mine[2] & INDEX_MASK]
+    assert entry_of(d, child.pid)["held"] == 1 and entry_of(d, os.getpid())["held"] == 1  # queued: nobody's
+    assert all(h["queue_sleeping"] == 0 for h in d["holders"])
+    out = inspect(name)
+    assert out.returncode == 0 and out.stderr == ""
+    rows = summary_rows(out.stdout)
+    assert rows["in use"] == "2" and rows["queued"] == "5 in 2 queue(s)" and rows["waiters"] == "0 sleeping"
+    table = queue_lines(out.stdout)
+    assert table["frames"] == ["[########----]", "5/8", "0", "6", "1"]
+    assert "a-queue-name-longer-than-its-column" in table  # on a line of its own, the numbers below it
+    assert next(line for line in out.stdout.splitlines() if line.startswith("slot map:")).count("Q queued") == 1
+    assert max(len(line) for line in out.stdout.splitlines()) <= 80
+    listing = next(p for p in json.loads(inspect("--json").stdout) if p["name"] == name)
+    assert listing["queued"] == 5 and listing["in_use"] == 2
+    ok = inspect(name, "--check")  # a healthy pool with queued elements
+    assert ok.returncode == 0 and "all checks pass" in ok.stdout, ok.stdout
+    for h in frames.get_many(5):
+        pool.free(h)
+    pool.free(mine[2])
+    d = shown(name)
+    assert d["queued"] == 0 and d["queues"][0]["count"] == 0 and d["queues"][0]["gets"] == 6
+    assert "Q" not in d["slot_map"]
+    child.kill()
+
+
+@pytest.mark.timeout(60)
+def test_queue_sleepers_are_shown_and_pass_the_check_alive(pool: Mempool, name: str, popen) -> None:
+    _, queued, _ = putter(popen, name, "full", 2, 2)
+    pool.queue("in", depth=4)
+    getter = popen(GETTER, name, "in")
+    assert getter.stdout.readline().strip() == "ready"
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="the getter to sleep")
+    d = shown(name)
+    assert d["nr_waiters"] == 1 and [q["waiters"] for q in d["queues"]] == [0, 1]
+    assert entry_of(d, getter.pid)["queue_sleeping"] == 1 and entry_of(d, getter.pid)["sleeping"] == 0
+    out = inspect(name)
+    assert summary_rows(out.stdout)["waiters"] == "1 sleeping (0 in alloc, 1 on queues)"
+    row = next(line.split() for line in out.stdout.splitlines() if line.split()[:1] == [str(getter.pid)])
+    assert row[3:7] == ["0", "0", "0", "1"]  # held, cached, asleep in alloc, asleep on queues (Q-WAIT)
+    assert queue_lines(out.stdout)["in"][1:3] == ["0/4", "1"]
+    check = inspect(name, "--check")  # 2 queued elements, a live sleeper: healthy
+    assert check.returncode == 0, check.stdout
+    pool.queue("in").put(pool.queue("full").get())
+    assert int(getter.stdout.readline()) == queued[0]  # woken with it
+    assert getter.wait(timeout=20) == 0
+    assert shown(name)["nr_waiters"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_queued_element_whose_putter_died_is_no_finding(pool: Mempool, name: str, popen) -> None:
+    child, queued, held = putter(popen, name, "frames", 8, 3)
+    dead(child)
+    d = shown(name)
+    assert d["queued"] == 3 and d["slot_counts"]["queued"] == 3 and d["slot_counts"]["held_dead"] == 1
+    assert [d["slot_map"][h & INDEX_MASK] for h in queued] == ["Q"] * 3 and d["slot_map"][held & INDEX_MASK] == "X"
+    assert entry_of(d, child.pid)["held"] == 1  # its queued elements are the queue's
+    check = json.loads(inspect(name, "--check", "--json").stdout)
+    assert check["ok"] is False and len(check["findings"]) == 1, check["findings"]  # only the held one
+    assert check["findings"][0].startswith("1 element(s) held by dead processes")
+    out = inspect(name, "--reclaim-dead")
+    assert out.returncode == 0 and "reclaimed 1 element(s)" in out.stdout, out.stdout
+    ok = inspect(name, "--check")  # three elements put by a dead process, still in the queue
+    assert ok.returncode == 0 and "all checks pass" in ok.stdout, ok.stdout
+    d = shown(name)
+    assert d["queues"][0]["count"] == 3 and d["slot_map"].count("Q") == 3 and "X" not in d["slot_map"]
+    got = pool.queue("frames").get_many(3)
+    assert got.tolist() == queued  # they come out, in order, to the receiver
+    for h in got:
+        pool.free(h)
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_queue_sleeper_fails_the_check_until_reclaimed(pool: Mempool, name: str, popen) -> None:
+    pool.queue("in", depth=4)
+    getter = popen(GETTER, name, "in")
+    assert getter.stdout.readline().strip() == "ready"
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="the getter to sleep")
+    dead(getter)
+    d = shown(name)
+    row = entry_of(d, getter.pid)
+    assert row["alive"] is False and row["queue_sleeping"] == 1 and d["queues"][0]["waiters"] == 1
+    check = inspect(name, "--check")
+    assert check.returncode == 1
+    assert (f"1 queue sleeper(s) of dead processes still counted (1 asleep on queues of entry {row['entry']} "
+            f"(pid {getter.pid})): run `shmpool-inspect --reclaim-dead {name}`") in check.stdout
+    out = inspect(name, "--reclaim-dead")
+    assert out.returncode == 0 and f"pid {getter.pid} (dead): 0 held element(s), 0 cached slot(s), 0 sleeping, " \
+        "1 asleep on queues" in out.stdout, out.stdout
+    assert inspect(name, "--check").returncode == 0
+    assert pool.stats().nr_waiters == 0 and shown(name)["queues"][0]["waiters"] == 0
+
+
+# ----------------------------------------------------------------------
 # Read-only, and never hangs
 
 
@@ -496,6 +661,18 @@ def _reserve_written_after_free(v: Views) -> None:
     v.data[v.stack[0] * v.geo.stride + 3] = 0
 
 
+def _queued_in_no_queue(v: Views) -> None:
+    v.words[9] = v.words[9] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_QUEUED
+
+
+def _queued_in_a_vacant_queue(v: Views) -> None:
+    v.words[10] = v.words[10] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_QUEUED | 5 << OWNER_SHIFT
+
+
+def _phantom_queue_waiter(v: Views) -> None:
+    v.queues[0 * QUEUE_WORDS + Q_WAITERS] = 1
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("harm", "finding"), [
     (_curr_nr_beyond_min_nr, "curr_nr 4 exceeds min_nr 3"),
@@ -506,10 +683,14 @@ def _reserve_written_after_free(v: Views) -> None:
     (_held_beyond_the_registry, "1 held slot(s) name an owner beyond the registry of 256 entries, first slot 8"),
     (_phantom_waiter, "nr_waiters 1 is more than the 0 sleeping allocation(s) recorded in the registry"),
     (_reserve_written_after_free, "1 reserved element(s) lost their poison (written after free)"),
+    (_queued_in_no_queue, "1 queued slot(s) name no queue of the table's 64 (owner field 0), first slot 9"),
+    (_queued_in_a_vacant_queue, "1 slot(s) are queued in queue 4, which does not exist"),
+    (_phantom_queue_waiter, "queue 0 ('q') counts 1 waiter(s), more than the 0 recorded in the registry"),
 ])
 def test_check_names_the_damage(name: str, harm: Callable[[Views], None], finding: str) -> None:
     pool = Mempool.create(name, min_nr=3, slot_size=64, capacity=16, poison=True)
     try:
+        pool.queue("q", depth=4).put(pool.alloc(GFP_ATOMIC))  # a queue holding an element
         assert inspect(name, "--check").returncode == 0
         with damaged(pool, harm):
             out = inspect(name, "--check")
@@ -519,6 +700,9 @@ def test_check_names_the_damage(name: str, harm: Callable[[Views], None], findin
             assert d["ok"] is False and any(finding in f for f in d["findings"])
             if harm is _invalid_state:
                 assert shown(name)["slot_map"][5] == "?"
+            if harm in (_queued_in_no_queue, _queued_in_a_vacant_queue):
+                d = shown(name)
+                assert d["slot_counts"]["invalid"] == 1 and d["slot_map"].count("?") == 1 and d["queued"] == 1
             if harm in (_held_by_nobody, _held_by_a_vacant_entry, _held_beyond_the_registry):
                 d = shown(name)
                 assert d["slot_counts"]["held_dead"] == 1 and d["slot_map"].count("X") == 1
@@ -591,11 +775,11 @@ def test_the_listing_finds_pools_by_magic(pool: Mempool, name: str, popen) -> No
     mine = [p for p in listing if p["name"] == name]
     assert mine == [{
         "name": name, "slot_size": 64, "capacity": 16, "min_nr": s.min_nr, "curr_nr": s.curr_nr, "in_use": 2,
-        "nr_waiters": 0, "creator_pid": os.getpid(), "creator_alive": True, "consistent": True,
+        "nr_waiters": 0, "creator_pid": os.getpid(), "creator_alive": True, "consistent": True, "queued": 0,
     }]
     text = inspect().stdout
     line = next(line for line in text.splitlines() if line.startswith(name))
-    assert line.split()[1:7] == ["64", "16", str(s.min_nr), str(s.curr_nr), "2", "0"] and line.endswith("alive")
+    assert line.split()[1:8] == ["64", "16", str(s.min_nr), str(s.curr_nr), "2", "0", "0"] and line.endswith("alive")
     assert max(len(line) for line in text.splitlines()) <= 80
     child.kill()
 
@@ -682,8 +866,9 @@ def test_watch_exits_when_the_pool_is_replaced(name: str) -> None:
 
 
 def test_the_slot_map_is_exact_for_small_pools_and_never_hides_problems_in_groups() -> None:
-    codes = np.array([cli.M_RESERVE, cli.M_ARENA, cli.M_CACHED, cli.M_HELD, cli.M_DEAD, cli.M_INVALID], np.uint8)
-    assert cli.slot_map(codes) == ("R.cHX?", 1)
+    codes = np.array([cli.M_RESERVE, cli.M_ARENA, cli.M_CACHED, cli.M_QUEUED, cli.M_HELD, cli.M_DEAD, cli.M_INVALID],
+                     np.uint8)
+    assert cli.slot_map(codes) == ("R.cQHX?", 1)
     n = 1_000_000
     codes = np.full(n, cli.M_ARENA, np.uint8)
     codes[:600_000] = cli.M_HELD
@@ -696,6 +881,9 @@ def test_the_slot_map_is_exact_for_small_pools_and_never_hides_problems_in_group
     assert set(smap[: 600_000 // group]) == {"H"} and set(smap[600_000 // group + 1 :]) <= {".", "X", "?"}
     tie = np.array([cli.M_ARENA, cli.M_RESERVE] * (cli.MAP_ROWS * cli.MAP_WIDTH), np.uint8)
     assert cli.slot_map(tie) == ("R" * (cli.MAP_ROWS * cli.MAP_WIDTH), 2)  # a tie goes to the busier state
+    for pair, wins in (((cli.M_QUEUED, cli.M_RESERVE), "Q"), ((cli.M_HELD, cli.M_QUEUED), "H")):
+        assert cli.slot_map(np.array(pair * (cli.MAP_ROWS * cli.MAP_WIDTH), np.uint8))[0] == wins * (
+            cli.MAP_ROWS * cli.MAP_WIDTH)
 
 
 def test_held_slots_of_entries_not_alive_are_dead() -> None:
@@ -704,6 +892,13 @@ def test_held_slots_of_entries_not_alive_are_dead() -> None:
     codes = cli.slot_codes(words, np.array([True, False]))
     assert codes.tolist() == [cli.M_HELD, cli.M_DEAD, cli.M_DEAD, cli.M_DEAD, cli.M_DEAD]
     assert H_VERSION == 1  # the header word the JSON's layout_version comes from
+
+
+def test_queued_slots_are_queued_only_in_a_queue_that_exists_and_never_dead() -> None:
+    owners = [1, 2, 0, 3, OWNER_MASK]  # queues 0 (live), 1 (vacant), none, 2 (beyond the table), none
+    words = np.array([ST_QUEUED | o << OWNER_SHIFT | 77 << 24 for o in owners], np.uint64)
+    codes = cli.slot_codes(words, np.array([False, False]), np.array([True, False]))  # no process alive
+    assert codes.tolist() == [cli.M_QUEUED, cli.M_INVALID, cli.M_INVALID, cli.M_INVALID, cli.M_INVALID]
 
 
 def test_the_creator_is_known_dead_once_it_exits(name: str) -> None:
