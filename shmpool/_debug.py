@@ -165,6 +165,9 @@ def _audit_queues(v: Views, states: np.ndarray) -> list[str]:
     nxt = np.frombuffer(v.next, dtype=np.uint32)
     queued = states == ST_QUEUED
     findings: list[str] = []
+    stray = np.flatnonzero(queued & ((owners == 0) | (owners > v.geo.max_queues)))
+    if stray.size:
+        findings.append(f"{stray.size} queued slot(s) name no queue, first slot {int(stray[0])}")
     for q in range(v.geo.max_queues):
         row = table[q]
         mine = int(np.count_nonzero(queued & (owners == q + 1)))

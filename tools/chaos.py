@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                         "drawn from [MIN, MAX] ms (default: 20 60)")
     parser.add_argument("--ready-timeout", type=float, default=30.0,
                         help="seconds a new worker has to complete its first operation (default: 30)")
+    parser.add_argument("--min-kills", type=int, default=0,
+                        help="go on past --seconds until this many kills hit running workers (a loaded machine "
+                             "is slow to start replacements); at most 20 times --seconds more")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--name", default=f"chaos-{os.getpid()}")
     args = parser.parse_args(argv)
@@ -251,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
             failure = workers.await_running()
             began = time.monotonic()
             deadline = began + args.seconds
-            while not failure and time.monotonic() < deadline and not os.listdir(faildir):
+            hard_deadline = deadline + 20 * max(args.seconds, 1.0)
+            while (
+                not failure
+                and (time.monotonic() < deadline or kills < args.min_kills)
+                and time.monotonic() < hard_deadline
+                and not os.listdir(faildir)
+            ):
                 time.sleep(rng.uniform(*args.kill_ms) / 1000)  # the pace of the chaos, not a synchronisation
                 victim = rng.choice(workers.running())
                 kills += workers.kill(victim)
