@@ -67,6 +67,7 @@
 #include <numpy/arrayobject.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <sys/stat.h>
 #include <signal.h>
@@ -152,6 +153,7 @@
 #define CACHE_BATCH (CACHE_MAX / 2)
 #define LOCK_SLICE_NS 20000000ull       /* a contender looks at the owner this often */
 #define LOCK_SPINS 256                  /* pauses a contender spins before it sleeps */
+#define QUEUE_SPIN_NS 50000ull          /* a blocked put or get polls this long before it sleeps */
 #define WAKE_MAX 65536                  /* tokens one wake-up may post */
 #define SLEEPERS_MAX (1ull << 20)       /* more sleepers than this: a damaged count */
 #define POISON_FREE 0x6b
@@ -2073,6 +2075,27 @@ static int queue_get_step(Core *f, uint64_t q, int64_t *dst, Py_ssize_t max_n, i
     return k ? RC_OK : r;
 }
 
+/* Before a blocked put or get registers and sleeps (two system calls and a
+ * wake-up of some ten microseconds), poll the queue's count for a short
+ * while without the lock or the GIL: in a busy pipeline the other side
+ * usually makes room, or puts the next element, well within it. */
+static void queue_spin(Core *f, uint64_t q, int kind, uint64_t n, uint64_t deadline) {
+    uint64_t *count = &QUEUE(f, q)[Q_COUNT], depth = ld(&QUEUE(f, q)[Q_DEPTH]);
+    uint64_t until = now_ns() + QUEUE_SPIN_NS;
+    if (deadline && deadline < until) until = deadline;
+    if (kind == 0 ? ld(count) + n <= depth : ld(count) > 0) return;
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 1;; i++) {
+        cpu_relax();
+        if (kind == 0 ? ld(count) + n <= depth : ld(count) > 0) break;
+        if (i % 64 == 0) {
+            if (now_ns() >= until) break;
+            sched_yield(); /* on a busy machine, let the other side run */
+        }
+    }
+    Py_END_ALLOW_THREADS
+}
+
 /* _queue_move(kind, q, buffer, n, block, timeout_ns, retry_ns): put (kind
  * 0) the n handles of buffer into queue q, or get (kind 1) up to n from it
  * into buffer. Blocking waits sleep like a sleeping alloc (registered in
@@ -2103,6 +2126,7 @@ static PyObject *Core_queue_move(Core *f, PyObject *args) {
     int r;
     for (;;) {
         int mode = block && !(deadline && now_ns() >= deadline) ? MODE_SLEEP : MODE_FAIL;
+        if (mode == MODE_SLEEP && q < f->max_queues) queue_spin(f, q, kind, (uint64_t)n, deadline);
         r = lock_acquire(f, deadline);
         if (r != RC_OK) break;
         if (kind == 0) {
