@@ -54,7 +54,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import _procs, _segment
+from . import _aio, _procs, _segment
 from ._debug import quick_check
 from ._errors import (
     InvalidHandleError,
@@ -626,6 +626,23 @@ class Mempool(Core):
         if self._core is None:
             raise self._closed()
         return self._alloc_preallocated_core()
+
+    async def alloc_async(self, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> int | None:
+        """alloc() for asyncio: ``h = await pool.alloc_async(GFP_KERNEL, timeout=None)``.
+
+        Never blocks the event loop: the allocation is first tried without
+        sleeping (``__GFP_WAIT`` cleared: the arena, then the reserve), and
+        only if that finds nothing, and ``gfp`` may sleep, does it sleep, in
+        a thread of its own, woken by a free as promptly as alloc()
+        (TimeoutError after ``timeout`` seconds). A ``gfp`` that may not
+        sleep returns None at once instead, as alloc() does.
+
+        Cancelled (``asyncio.wait_for``'s timeout included), it raises
+        CancelledError at once, and an element its thread got meanwhile is
+        freed: nothing leaks, unlike ``asyncio.to_thread(pool.alloc)``. See
+        ``shmpool._aio`` for what waiting costs.
+        """
+        return await _aio.alloc(self, gfp, timeout)
 
     def _free_slow(self, handle: int | None) -> None:
         """free(handle): return an element. None is ignored (as the kernel
