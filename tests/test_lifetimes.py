@@ -4,6 +4,9 @@ context, and create's word on a name that is taken (stale or in use)."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from typing import Any, Callable
 
 import pytest
@@ -239,3 +242,18 @@ def test_a_segment_that_is_no_pool_is_said_so(name: str) -> None:
     message = create_error(name)
     assert "no pool this shmpool can use" in message and "--destroy" in message
 
+
+
+def test_the_readme_lifetimes_and_asyncio_examples_run(name: str, tmp_path: Any) -> None:
+    """Every code block of the README's "Lifetimes and asyncio" section runs
+    (each as a script of its own, its pool names made this run's)."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    section = readme.split("\n## Lifetimes and asyncio\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    for i, code in enumerate(blocks):
+        script = tmp_path / f"block{i}.py"
+        script.write_text(re.sub(r'"(frames|jobs)"', lambda m: repr(f"{name}-{m.group(1)}"), code))
+        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"block {i}:\n{code}\n{run.stderr}"
