@@ -5,14 +5,14 @@ How they wait
 -------------
 Each first makes the non-blocking attempt in the event loop's thread: the
 allocation with ``__GFP_WAIT`` cleared (the lock-free cache, else one
-critical section), ``get`` or ``put`` without blocking (one critical section,
-its wait for the pool lock bounded by ``ATOMIC_LOCK_WAIT_SECONDS`` as a
-``GFP_ATOMIC`` allocation's is). Only when that finds nothing does the call
-wait, in a thread of its own, in the blocking form, in slices: the thread
-sleeps on the pool's wait channel like any sleeping caller (the GIL
-released, woken by the free, put or get that it waits for) and comes back
-between slices to see whether the coroutine still wants it. The event loop
-is never blocked; the thread hands its result over with
+critical section), ``get`` or ``put`` without blocking (one critical
+section); the wait for the pool lock is bounded at 50 ms, as a
+``GFP_ATOMIC`` allocation's is. Only when that finds nothing does the call
+wait, in a thread (kept a while for the next wait), in the blocking form, in
+slices: the thread sleeps on the pool's wait channel like any sleeping
+caller (the GIL released, woken by the free, put or get that it waits for)
+and comes back between slices to see whether the coroutine still wants it.
+The event loop is never blocked; the thread hands its result over with
 ``call_soon_threadsafe``.
 
 Cancellation
@@ -72,10 +72,10 @@ _monotonic = time.monotonic
 
 
 class _Threads:
-    """Daemon threads for the waits, kept a while when idle. A result
-    reaches the loop sooner from a thread that blocks again at once than
-    from one that exits (the loop's thread would wait for the GIL through
-    the exit), and a wait does not pay for starting a thread."""
+    """Daemon threads for the waits, kept a while when idle: a wait does not
+    pay for starting a thread, and a thread that has handed its result to
+    the loop goes back to sleep at once instead of exiting (the loop's
+    thread, just woken, would wait for the GIL through the exit)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -119,7 +119,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Waiter:
-    """One wait in a thread of its own for one coroutine.
+    """One coroutine's wait, in one of the waiting threads.
 
     ``attempt(seconds)`` is the blocking call, bounded by ``seconds``: it
     returns what it moved or ``_NOTHING``. ``undo`` (None for a put) hands
@@ -186,6 +186,17 @@ class _Waiter:
         if not self._wake.done():
             self._wake.set_result(None)
 
+    def _give_up(self) -> Any:
+        """Tell the thread to stop. What it has handed over already is
+        undone (alloc, get), or returned (put: nothing undoes a put)."""
+        with self._lock:
+            self._stop = True
+            moved, self._moved = self._moved, _NOTHING
+        if moved is not _NOTHING and self._undo_now is not None:
+            self._undo_now(moved)
+            return _NOTHING
+        return moved
+
     async def wait(self) -> Any:
         """What the thread moved, or _NOTHING when the deadline passed;
         raises what it raised."""
@@ -193,14 +204,10 @@ class _Waiter:
         try:
             await self._wake
         except asyncio.CancelledError:
-            with self._lock:
-                self._stop = True
-                moved, self._moved = self._moved, _NOTHING
+            moved = self._give_up()
             if self._undo_now is not None:
-                if moved is not _NOTHING:  # handed over, but the coroutine is gone
-                    self._undo_now(moved)
                 raise
-            # Nothing can undo the move: wait for the attempt under way.
+            # Nothing can undo a put: wait for the attempt under way.
             while not self._finished:
                 self._wake = self._loop.create_future()
                 try:
@@ -212,6 +219,9 @@ class _Waiter:
             if moved is _NOTHING:
                 raise
             return moved  # it happened: the cancellation came too late
+        except BaseException:  # the coroutine closed unfinished (GeneratorExit): nobody will take it
+            self._give_up()
+            raise
         if self._error is not None:
             raise self._error
         return self._moved

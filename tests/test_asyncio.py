@@ -278,6 +278,26 @@ def test_alloc_async_cancelled_after_its_thread_got_the_element(pool: Mempool, h
     assert pool.stats().in_use == 0
 
 
+def test_alloc_async_whose_loop_is_closed_while_it_waits_leaks_nothing(
+    pool: Mempool, helper: Helper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop closed with the call still waiting: the element its thread
+    gets afterwards has nobody to go to, and is freed."""
+    monkeypatch.setattr(_aio, "ALLOC_SLICE_SECONDS", 30.0)
+    held = [pool.alloc(), pool.alloc()]
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(pool.alloc_async())
+        loop.run_until_complete(until(lambda: pool.stats().nr_waiters == 1, "alloc_async to sleep"))
+        assert not task.done()
+    finally:
+        loop.close()
+    helper.tell(f"free {held[0]}")
+    assert helper.answer() == "freed"
+    wait_for(lambda: pool.stats().nr_waiters == 0 and pool.stats().in_use == 1, what="the element back in the pool")
+    pool.free(held[1])
+
+
 # ---------------------------------------------------------------- get_async and put_async
 
 
