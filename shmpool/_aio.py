@@ -35,10 +35,11 @@ A coroutine that is cancelled (``asyncio.wait_for``'s timeout, a task's
 
 Costs
 -----
-A waiting call holds a thread. Each slice of a waiting ``alloc_async`` is a
-sleeping allocation with a timeout, which the pool's counters see as such
-(``sleeps`` and ``alloc_failed`` grow by one per slice: ``ALLOC_SLICE_SECONDS``
-is long for that reason); a queue's slices leave no trace.
+A waiting call holds a thread. The pool's counters see a waiting
+``alloc_async`` as what it does: its non-blocking attempt is a failed
+allocation, and each slice a sleeping allocation that timed out (one more
+``sleeps`` and ``alloc_failed`` per slice: ``ALLOC_SLICE_SECONDS`` is long
+for that reason); a queue's slices leave no trace.
 """
 
 from __future__ import annotations
