@@ -40,6 +40,7 @@ Handles are ``index | generation << 24`` (see ``_layout``).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import math
 import operator
@@ -47,12 +48,13 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import _segment
+from . import _aio, _procs, _segment
 from ._debug import quick_check
 from ._errors import (
     InvalidHandleError,
@@ -83,6 +85,7 @@ from ._layout import (
     H_RNG,
     H_SEED,
     H_STATUS,
+    HEADER_BYTES,
     HEADER_WORDS,
     HGEN_SHIFT,
     INDEX_MASK,
@@ -317,7 +320,8 @@ class Mempool(Core):
         elements (see :class:`PoisonWarning`).
 
         Raises ValueError for an impossible geometry or rate, TypeError for
-        a wrong type, FileExistsError if the name is taken, OSError if the
+        a wrong type, FileExistsError if the name is taken (its message says
+        whether the pool there is stale, and how to remove it), OSError if the
         system cannot back the segment. On any error nothing is left behind.
         """
         _segment.check_name(name)
@@ -339,7 +343,10 @@ class Mempool(Core):
             seed = random.SystemRandom().getrandbits(64)
 
         geo = Geometry.of(slot_size, capacity)
-        seg = _segment.create(name, geo.total, mode)
+        try:
+            seg = _segment.create(name, geo.total, mode)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, cls._existing(name)) from None
         try:
             # Nobody can attach before the magic number is written (last).
             v = Views(seg.mm, geo)
@@ -413,6 +420,112 @@ class Mempool(Core):
             os.close(fd)
             raise
         return cls(name, _segment.Segment(mm, size, fd, lock_sem, wait_sem), geo)
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        *,
+        create: bool = True,
+        min_nr: int | None = None,
+        slot_size: int | None = None,
+        capacity: int | None = None,
+        fail_rate: float = 0.0,
+        seed: int | None = None,
+        mode: int = 0o600,
+        poison: bool = False,
+    ) -> Mempool:
+        """Attach to pool ``name``, creating it first if there is none and
+        ``create`` is true: for processes that start in any order.
+
+        An existing pool must have the ``slot_size`` and ``capacity`` given
+        (ValueError naming both geometries otherwise; the pool is left as it
+        is). ``min_nr`` and the other arguments are :meth:`create`'s and are
+        used only to create the pool (an existing pool keeps its own
+        ``min_nr``, which :meth:`resize` may have changed). Creating needs
+        ``min_nr``, ``slot_size`` and ``capacity`` (TypeError without them).
+        With ``create=False`` it is :meth:`attach` plus the geometry check.
+
+        Safe when several processes open one name at once: one creates it;
+        the others, whose create finds the name taken (FileExistsError),
+        attach to the winner's pool, waiting for it to be finished as
+        :meth:`attach` does. Any existing pool is attached, one left by a run
+        that died included: its queued elements are still queued, and the
+        elements its dead processes held are reclaimed when this process
+        registers. To start from nothing, the one process that owns the
+        pool's lifetime uses :meth:`create` (whose FileExistsError says
+        whether the pool there is stale) with :meth:`destroying`.
+        """
+        _segment.check_name(name)
+        if create and (min_nr is None or slot_size is None or capacity is None):
+            raise TypeError("Mempool.open() needs min_nr, slot_size and capacity to create the pool (or create=False)")
+        want = {k: _check_int(v, k) for k, v in (("slot_size", slot_size), ("capacity", capacity)) if v is not None}
+        deadline = _monotonic() + ATTACH_WAIT_SECONDS
+        while True:
+            try:
+                pool = cls.attach(name)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    return cls.create(
+                        name, min_nr=min_nr, slot_size=slot_size, capacity=capacity,  # type: ignore[arg-type]
+                        fail_rate=fail_rate, seed=seed, mode=mode, poison=poison,
+                    )
+                except FileExistsError:
+                    # Created by another process since our attach found nothing
+                    # (or being created: a segment not yet sized reads as
+                    # missing): attach to theirs.
+                    if _monotonic() > deadline:
+                        raise
+                    time.sleep(0.001)  # poll with a deadline for the creator to size it
+                    continue
+            have = {"slot_size": pool.slot_size, "capacity": pool.capacity}
+            if any(have[k] != v for k, v in want.items()):
+                pool.close()
+                raise ValueError(
+                    f"pool {name!r} exists with slot_size={have['slot_size']}, capacity={have['capacity']}, not "
+                    + ", ".join(f"{k}={v}" for k, v in want.items())
+                )
+            return pool
+
+    @classmethod
+    def _existing(cls, name: str) -> str:
+        """What create() says when ``name`` is taken: whether the pool there
+        is stale (its creator and every process attached to it dead) and how
+        to remove it, or that it is in use."""
+        remove = f"remove it with `shmpool-inspect {name} --destroy` (or `python tools/cleanup.py {name}` from a source checkout)"
+        try:
+            mm, size, fd = _segment.open_shm(name, readonly=True)
+        except FileNotFoundError:
+            return f"pool {name!r} already exists (it is being created or destroyed right now)"
+        except PermissionError as exc:
+            return f"pool {name!r} already exists and this user may not open it ({exc.strerror})"
+        with mm:
+            head = mm[:HEADER_BYTES]  # a copy: no view keeps the mapping
+        os.close(fd)
+        if len(head) >= 8 and int.from_bytes(head[:8], "little") == 0:
+            return f"pool {name!r} already exists (it is being created right now, or its creator died creating it)"
+        try:
+            read_geometry(head, size)  # type: ignore[arg-type]
+        except PoolFormatError as exc:
+            return f"pool {name!r} already exists but is no pool this shmpool can use ({exc}); {remove}"
+        pid, start = (int.from_bytes(head[8 * w : 8 * w + 8], "little") for w in (H_CREATOR_PID, H_CREATOR_START))
+        try:
+            live = _procs.live_pids(name)
+        except (OSError, PoolFormatError):
+            live = []
+        creator = _procs.is_alive(pid, start)
+        if live or creator:
+            return (
+                f"pool {name!r} already exists and is in use (its creator, pid {pid}, "
+                f"{'is alive' if creator else 'has exited'}; {len(live)} live process(es) attached): attach to it "
+                "(Mempool.attach, or Mempool.open to create it only if missing), or choose another name"
+            )
+        return (
+            f"pool {name!r} already exists and is stale: its creator (pid {pid}) and every process attached to it "
+            f"have exited (a run that ended without destroying it); {remove}"
+        )
 
     def _attach_process(self) -> None:
         """Bind this object to this process's registry entry in the pool,
@@ -513,6 +626,23 @@ class Mempool(Core):
         if self._core is None:
             raise self._closed()
         return self._alloc_preallocated_core()
+
+    async def alloc_async(self, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> int | None:
+        """alloc() for asyncio: ``h = await pool.alloc_async(GFP_KERNEL, timeout=None)``.
+
+        Never blocks the event loop: the allocation is first tried without
+        sleeping (``__GFP_WAIT`` cleared: the arena, then the reserve), and
+        only if that finds nothing, and ``gfp`` may sleep, does it sleep, in
+        a thread of its own, woken by a free as promptly as alloc()
+        (TimeoutError after ``timeout`` seconds). A ``gfp`` that may not
+        sleep returns None at once instead, as alloc() does.
+
+        Cancelled (``asyncio.wait_for``'s timeout included), it raises
+        CancelledError at once, and an element its thread got meanwhile is
+        freed: nothing leaks, unlike ``asyncio.to_thread(pool.alloc)``. See
+        ``shmpool._aio`` for what waiting costs.
+        """
+        return await _aio.alloc(self, gfp, timeout)
 
     def _free_slow(self, handle: int | None) -> None:
         """free(handle): return an element. None is ignored (as the kernel
@@ -887,6 +1017,37 @@ class Mempool(Core):
         if core is None:
             return
         self._close(destroyed=False)
+
+    @contextlib.contextmanager
+    def destroying(self, *, force: bool = False) -> Iterator[Mempool]:
+        """For the pool's creator: ``with Mempool.create(...).destroying()
+        as pool:`` yields this pool and destroys it when the block ends, so
+        that no run leaves it behind in /dev/shm.
+
+        If the block ends by an exception (KeyboardInterrupt included), the
+        pool is destroyed whatever is held or queued (``destroy(force=True)``;
+        processes still attached get PoolDestroyedError from their next
+        call) and the exception goes on. If it ends normally, it is
+        ``destroy(force=force)``: without ``force``, elements still held or
+        queued then are a leak, reported by PoolBusyError, and the pool is
+        left as it is for ``shmpool-inspect`` to show who holds them. A pool
+        already destroyed or closed in this object when the block ends is
+        left alone.
+        """
+        try:
+            yield self
+        except BaseException:
+            if self._core is not None:
+                try:
+                    self.destroy(force=True)
+                except PoolDestroyedError:  # another process destroyed it first
+                    self.close()
+            raise
+        if self._core is not None:
+            try:
+                self.destroy(force=force)
+            except PoolDestroyedError:
+                self.close()
 
     def _close(self, destroyed: bool) -> None:
         core = self._core

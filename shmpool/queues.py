@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _aio
 from ._errors import PoolClosedError
 from ._layout import HGEN_SHIFT, QUEUE_NAME_BYTES
 
@@ -52,6 +53,10 @@ _PUT, _GET = 0, 1
 #: A blocked put or get re-checks its queue at least this often even if
 #: nothing wakes it (a waker that died between its move and its wake-up).
 RETRY_SECONDS = 1.0
+#: How long get_async and put_async, in the event loop's thread, wait for
+#: the pool lock (held by a live process) before they wait in a thread
+#: instead (GFP_ATOMIC's ATOMIC_LOCK_WAIT_SECONDS).
+NOWAIT_LOCK_SECONDS = 0.05
 _NS = 1_000_000_000
 
 
@@ -152,6 +157,56 @@ class Queue:
         if not got:
             raise _stdqueue.Empty
         return out[:got]
+
+    async def get_async(self, timeout: float | None = None) -> int:
+        """get() for asyncio: ``h = await q.get_async(timeout=None)``.
+
+        Never blocks the event loop: a non-blocking get first, then, if the
+        queue is empty, a blocking one in a thread of its own, woken as
+        promptly as get() (queue.Empty after ``timeout`` seconds).
+        Cancelled (``asyncio.wait_for``'s timeout included), it raises
+        CancelledError at once; an element its thread took meanwhile is put
+        back into the queue, at the tail (see ``shmpool._aio``), never lost.
+        """
+        return await _aio.get(self, timeout)
+
+    async def put_async(self, handle: int, timeout: float | None = None) -> None:
+        """put() for asyncio: ``await q.put_async(h, timeout=None)``.
+
+        Never blocks the event loop: a non-blocking put first, then, if the
+        queue is full, a blocking one in a thread of its own (queue.Full
+        after ``timeout`` seconds). Cancelled, it raises CancelledError if
+        the element was not put (it is still the caller's); a put that
+        happened before the cancellation could stop it (it waits up to
+        ``shmpool._aio.QUEUE_SLICE_SECONDS`` to know) returns normally, the
+        element the queue's.
+        """
+        await _aio.put(self, handle, timeout)
+
+    def _put_now(self, handle: int) -> bool:
+        """put_nowait for the event loop's thread: False if full, or if the
+        pool lock did not come within NOWAIT_LOCK_SECONDS."""
+        idx, gen = self._pool._decode(handle)
+        one = np.empty(1, dtype=np.int64)
+        one[0] = idx | gen << HGEN_SHIFT
+        return bool(self._move_now(_PUT, one))
+
+    def _get_now(self) -> int | None:
+        """get_nowait for the event loop's thread: None if empty, or if the
+        pool lock did not come within NOWAIT_LOCK_SECONDS."""
+        one = np.empty(1, dtype=np.int64)
+        return int(one[0]) if self._move_now(_GET, one) else None
+
+    def _move_now(self, kind: int, one: np.ndarray) -> int:
+        if self._index < 0:
+            raise PoolClosedError(f"queue {self.name!r} is closed in this object; open it again with pool.queue()")
+        lock_ns = int(NOWAIT_LOCK_SECONDS * _NS)
+        return self._pool._queue_move(kind, self._index, one, 1, False, lock_ns, int(RETRY_SECONDS * _NS))
+
+    @staticmethod
+    def _seconds(timeout: object) -> float | None:
+        ns = _timeout_ns(True, timeout)
+        return None if ns < 0 else ns / _NS
 
     def qsize(self) -> int:
         """How many elements the queue holds now."""
