@@ -25,7 +25,10 @@ Sections:
 
 Figures are ratios or medians taken in the same run, on a noisy machine:
 compare them with each other, not with another machine's. Nothing is written
-into the repository.
+into the repository. A section that did no work (a count that does not add
+up, a peer that never answered) reports an error instead of a figure, and
+the run exits 1. Every section cleans up after itself, on error too: pools
+destroyed, children reaped, nothing left in /dev/shm.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -50,15 +54,85 @@ import posix_ipc
 from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool
 from shmpool._layout import Geometry
 
+#: Children fork from a server that has numpy and shmpool imported: a spawned
+#: child imports them anew, which on a loaded 2-core machine costs seconds a
+#: child. The server attaches to no pool; it ends with this process.
+CTX = mp.get_context("forkserver")
+CTX.set_forkserver_preload(["numpy", "posix_ipc", "shmpool"])
+#: Every name this run makes (pools, semaphores, iceoryx2's files) carries
+#: the pid of the bench's main process: ``bench-<what>-<TAG>``. (Children
+#: get names from their parent: TAG is their own pid.)
+TAG = os.getpid()
+#: A child that waits this long for its peer has lost it: an error.
+WAIT_S = 30.0
+
+
+class Kids:
+    """Child processes that are reaped on leaving the block: joined if it
+    ended normally, killed (by pid, SIGKILL) if it raised or if they are
+    still running after ``grace`` seconds."""
+
+    def __init__(self, grace: float = 30.0) -> None:
+        self.procs: list[Any] = []
+        self.grace = grace
+
+    def start(self, target: Callable[..., None], *args: Any) -> Any:
+        p = CTX.Process(target=target, args=args, daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p
+
+    def __enter__(self) -> Kids:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        deadline = time.monotonic() + (self.grace if exc_type is None else 0)
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+
+
+def collect(results: Any, want: str, count: int, timeout: float) -> list[Any]:
+    """``count`` messages ``(want, role, payload)`` from children; a child's
+    ("error", role, traceback) raises here, and so does silence."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        try:
+            kind, role, payload = results.get(timeout=max(0.01, deadline - time.monotonic()))
+        except Exception:
+            missing = count - len(out)
+            raise RuntimeError(f"{missing} of {count} children never said {want!r} within {timeout:.0f} s") from None
+        if kind == "error":
+            raise RuntimeError(f"the {role} failed:\n{payload}")
+        if kind != want:
+            raise RuntimeError(f"the {role} reported {kind!r}, not {want!r}")
+        out.append((role, payload))
+    return out
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def interleaved(fns: dict[str, Callable[[int], None]], n: int, rounds: int = 5) -> dict[str, float]:
+    """Like per_op for several functions at once, timed in turns (round by
+    round) so that a noisy moment does not land on one of them only: best
+    microseconds per iteration of each."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(n)
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return {key: t / n * 1e6 for key, t in best.items()}
+
 
 def per_op(fn: Callable[[int], None], n: int, rounds: int = 5) -> float:
     """Best of ``rounds`` timings of fn(n), in microseconds per iteration."""
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn(n)
-        best = min(best, time.perf_counter() - t0)
-    return best / n * 1e6
+    return interleaved({"fn": fn}, n, rounds)["fn"]
 
 
 class HandRolled:
@@ -109,7 +183,7 @@ class HandRolled:
 
 def bench_pairs(reps: int) -> dict[str, Any]:
     n = 20_000 * reps // 4
-    tag = os.getpid()
+    tag = TAG
     sem = posix_ipc.Semaphore(f"/bench-floor-{tag}", posix_ipc.O_CREX, initial_value=1)
     queue: Any = mp.get_context("spawn").Queue()
     hand = HandRolled(f"/bench-hand-{tag}", 1024, create=True)
@@ -169,47 +243,61 @@ def bench_pairs(reps: int) -> dict[str, Any]:
 
 
 def _procs_worker(kind: str, name: str, seconds: float, start: Any, results: Any) -> None:
-    if kind == "shmpool":
-        pool = Mempool.attach(name)
-        alloc, free = pool.alloc, pool.free
+    try:
+        if kind == "shmpool":
+            pool = Mempool.attach(name)
+            alloc, free = pool.alloc, pool.free
 
-        def pair() -> None:
-            free(alloc(GFP_ATOMIC))
-    else:
-        hand = HandRolled(name, 0, create=False)
-        h_alloc, h_free = hand.alloc, hand.free
+            def pair() -> None:
+                free(alloc(GFP_ATOMIC))
+        else:
+            hand = HandRolled(name, 0, create=False)
+            h_alloc, h_free = hand.alloc, hand.free
 
-        def pair() -> None:
-            h_free(h_alloc())
-    start.wait()
-    count = 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        for _ in range(200):
-            pair()
-        count += 200
-    results.put(count / seconds)
+            def pair() -> None:
+                h_free(h_alloc())
+        results.put(("ready", kind, None))
+        if not start.wait(WAIT_S):
+            raise TimeoutError("never told to start")
+        count = 0
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while time.perf_counter() < deadline:
+            for _ in range(200):
+                pair()
+            count += 200
+        results.put(("done", kind, (count, time.perf_counter() - t0)))
+    except BaseException:
+        results.put(("error", f"{kind} worker", traceback.format_exc()))
+
+
+def pairs_per_second(kind: str, name: str, nprocs: int, seconds: float) -> tuple[float, int]:
+    """Aggregate alloc+free pairs per second of ``nprocs`` processes that
+    start together on pool (or hand-rolled list) ``name``; and how many."""
+    start, results = CTX.Event(), CTX.Queue()
+    try:
+        with Kids() as kids:
+            for _ in range(nprocs):
+                kids.start(_procs_worker, kind, name, seconds, start, results)
+            collect(results, "ready", nprocs, 60)
+            start.set()
+            done = [payload for _, payload in collect(results, "done", nprocs, seconds + 60)]
+    finally:
+        results.close()
+    count = sum(c for c, _ in done)
+    if count == 0:
+        raise RuntimeError(f"{kind}: {nprocs} process(es) did no alloc+free pair in {seconds} s")
+    return sum(c / t for c, t in done), count
 
 
 def bench_procs(reps: int) -> dict[str, Any]:
     seconds = 0.25 * reps / 4
-    ctx = mp.get_context("spawn")
-    tag = os.getpid()
-    pool = Mempool.create(f"bench-procs-{tag}", min_nr=4, slot_size=64, capacity=1024)
-    hand = HandRolled(f"/bench-hand2-{tag}", 1024, create=True)
+    pool = Mempool.create(f"bench-procs-{TAG}", min_nr=4, slot_size=64, capacity=1024)
+    hand = HandRolled(f"/bench-hand2-{TAG}", 1024, create=True)
     out: dict[str, Any] = {}
     try:
-        for kind, name in (("shmpool", pool.name), ("hand_rolled", f"/bench-hand2-{tag}")):
-            rates = []
-            for nprocs in (1, 2):
-                start, results = ctx.Event(), ctx.Queue()
-                procs = [ctx.Process(target=_procs_worker, args=(kind, name, seconds, start, results)) for _ in range(nprocs)]
-                for p in procs:
-                    p.start()
-                start.set()
-                rates.append(sum(results.get(timeout=60) for _ in procs))
-                for p in procs:
-                    p.join()
+        for kind, name in (("shmpool", pool.name), ("hand_rolled", f"/bench-hand2-{TAG}")):
+            rates = [pairs_per_second(kind, name, nprocs, seconds)[0] for nprocs in (1, 2)]
             out[f"{kind}_1proc_pairs_per_s"] = round(rates[0])
             out[f"{kind}_2procs_pairs_per_s"] = round(rates[1])
             out[f"{kind}_2procs_vs_1"] = round(rates[1] / rates[0], 2)
@@ -230,38 +318,38 @@ def _wakeup_child(name: str, n: int, go: Any, results: Any) -> None:
 
 def bench_wakeup(reps: int) -> dict[str, Any]:
     n = 25 * reps
-    ctx = mp.get_context("spawn")
-    pool = Mempool.create(f"bench-wakeup-{os.getpid()}", min_nr=1, slot_size=16, capacity=1)
+    pool = Mempool.create(f"bench-wakeup-{TAG}", min_nr=1, slot_size=16, capacity=1)
+    go, results = CTX.Queue(), CTX.Queue()
     try:
-        go, results = ctx.Queue(), ctx.Queue()
-        child = ctx.Process(target=_wakeup_child, args=(pool.name, n, go, results))
-        child.start()
-        latencies = []
-        h = pool.alloc()
-        for _ in range(n):
-            go.put(1)
-            deadline = time.monotonic() + 30
-            while pool.stats().nr_waiters == 0:  # until the child sleeps
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the child never slept")
-            t0 = time.perf_counter_ns()
+        with Kids() as kids:
+            kids.start(_wakeup_child, pool.name, n, go, results)
+            latencies = []
+            h = pool.alloc()
+            for _ in range(n):
+                go.put(1)
+                deadline = time.monotonic() + WAIT_S
+                while pool.stats().nr_waiters == 0:  # until the child sleeps
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the child never slept")
+                t0 = time.perf_counter_ns()
+                pool.free(h)
+                latencies.append((results.get(timeout=WAIT_S) - t0) / 1e3)
+                h = pool.alloc()  # the child freed it again
             pool.free(h)
-            latencies.append((results.get(timeout=30) - t0) / 1e3)
-            h = pool.alloc()  # the child freed it again
-        child.join()
-        pool.free(h)
     finally:
+        go.close()
+        results.close()
         pool.destroy(force=True)
     latencies.sort()
     return {
         "median_us": round(statistics.median(latencies), 1),
-        "p99_us": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
+        "p99_us": round(percentile(latencies, 0.99), 1),
         "samples": len(latencies),
     }
 
 
 def bench_bulk(reps: int) -> dict[str, Any]:
-    pool = Mempool.create(f"bench-bulk-{os.getpid()}", min_nr=16, slot_size=64, capacity=1_000_000)
+    pool = Mempool.create(f"bench-bulk-{TAG}", min_nr=16, slot_size=64, capacity=1_000_000)
     batch = 100_000
     try:
         best_alloc = best_free = float("inf")
@@ -284,7 +372,7 @@ def bench_bulk(reps: int) -> dict[str, Any]:
 def bench_inspect(reps: int) -> dict[str, Any]:
     from shmpool import cli
 
-    pool = Mempool.create(f"bench-inspect-{os.getpid()}", min_nr=1000, slot_size=64, capacity=1_000_000)
+    pool = Mempool.create(f"bench-inspect-{TAG}", min_nr=1000, slot_size=64, capacity=1_000_000)
     try:
         held = pool.alloc_bulk(300_000, GFP_ATOMIC)
 
@@ -310,7 +398,7 @@ def bench_inspect(reps: int) -> dict[str, Any]:
 
 def bench_scale(reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    tag = os.getpid()
+    tag = TAG
     n = 20_000 * reps // 4
     for capacity in (1_000, 100_000, 1_000_000):
         t0 = time.perf_counter()
@@ -348,7 +436,7 @@ sys.stdin.read()
 
 
 def bench_recovery(reps: int) -> dict[str, Any]:
-    name = f"bench-recovery-{os.getpid()}"
+    name = f"bench-recovery-{TAG}"
     out: dict[str, Any] = {}
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=4) as pool:
         try:
@@ -373,6 +461,9 @@ def bench_recovery(reps: int) -> dict[str, Any]:
     return out
 
 
+#: Every section's figures so far in this run (a section may use another's).
+RESULTS: dict[str, Any] = {}
+
 SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "pairs": bench_pairs,
     "procs": bench_procs,
@@ -392,10 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reps = 4 if args.quick else 20
     results: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(), "tag": TAG,
+        },
     }
+    failed = []
     for section in args.sections or SECTIONS:
-        results[section] = SECTIONS[section](reps)
+        try:
+            results[section] = RESULTS[section] = SECTIONS[section](reps)
+        except Exception as exc:  # the others still run; the run fails
+            traceback.print_exc()
+            results[section] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed.append(section)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -407,8 +506,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{section}")
             for key, value in figures.items():
                 print(f"  {key:<28} {value}")
-    return 0
+    if failed:
+        print(f"bench: FAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally blocks clean up on SIGTERM too
     sys.exit(main())
