@@ -14,7 +14,13 @@ Sections:
             one semaphore
   procs     pairs per second with two processes on one pool against one
             process alone, shmpool and the hand-rolled peer
+  reserve2  the same with every alloc a reserve pop (the arena dry): two
+            processes against one
+  views     buffer(h), ndarray(h) and ndarray(h, float32, (32, 32)), each
+            call against one alloc+free pair
   bulk      alloc_bulk and free_bulk, elements per second each way
+  churn     the same, 10,000 at a time, from a free list scrambled by random
+            alloc/free order beforehand
   wakeup    from a free in one process to the return of a sleeping alloc in
             another (median, p99)
   scale     per-pair cost at 1,000 / 100,000 / 1,000,000 slots; create and
@@ -49,6 +55,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import numpy as np
 import posix_ipc
 
 from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool
@@ -115,6 +122,11 @@ def collect(results: Any, want: str, count: int, timeout: float) -> list[Any]:
 
 def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b to three significant digits (a ratio far from 1 keeps them)."""
+    return float(f"{a / b:.3g}")
 
 
 def interleaved(fns: dict[str, Callable[[int], None]], n: int, rounds: int = 5) -> dict[str, float]:
@@ -307,6 +319,37 @@ def bench_procs(reps: int) -> dict[str, Any]:
     return out
 
 
+def bench_reserve2(reps: int) -> dict[str, Any]:
+    """Two processes on the reserve path: min_nr == capacity leaves the
+    arena dry, so every alloc pops the reserve and every free pushes it
+    (under the pool lock). Best of a few rounds, one and two in turn."""
+    seconds = 0.25 * reps / 4
+    rounds = 1 if reps < 10 else 3
+    pool = Mempool.create(f"bench-reserve2-{TAG}", min_nr=1024, slot_size=64, capacity=1024)
+    try:
+        best = {1: 0.0, 2: 0.0}
+        pairs = 0
+        for _ in range(rounds):
+            for nprocs in (1, 2):
+                rate, count = pairs_per_second("shmpool", pool.name, nprocs, seconds)
+                best[nprocs] = max(best[nprocs], rate)
+                pairs += count
+        s = pool.stats()
+        if s.alloc_arena != 0 or s.alloc_failed != 0 or s.alloc_reserve < pairs:
+            raise RuntimeError(
+                f"not the reserve path: {s.alloc_reserve} reserve pops, {s.alloc_arena} arena allocations and "
+                f"{s.alloc_failed} failures for {pairs} pairs"
+            )
+    finally:
+        pool.destroy(force=True)
+    return {
+        "1proc_pairs_per_s": round(best[1]),
+        "2procs_pairs_per_s": round(best[2]),
+        "2procs_vs_1": ratio(best[2], best[1]),
+        "reserve_pops": s.alloc_reserve,
+    }
+
+
 def _wakeup_child(name: str, n: int, go: Any, results: Any) -> None:
     pool = Mempool.attach(name)
     for _ in range(n):
@@ -366,6 +409,98 @@ def bench_bulk(reps: int) -> dict[str, Any]:
         "batch": batch,
         "alloc_bulk_M_per_s": round(batch / best_alloc / 1e6, 1),
         "free_bulk_M_per_s": round(batch / best_free / 1e6, 1),
+    }
+
+
+def bench_churn(reps: int) -> dict[str, Any]:
+    """alloc_bulk and free_bulk of 10,000 from a free list in random order:
+    random single allocs and frees first, then before every timed pair the
+    previous batch freed in a new random order (not timed)."""
+    capacity, batch = 200_000, 10_000
+    rng = np.random.default_rng(10)
+    pool = Mempool.create(f"bench-churn-{TAG}", min_nr=16, slot_size=64, capacity=capacity)
+    try:
+        held = pool.alloc_bulk(capacity // 2, GFP_ATOMIC)
+        assert held is not None
+        pool.free_bulk(rng.permutation(held))
+        held_list: list[int] = []
+        ops = 20_000 * reps // 4
+        for coin, pick in zip(rng.random(ops).tolist(), rng.integers(0, 1 << 30, ops).tolist()):
+            if coin < 0.5 or not held_list:  # a random walk of single allocs and frees
+                held_list.append(pool.alloc(GFP_ATOMIC))
+            else:
+                i = pick % len(held_list)
+                held_list[i], held_list[-1] = held_list[-1], held_list[i]
+                pool.free(held_list.pop())
+        pool.free_bulk(held_list)
+        best_alloc = best_free = float("inf")
+        for _ in range(max(5, reps)):
+            t0 = time.perf_counter()
+            hs = pool.alloc_bulk(batch, GFP_ATOMIC)
+            t1 = time.perf_counter()
+            if hs is None or len(hs) != batch:
+                raise RuntimeError(f"alloc_bulk({batch}) gave {None if hs is None else len(hs)} elements")
+            shuffled = rng.permutation(hs)
+            t2 = time.perf_counter()
+            pool.free_bulk(shuffled)
+            t3 = time.perf_counter()
+            best_alloc, best_free = min(best_alloc, t1 - t0), min(best_free, t3 - t2)
+        s = pool.stats()
+        if s.in_use or s.alloc_failed:
+            raise RuntimeError(f"{s.in_use} elements still held, {s.alloc_failed} allocations failed")
+    finally:
+        pool.destroy(force=True)
+    return {
+        "batch": batch,
+        "capacity": capacity,
+        "churn_ops": ops,
+        "alloc_bulk_M_per_s": round(batch / best_alloc / 1e6, 1),
+        "free_bulk_M_per_s": round(batch / best_free / 1e6, 1),
+    }
+
+
+def bench_views(reps: int) -> dict[str, Any]:
+    """Per-call cost of the element views against one alloc+free pair
+    (arena path), timed in turns."""
+    n = 20_000 * reps // 4
+    pool = Mempool.create(f"bench-views-{TAG}", min_nr=16, slot_size=4096, capacity=1024)
+    try:
+        h = pool.alloc(GFP_ATOMIC)
+        buffer, ndarray, alloc, free, f32 = pool.buffer, pool.ndarray, pool.alloc, pool.free, np.float32
+        if len(buffer(h)) != 4096 or ndarray(h).nbytes != 4096 or ndarray(h, f32, (32, 32)).shape != (32, 32):
+            raise RuntimeError("the views are not of the element")
+
+        def pairs(k: int) -> None:
+            for _ in range(k):
+                free(alloc(GFP_ATOMIC))
+
+        def buffers(k: int) -> None:
+            for _ in range(k):
+                buffer(h)
+
+        def arrays(k: int) -> None:
+            for _ in range(k):
+                ndarray(h)
+
+        def typed(k: int) -> None:
+            for _ in range(k):
+                ndarray(h, f32, (32, 32))
+
+        us = interleaved({"pair": pairs, "buffer": buffers, "ndarray": arrays, "typed": typed}, n)
+        pool.free(h)
+        s = pool.stats()
+        if s.alloc_arena < n or s.in_use:
+            raise RuntimeError(f"{s.alloc_arena} arena allocations for {n} pairs, {s.in_use} still held")
+    finally:
+        pool.destroy(force=True)
+    return {
+        "pair_us": round(us["pair"], 3),
+        "buffer_us": round(us["buffer"], 3),
+        "ndarray_us": round(us["ndarray"], 3),
+        "ndarray_f32_32x32_us": round(us["typed"], 3),
+        "buffer_vs_pair": ratio(us["buffer"], us["pair"]),
+        "ndarray_vs_pair": ratio(us["ndarray"], us["pair"]),
+        "ndarray_f32_32x32_vs_pair": ratio(us["typed"], us["pair"]),
     }
 
 
@@ -466,8 +601,11 @@ RESULTS: dict[str, Any] = {}
 
 SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "pairs": bench_pairs,
+    "views": bench_views,
     "procs": bench_procs,
+    "reserve2": bench_reserve2,
     "bulk": bench_bulk,
+    "churn": bench_churn,
     "wakeup": bench_wakeup,
     "scale": bench_scale,
     "inspect": bench_inspect,
