@@ -23,6 +23,9 @@ Sections:
             alloc/free order beforehand
   wakeup    from a free in one process to the return of a sleeping alloc in
             another (median, p99)
+  floor     the wake-up's floor: a bare posix_ipc semaphore ping-pong between
+            two processes (one round trip), and one such wake-up timed like
+            the wake-up section; the wake-up's median against both
   scale     per-pair cost at 1,000 / 100,000 / 1,000,000 slots; create and
             attach of a 1,000,000 x 64-byte pool; metadata bytes per slot
   inspect   shmpool-inspect's list, show and --check of a 1,000,000-slot pool
@@ -391,6 +394,67 @@ def bench_wakeup(reps: int) -> dict[str, Any]:
     }
 
 
+def _pingpong_child(ping_name: str, pong_name: str, n: int, stamp: Any) -> None:
+    ping, pong = posix_ipc.Semaphore(ping_name), posix_ipc.Semaphore(pong_name)
+    acquire, release, now = ping.acquire, pong.release, time.perf_counter_ns
+    for _ in range(n):
+        acquire(WAIT_S)
+        stamp.value = now()
+        release()
+
+
+def bench_floor(reps: int) -> dict[str, Any]:
+    """The wake-up's floor: two bare posix_ipc semaphores between two
+    processes. A round trip (post, the other wakes and posts back, wake)
+    back to back; then one wake-up timed as the wake-up section times its
+    own (the child asleep on the semaphore, from the post to its return).
+    The wake-up section's median (run now if it was not) against both."""
+    n = 100 * reps
+    warm = 50
+    wakeup = RESULTS.get("wakeup")
+    if not isinstance(wakeup, dict) or "median_us" not in wakeup:
+        wakeup = bench_wakeup(reps)
+    names = (f"/bench-ping-{TAG}", f"/bench-pong-{TAG}")
+    ping = posix_ipc.Semaphore(names[0], posix_ipc.O_CREX, initial_value=0)
+    pong = posix_ipc.Semaphore(names[1], posix_ipc.O_CREX, initial_value=0)
+    stamp = CTX.RawValue("q", 0)
+    try:
+        with Kids() as kids:
+            kids.start(_pingpong_child, *names, warm + 2 * n, stamp)
+            round_trips, one_way = [], []
+            for i in range(warm + n):
+                t0 = time.perf_counter_ns()
+                ping.release()
+                pong.acquire(WAIT_S)
+                if i >= warm:
+                    round_trips.append((time.perf_counter_ns() - t0) / 1e3)
+            for _ in range(n):
+                spin = time.perf_counter_ns() + 1_000_000
+                while time.perf_counter_ns() < spin:  # the child is asleep on the semaphore by now; we
+                    pass  # spin meanwhile, as the wake-up section's parent polls for its sleeper
+                t0 = time.perf_counter_ns()
+                ping.release()
+                pong.acquire(WAIT_S)
+                one_way.append((stamp.value - t0) / 1e3)
+    finally:
+        for sem, name in zip((ping, pong), names):
+            sem.close()
+            posix_ipc.unlink_semaphore(name)
+    round_trips.sort()
+    one_way.sort()
+    rt, ow = statistics.median(round_trips), statistics.median(one_way)
+    return {
+        "round_trip_median_us": round(rt, 1),
+        "round_trip_p99_us": round(percentile(round_trips, 0.99), 1),
+        "one_wakeup_median_us": round(ow, 1),
+        "one_wakeup_p99_us": round(percentile(one_way, 0.99), 1),
+        "samples": n,
+        "wakeup_median_us": wakeup["median_us"],
+        "wakeup_vs_floor": ratio(wakeup["median_us"], rt),
+        "wakeup_vs_one_wakeup": ratio(wakeup["median_us"], ow),
+    }
+
+
 def bench_bulk(reps: int) -> dict[str, Any]:
     pool = Mempool.create(f"bench-bulk-{TAG}", min_nr=16, slot_size=64, capacity=1_000_000)
     batch = 100_000
@@ -607,6 +671,7 @@ SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "bulk": bench_bulk,
     "churn": bench_churn,
     "wakeup": bench_wakeup,
+    "floor": bench_floor,
     "scale": bench_scale,
     "inspect": bench_inspect,
     "recovery": bench_recovery,
