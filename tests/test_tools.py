@@ -205,6 +205,7 @@ def test_bench_runs_and_reports_every_section() -> None:
              "p50_vs_idiom")
     for who in ("shmpool", "idiom", "pipe"):
         assert 0 < pipe[f"{who}_1to1_paced_p50_us"] <= pipe[f"{who}_1to1_paced_p99_us"]
+        assert pipe[f"{who}_1to1_longest_wait_ms"] >= 0
     if pipe["iceoryx2"].startswith("peer unavailable: "):  # --quick installs nothing
         assert "iceoryx2_1to1_msgs_per_s" not in pipe and "shmpool_vs_iceoryx2" not in pipe
     else:

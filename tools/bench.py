@@ -237,7 +237,7 @@ class Reader:
     exactly once: checked by the parent from counts and sums), latency from
     the producer's stamp to the take."""
 
-    __slots__ = ("ordered", "last", "count", "total", "latencies", "stopped")
+    __slots__ = ("ordered", "last", "count", "total", "latencies", "stopped", "longest")
 
     def __init__(self, ordered: bool) -> None:
         self.ordered = ordered
@@ -245,6 +245,7 @@ class Reader:
         self.count = self.total = 0
         self.latencies: list[int] = []
         self.stopped = False
+        self.longest = 0  # the longest take (ns): a stall shows here
 
     def read(self, a: np.ndarray, taken_ns: int) -> bool:
         """False for the producer's STOP."""
@@ -265,8 +266,10 @@ def _consume(take: Callable[[], list[Any]], view: Callable[[Any], np.ndarray],
     """The consumers' loop, one for every contender: take a batch, read
     each, release the batch (a STOP beyond this consumer's own goes back)."""
     while not reader.stopped:
+        before = _now()
         items = take()
         taken = _now()
+        reader.longest = max(reader.longest, taken - before)
         back = []
         for item in items:
             if not reader.read(view(item), taken):
@@ -276,16 +279,16 @@ def _consume(take: Callable[[], list[Any]], view: Callable[[Any], np.ndarray],
         release(items, back)
 
 
-def _produce(send: Callable[[int], None], n: int, rate: int, stops: int, budget_s: float) -> tuple[int, int]:
+def _produce(send: Callable[[int], None], n: int, rate: int, stops: int, budget_s: float) -> tuple[int, int, int]:
     """The producers' loop: up to n messages, at ``rate`` a second if given,
     for at most ``budget_s`` seconds; then one STOP per consumer. Returns
-    when it started and how many it sent. Pacing sleeps while the next due
-    time is far (releasing the GIL, as a producer waiting for its input
-    does) and spins the last stretch."""
+    when it started, how many it sent and its longest send (ns). Pacing
+    sleeps while the next due time is far (releasing the GIL, as a producer
+    waiting for its input does) and spins the last stretch."""
     step = 1e9 / rate if rate else 0.0
     t0 = _now()
     end = t0 + int(budget_s * 1e9)
-    sent = 0
+    sent = longest = 0
     for i in range(n):
         if step:
             due = t0 + int(i * step)
@@ -294,11 +297,13 @@ def _produce(send: Callable[[int], None], n: int, rate: int, stops: int, budget_
                     time.sleep((left - 50_000) / 1e9)
         elif i % 256 == 0 and _now() > end:
             break
+        before = _now()
         send(i)
+        longest = max(longest, _now() - before)
         sent += 1
     for _ in range(stops):
         send(STOP)
-    return t0, sent
+    return t0, sent, longest
 
 
 # Each contender: a producer's send(i) and a consumer's (take, view,
@@ -481,7 +486,7 @@ def _pipeline_worker(role: str, spec: dict[str, Any], go: Any, finish: Any, resu
             _consume(take, view, release, reader)
             end = _now()
             lat = reader.latencies if spec["rate"] else []
-            results.put(("done", role, (end, reader.count, reader.total, lat)))
+            results.put(("done", role, (end, reader.count, reader.total, lat, reader.longest)))
     except BaseException:
         results.put(("error", f"{spec['kind']} {role}", traceback.format_exc()))
     finally:
@@ -555,13 +560,17 @@ def run_pipeline(kind: str, consumers: int, n: int, rate: int = 0, peer_path: st
                 finish.set()
     finally:
         results.close()
-    t0, sent = next(payload for role, payload in done if role == "producer")
+    t0, sent, longest = next(payload for role, payload in done if role == "producer")
     ends = [payload for role, payload in done if role == "consumer"]
     count, total = sum(e[1] for e in ends), sum(e[2] for e in ends)
     if sent == 0 or count != sent or total != sent * (sent - 1) // 2:
         want = sent * (sent - 1) // 2
         raise RuntimeError(f"{kind}: {count} of {sent} messages sent arrived (counter sum {total}, not {want})")
-    out = {"msgs_per_s": sent / ((max(e[0] for e in ends) - t0) / 1e9), "sent": sent}
+    out = {
+        "msgs_per_s": sent / ((max(e[0] for e in ends) - t0) / 1e9),
+        "sent": sent,
+        "longest_wait_ms": max(longest, *(e[4] for e in ends)) / 1e6,  # one send or take
+    }
     if rate:
         lat = sorted(x / 1e3 for e in ends for x in e[3])
         out.update(p50_us=statistics.median(lat), p99_us=percentile(lat, 0.99))
@@ -615,6 +624,7 @@ def bench_pipeline(reps: int) -> dict[str, Any]:
         runs.append(("iceoryx2_1to1", "iceoryx2", 1))
     best: dict[str, float] = {}
     cut: dict[str, int] = {}
+    longest: dict[str, float] = {}
     paced: dict[str, dict[str, float]] = {}
 
     def attempt(key: str, kind: str, consumers: int, count: int, rate: int) -> dict[str, Any] | None:
@@ -634,6 +644,7 @@ def bench_pipeline(reps: int) -> dict[str, Any]:
             got = attempt(key, kind, consumers, n, 0)
             if got is not None:
                 best[key] = max(best.get(key, 0.0), got["msgs_per_s"])
+                longest[key] = max(longest.get(key, 0.0), got["longest_wait_ms"])
                 if got["sent"] < n:
                     cut[key] = max(cut.get(key, 0), got["sent"])
     for key, kind, consumers in runs:
@@ -644,6 +655,7 @@ def bench_pipeline(reps: int) -> dict[str, Any]:
     for key, _, _ in runs:
         if key in best:
             out[f"{key}_msgs_per_s"] = round(best[key])
+            out[f"{key}_longest_wait_ms"] = round(longest[key], 1)  # over its rounds: one send or take
         if key in cut:  # never the whole n within the budget, in any round
             out[f"{key}_cut_short"] = f"{cut[key]} of {n} messages in the {budget_s:.0f} s budget"
     out.update(paced_msgs_per_s=PACED_RATE, paced_messages=n_paced)
