@@ -172,19 +172,64 @@ def test_chaos_verdict_demands_operations_and_kills() -> None:
     assert tool.verdict(kills=12, operations=5000, failure="stamp mismatch") == "stamp mismatch"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_bench_runs_and_reports_every_section() -> None:
+    """--quick --json runs every section, each with figures that did work
+    (sanity, not speed), leaves nothing behind, and a run that did no work
+    is a failure, not a figure."""
+    import glob
     import json
+    import re
+    import tempfile
 
     out = subprocess.run(
-        [sys.executable, os.path.join(TOOLS, "bench.py"), "--quick", "--json"], capture_output=True, text=True, timeout=110
+        [sys.executable, os.path.join(TOOLS, "bench.py"), "--quick", "--json"],
+        capture_output=True, text=True, timeout=170,
     )
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
+    tag = figures["machine"]["tag"]
+    sections = ("pipeline", "pairs", "views", "procs", "reserve2", "bulk", "churn", "wakeup", "floor", "scale",
+                "inspect", "recovery")
+    assert set(figures) == {"machine", *sections}
+    assert not [s for s in sections if "error" in figures[s]]
+
+    def positive(section: str, *keys: str) -> None:
+        for key in keys:
+            value = figures[section][key]
+            assert isinstance(value, (int, float)) and value > 0, (section, key, value)
+
+    pipe = figures["pipeline"]
+    positive("pipeline", "shmpool_1to1_msgs_per_s", "shmpool_1to2_msgs_per_s", "idiom_1to1_msgs_per_s",
+             "pipe_1to1_msgs_per_s", "1to2_vs_1to1", "shmpool_vs_pipe", "shmpool_vs_idiom", "p50_vs_pipe",
+             "p50_vs_idiom")
+    for who in ("shmpool", "idiom", "pipe"):
+        assert 0 < pipe[f"{who}_1to1_paced_p50_us"] <= pipe[f"{who}_1to1_paced_p99_us"]
+        assert pipe[f"{who}_1to1_longest_wait_ms"] >= 0
+    if pipe["iceoryx2"].startswith("peer unavailable: "):  # --quick installs nothing
+        assert "iceoryx2_1to1_msgs_per_s" not in pipe and "shmpool_vs_iceoryx2" not in pipe
+    else:
+        positive("pipeline", "iceoryx2_1to1_msgs_per_s", "shmpool_vs_iceoryx2", "p50_vs_iceoryx2",
+                 "iceoryx2_1to1_paced_p50_us")
+    positive("reserve2", "1proc_pairs_per_s", "2procs_pairs_per_s", "2procs_vs_1", "reserve_pops")
+    positive("views", "pair_us", "buffer_us", "ndarray_us", "ndarray_f32_32x32_us", "buffer_vs_pair",
+             "ndarray_vs_pair", "ndarray_f32_32x32_vs_pair")
+    positive("churn", "alloc_bulk_M_per_s", "free_bulk_M_per_s", "churn_ops")
+    positive("floor", "round_trip_median_us", "one_wakeup_median_us", "wakeup_vs_floor", "wakeup_vs_one_wakeup")
+    assert figures["floor"]["wakeup_median_us"] == figures["wakeup"]["median_us"]  # the same run's wake-up
     recovery = figures["recovery"]
     assert recovery["recoveries"] >= 4  # every kill was recovered from
     assert 0 < recovery["killed_holder_median_ms"] <= recovery["killed_holder_max_ms"]
+    # Nothing left: pools, semaphores, iceoryx2's files, temporary directories.
+    ours = re.compile(rf"bench-[a-z0-9-]*-{tag}(\.|$)|^bench{tag}iox_")
+    assert [e for e in os.listdir("/dev/shm") if ours.search(e)] == []
+    assert glob.glob(os.path.join(tempfile.gettempdir(), f"bench-*-{tag}-*")) == []
     assert leftovers() == []
+
+    code = f"import sys; sys.path.insert(0, {TOOLS!r}); import bench; bench.run_pipeline('pipe', 1, 0)"
+    nothing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 1, nothing.stderr  # a run that sent nothing gives no figure
+    assert "RuntimeError: pipe: 0 of 0 messages sent arrived" in nothing.stderr, nothing.stderr
 
 
 @pytest.mark.timeout(120)
