@@ -734,10 +734,17 @@ class Mempool(Core):
         if bad.size:
             raise ValueError(f"handle {int(arr[bad[0]])} is out of range")
         if arr.size > 1:
-            order = np.argsort(idx, kind="stable")
-            twice = np.flatnonzero(idx[order][1:] == idx[order][:-1])
-            if twice.size:
-                raise InvalidHandleError(int(arr[order[twice[0] + 1]]), "given twice in one call")
+            if arr.size * 64 >= self._capacity:  # a big batch: one pass over a map of the slots
+                seen = np.zeros(self._capacity, dtype=np.uint8)
+                seen[idx] = 1
+                clash = np.count_nonzero(seen) != arr.size
+            else:  # a small one: a sort of the batch alone
+                clash = True
+            if clash:
+                order = np.argsort(idx, kind="stable")
+                twice = np.flatnonzero(idx[order][1:] == idx[order][:-1])
+                if twice.size:
+                    raise InvalidHandleError(int(arr[order[twice[0] + 1]]), "given twice in one call")
         return arr
 
     def reclaim_dead(self) -> int:

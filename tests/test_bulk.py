@@ -110,3 +110,16 @@ def test_two_bulk_sleepers_cannot_deadlock(name: str, spawn) -> None:
         assert (s.in_use, s.curr_nr, s.nr_waiters) == (0, 2, 0)
         check_whole(pool)
         pool.destroy()
+
+
+def test_a_handle_given_twice_is_refused_in_a_small_batch_of_a_big_pool(name: str) -> None:
+    # A batch much smaller than the pool is checked by sorting the batch
+    # alone (a big one by a map of the slots): both refuse a repeat.
+    with Mempool.create(name, min_nr=1, slot_size=8, capacity=1000) as pool:
+        hs = [pool.alloc() for _ in range(3)]
+        before = snapshot(pool)
+        with pytest.raises(InvalidHandleError, match="given twice"):
+            pool.free_bulk([hs[0], hs[1], hs[0]])
+        assert snapshot(pool) == before
+        pool.free_bulk(hs)
+        pool.destroy()
