@@ -2493,8 +2493,8 @@ static int set_trace_cb(Core *f, PyObject *v, void *c) {
 }
 
 static PyGetSetDef Core_getset[] = {
-    {"enabled", (getter)get_enabled, (setter)set_enabled, "whether this object uses its process's cache", NULL},
-    {"cache_n", (getter)get_cache_n, NULL, "slots in this process's cache", NULL},
+    {"_enabled", (getter)get_enabled, (setter)set_enabled, "whether this object uses its process's cache", NULL},
+    {"_cache_n", (getter)get_cache_n, NULL, "slots in this process's cache", NULL},
     {"_recoveries", (getter)get_recoveries, NULL, "times this object took the lock over from a dead owner", NULL},
     {"_entry", (getter)get_entry, NULL, "this process's registry entry (-1: none)", NULL},
     {"_trace_cb", (getter)get_trace_cb, (setter)set_trace_cb, "the trace callback, called outside the lock", NULL},

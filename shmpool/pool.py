@@ -535,7 +535,7 @@ class Mempool(Core):
             att = _attachments.get(key)
             if att is not None and self._bind(att.fd, att.index, att.epoch):
                 att.refs += 1
-                self.enabled = self._trace is None
+                self._enabled = self._trace is None
                 return
             # A description of our own: the OFD lock lives as long as it does.
             fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
@@ -547,7 +547,7 @@ class Mempool(Core):
             if att is not None:
                 os.close(att.fd)
             _attachments[key] = _Attachment(fd, index, epoch, 1)
-        self.enabled = self._trace is None
+        self._enabled = self._trace is None
 
     def _release_attachment(self, destroyed: bool) -> None:
         """This object lets go of the process's registry entry. The last one
@@ -574,7 +574,7 @@ class Mempool(Core):
     def _become(self, pid: int, start: int) -> None:
         """After fork(): this object now belongs to the child."""
         self._pid, self._start = pid, start
-        self.enabled = False  # the cache in use was the parent's
+        self._enabled = False  # the cache in use was the parent's
         if self._core is None:
             return
         try:
@@ -993,11 +993,20 @@ class Mempool(Core):
         self._trace_cb = callback
         if self._core is None:
             return
-        if callback is not None and self.enabled:
-            self.enabled = False
+        if callback is not None and self._enabled:
+            self._enabled = False
             self._drain_cache(-1)
         elif callback is None and self._entry >= 0:
-            self.enabled = True
+            self._enabled = True
+
+    @property
+    def min_nr(self) -> int:
+        """The reserve's target size now (``resize`` changes it; read
+        without the lock: a single load)."""
+        core = self._core
+        if core is None:
+            raise self._closed()
+        return int(core[0].hdr[H_MIN_NR])
 
     @property
     def slot_size(self) -> int:
@@ -1060,8 +1069,8 @@ class Mempool(Core):
         core = self._core
         if core is None:
             return
-        if self.enabled:
-            self.enabled = False
+        if self._enabled:
+            self._enabled = False
             # The cache's slots back to the shared arena, if the lock comes
             # soon (never block in close); otherwise they wait for a thief or
             # for reclaim_dead.
