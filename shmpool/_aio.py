@@ -270,7 +270,7 @@ async def alloc(pool: Mempool, gfp: int, timeout: float | None) -> int | None:
     start = _monotonic()
     h = pool.alloc(int(gfp) & ~int(__GFP_WAIT)) if sleeps else pool.alloc(gfp)
     if h is not None or not sleeps:
-        return h  # type: ignore[no-any-return]
+        return h
     free = lambda h: _free_quietly(pool, h)  # noqa: E731
     h = await _wait(start, seconds, _slices(lambda s: pool.alloc(gfp, timeout=s), TimeoutError), ALLOC_SLICE_SECONDS, free, free)
     if h is _NOTHING:
@@ -319,6 +319,9 @@ async def put(q: Queue, handle: int, timeout: float | None) -> None:
     if q._put_now(handle):
         return
     # No undo: a put that happened stays (the caller learns of it).
-    put = lambda s: q.put(handle, True, s) or True  # noqa: E731
-    if await _wait(start, seconds, _slices(put, _stdqueue.Full), QUEUE_SLICE_SECONDS) is _NOTHING:
+    def put_within(s: float) -> bool:
+        q.put(handle, True, s)
+        return True
+
+    if await _wait(start, seconds, _slices(put_within, _stdqueue.Full), QUEUE_SLICE_SECONDS) is _NOTHING:
         raise _stdqueue.Full

@@ -89,8 +89,6 @@ import mmap
 import struct
 from dataclasses import dataclass
 
-import numpy as np
-
 from ._errors import PoolFormatError
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")

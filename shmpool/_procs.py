@@ -71,7 +71,7 @@ def entry_alive(fd: int, geo: Geometry, entry: int) -> bool:
         got = fcntl.fcntl(fd, F_OFD_GETLK, flock)
     except OSError:
         return True  # cannot tell: never call a process dead on a guess
-    return struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK
+    return bool(struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK)
 
 
 def live_entries(fd: int, geo: Geometry, procs: np.ndarray) -> list[int]:

@@ -126,7 +126,7 @@ GFP_DMA32 = __GFP_DMA32
 
 #: Every bit that some v3.2 mask can hold; any other is refused.
 GFP_VALID_MASK = 0xEFDFFF
-assert GFP_VALID_MASK == sum(member.value for member in GFP.__members__.values())
+assert sum(member.value for member in GFP.__members__.values()) == GFP_VALID_MASK
 _REFUSED = ~GFP_VALID_MASK  # also catches negative numbers
 _WAIT = int(GFP.WAIT)
 _ZERO = int(GFP.ZERO)
@@ -165,10 +165,10 @@ def may_sleep(gfp: object) -> bool:
     (:class:`GFPWarning`), once per process: elements are not zeroed.
     """
     if type(gfp) is GFP or type(gfp) is int:
-        answer = _MAY_SLEEP.get(gfp)  # type: ignore[call-overload]
+        answer = _MAY_SLEEP.get(gfp)
         if answer is not None:
             return answer
-        g = int(gfp)  # type: ignore[call-overload]
+        g = int(gfp)
         if g & _REFUSED:
             raise ValueError(f"gfp {g:#x} has bits that no Linux v3.2 GFP mask has (valid: {GFP_VALID_MASK:#x})")
         if g & _ZERO and not _zero_warned:

@@ -781,7 +781,7 @@ class Mempool(Core):
         if type(handle) is not int:
             if isinstance(handle, bool) or not hasattr(type(handle), "__index__"):
                 raise TypeError(f"a handle is an int, not {type(handle).__name__}")
-            handle = operator.index(handle)
+            handle = operator.index(handle)  # type: ignore[arg-type]
         if handle < 0 or handle >> 63:
             raise ValueError(f"handle {handle} is out of range")
         idx = handle & INDEX_MASK

@@ -3,7 +3,6 @@ pool whole, and the audit passes."""
 
 from __future__ import annotations
 
-import os
 import signal
 
 import posix_ipc

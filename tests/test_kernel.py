@@ -232,7 +232,7 @@ def test_3_gfp_zero_warns_once_per_process(name: str, monkeypatch: pytest.Monkey
 
 def test_4_helper_constructors_make_pools_of_the_right_shape(name: str) -> None:
     page = mmap.PAGESIZE
-    assert kernel.PAGE_SIZE == page
+    assert page == kernel.PAGE_SIZE
     made = [
         # (pool, slot_size, min_nr, capacity)
         (kernel.mempool_create_kmalloc_pool(3, 200, f"{name}-k"), 200, 3, 12),  # capacity: 4 x min_nr

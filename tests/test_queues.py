@@ -198,10 +198,12 @@ def test_senders_and_receivers_that_die(pool: Mempool, name: str, popen) -> None
     q = pool.queue("q", depth=8)
     sender, line = child(popen, "q = pool.queue('q')\nq.put_many([pool.alloc() for _ in range(3)])\n"
                          "print('sent', flush=True)\nsys.stdin.read()\n", name)
+    assert line == "sent"
     kill(sender)
     assert pool.reclaim_dead() == 0  # a sender that dies after put loses nothing
     assert q.qsize() == 3
     receiver, line = child(popen, "q = pool.queue('q')\nq.get()\nprint('got', flush=True)\nsys.stdin.read()\n", name)
+    assert line == "got"
     kill(receiver)
     assert pool.reclaim_dead() == 1  # the receiver held what it got
     assert q.qsize() == 2
@@ -223,6 +225,7 @@ def test_killed_inside_put_or_get_the_element_is_in_the_queue(pool: Mempool, nam
     code += f"print('ready', flush=True)\nsys.stdin.readline()\nshmpool._fast.crash_at({point!r})\n"
     code += "q.put(pool.alloc())\n" if point == "queue-put" else "q.get(); q.get()\n"
     p, line = child(popen, code, name)
+    assert line == "ready"
     p.stdin.write("go\n")
     p.stdin.flush()
     assert p.wait(timeout=20) == -signal.SIGKILL
@@ -300,6 +303,7 @@ def test_a_signal_handlers_exception_ends_a_blocked_get_and_leaks_nothing(pool: 
         "sys.stdin.read()\n"
     )
     p, line = child(popen, code, name)
+    assert line == "waiting"
     wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep in get")
     p.send_signal(signal.SIGUSR1)
     assert p.stdout.readline().strip() == "interrupted"
