@@ -116,6 +116,7 @@
 #define Q_PUTS 11
 #define Q_GETS 12
 #define Q_WAITERS 13
+#define Q_PUTTERS 14
 #define QUEUE_WORDS 16
 #define QUEUE_LIVE 1
 #define NO_SLOT 0xFFFFFFFFu
@@ -188,6 +189,7 @@ typedef struct {
     char qsem_prefix[300];
     int enabled, poison, busy, closing;
     int wake;                 /* set under the lock: post wake-ups once it is released */
+    int woken;                /* the last sleep ended with a token */
     int qwake;                /* likewise for a queue's channel: its index + 1 */
     int recount;              /* a nap ended with no wake-up: uncount dead sleepers next time */
     int64_t poisoned;         /* a slot found written after free (warn after unlock), or -1 */
@@ -1152,6 +1154,7 @@ static int sleep_until_ch(Core *f, int ch, uint64_t until) {
         if (now_ns() >= until) break;
     }
     if (!woken) f->recount = 1; /* nobody woke us: some sleepers may have died */
+    f->woken = woken;
     sleeper_add_ch(f, ch, -1); /* finish_wait */
     drain_tokens_ch(f, ch);
     if (r == RC_OK && f->closing) r = RC_CLOSED;
@@ -2027,6 +2030,7 @@ static int queue_put_step(Core *f, uint64_t q, const int64_t *src, Py_ssize_t n,
     uint64_t *Q = QUEUE(f, q);
     if (Q[Q_COUNT] + (uint64_t)n > Q[Q_DEPTH]) {
         if (mode == MODE_SLEEP) {
+            __atomic_add_fetch(&Q[Q_PUTTERS], 1, __ATOMIC_SEQ_CST); /* which kind sleeps: see queue_move */
             sleeper_add_ch(f, (int)q + 1, 1);
             return RC_SLEEP;
         }
@@ -2123,7 +2127,7 @@ static PyObject *Core_queue_move(Core *f, PyObject *args) {
     int64_t *data = (int64_t *)buf.buf;
     uint64_t deadline = deadline_from(timeout_ns);
     Py_ssize_t moved = 0, bad = -1;
-    int r;
+    int r, slept_woken = 0, passed = 0;
     for (;;) {
         int mode = block && !(deadline && now_ns() >= deadline) ? MODE_SLEEP : MODE_FAIL;
         if (mode == MODE_SLEEP && q < f->max_queues) queue_spin(f, q, kind, (uint64_t)n, deadline);
@@ -2137,14 +2141,34 @@ static PyObject *Core_queue_move(Core *f, PyObject *args) {
         }
         lock_release(f);
         if (after_unlock(f) < 0) {
-            if (r == RC_SLEEP) sleeper_add_ch(f, (int)q + 1, -1);
+            if (r == RC_SLEEP) {
+                sleeper_add_ch(f, (int)q + 1, -1);
+                if (kind == 0) __atomic_sub_fetch(&QUEUE(f, q)[Q_PUTTERS], 1, __ATOMIC_SEQ_CST);
+            }
             r = RC_SIGNAL;
             break;
         }
         if (r != RC_SLEEP) break;
+        /* A queue's putters and getters share its channel: a token we took
+         * and could not use may have been posted for a sleeper of the other
+         * kind (a put that made room, taken by a getter that then found the
+         * queue empty). Pass it on rather than swallow it; both kinds can
+         * never be unable at once, so it ends with one that can. */
+        if (slept_woken && !passed) {
+            uint64_t all = ld(&QUEUE(f, q)[Q_WAITERS]), putters = ld(&QUEUE(f, q)[Q_PUTTERS]);
+            uint64_t others = kind == 0 ? (all > putters ? all - putters : 0) : putters;
+            sem_t *sem = sem_of(f, (int)q + 1);
+            if (others && sem) {
+                sem_post(sem); /* once a call: a chain of passes ends */
+                passed = 1;
+            }
+        }
         uint64_t until = now_ns() + (uint64_t)(retry_ns > 0 ? retry_ns : 1);
         if (deadline && deadline < until) until = deadline;
-        if ((r = sleep_until_ch(f, (int)q + 1, until)) != RC_OK) break;
+        r = sleep_until_ch(f, (int)q + 1, until);
+        if (kind == 0) __atomic_sub_fetch(&QUEUE(f, q)[Q_PUTTERS], 1, __ATOMIC_SEQ_CST);
+        if (r != RC_OK) break;
+        slept_woken = f->woken;
     }
     PyBuffer_Release(&buf);
     if (r == RC_OK) return leave(f, PyLong_FromSsize_t(moved));
@@ -2217,6 +2241,7 @@ static PyObject *Core_queue_open(Core *f, PyObject *args) {
                 st(&Q[Q_TAIL], NO_SLOT);
                 Q[Q_PUTS] = Q[Q_GETS] = 0;
                 st(&Q[Q_WAITERS], 0);
+                st(&Q[Q_PUTTERS], 0);
                 create_queue_sem(f, (uint64_t)vacant);
                 st(&Q[Q_STATE], QUEUE_LIVE); /* last: the queue exists */
                 index = vacant;
@@ -2642,13 +2667,13 @@ PyMODINIT_FUNC PyInit__fast(void) {
     Py_INCREF(&CoreType);
     PyModule_AddObject(m, "Core", (PyObject *)&CoreType);
     PyObject *layout = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
+        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
         L(HEADER_WORDS), L(H_FLAGS), L(H_STATUS), L(H_MIN_NR), L(H_CURR_NR), L(H_ARENA_FREE), L(H_NR_WAITERS),
         L(H_EPOCH), L(H_FAIL_RATE), L(H_FAIL_THRESHOLD), L(H_SEED), L(H_RNG), L(H_LOCK_OWNER), L(H_LOCK_SINCE_NS),
         L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(H_ENTRIES_USED), L(FLAG_POISON),
         L(STATUS_LIVE), L(STATUS_DESTROYED), L(ST_ARENA), L(ST_RESERVE), L(ST_HELD), L(ST_CACHED), L(ST_QUEUED), L(Q_NAME),
         L(QUEUE_NAME_BYTES), L(Q_STATE), L(Q_DEPTH), L(Q_COUNT), L(Q_HEAD), L(Q_TAIL), L(Q_PUTS), L(Q_GETS),
-        L(QUEUE_WORDS), L(QUEUE_LIVE), L(NO_SLOT), L(Q_WAITERS), L(P_QSLEEP), L(MAX_QUEUES), L(STATE_MASK),
+        L(QUEUE_WORDS), L(QUEUE_LIVE), L(NO_SLOT), L(Q_WAITERS), L(Q_PUTTERS), L(P_QSLEEP), L(MAX_QUEUES), L(STATE_MASK),
         L(OWNER_SHIFT), L(OWNER_MASK), L(GEN_SHIFT), L(GEN_MASK), L(INDEX_MASK), L(HGEN_SHIFT), L(P_PID),
         L(P_START), L(P_SLEEPING), L(P_CACHE_N), L(P_EPOCH), L(P_COUNTERS), L(N_PROC_COUNTERS), L(P_CACHE),
         L(CACHE_MAX), L(PROC_WORDS), L(CACHE_BLANK), L(C_ALLOC_ARENA), L(C_ALLOC_RESERVE), L(C_ALLOC_FAILED),

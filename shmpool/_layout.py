@@ -217,6 +217,7 @@ Q_TAIL = 10
 Q_PUTS = 11
 Q_GETS = 12
 Q_WAITERS = 13  # threads asleep in a blocked put or get on this queue
+Q_PUTTERS = 14  # of them, those in a put (the others wait in a get)
 QUEUE_WORDS = 16
 QUEUE_LIVE = 1
 MAX_QUEUES = 64
