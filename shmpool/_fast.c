@@ -1720,19 +1720,6 @@ static PyObject *Core_reclaim_core(Core *f, PyObject *unused) {
     return leave(f, PyLong_FromLongLong(taken));
 }
 
-/* _repair_core(): run the repair under the lock (tests, inspect's users). */
-static PyObject *Core_repair_core(Core *f, PyObject *unused) {
-    ENTER(f);
-    int r = lock_acquire(f, 0);
-    if (r == RC_OK) {
-        repair(f);
-        lock_release(f);
-    }
-    if (after_unlock(f) < 0) return leave(f, NULL);
-    if (r != RC_OK) return leave(f, raise_for(f, r));
-    return leave(f, Py_NewRef(Py_None));
-}
-
 /* _stats_core(out): a consistent snapshot under the lock into out (uint64,
  * HEADER_WORDS + 3 + N_PROC_COUNTERS): the header, then the cached total,
  * the queued total
@@ -2558,7 +2545,6 @@ static PyMethodDef Core_methods[] = {
     M("_resize_core", Core_resize_core, METH_VARARGS, "(new_min_nr, batch)"),
     M("_destroy_core", Core_destroy_core, METH_O, "(force) -> None or (in_use, curr_nr, min_nr)"),
     M("_reclaim_core", Core_reclaim_core, METH_NOARGS, "take back dead processes' elements"),
-    M("_repair_core", Core_repair_core, METH_NOARGS, "rebuild stacks from the slot words"),
     M("_stats_core", Core_stats_core, METH_O, "(out uint64)"),
     M("_set_faults", Core_set_faults, METH_VARARGS, "(rate, threshold, has_seed, seed)"),
     M("_format", Core_format, METH_O, "(min_nr)"),
