@@ -121,9 +121,19 @@ the holder, or null), ``lock.epoch``, ``lock.seq`` (acquisitions so far),
 copy (it meant: copied under the lock). ``holders`` rows are per registry
 entry (new keys ``entry``, ``epoch``), their ``alive`` by OFD lock.
 
+Since schema 1 (issue 12): every document (each pool's, each entry of the
+listing, ``--check``'s) carries ``"schema": 1``; the listing's entries have
+``stale`` (creator and every attached process dead: ``--destroy`` removes
+it) and ``damaged`` (the header's counts cannot be a whole pool's: the text
+listing says DAMAGED instead of showing them); ``holders[].command`` is
+what the COMMAND column shows (the script, ``-m module``, or
+``mp child of PID`` for a multiprocessing child; ``name`` stays the
+process name).
+
 Exit status: 0 fine; 1 ``--check`` found problems; 2 usage error, no such
-pool, or not a pool (a message on stderr); 130 interrupted (but ``--watch``,
-which ends with 0 on Ctrl-C and when its pool is gone).
+pool, or not a pool (a message on stderr); 3 ``--destroy`` refused (the
+pool is in use; ``--force``); 130 interrupted (but ``--watch``, which ends
+with 0 on Ctrl-C and when its pool is gone).
 """
 
 from __future__ import annotations
@@ -229,6 +239,9 @@ QUEUE_NAME_SHOWN = 16  # a longer queue name gets a line of its own in the text 
 # at all).
 MAP_SYMBOLS = ".cRQHX?"
 M_ARENA, M_CACHED, M_RESERVE, M_QUEUED, M_HELD, M_DEAD, M_INVALID = range(7)
+#: Version of the --json documents' keys (every document carries it as
+#: "schema"): raised when a key is renamed or changes meaning.
+SCHEMA = 1
 SLOT_COUNT_KEYS = ("arena", "cached", "reserve", "queued", "held", "held_dead", "invalid")
 
 EXAMPLES = """\
@@ -248,8 +261,13 @@ slot map: R reserve, . arena free, c free in a process's cache,
 It never takes the pool lock: it copies the pool's metadata while the lock
 is free (--lock-timeout bounds the wait for that).
 
-exit status: 0 fine, 1 --check found problems, 2 usage error, no such pool
-or not a pool, 130 interrupted. JSON keys: see shmpool/cli.py.
+stale: a pool whose creator and attached processes are all dead (remove it
+with --destroy); DAMAGED: its counts cannot be right (see --check).
+
+exit status: 0 fine (and --watch ended by Ctrl-C or by its pool going away),
+1 --check found problems, 2 usage error, no such pool or not a pool,
+3 --destroy refused (the pool is in use), 130 interrupted.
+JSON keys: see shmpool/cli.py (every document has "schema": 1).
 """
 
 
@@ -462,6 +480,48 @@ def _command(pid: int, start: int) -> str:
         return ""
 
 
+#: Interpreter options that take a value (``python -W x``): skipped to find
+#: the script.
+_PY_VALUE_OPTS = {"-W", "-X", "--check-hash-based-pycs"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _command_line(pid: int, start: int) -> str:
+    """What the COMMAND column shows for process ``pid`` (if it runs here
+    with start time ``start``, else ''): for a Python interpreter, what it
+    runs (the script path, ``-m module``, ``mp child of PID`` for a
+    multiprocessing child, ``python -c``), else the process name."""
+    name = _command(pid, start)
+    if not name:
+        return ""
+    try:
+        proc = psutil.Process(pid)
+        argv, ppid = proc.cmdline(), proc.ppid()
+    except (psutil.Error, OSError):
+        return name
+    if not argv or not os.path.basename(argv[0]).startswith("python") and not name.startswith("python"):
+        return name
+    joined = " ".join(argv)
+    if "multiprocessing" in joined and ("spawn_main" in joined or "--multiprocessing-fork" in argv
+                                        or "forkserver" in joined):
+        return f"mp child of {ppid}"
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "-m":
+            return f"-m {next(args, '?')}"
+        if arg.startswith("-m") and len(arg) > 2:
+            return f"-m {arg[2:]}"
+        if arg == "-c" or arg.startswith("-c"):
+            return "python -c"
+        if arg in _PY_VALUE_OPTS:
+            next(args, None)
+            continue
+        if arg.startswith("-"):
+            continue
+        return arg  # the script
+    return name
+
+
 def creator_alive(pid: int, created_ns: int, start: int = 0) -> bool:
     """Whether the process that created a pool at ``created_ns`` (wall
     clock) still runs. Exactly, by its recorded start time, when the header
@@ -593,6 +653,7 @@ def holders(copy: Copy) -> list[dict[str, Any]]:
         rows.append({
             "pid": pid,
             "name": _command(pid, start) if alive[e] else "",
+            "command": _command_line(pid, start) if alive[e] else "",
             "alive": bool(alive[e]),
             "held": int(held[e + 1]),
             "cached": int(cached[e]),
@@ -603,7 +664,7 @@ def holders(copy: Copy) -> list[dict[str, Any]]:
         })
     orphans = int(held[0] + held[n + 1 :].sum())
     if orphans:
-        rows.append({"pid": 0, "name": "", "alive": False, "held": orphans, "cached": 0, "sleeping": 0,
+        rows.append({"pid": 0, "name": "", "command": "", "alive": False, "held": orphans, "cached": 0, "sleeping": 0,
                      "entry": None, "epoch": 0, "queue_sleeping": 0})
     return rows
 
@@ -694,6 +755,7 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
     depth = min(totals["curr_nr"], geo.capacity)
     stack = np.frombuffer(v.stack, dtype=np.uint32)[:depth][::-1]
     return {
+        "schema": SCHEMA,
         "name": copy.name,
         "layout_version": int(hdr[H_VERSION]),
         "path": _path(copy.name),
@@ -723,11 +785,28 @@ def summarize(copy: Copy) -> dict[str, Any]:
     totals = _totals(v)
     creator = _creator(v)
     return {
+        "schema": SCHEMA,
         "name": copy.name, "slot_size": v.geo.slot_size, "capacity": v.geo.capacity,
         "min_nr": totals["min_nr"], "curr_nr": totals["curr_nr"], "in_use": totals["in_use"],
         "nr_waiters": totals["nr_waiters"], "creator_pid": creator["pid"], "creator_alive": creator["alive"],
         "consistent": copy.consistent, "queued": totals["queued"],
+        "stale": not creator["alive"] and not copy.alive.any(),
+        "damaged": _header_damaged(v),
     }
+
+
+def _header_damaged(v: Views) -> bool:
+    """Whether the header's counts cannot be those of a whole pool (each
+    within the capacity, together no more than it, waiters below the bound):
+    the listing then says "damaged" rather than show the numbers."""
+    hdr, cap = v.hdr, v.geo.capacity
+    curr_nr, shared, min_nr = int(hdr[H_CURR_NR]), int(hdr[H_ARENA_FREE]), int(hdr[H_MIN_NR])
+    cached = int(cached_per_entry(v).sum())
+    table = _queue_table(v)[live_queues(v)]
+    queued = int(table[:, Q_COUNT].sum())
+    parts = (curr_nr, shared, cached, queued, min_nr)
+    return (any(not 0 <= x <= cap for x in parts) or curr_nr + shared + cached + queued > cap
+            or int(hdr[H_NR_WAITERS]) >= SLEEPERS_MAX)
 
 
 # ----------------------------------------------------------------------
@@ -775,14 +854,14 @@ def list_pools() -> list[dict[str, Any]]:
         if kind is None:
             continue
         if kind != "pool":
-            out.append({"name": name, "error": kind})
+            out.append({"schema": SCHEMA, "name": name, "error": kind})
             continue
         try:
             out.append(summarize(take_copy(name, LIST_LOCK_TIMEOUT, summary=True)))
         except PoolMissing:
             continue
         except InspectError as exc:
-            out.append({"name": name, "error": str(exc)})
+            out.append({"schema": SCHEMA, "name": name, "error": str(exc)})
     return out
 
 
@@ -1006,13 +1085,20 @@ def _stack_lines(d: dict[str, Any]) -> list[str]:
     return [head, *textwrap.wrap(body, 78, initial_indent="  ", subsequent_indent="  ")]
 
 
+def _shown_command(text: str, width: int = 20) -> str:
+    """A command in ``width`` columns: a long one keeps its end (a script's
+    file name), behind a leading ~."""
+    text = _printable(text)
+    return text if len(text) <= width else "~" + text[-(width - 1) :]
+
+
 def _holder_lines(d: dict[str, Any]) -> list[str]:
     lines = [f"{'PID':>8}  {'COMMAND':<20} {'STATE':<5} {'HELD':>8} {'CACHED':>6} {'SLEEPING':>8} {'Q-WAIT':>6} "
              f"{'ENTRY':>6}"]
     for h in d["holders"]:
         entry = "-" if h["entry"] is None else str(h["entry"])
         lines.append(
-            f"{h['pid']:>8}  {(h['name'] or '-')[:20]:<20} {'alive' if h['alive'] else 'DEAD':<5} "
+            f"{h['pid']:>8}  {_shown_command(h.get('command') or h['name'] or '-'):<20} {'alive' if h['alive'] else 'DEAD':<5} "
             f"{h['held']:>8} {h['cached']:>6} {h['sleeping']:>8} {h['queue_sleeping']:>6} {entry:>6}"
         )
     if not d["holders"]:
@@ -1082,9 +1168,10 @@ def render_list(pools: list[dict[str, Any]]) -> str:
     for them): each number column as wide as its widest entry, the name
     column what is left (a longer name ends in ~)."""
     shown = [p for p in pools if "error" not in p]
-    widths = [max([len(head), *(len(str(p[key])) for p in shown)]) for head, key in LIST_COLUMNS]
-    creators = {id(p): ("alive" if p["creator_alive"] else "gone") + ("" if p["consistent"] else " (lock busy)")
-                for p in shown}
+    numbered = [p for p in shown if not p.get("damaged")]
+    widths = [max([len(head), *(len(str(p[key])) for p in numbered)]) for head, key in LIST_COLUMNS]
+    creators = {id(p): ("alive" if p["creator_alive"] else "gone") + (" STALE" if p.get("stale") else "")
+                + ("" if p["consistent"] else " (lock busy)") for p in shown}
     tail = max([len("CREATOR"), *map(len, creators.values())])
     room = 80 - sum(w + 1 for w in widths) - 1 - tail
     width = max(LIST_NAME_MIN, min(room, max([4, *(len(p["name"]) for p in pools)])))
@@ -1094,6 +1181,10 @@ def render_list(pools: list[dict[str, Any]]) -> str:
         name = p["name"] if len(p["name"]) <= width else p["name"][: width - 1] + "~"
         if "error" in p:
             lines += textwrap.wrap(f"{name:<{width}} ({p['error']})", 80, subsequent_indent=" " * (width + 1))
+            continue
+        if p.get("damaged"):
+            text = f"DAMAGED: run `{PROG} {p['name']} --check`"
+            lines.append(f"{name:<{width}} {text:<{sum(w + 1 for w in widths) - 1}} {creators[id(p)]}")
             continue
         numbers = " ".join(f"{p[key]:>{w}}" for (_, key), w in zip(LIST_COLUMNS, widths))
         lines.append(f"{name:<{width}} {numbers} {creators[id(p)]}")
@@ -1203,6 +1294,46 @@ def reclaim(name: str, lock_timeout: float = LOCK_TIMEOUT) -> int:
     return 0
 
 
+EXIT_REFUSED = 3  # --destroy of a pool in use, without --force
+
+
+def destroy(name: str, force: bool = False) -> int:
+    """--destroy: remove pool ``name`` (its segment and semaphores). A
+    stale pool (its creator and every attached process dead) goes at once;
+    a live one (creator alive, or any process attached per
+    ``_procs.live_pids``) is refused with exit status 3 unless ``force``:
+    then it is destroyed as ``destroy(force=True)`` would (attached
+    processes get PoolDestroyedError, sleepers are woken)."""
+    from ._procs import live_pids
+    from .pool import Mempool
+
+    copy = take_copy(name, LIST_LOCK_TIMEOUT, scan_poison=False, summary=True)
+    creator = _creator(copy.views)
+    try:
+        live = [pid for pid, _ in live_pids(name)]
+    except FileNotFoundError:
+        raise PoolMissing(f"no pool named {name!r}") from None
+    except (OSError, PoolFormatError) as exc:
+        raise InspectError(str(exc)) from None
+    users = ([f"its creator (pid {creator['pid']})"] if creator["alive"] else []) + (
+        [f"attached pid(s) {', '.join(map(str, live))}"] if live else [])
+    if users and not force:
+        print(f"{PROG}: pool {name!r} is in use ({'; '.join(users)} alive): not destroyed "
+              "(--force destroys it anyway)", file=sys.stderr)
+        return EXIT_REFUSED
+    if users:
+        try:
+            Mempool.attach(name).destroy(force=True)
+        except FileNotFoundError:
+            raise PoolMissing(f"no pool named {name!r}") from None
+        except (OSError, PoolFormatError, ValueError):
+            _segment.unlink(name)  # a pool that cannot be attached: remove its names
+    elif not _segment.unlink(name):
+        raise PoolMissing(f"no pool named {name!r}")
+    _emit(f"destroyed pool {name!r}" + ("" if users else " (stale: its creator and attached processes were dead)"))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -1219,6 +1350,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="audit the pool: exit 1 with one line per problem")
     parser.add_argument("--reclaim-dead", action="store_true",
                         help="take back elements held by dead processes (writes to the pool)")
+    parser.add_argument("--destroy", action="store_true",
+                        help="remove the pool if it is stale (creator and attached processes dead); "
+                             "exit 3 if it is in use, unless --force")
+    parser.add_argument("--force", action="store_true", help="with --destroy: remove a pool in use too")
     parser.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT, metavar="SECONDS",
                         help="try this long for a copy taken while the pool lock is free, then keep the last "
                              f"(default {LOCK_TIMEOUT}; the lock itself is never taken)")
@@ -1227,13 +1362,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     modes = [flag for flag, on in (("--watch", args.watch is not None), ("--check", args.check),
-                                   ("--reclaim-dead", args.reclaim_dead)) if on]
+                                   ("--reclaim-dead", args.reclaim_dead), ("--destroy", args.destroy)) if on]
     if modes and not args.name:
         parser.error(f"{modes[0]} needs a pool name")
     if len(modes) > 1:
         parser.error(f"{' and '.join(modes)} cannot be combined")
     if args.watch is not None and not 0 < args.watch < math.inf:
         parser.error("--watch needs a positive number of seconds")
+    if args.force and not args.destroy:
+        parser.error("--force goes with --destroy only")
     if not 0 <= args.lock_timeout <= 3600:
         parser.error("--lock-timeout needs a number of seconds from 0 to 3600")
 
@@ -1245,12 +1382,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.reclaim_dead:
         return reclaim(args.name, args.lock_timeout)
+    if args.destroy:
+        return destroy(args.name, args.force)
     if args.watch is not None:
         return watch(args.name, args.watch, args.lock_timeout, args.json, args.all)
     if args.check:
         copy, findings = check_pool(args.name, args.lock_timeout)
         if args.json:
-            _emit(json.dumps({"name": args.name, "consistent": copy.consistent, "ok": not findings,
+            _emit(json.dumps({"schema": SCHEMA, "name": args.name, "consistent": copy.consistent, "ok": not findings,
                               "findings": findings}, indent=2))
         else:
             _emit("\n".join(findings) if findings else

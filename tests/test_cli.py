@@ -55,10 +55,14 @@ POOL_KEYS = {
     "name", "layout_version", "path", "status", "consistent", "geometry", "min_nr", "curr_nr", "arena_free",
     "arena_shared", "arena_cached", "in_use", "nr_waiters", "fail_rate", "seed", "poison", "counters",
     "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator", "queued", "queues",
+    "schema",
 }
+LIST_KEYS = {"schema", "name", "slot_size", "capacity", "min_nr", "curr_nr", "in_use", "nr_waiters", "creator_pid",
+             "creator_alive", "consistent", "queued", "stale", "damaged"}
+CHECK_KEYS = {"schema", "name", "consistent", "ok", "findings"}
 LOCK_KEYS = {"held", "pid", "alive", "held_for_s", "waited_s", "error", "entry", "epoch", "seq", "waiters",
              "held_throughout"}
-HOLDER_KEYS = {"pid", "name", "alive", "held", "cached", "sleeping", "entry", "epoch", "queue_sleeping"}
+HOLDER_KEYS = {"pid", "name", "command", "alive", "held", "cached", "sleeping", "entry", "epoch", "queue_sleeping"}
 QUEUE_KEYS = {"name", "index", "depth", "count", "waiters", "puts", "gets"}
 SLOT_COUNT_KEYS = {"reserve", "arena", "cached", "queued", "held", "held_dead", "invalid"}
 NO_PID = (1 << 22) + 12345  # beyond PID_MAX_LIMIT: no process has it, in any pid namespace
@@ -262,7 +266,7 @@ def test_text_shows_the_same_numbers_in_80_columns(pool: Mempool, name: str, pop
     counters = {line.split()[0]: int(line.split()[1]) for line in lines if line.split()[:1] in ([n] for n in names)}
     assert counters == {k: s.as_dict()[k] for k in names}
     row = next(line.split() for line in lines if line.split()[:1] == [str(child.pid)])
-    assert row[1:4] == [psutil.Process(child.pid).name(), "alive", "5"]
+    assert row[1:5] == ["python", "-c", "alive", "5"]  # what it runs: python -c CODE
     assert row[-1] == str(entry_of(shown(name), child.pid)["entry"])
     assert max(len(line) for line in lines) <= 80
     for h in held:
@@ -472,7 +476,7 @@ def test_queue_sleepers_are_shown_and_pass_the_check_alive(pool: Mempool, name: 
     out = inspect(name)
     assert summary_rows(out.stdout)["waiters"] == "1 sleeping (0 in alloc, 1 on queues)"
     row = next(line.split() for line in out.stdout.splitlines() if line.split()[:1] == [str(getter.pid)])
-    assert row[3:7] == ["0", "0", "0", "1"]  # held, cached, asleep in alloc, asleep on queues (Q-WAIT)
+    assert row[4:8] == ["0", "0", "0", "1"]  # held, cached, in alloc, on queues
     assert queue_lines(out.stdout)["in"][1:3] == ["0/4", "1"]
     check = inspect(name, "--check")  # 2 queued elements, a live sleeper: healthy
     assert check.returncode == 0, check.stdout
@@ -626,7 +630,7 @@ def test_check_passes_on_a_healthy_pool_in_use(pool: Mempool, name: str, spawn) 
         assert out.returncode == 0, out.stdout
     # A quiet copy comes soon even now (the bound is only a bound).
     d = json.loads(inspect(name, "--check", "--json", "--lock-timeout", "10").stdout)
-    assert d == {"name": name, "consistent": True, "ok": True, "findings": []}
+    assert d == {"schema": 1, "name": name, "consistent": True, "ok": True, "findings": []}
 
 
 def _curr_nr_beyond_min_nr(v: Views) -> None:
@@ -776,6 +780,7 @@ def test_the_listing_finds_pools_by_magic(pool: Mempool, name: str, popen) -> No
     assert mine == [{
         "name": name, "slot_size": 64, "capacity": 16, "min_nr": s.min_nr, "curr_nr": s.curr_nr, "in_use": 2,
         "nr_waiters": 0, "creator_pid": os.getpid(), "creator_alive": True, "consistent": True, "queued": 0,
+        "schema": 1, "stale": False, "damaged": False,
     }]
     text = inspect().stdout
     line = next(line for line in text.splitlines() if line.startswith(name))
@@ -796,7 +801,7 @@ def test_a_pool_this_user_may_not_read_is_listed_as_such(pool: Mempool, name: st
 
     monkeypatch.setattr(os, "open", denying_open)
     pools = cli.list_pools()
-    assert {"name": name, "error": "no permission"} in pools
+    assert {"schema": 1, "name": name, "error": "no permission"} in pools
     assert f"{name} (no permission)" in " ".join(cli.render_list(pools).split())
 
 
@@ -932,3 +937,120 @@ def test_bench_inspect_runs_and_cleans_up() -> None:
     assert len(figures["check_findings"]) == 1 and "100 element(s) held by dead processes" in (
         figures["check_findings"][0])
     assert [e for e in os.listdir("/dev/shm") if f"bench-inspect-{p.pid}-" in e] == []  # its pool is gone
+
+
+# ----------------------------------------------------------------------
+# Issue 12: schema, damaged and stale pools, --destroy, COMMAND, help
+
+
+@pytest.mark.timeout(60)
+def test_every_json_document_carries_the_schema_and_its_keys_are_pinned(pool: Mempool, name: str) -> None:
+    d = shown(name)
+    assert d["schema"] == cli.SCHEMA == 1 and set(d) == POOL_KEYS
+    listing = [p for p in json.loads(inspect("--json").stdout) if p["name"] == name]
+    assert len(listing) == 1 and set(listing[0]) == LIST_KEYS and listing[0]["schema"] == 1
+    check = json.loads(inspect(name, "--check", "--json").stdout)
+    assert set(check) == CHECK_KEYS and check["schema"] == 1
+
+
+def _absurd_reserve(v: Views) -> None:
+    v.hdr[H_CURR_NR] = 1 << 40
+
+
+@pytest.mark.timeout(60)
+def test_the_listing_marks_a_damaged_pool_instead_of_its_numbers(pool: Mempool, name: str) -> None:
+    with damaged(pool, _absurd_reserve):
+        entry = next(p for p in json.loads(inspect("--json").stdout) if p["name"] == name)
+        assert entry["damaged"] is True and entry["stale"] is False
+        line = next(line for line in inspect().stdout.splitlines() if line.startswith(name))
+        assert "DAMAGED" in line and f"{name} --check" in line and str(1 << 40) not in line
+        assert not any(tok.lstrip("-").isdigit() for tok in line.split()[1:]), line
+    entry = next(p for p in json.loads(inspect("--json").stdout) if p["name"] == name)
+    assert entry["damaged"] is False
+
+
+def _left_behind(name: str) -> None:
+    """A pool whose creator exited without destroying it: stale."""
+    out = run_python("import sys, shmpool\nshmpool.Mempool.create(sys.argv[1], min_nr=1, slot_size=8, capacity=4)", name)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_destroy_removes_a_stale_pool_and_the_listing_marks_it(name: str) -> None:
+    _left_behind(name)
+    entry = next(p for p in json.loads(inspect("--json").stdout) if p["name"] == name)
+    assert entry["stale"] is True and entry["creator_alive"] is False
+    line = next(line for line in inspect().stdout.splitlines() if line.startswith(name))
+    assert line.endswith("gone STALE")
+    out = inspect(name, "--destroy")
+    assert out.returncode == 0 and "stale" in out.stdout, out.stderr
+    assert not os.path.exists(f"/dev/shm/shmpool.{name}")
+    assert inspect(name, "--destroy").returncode == 2  # gone
+
+
+@pytest.mark.timeout(60)
+def test_destroy_refuses_a_live_pool_without_force(pool: Mempool, name: str, popen) -> None:
+    entry = next(p for p in json.loads(inspect("--json").stdout) if p["name"] == name)
+    assert entry["stale"] is False
+    out = inspect(name, "--destroy")  # the creator (this process) lives
+    assert out.returncode == 3 and "in use" in out.stderr and f"pid {os.getpid()}" in out.stderr
+    assert os.path.exists(f"/dev/shm/shmpool.{name}")
+    assert inspect(name, "--force").returncode == 2  # --force alone is a usage error
+    out = inspect(name, "--destroy", "--force")
+    assert out.returncode == 0, out.stderr
+    assert not os.path.exists(f"/dev/shm/shmpool.{name}")
+    assert pool.stats  # our object is still there, its pool destroyed
+    with pytest.raises(Exception):
+        pool.alloc(GFP_ATOMIC)
+    pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_destroy_refuses_a_pool_an_attached_process_keeps_alive(name: str, popen) -> None:
+    _left_behind(name)  # creator dead
+    child = holder(popen, name, 1)
+    assert next(p for p in json.loads(inspect("--json").stdout) if p["name"] == name)["stale"] is False
+    out = inspect(name, "--destroy")
+    assert out.returncode == 3 and str(child.pid) in out.stderr
+    child.kill()
+    child.wait(timeout=10)
+    out = inspect(name, "--destroy")
+    assert out.returncode == 0, out.stderr
+    assert not os.path.exists(f"/dev/shm/shmpool.{name}")
+
+
+@pytest.mark.timeout(60)
+def test_the_command_column_shows_the_script_or_the_spawning_parent(name: str, spawn, tmp_path) -> None:
+    pool = Mempool.create(name, min_nr=1, slot_size=8, capacity=2)
+    try:
+        h = pool.alloc(GFP_ATOMIC)
+        h2 = pool.alloc(GFP_ATOMIC)  # all lent: the spawned child sleeps in alloc
+        script = tmp_path / "holding_script.py"
+        script.write_text(ATTACH + "print('ready', flush=True)\nsys.stdin.read()")
+        with subprocess.Popen([sys.executable, str(script), name], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) as by_script:
+            try:
+                assert by_script.stdout.readline().strip() == "ready"
+                results = mp.get_context("spawn").Queue()
+                child = spawn(children.sleeping_alloc, name, results)
+                wait_for(lambda: pool.stats().nr_waiters == 1, what="the child to sleep")
+                d = shown(name)
+                assert entry_of(d, by_script.pid)["command"] == str(script)
+                assert entry_of(d, child.pid)["command"] == f"mp child of {os.getpid()}"
+                text = inspect(name).stdout
+                assert "holding_script.py" in text and f"mp child of {os.getpid()}" in text
+                child.kill()
+                child.join(10)
+            finally:
+                by_script.kill()
+        pool.free(h)
+        pool.free(h2)
+    finally:
+        pool.destroy(force=True)
+
+
+def test_the_help_says_watch_ends_with_0_and_lists_destroy() -> None:
+    out = inspect("--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "0 fine (and --watch ended by Ctrl-C" in text and "--destroy" in text and "3 --destroy refused" in text
