@@ -475,7 +475,7 @@ def _command(pid: int, start: int) -> str:
     if not is_alive(pid, start):
         return ""
     try:
-        return psutil.Process(pid).name()
+        return str(psutil.Process(pid).name())
     except (psutil.Error, OSError):
         return ""
 
@@ -499,7 +499,7 @@ def _command_line(pid: int, start: int) -> str:
         argv, ppid = proc.cmdline(), proc.ppid()
     except (psutil.Error, OSError):
         return name
-    if not argv or not os.path.basename(argv[0]).startswith("python") and not name.startswith("python"):
+    if not argv or (not os.path.basename(argv[0]).startswith("python") and not name.startswith("python")):
         return name
     joined = " ".join(argv)
     if "multiprocessing" in joined and ("spawn_main" in joined or "--multiprocessing-fork" in argv
@@ -518,7 +518,7 @@ def _command_line(pid: int, start: int) -> str:
             continue
         if arg.startswith("-"):
             continue
-        return arg  # the script
+        return str(arg)  # the script
     return name
 
 
@@ -535,7 +535,7 @@ def creator_alive(pid: int, created_ns: int, start: int = 0) -> bool:
         started = psutil.Process(pid).create_time()
     except (psutil.Error, OSError):
         return False
-    return started <= created_ns / 1e9 + CREATE_TIME_SLACK_S
+    return bool(started <= created_ns / 1e9 + CREATE_TIME_SLACK_S)
 
 
 def _procs(v: Views) -> np.ndarray:
@@ -567,7 +567,7 @@ def cached_per_entry(v: Views) -> np.ndarray:
     idx, valid = _cache_slots(_procs(v), v.geo.capacity)
     states, owners = _fields(np.frombuffer(v.words, dtype=np.uint64)[idx])
     me = np.arange(1, v.geo.max_procs + 1)[:, None]
-    return (valid & (states == ST_CACHED) & (owners == me)).sum(axis=1)
+    return np.asarray((valid & (states == ST_CACHED) & (owners == me)).sum(axis=1))
 
 
 def owner_alive(alive: np.ndarray) -> np.ndarray:
@@ -675,7 +675,7 @@ def _queue_table(v: Views) -> np.ndarray:
 
 def live_queues(v: Views) -> np.ndarray:
     """One bool per queue table entry: whether that queue exists."""
-    return _queue_table(v)[:, Q_STATE] == QUEUE_LIVE
+    return np.asarray(_queue_table(v)[:, Q_STATE] == QUEUE_LIVE)
 
 
 def _queue_name(row: np.ndarray) -> str:

@@ -68,11 +68,13 @@ def _producer(name: str, tag: str, n: int, hold: Any, results: Any, trace_limit:
         queue = pool.queue(QUEUE)
         pool.trace = _tracer(tag, counts, trace_limit)
         done = 0
-        while done < n or hold.is_set():  # --hold: until the parent clears it
+        parent = os.getppid()
+        while (done < n or hold.is_set()) and os.getppid() == parent:  # --hold: until cleared, or the demo dies
             handle = pool.alloc(GFP_KERNEL)  # sleeps, never fails
             if done == n:
                 pool.trace = None  # --hold: go on quietly
             payload = rng.randbytes(rng.randint(1, pool.slot_size - _HEADER))
+            assert handle is not None  # GFP_KERNEL never gives None
             buf = pool.buffer(handle)
             buf[:_HEADER] = zlib.crc32(payload).to_bytes(4, "little") + len(payload).to_bytes(4, "little")
             buf[_HEADER : _HEADER + len(payload)] = payload
@@ -87,13 +89,14 @@ def _consumer(name: str, tag: str, finished: Any, results: Any, trace_limit: int
     counts: dict[str, int] = {}
     checked = bad = 0
     with Mempool.attach(name) as pool:
+        parent = os.getppid()  # a demo killed hard must not leave us running
         queue = pool.queue(QUEUE)
         pool.trace = _tracer(tag, counts, trace_limit)
         while True:
             try:
                 handle = queue.get(timeout=IDLE_POLL_SECONDS)  # ours now
             except stdqueue.Empty:
-                if finished.is_set() and queue.empty():
+                if (finished.is_set() and queue.empty()) or os.getppid() != parent:
                     break  # every producer is done and nothing is left
                 continue
             buf = pool.buffer(handle)
