@@ -318,7 +318,11 @@ async def put(q: Queue, handle: int, timeout: float | None) -> None:
     start = _monotonic()
     if q._put_now(handle):
         return
+
+    def put_one(slice_seconds: float) -> bool:
+        q.put(handle, True, slice_seconds)
+        return True
+
     # No undo: a put that happened stays (the caller learns of it).
-    put = lambda s: q.put(handle, True, s) or True  # noqa: E731
-    if await _wait(start, seconds, _slices(put, _stdqueue.Full), QUEUE_SLICE_SECONDS) is _NOTHING:
+    if await _wait(start, seconds, _slices(put_one, _stdqueue.Full), QUEUE_SLICE_SECONDS) is _NOTHING:
         raise _stdqueue.Full

@@ -15,7 +15,7 @@ from conftest import SHM
 from shmpool import Mempool, PoolBusyError
 from shmpool._layout import H_CREATOR_PID
 
-GEOMETRY = dict(min_nr=2, slot_size=64, capacity=8)
+GEOMETRY: dict[str, Any] = dict(min_nr=2, slot_size=64, capacity=8)
 
 
 def exists(name: str) -> bool:
