@@ -318,10 +318,11 @@ async def put(q: Queue, handle: int, timeout: float | None) -> None:
     start = _monotonic()
     if q._put_now(handle):
         return
-    # No undo: a put that happened stays (the caller learns of it).
-    def put_within(s: float) -> bool:
-        q.put(handle, True, s)
+
+    def put_one(slice_seconds: float) -> bool:
+        q.put(handle, True, slice_seconds)
         return True
 
-    if await _wait(start, seconds, _slices(put_within, _stdqueue.Full), QUEUE_SLICE_SECONDS) is _NOTHING:
+    # No undo: a put that happened stays (the caller learns of it).
+    if await _wait(start, seconds, _slices(put_one, _stdqueue.Full), QUEUE_SLICE_SECONDS) is _NOTHING:
         raise _stdqueue.Full

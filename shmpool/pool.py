@@ -123,6 +123,9 @@ ATOMIC_LOCK_WAIT_SECONDS = 0.05
 RESIZE_BATCH = 1024
 #: How long attach waits for a pool that is still being created.
 ATTACH_WAIT_SECONDS = 1.0
+#: How long Mempool.open waits for another process to finish creating the
+#: pool it opens (two processes that open at once on a loaded machine).
+OPEN_WAIT_SECONDS = 10.0
 #: How long close() waits for the lock to give its cache back.
 CLOSE_LOCK_SECONDS = 0.5
 
@@ -448,8 +451,8 @@ class Mempool(Core):
 
         Safe when several processes open one name at once: one creates it;
         the others, whose create finds the name taken (FileExistsError),
-        attach to the winner's pool, waiting for it to be finished as
-        :meth:`attach` does. Any existing pool is attached, one left by a run
+        attach to the winner's pool, waiting up to ``OPEN_WAIT_SECONDS``
+        for it to be finished. Any existing pool is attached, one left by a run
         that died included: its queued elements are still queued, and the
         elements its dead processes held are reclaimed when this process
         registers. To start from nothing, the one process that owns the
@@ -460,10 +463,18 @@ class Mempool(Core):
         if create and (min_nr is None or slot_size is None or capacity is None):
             raise TypeError("Mempool.open() needs min_nr, slot_size and capacity to create the pool (or create=False)")
         want = {k: _check_int(v, k) for k, v in (("slot_size", slot_size), ("capacity", capacity)) if v is not None}
-        deadline = _monotonic() + ATTACH_WAIT_SECONDS
+        deadline = _monotonic() + OPEN_WAIT_SECONDS
         while True:
             try:
-                pool = cls.attach(name)
+                pool = cls._attach_once(name)
+            except _NotReady:  # being created by another process (on a busy machine that can take a while)
+                if _monotonic() > deadline:
+                    raise PoolFormatError(
+                        f"pool {name!r} was not finished within {OPEN_WAIT_SECONDS} s (its creator may have died "
+                        "while creating it)"
+                    ) from None
+                time.sleep(0.005)  # poll with a deadline for the creator to finish
+                continue
             except FileNotFoundError:
                 if not create:
                     raise

@@ -201,7 +201,7 @@ class Queue:
         if self._index < 0:
             raise PoolClosedError(f"queue {self.name!r} is closed in this object; open it again with pool.queue()")
         lock_ns = int(NOWAIT_LOCK_SECONDS * _NS)
-        return self._pool._queue_move(kind, self._index, one, 1, False, lock_ns, int(RETRY_SECONDS * _NS))
+        return int(self._pool._queue_move(kind, self._index, one, 1, False, lock_ns, int(RETRY_SECONDS * _NS)))
 
     @staticmethod
     def _seconds(timeout: object) -> float | None:

@@ -121,7 +121,7 @@ def spy_handover(loop: asyncio.AbstractEventLoop) -> threading.Event:
         handed.set()
         return handle
 
-    loop.call_soon_threadsafe = spy  # type: ignore[method-assign]
+    loop.call_soon_threadsafe = spy  # type: ignore[method-assign,assignment]
     return handed
 
 
@@ -166,7 +166,9 @@ def test_alloc_async_is_woken_by_a_free_in_another_process(pool: Mempool, helper
             await asyncio.sleep(0)
         assert not task.done()
         helper.tell(f"free {held[0]}")
-        return await task
+        h = await task
+        assert h is not None
+        return h
 
     h = run(main())
     assert helper.answer() == "freed"
