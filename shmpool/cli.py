@@ -499,7 +499,7 @@ def _command_line(pid: int, start: int) -> str:
         argv, ppid = proc.cmdline(), proc.ppid()
     except (psutil.Error, OSError):
         return name
-    if not argv or not os.path.basename(argv[0]).startswith("python") and not name.startswith("python"):
+    if not argv or (not os.path.basename(argv[0]).startswith("python") and not name.startswith("python")):
         return name
     joined = " ".join(argv)
     if "multiprocessing" in joined and ("spawn_main" in joined or "--multiprocessing-fork" in argv

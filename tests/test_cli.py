@@ -23,7 +23,7 @@ import psutil
 import pytest
 from helpers import run_python, wait_for
 
-from shmpool import GFP_ATOMIC, Mempool, _segment, cli
+from shmpool import GFP_ATOMIC, Mempool, PoolDestroyedError, _segment, cli
 from shmpool._layout import (
     COUNTERS,
     H_CURR_NR,
@@ -1000,7 +1000,7 @@ def test_destroy_refuses_a_live_pool_without_force(pool: Mempool, name: str, pop
     assert out.returncode == 0, out.stderr
     assert not os.path.exists(f"/dev/shm/shmpool.{name}")
     assert pool.stats  # our object is still there, its pool destroyed
-    with pytest.raises(Exception):
+    with pytest.raises(PoolDestroyedError):
         pool.alloc(GFP_ATOMIC)
     pool.close()
 
