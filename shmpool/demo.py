@@ -32,9 +32,25 @@ from ._debug import audit
 _HEADER = 8  # bytes of CRC-32 + payload length at the start of each element
 
 
-def _tracer(tag: str, counts: dict[str, int], limit: int) -> Any:
-    """A trace callback printing kernel-style lines (the first ``limit``)."""
+class _Quiet:
+    """Tells the parent, once, that this process prints no more trace
+    lines (its last one is flushed before): the start-up is over for it."""
+
+    def __init__(self, quiet: Any) -> None:
+        self._quiet, self._said = quiet, False
+
+    def __call__(self) -> None:
+        if not self._said:
+            self._said = True
+            self._quiet.put(os.getpid())
+
+
+def _tracer(tag: str, counts: dict[str, int], limit: int, done: _Quiet) -> Any:
+    """A trace callback printing kernel-style lines (the first ``limit``;
+    then ``done()``)."""
     prefix = f"[{tag} pid {os.getpid()}]"
+    if limit <= 0:
+        done()
 
     def trace(event: str, handle: int | None, curr_nr: int) -> None:
         counts[event] = counts.get(event, 0) + 1
@@ -50,6 +66,8 @@ def _tracer(tag: str, counts: dict[str, int], limit: int) -> Any:
             "free-arena": "mempool_free: given back to the arena",
         }[event]
         print(f"{prefix} {text}{slot}", flush=True)
+        if sum(counts.values()) == limit:
+            done()
 
     return trace
 
@@ -60,19 +78,21 @@ QUEUE = "work"
 IDLE_POLL_SECONDS = 0.05
 
 
-def _producer(name: str, tag: str, n: int, hold: Any, results: Any, trace_limit: int) -> None:
+def _producer(name: str, tag: str, n: int, hold: Any, results: Any, trace_limit: int, quiet: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     counts: dict[str, int] = {}
     rng = random.Random(os.getpid())
+    done_tracing = _Quiet(quiet)
     with Mempool.attach(name) as pool:
         queue = pool.queue(QUEUE)
-        pool.trace = _tracer(tag, counts, trace_limit)
+        pool.trace = _tracer(tag, counts, trace_limit, done_tracing)
         done = 0
         parent = os.getppid()
         while (done < n or hold.is_set()) and os.getppid() == parent:  # --hold: until cleared, or the demo dies
             handle = pool.alloc(GFP_KERNEL)  # sleeps, never fails
             if done == n:
                 pool.trace = None  # --hold: go on quietly
+                done_tracing()
             payload = rng.randbytes(rng.randint(1, pool.slot_size - _HEADER))
             assert handle is not None  # GFP_KERNEL never gives None
             buf = pool.buffer(handle)
@@ -84,14 +104,17 @@ def _producer(name: str, tag: str, n: int, hold: Any, results: Any, trace_limit:
     results.put(("producer", counts))
 
 
-def _consumer(name: str, tag: str, finished: Any, results: Any, trace_limit: int, work_s: float) -> None:
+def _consumer(
+    name: str, tag: str, finished: Any, results: Any, trace_limit: int, work_s: float, quiet: Any
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     counts: dict[str, int] = {}
     checked = bad = 0
+    done_tracing = _Quiet(quiet)
     with Mempool.attach(name) as pool:
         parent = os.getppid()  # a demo killed hard must not leave us running
         queue = pool.queue(QUEUE)
-        pool.trace = _tracer(tag, counts, trace_limit)
+        pool.trace = _tracer(tag, counts, trace_limit, done_tracing)
         while True:
             try:
                 handle = queue.get(timeout=IDLE_POLL_SECONDS)  # ours now
@@ -109,28 +132,48 @@ def _consumer(name: str, tag: str, finished: Any, results: Any, trace_limit: int
             pool.free(handle)
             if checked == trace_limit:
                 pool.trace = None
+                done_tracing()
     results.put(("consumer", {"checked": checked, "bad": bad, **counts}))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmpool-demo",
         description="Producers and consumers in separate processes share one pool whose arena fails on purpose.",
     )
-    parser.add_argument("--name", default="demo", help="pool name (default: demo)")
-    parser.add_argument("--min-nr", type=int, default=3)
-    parser.add_argument("--slot-size", type=int, default=64)
-    parser.add_argument("--capacity", type=int, default=8)
-    parser.add_argument("--fail-rate", type=float, default=0.3)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--producers", type=int, default=3)
-    parser.add_argument("--consumers", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=40, help="elements each producer sends (default: 40)")
-    parser.add_argument("--trace", type=int, default=12, help="trace lines printed per process (default: 12)")
-    parser.add_argument("--work-ms", type=float, default=1.0, help="time a consumer keeps an element (default: 1)")
-    parser.add_argument(
-        "--hold", action="store_true", help="after the run, keep the traffic going until Ctrl-C (to inspect the pool)"
-    )
+    add = parser.add_argument
+    add("--name", default="demo", help="pool name (default: %(default)s)")
+    add("--min-nr", type=int, default=3, metavar="N",
+        help="elements the pool keeps in reserve for when the arena fails (default: %(default)s)")
+    add("--slot-size", type=int, default=64, metavar="BYTES",
+        help=f"bytes per element, more than {_HEADER} (default: %(default)s)")
+    add("--capacity", type=int, default=8, metavar="N", help="elements in the pool (default: %(default)s)")
+    add("--fail-rate", type=float, default=0.3, metavar="P",
+        help="probability that an arena allocation fails on purpose (default: %(default)s)")
+    add("--seed", type=int, default=42, help="seed of the arena's failures (default: %(default)s)")
+    add("--producers", type=int, default=3, metavar="N", help="producer processes (default: %(default)s)")
+    add("--consumers", type=int, default=2, metavar="N", help="consumer processes (default: %(default)s)")
+    add("--iterations", type=int, default=40, metavar="N", help="elements each producer sends (default: %(default)s)")
+    add("--trace", type=int, default=12, metavar="LINES", help="trace lines printed per process (default: %(default)s)")
+    add("--work-ms", type=float, default=1.0, metavar="MS",
+        help="milliseconds a consumer keeps an element (default: %(default)s)")
+    add("--hold", action="store_true",
+        help="after the run, keep the traffic going until Ctrl-C, to inspect the pool (default: off)")
+    return parser
+
+
+def _await_quiet(quiet: Any, procs: list[Any]) -> None:
+    """Until every process has printed its last trace line (or died)."""
+    waiting = {p.pid for p in procs}
+    while waiting:
+        try:
+            waiting.discard(quiet.get(timeout=0.5))
+        except stdqueue.Empty:
+            waiting &= {p.pid for p in procs if p.is_alive()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.slot_size <= _HEADER:
         parser.error(f"--slot-size must be more than {_HEADER} (a CRC and a length head each element)")
@@ -164,15 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     pool.queue(QUEUE, depth=args.capacity)
     ctx = mp.get_context("spawn")
-    results, hold, finished = ctx.Queue(), ctx.Event(), ctx.Event()
+    results, hold, finished, quiet = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Queue()
     if args.hold:
         hold.set()
     procs = [
-        ctx.Process(target=_producer, args=(args.name, f"p{i}", args.iterations, hold, results, args.trace))
+        ctx.Process(target=_producer, args=(args.name, f"p{i}", args.iterations, hold, results, args.trace, quiet))
         for i in range(args.producers)
     ]
     consumers = [
-        ctx.Process(target=_consumer, args=(args.name, f"c{i}", finished, results, args.trace, args.work_ms / 1000))
+        ctx.Process(target=_consumer, args=(args.name, f"c{i}", finished, results, args.trace, args.work_ms / 1000,
+                                              quiet))
         for i in range(args.consumers)
     ]
     reports: list[tuple[str, dict[str, int]]] = []
@@ -183,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             # Explicitly: a shell may start a background job with SIGINT ignored.
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-            print(f"\n--hold: traffic goes on; look at it with `shmpool-inspect {args.name}`; Ctrl-C ends it", flush=True)
+            banner = f"\n--hold: traffic goes on; look at it with `shmpool-inspect {args.name}`; Ctrl-C ends it"
+            print(banner, flush=True)
             try:
+                _await_quiet(quiet, procs + consumers)
+                print(banner + " (start-up over: no more trace)", flush=True)  # the first scrolled away
                 signal.pause()
             except KeyboardInterrupt:
                 print("\nstopping", flush=True)

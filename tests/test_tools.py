@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 from conftest import leftovers
@@ -237,11 +239,7 @@ def test_demo_hold_keeps_the_pool_up_until_sigint_and_cleans_up(name: str) -> No
     import json
     import signal
 
-    p = subprocess.Popen(
-        [os.path.join(BIN, "shmpool-demo"), "--name", name, "--hold", "--trace", "0", "--iterations", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    with holding_demo(name, "0") as p:
         while "--hold" not in (line := p.stdout.readline()):
             assert line, f"the demo ended before holding: {p.communicate(timeout=30)}"
         shown = subprocess.run(
@@ -252,8 +250,53 @@ def test_demo_hold_keeps_the_pool_up_until_sigint_and_cleans_up(name: str) -> No
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0, out + err
         assert "result:  OK" in out
+    assert leftovers() == []
+
+
+@contextlib.contextmanager
+def holding_demo(name: str, trace: str) -> Iterator[subprocess.Popen[str]]:
+    """``shmpool-demo --hold``, killed (its pid) if the test leaves it running."""
+    p = subprocess.Popen(
+        [os.path.join(BIN, "shmpool-demo"), "--name", name, "--hold", "--trace", trace, "--iterations", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        yield p
     finally:
         if p.poll() is None:
             p.kill()
             p.communicate()
+
+
+def test_demo_help_gives_every_option_a_help_text_with_its_default() -> None:
+    out = subprocess.run([os.path.join(BIN, "shmpool-demo"), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    options = ("--name", "--min-nr", "--slot-size", "--capacity", "--fail-rate", "--seed", "--producers",
+               "--consumers", "--iterations", "--trace", "--work-ms", "--hold")
+    for option in options:
+        tail = text.split(f" {option} ", 1)[1] if f" {option} " in text else ""
+        described = tail.split(" --", 1)[0]  # up to the next option
+        assert "(default: " in described, (option, described)
+    for option, default in (("--min-nr", "3"), ("--capacity", "8"), ("--fail-rate", "0.3"), ("--seed", "42"),
+                            ("--producers", "3"), ("--consumers", "2"), ("--slot-size", "64")):
+        assert f"(default: {default})" in text.split(f" {option} ", 1)[1].split(" --", 1)[0], option
+
+
+@pytest.mark.timeout(120)
+def test_demo_hold_prints_its_banner_again_after_the_last_trace_line(name: str) -> None:
+    import signal
+
+    with holding_demo(name, "3") as p:
+        lines: list[str] = []
+        while sum("--hold:" in line for line in lines) < 2:
+            line = p.stdout.readline()
+            assert line, f"the demo ended before its second banner: {lines} {p.communicate(timeout=30)}"
+            lines.append(line)
+        traces = [i for i, line in enumerate(lines) if line.startswith("[")]
+        assert len(traces) == 3 * 5  # 3 producers and 2 consumers, 3 lines each, all before the second banner
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, out + err
+        assert not any(line.startswith("[") for line in out.splitlines()), out  # no trace after it
     assert leftovers() == []
