@@ -45,6 +45,13 @@ class _Quiet:
             self._quiet.put(os.getpid())
 
 
+def _say(line: str) -> None:
+    """Print ``line`` in one write (``print`` writes its end separately), so
+    that lines from the processes sharing one pipe never interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _tracer(tag: str, counts: dict[str, int], limit: int, done: _Quiet) -> Any:
     """A trace callback printing kernel-style lines (the first ``limit``;
     then ``done()``)."""
@@ -65,7 +72,7 @@ def _tracer(tag: str, counts: dict[str, int], limit: int, done: _Quiet) -> Any:
             "free-reserve": f"mempool_free: returned to the reserve with count {curr_nr}",
             "free-arena": "mempool_free: given back to the arena",
         }[event]
-        print(f"{prefix} {text}{slot}", flush=True)
+        _say(f"{prefix} {text}{slot}")
         if sum(counts.values()) == limit:
             done()
 
@@ -228,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
             banner = f"\n--hold: traffic goes on; look at it with `shmpool-inspect {args.name}`; Ctrl-C ends it"
-            print(banner, flush=True)
+            _say(banner)
             try:
                 _await_quiet(quiet, procs + consumers)
-                print(banner + " (start-up over: no more trace)", flush=True)  # the first scrolled away
+                _say(banner + " (start-up over: no more trace)")  # the first scrolled away
                 signal.pause()
             except KeyboardInterrupt:
-                print("\nstopping", flush=True)
+                _say("\nstopping")
             hold.clear()
         for p in procs:
             p.join()
