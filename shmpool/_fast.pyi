@@ -1,9 +1,11 @@
 """Types of the compiled core (shmpool/_fast.c): the pool lock and every
 transition, one C call each. Private but for alloc, free, buffer, ndarray."""
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
+
+from .gfp import SleepingMask
 
 LAYOUT: dict[str, int]
 
@@ -26,7 +28,10 @@ class Core:
         off_queues: int, max_queues: int, off_slots: int, max_procs: int, capacity: int, stride: int,
         slot_size: int, poison: bool, lock_name: str, wait_name: str, name: str, queue_sem_prefix: str, /,
     ) -> None: ...
-    def alloc(self, gfp: int = 208, *, timeout: float | None = None) -> int | None: ...
+    @overload
+    def alloc(self, gfp: SleepingMask = ..., *, timeout: float | None = None) -> int: ...
+    @overload
+    def alloc(self, gfp: int, *, timeout: float | None = None) -> int | None: ...
     def free(self, handle: int | None, /) -> None: ...
     def buffer(self, handle: int, /) -> memoryview: ...
     def ndarray(self, handle: int, /, dtype: Any = None, shape: Any = None) -> np.ndarray: ...

@@ -101,7 +101,6 @@ def _producer(name: str, tag: str, n: int, hold: Any, results: Any, trace_limit:
                 pool.trace = None  # --hold: go on quietly
                 done_tracing()
             payload = rng.randbytes(rng.randint(1, pool.slot_size - _HEADER))
-            assert handle is not None  # GFP_KERNEL never gives None
             buf = pool.buffer(handle)
             buf[:_HEADER] = zlib.crc32(payload).to_bytes(4, "little") + len(payload).to_bytes(4, "little")
             buf[_HEADER : _HEADER + len(payload)] = payload

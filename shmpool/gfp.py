@@ -42,6 +42,7 @@ import enum
 import os
 import sys
 import warnings
+from typing import Final, Literal
 
 
 class GFPWarning(UserWarning):
@@ -74,6 +75,17 @@ class GFP(enum.IntFlag):
     NOTRACK = 0x200000
     NO_KSWAPD = 0x400000
     OTHER_NODE = 0x800000
+    # The v3.2 masks that may sleep, named too, so that a type checker knows
+    # that ``alloc(GFP_KERNEL)`` gives a handle and never None (see
+    # SleepingMask). Not bits: iterating GFP gives the bits alone.
+    NOIO = WAIT
+    NOFS = WAIT | IO
+    KERNEL = WAIT | IO | FS
+    TEMPORARY = WAIT | IO | FS | RECLAIMABLE
+    USER = WAIT | IO | FS | HARDWALL
+    HIGHUSER = WAIT | IO | FS | HARDWALL | HIGHMEM
+    HIGHUSER_MOVABLE = WAIT | IO | FS | HARDWALL | HIGHMEM | MOVABLE
+    TRANSHUGE = WAIT | IO | FS | HARDWALL | HIGHMEM | MOVABLE | COMP | NOMEMALLOC | NORETRY | NOWARN | NO_KSWAPD
 
 
 # The bits, under their kernel names.
@@ -105,15 +117,15 @@ __GFP_NOTRACK_FALSE_POSITIVE = __GFP_NOTRACK
 GFP_ZONEMASK = __GFP_DMA | __GFP_HIGHMEM | __GFP_DMA32 | __GFP_MOVABLE
 GFP_ATOMIC = __GFP_HIGH
 GFP_NOWAIT = GFP(0)  # v3.2: GFP_ATOMIC & ~__GFP_HIGH
-GFP_NOIO = __GFP_WAIT
-GFP_NOFS = __GFP_WAIT | __GFP_IO
-GFP_KERNEL = __GFP_WAIT | __GFP_IO | __GFP_FS
-GFP_TEMPORARY = __GFP_WAIT | __GFP_IO | __GFP_FS | __GFP_RECLAIMABLE
-GFP_USER = __GFP_WAIT | __GFP_IO | __GFP_FS | __GFP_HARDWALL
-GFP_HIGHUSER = __GFP_WAIT | __GFP_IO | __GFP_FS | __GFP_HARDWALL | __GFP_HIGHMEM
-GFP_HIGHUSER_MOVABLE = __GFP_WAIT | __GFP_IO | __GFP_FS | __GFP_HARDWALL | __GFP_HIGHMEM | __GFP_MOVABLE
+GFP_NOIO: Final = GFP.NOIO
+GFP_NOFS: Final = GFP.NOFS
+GFP_KERNEL: Final = GFP.KERNEL
+GFP_TEMPORARY: Final = GFP.TEMPORARY
+GFP_USER: Final = GFP.USER
+GFP_HIGHUSER: Final = GFP.HIGHUSER
+GFP_HIGHUSER_MOVABLE: Final = GFP.HIGHUSER_MOVABLE
 GFP_IOFS = __GFP_IO | __GFP_FS
-GFP_TRANSHUGE = GFP_HIGHUSER_MOVABLE | __GFP_COMP | __GFP_NOMEMALLOC | __GFP_NORETRY | __GFP_NOWARN | __GFP_NO_KSWAPD
+GFP_TRANSHUGE: Final = GFP.TRANSHUGE
 GFP_THISNODE = __GFP_THISNODE | __GFP_NOWARN | __GFP_NORETRY
 GFP_MOVABLE_MASK = __GFP_RECLAIMABLE | __GFP_MOVABLE
 GFP_RECLAIM_MASK = (
@@ -126,7 +138,18 @@ GFP_DMA32 = __GFP_DMA32
 
 #: Every bit that some v3.2 mask can hold; any other is refused.
 GFP_VALID_MASK = 0xEFDFFF
-assert sum(member.value for member in GFP.__members__.values()) == GFP_VALID_MASK
+#: The masks with ``__GFP_WAIT`` that v3.2 names: ``alloc`` with one of
+#: them returns a handle, never None (with any other mask, a type checker
+#: sees ``int | None``; a mask composed at run time is typed GFP or int).
+SleepingMask = Literal[
+    GFP.NOIO, GFP.NOFS, GFP.KERNEL, GFP.TEMPORARY, GFP.USER, GFP.HIGHUSER, GFP.HIGHUSER_MOVABLE, GFP.TRANSHUGE
+]
+_BITS = [member for name, member in GFP.__members__.items() if bin(member.value).count("1") == 1 and name != "NOIO"]
+assert sum(member.value for member in _BITS) == GFP_VALID_MASK
+assert GFP_KERNEL == __GFP_WAIT | __GFP_IO | __GFP_FS and GFP_NOFS == __GFP_WAIT | __GFP_IO and GFP_NOIO == __GFP_WAIT
+assert GFP_TRANSHUGE == GFP_HIGHUSER_MOVABLE | __GFP_COMP | __GFP_NOMEMALLOC | __GFP_NORETRY | __GFP_NOWARN | (
+    __GFP_NO_KSWAPD
+)
 _REFUSED = ~GFP_VALID_MASK  # also catches negative numbers
 _WAIT = int(GFP.WAIT)
 _ZERO = int(GFP.ZERO)
@@ -192,4 +215,4 @@ def _warn_zero() -> None:
     )
 
 
-__all__ = ["GFP", "GFPWarning", "may_sleep"] + [name for name in list(globals()) if name.startswith(("__GFP_", "GFP_"))]
+__all__ = ["GFP", "GFPWarning", "SleepingMask", "may_sleep"] + [name for name in list(globals()) if name.startswith(("__GFP_", "GFP_"))]

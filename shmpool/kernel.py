@@ -56,12 +56,12 @@ from __future__ import annotations
 
 import mmap
 import operator
-from typing import Any
+from typing import Any, overload
 
 from . import gfp as _gfp
 from ._layout import MAX_CAPACITY
 from .gfp import *  # noqa: F403  (the v3.2 GFP names, for ports)
-from .gfp import GFP_KERNEL, may_sleep
+from .gfp import GFP_KERNEL, SleepingMask, may_sleep
 from .pool import Mempool
 
 #: The machine's page size: a page pool's slot is ``PAGE_SIZE << order``.
@@ -214,6 +214,12 @@ def mempool_exit(pool: Mempool | None) -> None:
 
 # ----------------------------------------------------------------------
 # Using pools
+
+
+@overload
+def mempool_alloc(pool: Mempool, gfp_mask: SleepingMask = ...) -> int: ...
+@overload
+def mempool_alloc(pool: Mempool, gfp_mask: int) -> int | None: ...
 
 
 def mempool_alloc(pool: Mempool, gfp_mask: int = GFP_KERNEL) -> int | None:

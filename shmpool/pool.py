@@ -50,7 +50,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, overload
 
 import numpy as np
 
@@ -105,7 +105,7 @@ from ._layout import (
     write_geometry,
 )
 from ._procs import self_identity
-from .gfp import __GFP_ZERO, GFP_KERNEL, GFP_VALID_MASK, may_sleep
+from .gfp import __GFP_ZERO, GFP_KERNEL, GFP_VALID_MASK, SleepingMask, may_sleep
 from .queues import Queue, check_queue_name
 from .stats import PoolStats
 
@@ -638,6 +638,11 @@ class Mempool(Core):
             raise self._closed()
         return self._alloc_preallocated_core()
 
+    @overload
+    async def alloc_async(self, gfp: SleepingMask = ..., *, timeout: float | None = None) -> int: ...
+    @overload
+    async def alloc_async(self, gfp: int, *, timeout: float | None = None) -> int | None: ...
+
     async def alloc_async(self, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> int | None:
         """alloc() for asyncio: ``h = await pool.alloc_async(GFP_KERNEL, timeout=None)``.
 
@@ -677,6 +682,11 @@ class Mempool(Core):
             self._free_core(idx, gen)
         except PoolDestroyedError:
             raise PoolDestroyedError(f"pool {self.name!r} was destroyed") from None
+
+    @overload
+    def alloc_bulk(self, n: int, gfp: SleepingMask = ..., *, timeout: float | None = None) -> np.ndarray: ...
+    @overload
+    def alloc_bulk(self, n: int, gfp: int, *, timeout: float | None = None) -> np.ndarray | None: ...
 
     def alloc_bulk(self, n: int, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> np.ndarray | None:
         """Allocate ``n`` elements at once; return their handles as a numpy
