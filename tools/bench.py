@@ -31,6 +31,8 @@ Sections:
             alloc/free order beforehand
   wakeup    from a free in one process to the return of a sleeping alloc in
             another (median, p99)
+  asyncwake the same wake-up for alloc() in a thread and for await
+            alloc_async(), one after the other; the ratio of their medians
   floor     the wake-up's floor: a bare posix_ipc semaphore ping-pong between
             two processes (one round trip), and one such wake-up timed like
             the wake-up section; the wake-up's median against both
@@ -870,6 +872,70 @@ def bench_wakeup(reps: int) -> dict[str, Any]:
     }
 
 
+def _asyncwake_child(name: str, n: int, go: Any, results: Any) -> None:
+    """Sleeps n times in alloc() (from a thread, as a threaded program
+    would), then n times in await alloc_async(); stamps each return."""
+    import asyncio
+    import threading
+
+    pool = Mempool.attach(name)
+    for _ in range(n):
+        go.get()
+        box: list[tuple[int, int]] = []
+        t = threading.Thread(target=lambda out=box: out.append((pool.alloc(GFP_KERNEL), time.perf_counter_ns())))
+        t.start()
+        t.join()
+        results.put(box[0][1])
+        pool.free(box[0][0])
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(n):
+            await loop.run_in_executor(None, go.get)
+            h = await pool.alloc_async(GFP_KERNEL)
+            results.put(time.perf_counter_ns())
+            pool.free(h)
+
+    asyncio.run(main())
+
+
+def bench_asyncwake(reps: int) -> dict[str, Any]:
+    """From a free in one process to the return of a sleeping alloc in
+    another: alloc() in a thread, then await alloc_async(), in one run."""
+    n = 25 * reps
+    pool = Mempool.create(f"bench-asyncwake-{TAG}", min_nr=1, slot_size=16, capacity=1)
+    go, results = CTX.Queue(), CTX.Queue()
+    out: dict[str, list[float]] = {"thread": [], "async": []}
+    try:
+        with Kids() as kids:
+            kids.start(_asyncwake_child, pool.name, n, go, results)
+            h = pool.alloc()
+            for kind in ("thread", "async"):
+                for _ in range(n):
+                    go.put(1)
+                    deadline = time.monotonic() + WAIT_S
+                    while pool.stats().nr_waiters == 0:  # until the child sleeps
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the child never slept")
+                    t0 = time.perf_counter_ns()
+                    pool.free(h)
+                    out[kind].append((results.get(timeout=WAIT_S) - t0) / 1e3)
+                    h = pool.alloc()  # the child freed it again
+            pool.free(h)
+    finally:
+        go.close()
+        results.close()
+        pool.destroy(force=True)
+    thread, aio = statistics.median(out["thread"]), statistics.median(out["async"])
+    return {
+        "thread_median_us": round(thread, 1),
+        "async_median_us": round(aio, 1),
+        "async_p99_us": round(percentile(sorted(out["async"]), 0.99), 1),
+        "async_vs_thread": ratio(aio, thread),
+        "samples": n,
+    }
+
+
 def _pingpong_child(ping_name: str, pong_name: str, n: int, stamp: Any) -> None:
     ping, pong = posix_ipc.Semaphore(ping_name), posix_ipc.Semaphore(pong_name)
     acquire, release, now = ping.acquire, pong.release, time.perf_counter_ns
@@ -1148,6 +1214,7 @@ SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "bulk": bench_bulk,
     "churn": bench_churn,
     "wakeup": bench_wakeup,
+    "asyncwake": bench_asyncwake,
     "floor": bench_floor,
     "scale": bench_scale,
     "inspect": bench_inspect,
