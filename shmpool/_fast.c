@@ -1527,13 +1527,11 @@ static PyObject *Core_alloc_bulk_core(Core *f, PyObject *args) {
  * no slot twice: Python checked). Every handle is checked under the lock
  * first; an invalid one refuses the whole call (InvalidHandleError, nothing
  * freed). Then as if freed one by one. */
-static PyObject *Core_free_bulk_core(Core *f, PyObject *obj) {
-    Py_buffer in;
-    if (PyObject_GetBuffer(obj, &in, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (f->hdr == NULL || f->closing) { PyBuffer_Release(&in); return closed_error(f); }
+/* The locked free of n checked handles (in range, no slot twice): all or
+ * nothing; None, or NULL with the pool's error. */
+static PyObject *free_bulk(Core *f, const int64_t *src, Py_ssize_t n) {
+    if (f->hdr == NULL || f->closing) return closed_error(f);
     f->busy++;
-    const int64_t *src = (const int64_t *)in.buf;
-    Py_ssize_t n = in.len / 8;
     int64_t bad = -1, lost = 0;
     int r = lock_acquire(f, 0);
     if (r == RC_OK) {
@@ -1562,7 +1560,6 @@ static PyObject *Core_free_bulk_core(Core *f, PyObject *obj) {
         }
         lock_release(f);
     }
-    PyBuffer_Release(&in);
     if (after_unlock(f) < 0) return leave(f, NULL);
     if (r == RC_INVALID) return leave(f, invalid(f, (uint64_t)src[bad]));
     if (r != RC_OK) return leave(f, raise_for(f, r));
@@ -1572,6 +1569,79 @@ static PyObject *Core_free_bulk_core(Core *f, PyObject *obj) {
         return leave(f, invalid(f, (uint64_t)src[0]));
     }
     return leave(f, Py_NewRef(Py_None));
+}
+
+static PyObject *Core_free_bulk_core(Core *f, PyObject *obj) {
+    Py_buffer in;
+    if (PyObject_GetBuffer(obj, &in, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    PyObject *res = free_bulk(f, (const int64_t *)in.buf, in.len / 8);
+    PyBuffer_Release(&in);
+    return res;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* _free_bulk_fast(handles): free_bulk for a list of ints or a 1-D int64
+ * array, its checks made here (in range, no slot twice: a sort of the
+ * batch's indexes); NotImplemented for anything else or anything wrong,
+ * which Python's checks then describe. */
+#define FAST_BULK_MAX 4096
+static PyObject *Core_free_bulk_fast(Core *f, PyObject *obj) {
+    int64_t stack_h[64];
+    uint64_t stack_i[64];
+    int64_t *hs = stack_h;
+    uint64_t *ix = stack_i;
+    Py_ssize_t n;
+    Py_buffer in = {0};
+    if (PyList_CheckExact(obj)) {
+        n = PyList_GET_SIZE(obj);
+    } else if (PyObject_CheckBuffer(obj) && !PyBytes_Check(obj) && !PyByteArray_Check(obj)) {
+        if (PyObject_GetBuffer(obj, &in, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) < 0) {
+            PyErr_Clear();
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+        if (in.ndim != 1 || in.itemsize != 8 || !in.format || !(strcmp(in.format, "l") == 0 || strcmp(in.format, "q") == 0)) {
+            PyBuffer_Release(&in);
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+        n = in.len / 8;
+    } else {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *res = NULL;
+    if (n == 0 || n > FAST_BULK_MAX) { res = Py_NewRef(Py_NotImplemented); goto out; }
+    if (n > 64) {
+        hs = PyMem_Malloc((size_t)n * sizeof *hs);
+        ix = PyMem_Malloc((size_t)n * sizeof *ix);
+        if (!hs || !ix) { PyErr_NoMemory(); goto out; }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t h;
+        if (in.obj) {
+            h = ((const int64_t *)in.buf)[i];
+        } else {
+            PyObject *item = PyList_GET_ITEM(obj, i);
+            int overflow = 0;
+            if (!PyLong_CheckExact(item)) { res = Py_NewRef(Py_NotImplemented); goto out; }
+            h = PyLong_AsLongLongAndOverflow(item, &overflow);
+            if (overflow || (h == -1 && PyErr_Occurred())) { PyErr_Clear(); res = Py_NewRef(Py_NotImplemented); goto out; }
+        }
+        if (h < 0 || ((uint64_t)h & INDEX_MASK) >= f->capacity) { res = Py_NewRef(Py_NotImplemented); goto out; }
+        hs[i] = h;
+        ix[i] = (uint64_t)h & INDEX_MASK;
+    }
+    qsort(ix, (size_t)n, sizeof *ix, cmp_u64);
+    for (Py_ssize_t i = 1; i < n; i++)
+        if (ix[i] == ix[i - 1]) { res = Py_NewRef(Py_NotImplemented); goto out; }
+    res = free_bulk(f, hs, n);
+out:
+    if (in.obj) PyBuffer_Release(&in);
+    if (hs != stack_h) PyMem_Free(hs);
+    if (ix != stack_i) PyMem_Free(ix);
+    return res;
 }
 
 /* _resize_core(new_min_nr, batch): mempool_resize. Shrink: pop reserve
@@ -2095,23 +2165,13 @@ static void queue_spin(Core *f, uint64_t q, int kind, uint64_t n, uint64_t deadl
  * moved: n for a put, 1..n for a get, 0 if it would block (not `block`) or
  * the timeout passed. InvalidHandleError for a handle not held by this
  * process (nothing moved); PoolFormatError; PoolDestroyedError. */
-static PyObject *Core_queue_move(Core *f, PyObject *args) {
-    int kind, block;
-    unsigned long long q;
-    PyObject *obj;
-    Py_ssize_t n;
-    long long timeout_ns, retry_ns;
-    if (!PyArg_ParseTuple(args, "iKOnpLL", &kind, &q, &obj, &n, &block, &timeout_ns, &retry_ns)) return NULL;
-    Py_buffer buf;
-    if (PyObject_GetBuffer(obj, &buf, (kind ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (n < 1 || buf.len < n * 8) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "n out of range, or the buffer too small");
-        return NULL;
-    }
-    if (f->hdr == NULL || f->closing) { PyBuffer_Release(&buf); return closed_error(f); }
+/* Move n handles between data and queue q (kind 0: put, 1: get): the
+ * number moved (0: full or empty until the deadline), or NULL with the
+ * pool's error. */
+static PyObject *queue_move(Core *f, int kind, unsigned long long q, int64_t *data, Py_ssize_t n, int block,
+                            long long timeout_ns, long long retry_ns) {
+    if (f->hdr == NULL || f->closing) return closed_error(f);
     f->busy++;
-    int64_t *data = (int64_t *)buf.buf;
     uint64_t deadline = deadline_from(timeout_ns);
     Py_ssize_t moved = 0, bad = -1;
     int r, slept_woken = 0, passed = 0;
@@ -2157,7 +2217,6 @@ static PyObject *Core_queue_move(Core *f, PyObject *args) {
         if (r != RC_OK) break;
         slept_woken = f->woken;
     }
-    PyBuffer_Release(&buf);
     if (r == RC_OK) return leave(f, PyLong_FromSsize_t(moved));
     if (r == RC_FAIL || r == RC_TIMEOUT) return leave(f, PyLong_FromLong(0));
     if (r == RC_INVALID && bad >= 0) return leave(f, invalid(f, (uint64_t)((int64_t *)data)[bad]));
@@ -2166,6 +2225,77 @@ static PyObject *Core_queue_move(Core *f, PyObject *args) {
         return leave(f, NULL);
     }
     return leave(f, raise_for(f, r));
+}
+
+static PyObject *Core_queue_move(Core *f, PyObject *args) {
+    int kind, block;
+    unsigned long long q;
+    PyObject *obj;
+    Py_ssize_t n;
+    long long timeout_ns, retry_ns;
+    if (!PyArg_ParseTuple(args, "iKOnpLL", &kind, &q, &obj, &n, &block, &timeout_ns, &retry_ns)) return NULL;
+    Py_buffer buf;
+    if (PyObject_GetBuffer(obj, &buf, (kind ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (n < 1 || buf.len < n * 8) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "n out of range, or the buffer too small");
+        return NULL;
+    }
+    PyObject *res = queue_move(f, kind, q, (int64_t *)buf.buf, n, block, timeout_ns, retry_ns);
+    PyBuffer_Release(&buf);
+    return res;
+}
+
+/* The arguments of _qput and _qget after their first: q, block, timeout_ns
+ * (-1: none), retry_ns. */
+static int queue_args(PyObject *const *args, unsigned long long *q, int *block, long long *timeout_ns,
+                      long long *retry_ns) {
+    *q = PyLong_AsUnsignedLongLong(args[0]);
+    if (*q == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if ((*block = PyObject_IsTrue(args[1])) < 0) return -1;
+    *timeout_ns = PyLong_AsLongLong(args[2]);
+    if (*timeout_ns == -1 && PyErr_Occurred()) return -1;
+    *retry_ns = PyLong_AsLongLong(args[3]);
+    if (*retry_ns == -1 && PyErr_Occurred()) return -1;
+    return 0;
+}
+
+/* _qput(q, block, timeout_ns, retry_ns, handle): one element's put in one
+ * call: 1 put, 0 still full at the deadline, -1 not a handle of this pool
+ * (the caller decodes it again for the error); the pool's errors raise. */
+static PyObject *Core_qput(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "_qput takes 5 arguments");
+        return NULL;
+    }
+    unsigned long long q;
+    int block;
+    long long timeout_ns, retry_ns;
+    if (queue_args(args, &q, &block, &timeout_ns, &retry_ns) < 0) return NULL;
+    uint64_t idx, gen;
+    if (!decode(f, args[4], &idx, &gen)) return PyLong_FromLong(-1);
+    int64_t one = (int64_t)(idx | gen << HGEN_SHIFT);
+    return queue_move(f, 0, q, &one, 1, block, timeout_ns, retry_ns);
+}
+
+/* _qget(q, block, timeout_ns, retry_ns): one element's get in one call: its
+ * handle, or None if the queue stayed empty until the deadline. */
+static PyObject *Core_qget(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "_qget takes 4 arguments");
+        return NULL;
+    }
+    unsigned long long q;
+    int block;
+    long long timeout_ns, retry_ns;
+    if (queue_args(args, &q, &block, &timeout_ns, &retry_ns) < 0) return NULL;
+    int64_t one = -1;
+    PyObject *res = queue_move(f, 1, q, &one, 1, block, timeout_ns, retry_ns);
+    if (res == NULL) return NULL;
+    long moved = PyLong_AsLong(res);
+    Py_DECREF(res);
+    if (moved <= 0) Py_RETURN_NONE;
+    return PyLong_FromLongLong(one);
 }
 
 /* The queue's wait channel, made with the pool's permissions (a syscall
@@ -2564,6 +2694,9 @@ static PyMethodDef Core_methods[] = {
       "Slots are 8-byte aligned. It keeps the mapping alive after close()."),
     M("_set_data", Core_set_data, METH_O, "(memoryview of the slots)"),
     M("_queue_move", Core_queue_move, METH_VARARGS, "(kind, q, buffer, n, block, timeout_ns, retry_ns) -> moved"),
+    M("_free_bulk_fast", Core_free_bulk_fast, METH_O, "(handles) -> None, or NotImplemented for Python's checks"),
+    M("_qput", Core_qput, METH_FASTCALL, "(q, block, timeout_ns, retry_ns, handle) -> 1 put, 0 full, -1 not a handle"),
+    M("_qget", Core_qget, METH_FASTCALL, "(q, block, timeout_ns, retry_ns) -> handle, or None when empty"),
     M("_queue_open", Core_queue_open, METH_VARARGS, "(name, depth) -> (index, depth)"),
     M("_queue_count", Core_queue_count, METH_O, "(q) -> count"),
     M("_test_lock", Core_test_lock, METH_NOARGS, "take the pool lock (tests)"),

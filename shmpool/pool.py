@@ -734,7 +734,9 @@ class Mempool(Core):
         """
         if self._core is None:
             raise self._closed()
-        arr = self._check_handles(handles)
+        if self._free_bulk_fast(handles) is None:  # a list of ints or an int64 array, checked in C
+            return
+        arr = self._check_handles(handles)  # anything else, or the error that says what is wrong
         if arr.size:
             self._free_bulk_core(arr)
 

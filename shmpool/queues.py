@@ -53,6 +53,7 @@ _PUT, _GET = 0, 1
 #: A blocked put or get re-checks its queue at least this often even if
 #: nothing wakes it (a waker that died between its move and its wake-up).
 RETRY_SECONDS = 1.0
+_RETRY_NS = int(RETRY_SECONDS * 1_000_000_000)
 #: How long get_async and put_async, in the event loop's thread, wait for
 #: the pool lock (held by a live process) before they wait in a thread
 #: instead (GFP_ATOMIC's ATOMIC_LOCK_WAIT_SECONDS).
@@ -100,7 +101,7 @@ class Queue:
 
     def _move(self, kind: int, buf: np.ndarray, n: int, block: bool, timeout: object) -> int:
         if self._index < 0:
-            raise PoolClosedError(f"queue {self.name!r} is closed in this object; open it again with pool.queue()")
+            raise self._closed()
         ns = _timeout_ns(block, timeout)
         return self._pool._queue_move(kind, self._index, buf, n, bool(block), ns, int(RETRY_SECONDS * _NS))
 
@@ -109,10 +110,14 @@ class Queue:
         no longer belongs to the caller. Blocks while the queue is full (up
         to ``timeout`` seconds): queue.Full if it stays full, or at once if
         not ``block``."""
-        idx, gen = self._pool._decode(handle)
-        one = np.empty(1, dtype=np.int64)
-        one[0] = idx | gen << HGEN_SHIFT
-        if not self._move(_PUT, one, 1, block, timeout):
+        if self._index < 0:
+            raise self._closed()
+        ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
+        moved = self._pool._qput(self._index, block, ns, _RETRY_NS, handle)  # one C call
+        if moved < 0:  # not a plain int of this pool: a numpy integer, or the error that says why
+            idx, gen = self._pool._decode(handle)
+            moved = self._pool._qput(self._index, block, ns, _RETRY_NS, idx | gen << HGEN_SHIFT)
+        if moved == 0:
             raise _stdqueue.Full
 
     def put_nowait(self, handle: int) -> None:
@@ -135,10 +140,13 @@ class Queue:
         """Take the oldest element: the caller is now its holder. Blocks
         while the queue is empty (up to ``timeout`` seconds): queue.Empty if
         it stays empty, or at once if not ``block``."""
-        one = np.empty(1, dtype=np.int64)
-        if not self._move(_GET, one, 1, block, timeout):
+        if self._index < 0:
+            raise self._closed()
+        ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
+        handle = self._pool._qget(self._index, block, ns, _RETRY_NS)  # one C call
+        if handle is None:
             raise _stdqueue.Empty
-        return int(one[0])
+        return handle
 
     def get_nowait(self) -> int:
         """get(block=False): queue.Empty at once when empty."""
@@ -152,11 +160,14 @@ class Queue:
             raise TypeError(f"max_n must be an int, not {type(max_n).__name__}")
         if max_n < 1:
             raise ValueError(f"max_n must be at least 1, not {max_n}")
+        if self._index < 0:
+            raise self._closed()
         out = np.empty(min(int(max_n), self.depth), dtype=np.int64)
-        got = self._move(_GET, out, out.size, block, timeout)
+        ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
+        got = self._pool._queue_move(_GET, self._index, out, out.size, bool(block), ns, _RETRY_NS)
         if not got:
             raise _stdqueue.Empty
-        return out[:got]
+        return out if got == out.size else out[:got]
 
     async def get_async(self, timeout: float | None = None) -> int:
         """get() for asyncio: ``h = await q.get_async(timeout=None)``.
@@ -199,7 +210,7 @@ class Queue:
 
     def _move_now(self, kind: int, one: np.ndarray) -> int:
         if self._index < 0:
-            raise PoolClosedError(f"queue {self.name!r} is closed in this object; open it again with pool.queue()")
+            raise self._closed()
         lock_ns = int(NOWAIT_LOCK_SECONDS * _NS)
         return int(self._pool._queue_move(kind, self._index, one, 1, False, lock_ns, int(RETRY_SECONDS * _NS)))
 
@@ -211,7 +222,7 @@ class Queue:
     def qsize(self) -> int:
         """How many elements the queue holds now."""
         if self._index < 0:
-            raise PoolClosedError(f"queue {self.name!r} is closed in this object; open it again with pool.queue()")
+            raise self._closed()
         return self._pool._queue_count(self._index)
 
     def __len__(self) -> int:
@@ -227,6 +238,9 @@ class Queue:
         """Let go of this handle on the queue (the queue and its elements
         stay in the pool). Further calls raise PoolClosedError."""
         self._index = -1
+
+    def _closed(self) -> PoolClosedError:
+        return PoolClosedError(f"queue {self.name!r} is closed in this object; open it again with pool.queue()")
 
     def __repr__(self) -> str:
         return f"<shmpool Queue {self.name!r} of pool {self._pool.name!r}, depth {self.depth}>"

@@ -72,14 +72,27 @@ def test_bulk_frees_in_the_order_of_single_frees(name: str) -> None:
         (lambda hs: [hs[0], hs[2] + (1 << 24)], InvalidHandleError, "stale|not held"),
     ],
 )
-def test_a_refused_free_bulk_frees_nothing(name: str, make_bad, exc, match) -> None:
+@pytest.mark.parametrize("form", [list, tuple, np.asarray], ids=["list", "tuple", "array"])
+def test_a_refused_free_bulk_frees_nothing(name: str, make_bad, exc, match, form) -> None:
+    """A list of ints and an int64 array are checked in C, anything else in
+    Python: the same refusals either way."""
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=4) as pool:
         hs = pool.alloc_bulk(3, GFP_ATOMIC).tolist()
         before = snapshot(pool)
         with pytest.raises(exc, match=match):
-            pool.free_bulk(make_bad(hs))
+            pool.free_bulk(form(make_bad(hs)))
         assert snapshot(pool) == before
-        pool.free_bulk(hs)
+        pool.free_bulk(form(hs))
+        assert pool.stats().in_use == 0
+        pool.destroy()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_free_bulk_takes_every_integer_array_and_big_batches(name: str, dtype) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=5000) as pool:
+        hs = pool.alloc_bulk(4500)
+        pool.free_bulk(hs.astype(dtype)[::-1])  # reversed: a view with a negative stride
+        assert pool.stats().in_use == 0
         pool.destroy()
 
 

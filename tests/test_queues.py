@@ -111,12 +111,25 @@ def test_refused_puts_change_nothing(pool: Mempool, name: str) -> None:
         q.put("7")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         q.put(-1)
+    with pytest.raises(TypeError):
+        q.put(True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        q.put(1 << 70)
     with pytest.raises(InvalidHandleError, match="given twice"):
         q.put_many([h, h])
     with pytest.raises(InvalidHandleError):
         q.put_many([h, gone])  # one bad handle refuses the whole batch
     assert snapshot(pool) == before
     pool.free(h)
+
+
+def test_a_numpy_integer_handle_is_a_handle(pool: Mempool) -> None:
+    q = pool.queue("q", depth=4)
+    hs = pool.alloc_bulk(2)
+    q.put(hs[0])  # a numpy int64, as get_many and alloc_bulk give them
+    q.put(np.uint64(hs[1]))
+    assert q.get() == hs[0] and q.get() == hs[1]
+    pool.free_bulk(hs)
 
 
 def test_only_the_holder_may_put(pool: Mempool, name: str, popen) -> None:

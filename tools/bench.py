@@ -228,8 +228,10 @@ _now = time.monotonic_ns  # CLOCK_MONOTONIC: one clock in every process
 
 def _stamp(a: np.ndarray, i: int) -> None:
     """The producer's payload: the counter in every 8-byte word of the
-    4 KiB, then the send time in word 1."""
-    a[:] = i
+    4 KiB, then the send time in word 1. (``fill`` is what a user writing
+    4 KiB would reach for: 0.7 µs here where ``a[:] = i`` takes 1.6, the same
+    saving for every contender.)"""
+    a.fill(i)
     a[1] = _now()
 
 
@@ -840,6 +842,21 @@ def _wakeup_child(name: str, n: int, go: Any, results: Any) -> None:
         pool.free(h)
 
 
+def _wake_a_sleeper(pool: Mempool, h: int, go: Any, results: Any) -> tuple[float, int]:
+    """Let the child sleep for the element ``h`` we hold, free it, and
+    return the wake-up in µs (to the child's stamp) and the element again
+    (the child frees it)."""
+    go.put(1)
+    deadline = time.monotonic() + WAIT_S
+    while pool.stats().nr_waiters == 0:  # until the child sleeps
+        if time.monotonic() > deadline:
+            raise RuntimeError("the child never slept")
+    t0 = time.perf_counter_ns()
+    pool.free(h)
+    latency = (results.get(timeout=WAIT_S) - t0) / 1e3
+    return latency, pool.alloc()
+
+
 def bench_wakeup(reps: int) -> dict[str, Any]:
     n = 25 * reps
     pool = Mempool.create(f"bench-wakeup-{TAG}", min_nr=1, slot_size=16, capacity=1)
@@ -850,15 +867,8 @@ def bench_wakeup(reps: int) -> dict[str, Any]:
             latencies = []
             h = pool.alloc()
             for _ in range(n):
-                go.put(1)
-                deadline = time.monotonic() + WAIT_S
-                while pool.stats().nr_waiters == 0:  # until the child sleeps
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the child never slept")
-                t0 = time.perf_counter_ns()
-                pool.free(h)
-                latencies.append((results.get(timeout=WAIT_S) - t0) / 1e3)
-                h = pool.alloc()  # the child freed it again
+                latency, h = _wake_a_sleeper(pool, h, go, results)
+                latencies.append(latency)
             pool.free(h)
     finally:
         go.close()
@@ -912,15 +922,8 @@ def bench_asyncwake(reps: int) -> dict[str, Any]:
             h = pool.alloc()
             for kind in ("thread", "async"):
                 for _ in range(n):
-                    go.put(1)
-                    deadline = time.monotonic() + WAIT_S
-                    while pool.stats().nr_waiters == 0:  # until the child sleeps
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the child never slept")
-                    t0 = time.perf_counter_ns()
-                    pool.free(h)
-                    out[kind].append((results.get(timeout=WAIT_S) - t0) / 1e3)
-                    h = pool.alloc()  # the child freed it again
+                    latency, h = _wake_a_sleeper(pool, h, go, results)
+                    out[kind].append(latency)
             pool.free(h)
     finally:
         go.close()
