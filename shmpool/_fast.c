@@ -2248,8 +2248,12 @@ static PyObject *Core_queue_move(Core *f, PyObject *args) {
 
 /* The arguments of _qput and _qget after their first: q, block, timeout_ns
  * (-1: none), retry_ns. */
-static int queue_args(PyObject *const *args, unsigned long long *q, int *block, long long *timeout_ns,
-                      long long *retry_ns) {
+static int queue_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, unsigned long long *q, int *block,
+                      long long *timeout_ns, long long *retry_ns) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", want, nargs);
+        return -1;
+    }
     *q = PyLong_AsUnsignedLongLong(args[0]);
     if (*q == (unsigned long long)-1 && PyErr_Occurred()) return -1;
     if ((*block = PyObject_IsTrue(args[1])) < 0) return -1;
@@ -2264,14 +2268,10 @@ static int queue_args(PyObject *const *args, unsigned long long *q, int *block, 
  * call: 1 put, 0 still full at the deadline, -1 not a handle of this pool
  * (the caller decodes it again for the error); the pool's errors raise. */
 static PyObject *Core_qput(Core *f, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "_qput takes 5 arguments");
-        return NULL;
-    }
     unsigned long long q;
     int block;
     long long timeout_ns, retry_ns;
-    if (queue_args(args, &q, &block, &timeout_ns, &retry_ns) < 0) return NULL;
+    if (queue_args(args, nargs, 5, &q, &block, &timeout_ns, &retry_ns) < 0) return NULL;
     uint64_t idx, gen;
     if (!decode(f, args[4], &idx, &gen)) return PyLong_FromLong(-1);
     int64_t one = (int64_t)(idx | gen << HGEN_SHIFT);
@@ -2281,14 +2281,10 @@ static PyObject *Core_qput(Core *f, PyObject *const *args, Py_ssize_t nargs) {
 /* _qget(q, block, timeout_ns, retry_ns): one element's get in one call: its
  * handle, or None if the queue stayed empty until the deadline. */
 static PyObject *Core_qget(Core *f, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "_qget takes 4 arguments");
-        return NULL;
-    }
     unsigned long long q;
     int block;
     long long timeout_ns, retry_ns;
-    if (queue_args(args, &q, &block, &timeout_ns, &retry_ns) < 0) return NULL;
+    if (queue_args(args, nargs, 4, &q, &block, &timeout_ns, &retry_ns) < 0) return NULL;
     int64_t one = -1;
     PyObject *res = queue_move(f, 1, q, &one, 1, block, timeout_ns, retry_ns);
     if (res == NULL) return NULL;
