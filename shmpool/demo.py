@@ -196,12 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             mode=0o600,
         )
-    except FileExistsError:
-        print(
-            f"shmpool-demo: a pool named {args.name!r} exists already (another demo running, or an interrupted one: "
-            f"'make clean-shm' removes it)",
-            file=sys.stderr,
-        )
+    except FileExistsError as exc:  # create's message says whether it is stale and how to remove it
+        print(f"shmpool-demo: {exc.strerror} (or give the demo another --name)", file=sys.stderr)
         return 2
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))

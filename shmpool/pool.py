@@ -121,11 +121,13 @@ SLEEP_RETRY_SECONDS = 5.0
 ATOMIC_LOCK_WAIT_SECONDS = 0.05
 #: How many elements a growing resize moves per lock hold.
 RESIZE_BATCH = 1024
-#: How long attach waits for a pool that is still being created.
-ATTACH_WAIT_SECONDS = 1.0
 #: How long Mempool.open waits for another process to finish creating the
 #: pool it opens (two processes that open at once on a loaded machine).
 OPEN_WAIT_SECONDS = 10.0
+#: How long attach waits for a pool that is still being created: as long,
+#: since a loaded machine slows a creator down as much (a creator that died
+#: half way is reported after it).
+ATTACH_WAIT_SECONDS = OPEN_WAIT_SECONDS
 #: How long close() waits for the lock to give its cache back.
 CLOSE_LOCK_SECONDS = 0.5
 
@@ -264,7 +266,7 @@ class Mempool(Core):
     """
 
     __slots__ = (
-        "name", "_trace", "_core", "_pid", "_start", "_capacity", "_slot_size", "_stride", "_fd", "_key", "__weakref__",
+        "_name", "_trace", "_core", "_pid", "_start", "_capacity", "_slot_size", "_stride", "_fd", "_key", "__weakref__",
     )
 
     def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, register: bool = True) -> None:
@@ -281,7 +283,7 @@ class Mempool(Core):
                 sem.close()
             except Exception:
                 pass
-        self.name = name
+        self._name = name
         self._trace: Trace | None = None
         self._pid, self._start = self_identity()
         self._capacity = geo.capacity
@@ -1030,6 +1032,11 @@ class Mempool(Core):
         if core is None:
             raise self._closed()
         return int(core[0].hdr[H_MIN_NR])
+
+    @property
+    def name(self) -> str:
+        """The pool's name, as given to create, attach or open."""
+        return self._name
 
     @property
     def slot_size(self) -> int:

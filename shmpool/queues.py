@@ -91,13 +91,23 @@ class Queue:
     calling process are refused with the pool's errors, changing nothing.
     """
 
-    __slots__ = ("_pool", "name", "depth", "_index")
+    __slots__ = ("_pool", "_name", "_depth", "_index")
 
     def __init__(self, pool: Mempool, name: str, index: int, depth: int) -> None:
         self._pool = pool
-        self.name = name
-        self.depth = depth
+        self._name = name
+        self._depth = depth
         self._index = index
+
+    @property
+    def name(self) -> str:
+        """The queue's name in its pool."""
+        return self._name
+
+    @property
+    def depth(self) -> int:
+        """How many elements the queue holds at most."""
+        return self._depth
 
     def _move(self, kind: int, buf: np.ndarray, n: int, block: bool, timeout: object) -> int:
         if self._index < 0:

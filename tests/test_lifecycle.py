@@ -128,7 +128,10 @@ def test_attach_to_a_segment_that_is_not_a_pool(name: str) -> None:
     assert os.path.getsize(shm_path(name)) == 1700  # untouched
 
 
-def test_attach_to_a_segment_never_finished(name: str) -> None:
+def test_attach_to_a_segment_never_finished(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shmpool.pool
+
+    monkeypatch.setattr(shmpool.pool, "ATTACH_WAIT_SECONDS", 0.5)  # not the 10 s a loaded creator gets
     make_raw_segment(name, bytes(4096))
     with pytest.raises(PoolFormatError, match="never finished"):
         Mempool.attach(name)

@@ -39,9 +39,20 @@ def test_demo_refuses_a_taken_name(name: str) -> None:
         out = subprocess.run(
             [os.path.join(BIN, "shmpool-demo"), "--name", name], capture_output=True, text=True, timeout=60
         )
-        assert out.returncode == 2 and "exists already" in out.stderr
+        assert out.returncode == 2 and "already exists and is in use" in out.stderr  # its creator (us) lives
         assert p.stats().alloc_arena == 0
         p.destroy()
+
+
+def test_demo_names_a_stale_pool_stale_with_the_way_to_remove_it(name: str) -> None:
+    made = subprocess.run(
+        [sys.executable, "-c", f"from shmpool import Mempool; Mempool.create({name!r}, min_nr=1, slot_size=16, capacity=1)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    out = subprocess.run([os.path.join(BIN, "shmpool-demo"), "--name", name], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "stale" in out.stderr and f"shmpool-inspect {name} --destroy" in out.stderr
+    Mempool.attach(name).destroy()
 
 
 def cleanup(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,46 @@
+"""The public surface: every public name of a pool and a queue is in the
+README, and the geometry cannot be assigned."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from shmpool import Mempool
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def public(obj: object) -> set[str]:
+    return {n for n in dir(obj) if not n.startswith("_")}
+
+
+def test_every_public_name_of_a_pool_and_a_queue_is_in_the_readme(name: str) -> None:
+    with open(README) as f:
+        text = f.read()
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=4).destroying() as pool:
+        q = pool.queue("q", depth=2)
+        names = public(pool) | public(q)
+        assert {"alloc", "free", "buffer", "ndarray", "queue", "put", "get"} <= names
+        missing = sorted(n for n in names if not re.search(rf"\b{n}\b", text))
+        assert missing == []
+
+
+@pytest.mark.parametrize("attr", ["name", "min_nr", "slot_size", "capacity", "closed"])
+def test_a_pools_geometry_is_read_only(name: str, attr: str) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=4).destroying() as pool:
+        before = getattr(pool, attr)
+        with pytest.raises(AttributeError):
+            setattr(pool, attr, before)
+        assert getattr(pool, attr) == before
+
+
+@pytest.mark.parametrize("attr", ["name", "depth"])
+def test_a_queues_name_and_depth_are_read_only(name: str, attr: str) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=4).destroying() as pool:
+        q = pool.queue("q", depth=2)
+        with pytest.raises(AttributeError):
+            setattr(q, attr, 3)
+        assert (q.name, q.depth) == ("q", 2)
