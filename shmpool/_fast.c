@@ -197,6 +197,7 @@ typedef struct {
     int last_event;
     uint64_t last_curr;
     PyObject *trace;          /* trace(event, handle, curr_nr), or NULL */
+    PyObject *owner;          /* a weak reference to the Mempool that holds us, whose policy the slow paths call */
     PyObject *data_mv;        /* a memoryview of the slots: views are slices of it (they keep the mapping) */
     PyObject *last_dtype;     /* the dtype argument ndarray() saw last, and its descr */
     PyArray_Descr *last_descr;
@@ -1199,9 +1200,28 @@ static int alloc_loop(Core *f, int sleeps, int skip_arena, uint64_t deadline, ui
 /* ------------------------------------------------------------------ */
 /* Methods                                                             */
 
+/* owner.<name>(*args[1:n]): the Python policy of the Mempool holding us,
+ * for whatever the C path does not serve. args[0] is filled in here. */
+static PyObject *call_owner(Core *f, PyObject *name, PyObject **args, size_t n) {
+    PyObject *owner = NULL;
+    if (f->owner) {
+#if PY_VERSION_HEX >= 0x030D0000
+        if (PyWeakref_GetRef(f->owner, &owner) < 0) return NULL;
+#else
+        owner = PyWeakref_GetObject(f->owner);
+        owner = owner == Py_None ? NULL : Py_NewRef(owner);
+#endif
+    }
+    if (owner == NULL) return closed_error(f); /* the pool object is gone: only its bound methods live on */
+    args[0] = owner;
+    PyObject *res = PyObject_VectorcallMethod(name, args, n, NULL);
+    Py_DECREF(owner);
+    return res;
+}
+
 static PyObject *call_slow_alloc(Core *f, PyObject *gfp, PyObject *timeout, int skip) {
-    PyObject *args[4] = {(PyObject *)f, gfp, timeout, skip ? Py_True : Py_False};
-    return PyObject_VectorcallMethod(STR_ALLOC_SLOW, args, 4, NULL);
+    PyObject *args[4] = {NULL, gfp, timeout, skip ? Py_True : Py_False};
+    return call_owner(f, STR_ALLOC_SLOW, args, 4);
 }
 
 /* alloc(gfp=GFP_KERNEL, *, timeout=None): the lock-free cache, else one
@@ -1374,8 +1394,8 @@ static PyObject *Core_free(Core *f, PyObject *handle) {
     if (r == RC_INVALID) return leave(f, invalid(f, idx | gen << HGEN_SHIFT));
     return leave(f, raise_for(f, r));
 slow: {
-        PyObject *a[2] = {(PyObject *)f, handle};
-        return PyObject_VectorcallMethod(STR_FREE_SLOW, a, 2, NULL);
+        PyObject *a[2] = {NULL, handle};
+        return call_owner(f, STR_FREE_SLOW, a, 2);
     }
 }
 
@@ -2402,8 +2422,8 @@ static int64_t viewable(Core *f, PyObject *handle) {
 static PyObject *Core_buffer(Core *f, PyObject *handle) {
     int64_t idx = viewable(f, handle);
     if (idx < 0) {
-        PyObject *a[2] = {(PyObject *)f, handle};
-        return PyObject_VectorcallMethod(STR_BUFFER_SLOW, a, 2, NULL);
+        PyObject *a[2] = {NULL, handle};
+        return call_owner(f, STR_BUFFER_SLOW, a, 2);
     }
     Py_ssize_t off = (Py_ssize_t)((uint64_t)idx * f->stride);
     return PySequence_GetSlice(f->data_mv, off, off + (Py_ssize_t)f->slot_size);
@@ -2469,12 +2489,12 @@ static PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, 
         if (nd < 0) Py_CLEAR(descr);
     }
     if (!descr) { /* anything unusual: the Python path checks and says what */
-        PyObject *a[4] = {(PyObject *)f, nargs >= 1 ? args[0] : Py_None, dtype, shape};
+        PyObject *a[4] = {NULL, nargs >= 1 ? args[0] : Py_None, dtype, shape};
         if (nargs < 1) {
             PyErr_SetString(PyExc_TypeError, "ndarray() needs a handle");
             return NULL;
         }
-        return PyObject_VectorcallMethod(STR_NDARRAY_SLOW, a, 4, NULL);
+        return call_owner(f, STR_NDARRAY_SLOW, a, 4);
     }
     char *ptr = (char *)f->data + (uint64_t)idx * f->stride;
     PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr, NPY_ARRAY_CARRAY, NULL);
@@ -2602,9 +2622,17 @@ static PyObject *Core_unmap(Core *f, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Core_set_owner(Core *f, PyObject *owner) {
+    PyObject *ref = PyWeakref_NewRef(owner, NULL);
+    if (!ref) return NULL;
+    Py_XSETREF(f->owner, ref);
+    Py_RETURN_NONE;
+}
+
 static void Core_dealloc(Core *f) {
     release_view(f);
     Py_CLEAR(f->trace);
+    Py_CLEAR(f->owner);
     Py_CLEAR(f->data_mv);
     Py_CLEAR(f->last_dtype);
     Py_CLEAR(f->last_descr);
@@ -2691,6 +2719,7 @@ static PyMethodDef Core_methods[] = {
     M("_set_data", Core_set_data, METH_O, "(memoryview of the slots)"),
     M("_queue_move", Core_queue_move, METH_VARARGS, "(kind, q, buffer, n, block, timeout_ns, retry_ns) -> moved"),
     M("_free_bulk_fast", Core_free_bulk_fast, METH_O, "(handles) -> None, or NotImplemented for Python's checks"),
+    M("_set_owner", Core_set_owner, METH_O, "(pool): the Mempool whose policy the slow paths call (held weakly)"),
     M("_qput", Core_qput, METH_FASTCALL, "(q, block, timeout_ns, retry_ns, handle) -> 1 put, 0 full, -1 not a handle"),
     M("_qget", Core_qget, METH_FASTCALL, "(q, block, timeout_ns, retry_ns) -> handle, or None when empty"),
     M("_queue_open", Core_queue_open, METH_VARARGS, "(name, depth) -> (index, depth)"),

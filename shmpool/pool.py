@@ -18,10 +18,10 @@ the pool lock from start to end and runs no Python code meanwhile (so no
 signal handler, collector or thread can interrupt a critical section). This
 module is the policy around them: it checks arguments, turns seconds into
 deadlines, raises errors that say what to do, makes views of elements, and
-manages lifetimes (create, attach, fork, close, pickling). ``Mempool``
-inherits the compiled ``Core`` so that ``alloc`` and ``free`` are C methods
-with no Python frame on their common path; everything else of ``Core`` is
-private (``_*_core``).
+manages lifetimes (create, attach, fork, close, pickling). A ``Mempool``
+holds the compiled ``Core`` (``_fast``) and binds its ``alloc``, ``free``,
+``buffer`` and ``ndarray`` to itself, so that they run no Python frame on
+their common path; everything else of the core is private (``_*_core``).
 
 Who holds an element
 --------------------
@@ -244,13 +244,13 @@ class _LockForTests:
         self._pool = pool
 
     def __enter__(self) -> None:
-        self._pool._test_lock()
+        self._pool._fast._test_lock()
 
     def __exit__(self, *exc: object) -> None:
-        self._pool._test_unlock()
+        self._pool._fast._test_unlock()
 
 
-class Mempool(Core):
+class Mempool:
     """A memory pool shared by every process that attaches to it by name.
 
     Make one with :meth:`create` or :meth:`attach`, never directly. A
@@ -258,25 +258,34 @@ class Mempool(Core):
     receiving process attaches to the same pool); it is a context manager
     that closes on exit.
 
-    ``alloc(gfp=GFP_KERNEL, *, timeout=None)`` and ``free(handle)`` are the
-    compiled ``Core``'s: they serve the common case (the arena, through this
-    process's cache) without the lock and with no Python frame, and hand
-    whatever needs checking or waiting to ``_alloc_slow`` and ``_free_slow``
-    below, whose docstrings give the contract.
+    The compiled core is held, not inherited (``_fast``, private), so that
+    a pool's public names are the documented ones. ``alloc``, ``free``,
+    ``buffer`` and ``ndarray`` are documented below, and each pool binds
+    the core's C methods of those names to itself when it is made: a call
+    runs no Python frame on the common path (the arena, through this
+    process's cache) and hands whatever needs checking or waiting to
+    ``_alloc_slow``, ``_free_slow``, ``_buffer_slow`` and ``_ndarray_slow``.
+    The core holds the pool weakly: a bound method kept after the pool is
+    gone raises PoolClosedError where it needs the pool.
     """
 
     __slots__ = (
-        "_name", "_trace", "_core", "_pid", "_start", "_capacity", "_slot_size", "_stride", "_fd", "_key", "__weakref__",
+        "_name", "_trace", "_core", "_fast", "_pid", "_start", "_capacity", "_slot_size", "_stride", "_fd", "_key",
+        "__weakref__", "__dict__",  # __dict__: the core's bound hot-path methods, set per pool
     )
 
     def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, register: bool = True) -> None:
         v = Views(seg.mm, geo)
         lock_name, wait_name = _segment.sem_names(name)
-        Core.__init__(
-            self, seg.mm, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_procs, geo.off_queues,
+        self._fast = fast = Core(
+            seg.mm, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_procs, geo.off_queues,
             geo.max_queues, geo.off_slots, geo.max_procs, geo.capacity, geo.stride, geo.slot_size,
             bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name, name, _segment.queue_sem_prefix(name),
         )
+        fast._set_owner(self)
+        # The hot paths, the core's C methods themselves (found before the
+        # documented methods of the same names, which only describe them).
+        self.__dict__.update(alloc=fast.alloc, free=fast.free, buffer=fast.buffer, ndarray=fast.ndarray)
         # posix_ipc's semaphore objects are not needed: the core opened its own.
         for sem in (seg.lock_sem, seg.wait_sem):
             try:
@@ -293,7 +302,7 @@ class Mempool(Core):
         st = os.fstat(seg.fd)
         self._key = (st.st_dev, st.st_ino)
         self._core: tuple[Views, _LockForTests] | None = (v, _LockForTests(self))
-        self._set_data(v.data)
+        self._fast._set_data(v.data)
         if register:
             self._attach_process()
         _live_pools.add(self)
@@ -376,7 +385,7 @@ class Mempool(Core):
             hdr[H_ARENA_FREE] = capacity
             del v, hdr
             pool = cls(name, seg, geo, register=False)
-            pool._format(min_nr)
+            pool._fast._format(min_nr)
             pool._attach_process()
             pool._core[0].hdr[H_MAGIC] = MAGIC  # type: ignore[index]  # last: from here on the pool is whole
         except BaseException:
@@ -546,21 +555,21 @@ class Mempool(Core):
         key = self._key
         with _attach_lock:
             att = _attachments.get(key)
-            if att is not None and self._bind(att.fd, att.index, att.epoch):
+            if att is not None and self._fast._bind(att.fd, att.index, att.epoch):
                 att.refs += 1
-                self._enabled = self._trace is None
+                self._fast._enabled = self._trace is None
                 return
             # A description of our own: the OFD lock lives as long as it does.
             fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
             try:
-                index, epoch = self._register(fd, self._pid, self._start)
+                index, epoch = self._fast._register(fd, self._pid, self._start)
             except BaseException:
                 os.close(fd)
                 raise
             if att is not None:
                 os.close(att.fd)
             _attachments[key] = _Attachment(fd, index, epoch, 1)
-        self._enabled = self._trace is None
+        self._fast._enabled = self._trace is None
 
     def _release_attachment(self, destroyed: bool) -> None:
         """This object lets go of the process's registry entry. The last one
@@ -571,13 +580,13 @@ class Mempool(Core):
         whatever is held."""
         with _attach_lock:
             att = _attachments.get(self._key)
-            if att is None or self._entry != att.index:
+            if att is None or self._fast._entry != att.index:
                 return
             att.refs -= 1
             if att.refs > 0:
                 return
             try:
-                vacated = self._detach(_ns(CLOSE_LOCK_SECONDS))
+                vacated = self._fast._detach(_ns(CLOSE_LOCK_SECONDS))
             except Exception:  # a damaged pool, or a signal: keep the entry
                 vacated = False
             if vacated or destroyed:
@@ -587,7 +596,7 @@ class Mempool(Core):
     def _become(self, pid: int, start: int) -> None:
         """After fork(): this object now belongs to the child."""
         self._pid, self._start = pid, start
-        self._enabled = False  # the cache in use was the parent's
+        self._fast._enabled = False  # the cache in use was the parent's
         if self._core is None:
             return
         try:
@@ -598,9 +607,17 @@ class Mempool(Core):
     # ------------------------------------------------------------------
     # Allocation and free
 
-    def _alloc_slow(self, gfp: int = GFP_KERNEL, timeout: float | None = None, skip_arena: bool = False) -> int | None:
-        """alloc(gfp=GFP_KERNEL, *, timeout=None): allocate one element;
-        return its handle.
+    # alloc, free, buffer and ndarray: what the core's C methods, bound to
+    # each pool in __init__, do (these bodies run only if called through
+    # the class, Mempool.alloc(pool, ...)).
+
+    @overload
+    def alloc(self, gfp: SleepingMask = ..., *, timeout: float | None = None) -> int: ...
+    @overload
+    def alloc(self, gfp: int, *, timeout: float | None = None) -> int | None: ...
+
+    def alloc(self, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> int | None:
+        """Allocate one element; return its handle (an int).
 
         The kernel's order: the arena first; if it fails, the top of the
         reserve. If the reserve is empty too, a ``gfp`` that may not sleep
@@ -616,8 +633,39 @@ class Mempool(Core):
         Holding many elements while sleeping for more can deadlock against
         other processes doing the same; use one allocation at a time or
         bound the wait with ``timeout``.
+        """
+        return self._fast.alloc(gfp, timeout=timeout)
 
-        (The C fast path calls this with ``skip_arena`` when its own arena
+    def free(self, handle: int | None) -> None:
+        """Return an element. None is ignored (as the kernel ignores NULL).
+
+        If the reserve is below ``min_nr`` the element refills it and every
+        sleeping allocation is woken; otherwise it goes back to the arena.
+        Any process may free any handle that is currently held.
+
+        Raises TypeError if ``handle`` is not an int, ValueError if it is out
+        of range, InvalidHandleError if it is not currently held (double
+        free, never allocated, stale, another pool's). A refused free changes
+        nothing.
+        """
+        self._fast.free(handle)
+
+    def buffer(self, handle: int) -> memoryview:
+        """A writable memoryview of the element's ``slot_size`` bytes, no
+        copy. It keeps the mapping alive after close(); the element must
+        still be held (the handle's errors as for free)."""
+        return self._fast.buffer(handle)
+
+    def ndarray(self, handle: int, dtype: Any = None, shape: Any = None) -> np.ndarray:
+        """A numpy array over the element's bytes, no copy: ``dtype``
+        (default uint8) and ``shape`` (default: as many as fit; an int or a
+        tuple; ValueError if more than the slot). Keeps the mapping alive
+        after close(); the handle's errors as for free."""
+        return self._fast.ndarray(handle, dtype, shape)
+
+    def _alloc_slow(self, gfp: int = GFP_KERNEL, timeout: float | None = None, skip_arena: bool = False) -> int | None:
+        """alloc() past the C fast path: every check, the lock, sleeping.
+        (The fast path calls this with ``skip_arena`` when its own arena
         attempt failed, so that the first attempt here is the reserve.)
         """
         if self._core is None:
@@ -625,7 +673,7 @@ class Mempool(Core):
         sleeps = may_sleep(gfp)
         timeout_ns = -1 if timeout is None else _ns(self._check_timeout(timeout))
         try:
-            return self._alloc_core(
+            return self._fast._alloc_core(
                 sleeps, skip_arena, timeout_ns, _ns(SLEEP_RETRY_SECONDS), _ns(ATOMIC_LOCK_WAIT_SECONDS)
             )
         except TimeoutError:
@@ -638,7 +686,7 @@ class Mempool(Core):
         sleeping (the kernel's mempool_alloc_preallocated): None if empty."""
         if self._core is None:
             raise self._closed()
-        return self._alloc_preallocated_core()
+        return self._fast._alloc_preallocated_core()
 
     @overload
     async def alloc_async(self, gfp: SleepingMask = ..., *, timeout: float | None = None) -> int: ...
@@ -663,25 +711,14 @@ class Mempool(Core):
         return await _aio.alloc(self, gfp, timeout)
 
     def _free_slow(self, handle: int | None) -> None:
-        """free(handle): return an element. None is ignored (as the kernel
-        ignores NULL).
-
-        If the reserve is below ``min_nr`` the element refills it and every
-        sleeping allocation is woken; otherwise it goes back to the arena.
-        Any process may free any handle that is currently held.
-
-        Raises TypeError if ``handle`` is not an int, ValueError if it is out
-        of range, InvalidHandleError if it is not currently held (double
-        free, never allocated, stale, another pool's). A refused free changes
-        nothing.
-        """
+        """free() past the C fast path: every check, then the locked free."""
         if handle is None:
             return
         if self._core is None:
             raise self._closed()
         idx, gen = self._decode(handle)
         try:
-            self._free_core(idx, gen)
+            self._fast._free_core(idx, gen)
         except PoolDestroyedError:
             raise PoolDestroyedError(f"pool {self.name!r} was destroyed") from None
 
@@ -715,7 +752,7 @@ class Mempool(Core):
         timeout_ns = -1 if timeout is None else _ns(self._check_timeout(timeout))
         out = np.empty(n, dtype=np.int64)
         try:
-            got = self._alloc_bulk_core(
+            got = self._fast._alloc_bulk_core(
                 out, n, sleeps, timeout_ns, _ns(SLEEP_RETRY_SECONDS), _ns(ATOMIC_LOCK_WAIT_SECONDS)
             )
         except TimeoutError:
@@ -736,11 +773,11 @@ class Mempool(Core):
         """
         if self._core is None:
             raise self._closed()
-        if self._free_bulk_fast(handles) is None:  # a list of ints or an int64 array, checked in C
+        if self._fast._free_bulk_fast(handles) is None:  # a list of ints or an int64 array, checked in C
             return
         arr = self._check_handles(handles)  # anything else, or the error that says what is wrong
         if arr.size:
-            self._free_bulk_core(arr)
+            self._fast._free_bulk_core(arr)
 
     def _check_handles(self, handles: Any) -> np.ndarray:
         """Many handles as a contiguous int64 array, each an int in range and
@@ -784,7 +821,7 @@ class Mempool(Core):
         """
         if self._core is None:
             raise self._closed()
-        return self._reclaim_core()
+        return self._fast._reclaim_core()
 
     def adopt(self, handle: int) -> None:
         """Make this process the holder of ``handle`` (received from another
@@ -794,12 +831,12 @@ class Mempool(Core):
         if self._core is None:
             raise self._closed()
         idx, gen = self._decode(handle)
-        self._adopt_core(idx, gen)
+        self._fast._adopt_core(idx, gen)
 
     @property
     def recoveries(self) -> int:
         """How many times this object took the lock over from a dead holder."""
-        return self._recoveries
+        return self._fast._recoveries
 
     def _decode(self, handle: object) -> tuple[int, int]:
         """(slot index, generation) of a handle of this pool, or the error."""
@@ -851,7 +888,7 @@ class Mempool(Core):
             want = _check_int(depth, "depth")
             if not 1 <= want <= self._capacity:
                 raise ValueError(f"depth must be from 1 to the capacity ({self._capacity}), not {want}")
-        index, have = self._queue_open(raw, want)
+        index, have = self._fast._queue_open(raw, want)
         if index == -1:
             raise FileNotFoundError(errno.ENOENT, f"pool {self.name!r} has no queue {name!r} (give a depth to create it)")
         if index == -2:
@@ -880,7 +917,7 @@ class Mempool(Core):
         new_min_nr = _check_int(new_min_nr, "new_min_nr")
         if not 1 <= new_min_nr <= self._capacity:
             raise ValueError(f"new_min_nr must be from 1 to the capacity ({self._capacity}), not {new_min_nr}")
-        self._resize_core(new_min_nr, RESIZE_BATCH)
+        self._fast._resize_core(new_min_nr, RESIZE_BATCH)
 
     def destroy(self, force: bool = False) -> None:
         """Unlink the pool's segment and semaphores, and close this object.
@@ -896,7 +933,7 @@ class Mempool(Core):
         if self._core is None:
             raise self._closed()
         try:
-            refused = self._destroy_core(bool(force))
+            refused = self._fast._destroy_core(bool(force))
         except PoolDestroyedError:
             raise PoolDestroyedError(f"pool {self.name!r} was destroyed already") from None
         if refused is not None:
@@ -924,9 +961,9 @@ class Mempool(Core):
             raise InvalidHandleError(handle, self._describe(word, gen))
         return idx * self._stride
 
-    # buffer(handle) and ndarray(handle, dtype, shape) are the compiled
-    # Core's: a checked handle and a view cut in C. Whatever they find
-    # unusual comes here, to be checked and said in Python.
+    # buffer(handle) and ndarray(handle, dtype, shape) are the core's: a
+    # checked handle and a view cut in C. Whatever they find unusual comes
+    # here, to be checked and said in Python.
 
     def _buffer_slow(self, handle: int) -> memoryview:
         off = self._slot_offset(handle)
@@ -961,7 +998,7 @@ class Mempool(Core):
         if core is None:
             raise self._closed()
         buf = np.empty(HEADER_WORDS + 3 + N_PROC_COUNTERS, dtype=np.uint64)
-        self._stats_core(buf)
+        self._fast._stats_core(buf)
         words = buf.tolist()
         cached, in_use, queued = words[HEADER_WORDS], words[HEADER_WORDS + 1], words[HEADER_WORDS + 2]
         per_proc = words[HEADER_WORDS + 3 :]
@@ -996,7 +1033,7 @@ class Mempool(Core):
         rate = _check_fail_rate(fail_rate)
         seed = _check_seed(seed)
         try:
-            self._set_faults(rate, round(rate * (1 << _FAULT_BITS)), seed is not None, seed or 0)
+            self._fast._set_faults(rate, round(rate * (1 << _FAULT_BITS)), seed is not None, seed or 0)
         except PoolDestroyedError:
             raise PoolDestroyedError(f"pool {self.name!r} was destroyed") from None
 
@@ -1015,14 +1052,14 @@ class Mempool(Core):
         if callback is not None and not callable(callback):
             raise TypeError(f"trace must be callable or None, not {type(callback).__name__}")
         self._trace = callback
-        self._trace_cb = callback
+        self._fast._trace_cb = callback
         if self._core is None:
             return
-        if callback is not None and self._enabled:
-            self._enabled = False
-            self._drain_cache(-1)
-        elif callback is None and self._entry >= 0:
-            self._enabled = True
+        if callback is not None and self._fast._enabled:
+            self._fast._enabled = False
+            self._fast._drain_cache(-1)
+        elif callback is None and self._fast._entry >= 0:
+            self._fast._enabled = True
 
     @property
     def min_nr(self) -> int:
@@ -1099,18 +1136,18 @@ class Mempool(Core):
         core = self._core
         if core is None:
             return
-        if self._enabled:
-            self._enabled = False
+        if self._fast._enabled:
+            self._fast._enabled = False
             # The cache's slots back to the shared arena, if the lock comes
             # soon (never block in close); otherwise they wait for a thief or
             # for reclaim_dead.
             try:
-                self._drain_cache(_ns(CLOSE_LOCK_SECONDS))
+                self._fast._drain_cache(_ns(CLOSE_LOCK_SECONDS))
             except Exception:  # a damaged pool, or a signal: leave it to the audit
                 pass
         self._release_attachment(destroyed)
         self._core = None
-        self._unmap()
+        self._fast._unmap()
         mm = core[0].mm
         del core
         try:

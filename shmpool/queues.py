@@ -113,7 +113,7 @@ class Queue:
         if self._index < 0:
             raise self._closed()
         ns = _timeout_ns(block, timeout)
-        return self._pool._queue_move(kind, self._index, buf, n, bool(block), ns, int(RETRY_SECONDS * _NS))
+        return self._pool._fast._queue_move(kind, self._index, buf, n, bool(block), ns, int(RETRY_SECONDS * _NS))
 
     def put(self, handle: int, block: bool = True, timeout: float | None = None) -> None:
         """Hand element ``handle`` (held by this process) to the queue; it
@@ -123,10 +123,10 @@ class Queue:
         if self._index < 0:
             raise self._closed()
         ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
-        moved = self._pool._qput(self._index, block, ns, _RETRY_NS, handle)  # one C call
+        moved = self._pool._fast._qput(self._index, block, ns, _RETRY_NS, handle)  # one C call
         if moved < 0:  # not a plain int of this pool: a numpy integer, or the error that says why
             idx, gen = self._pool._decode(handle)
-            moved = self._pool._qput(self._index, block, ns, _RETRY_NS, idx | gen << HGEN_SHIFT)
+            moved = self._pool._fast._qput(self._index, block, ns, _RETRY_NS, idx | gen << HGEN_SHIFT)
         if moved == 0:
             raise _stdqueue.Full
 
@@ -153,7 +153,7 @@ class Queue:
         if self._index < 0:
             raise self._closed()
         ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
-        handle = self._pool._qget(self._index, block, ns, _RETRY_NS)  # one C call
+        handle = self._pool._fast._qget(self._index, block, ns, _RETRY_NS)  # one C call
         if handle is None:
             raise _stdqueue.Empty
         return handle
@@ -174,7 +174,7 @@ class Queue:
             raise self._closed()
         out = np.empty(min(int(max_n), self.depth), dtype=np.int64)
         ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
-        got = self._pool._queue_move(_GET, self._index, out, out.size, bool(block), ns, _RETRY_NS)
+        got = self._pool._fast._queue_move(_GET, self._index, out, out.size, bool(block), ns, _RETRY_NS)
         if not got:
             raise _stdqueue.Empty
         return out if got == out.size else out[:got]
@@ -222,7 +222,7 @@ class Queue:
         if self._index < 0:
             raise self._closed()
         lock_ns = int(NOWAIT_LOCK_SECONDS * _NS)
-        return int(self._pool._queue_move(kind, self._index, one, 1, False, lock_ns, int(RETRY_SECONDS * _NS)))
+        return int(self._pool._fast._queue_move(kind, self._index, one, 1, False, lock_ns, int(RETRY_SECONDS * _NS)))
 
     @staticmethod
     def _seconds(timeout: object) -> float | None:
@@ -233,7 +233,7 @@ class Queue:
         """How many elements the queue holds now."""
         if self._index < 0:
             raise self._closed()
-        return self._pool._queue_count(self._index)
+        return self._pool._fast._queue_count(self._index)
 
     def __len__(self) -> int:
         return self.qsize()

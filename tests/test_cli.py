@@ -49,7 +49,7 @@ from shmpool._layout import (
 
 INSPECT = os.path.join(os.path.dirname(sys.executable), "shmpool-inspect")
 ATTACH = "import sys, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
-LOCKER = ATTACH + "pool._test_lock()\nprint('ready', flush=True)\nsys.stdin.read()"
+LOCKER = ATTACH + "pool._fast._test_lock()\nprint('ready', flush=True)\nsys.stdin.read()"
 #: Keys of the JSON documents (shmpool/cli.py): tested so that none is lost.
 POOL_KEYS = {
     "name", "layout_version", "path", "status", "consistent", "geometry", "min_nr", "curr_nr", "arena_free",
@@ -237,7 +237,7 @@ def test_json_agrees_with_stats_and_attributes_holders(pool: Mempool, name: str,
     assert holders[os.getpid()]["held"] == 2 and holders[os.getpid()]["alive"]
     assert holders[four.pid]["held"] == 4 and holders[one.pid]["held"] == 1
     assert holders[four.pid]["name"] == psutil.Process(four.pid).name() and holders[four.pid]["alive"]
-    assert holders[os.getpid()]["entry"] == pool._entry and holders[os.getpid()]["epoch"] > 0
+    assert holders[os.getpid()]["entry"] == pool._fast._entry and holders[os.getpid()]["epoch"] > 0
     assert len({h["entry"] for h in d["holders"]}) == 3
     assert d["arena_cached"] == sum(h["cached"] for h in d["holders"])
     counts = d["slot_counts"]
@@ -352,7 +352,7 @@ def test_liveness_is_the_registry_entrys_ofd_lock_not_the_pid(pool: Mempool, nam
     live, gone = holder(popen, name, 2), dead(holder(popen, name, 1))
     d = shown(name)
     live_entry, gone_entry = entry_of(d, live.pid)["entry"], entry_of(d, gone.pid)["entry"]
-    me_pid, me_start = os.getpid(), int(pool._core[0].procs[pool._entry * PROC_WORDS + P_START])
+    me_pid, me_start = os.getpid(), int(pool._core[0].procs[pool._fast._entry * PROC_WORDS + P_START])
 
     def swap_identities(v: Views) -> None:
         v.procs[live_entry * PROC_WORDS + P_PID] = NO_PID

@@ -42,7 +42,7 @@ def holder_pid(pool: Mempool) -> int:
 @pytest.mark.timeout(30)
 def test_lock_held_by_a_killed_process_is_recovered(name: str, popen) -> None:
     with Mempool.create(name, min_nr=2, slot_size=16, capacity=4) as pool:
-        child, _ = start_child(popen, "pool._test_lock()", name)
+        child, _ = start_child(popen, "pool._fast._test_lock()", name)
         assert holder_pid(pool) == child.pid  # recorded by the step that took it
         kill(child)
         h = pool.alloc(timeout=10)  # would block forever without recovery
@@ -57,7 +57,7 @@ def test_half_done_operation_of_a_killed_holder_is_repaired(name: str, popen) ->
     with Mempool.create(name, min_nr=3, slot_size=16, capacity=6) as pool:
         # The child dies inside a critical section, after popping the reserve
         # stack but before marking the slot held: curr_nr is one short.
-        child, _ = start_child(popen, "pool._test_lock(); pool._core[0].hdr[%d] -= 1" % H_CURR_NR, name)
+        child, _ = start_child(popen, "pool._fast._test_lock(); pool._core[0].hdr[%d] -= 1" % H_CURR_NR, name)
         kill(child)
         s = pool.stats()  # recovers, repairs
         assert (s.curr_nr, s.arena_free, s.in_use) == (3, 3, 0)
@@ -78,7 +78,7 @@ def test_a_lock_word_naming_nobody_is_recovered(name: str) -> None:
 @pytest.mark.timeout(30)
 def test_a_live_slow_holder_is_not_robbed(name: str, popen) -> None:
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=2) as pool:
-        child, _ = start_child(popen, "pool._test_lock()", name)
+        child, _ = start_child(popen, "pool._fast._test_lock()", name)
         with pytest.raises(TimeoutError):
             pool.alloc(timeout=1.0)  # far past the contenders' 20 ms liveness checks: still its
         assert pool.alloc(GFP_ATOMIC) is None  # bounded, and nothing taken over

@@ -27,7 +27,7 @@ def test_the_hot_path_writes_no_shared_header_word(name: str) -> None:
 def test_close_gives_the_cache_back(name: str) -> None:
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=40) as pool:
         pool.free(pool.alloc(GFP_ATOMIC))
-        assert pool._cache_n > 0
+        assert pool._fast._cache_n > 0
         from shmpool._layout import H_ARENA_FREE
 
         with Mempool.attach(name) as other:
@@ -43,7 +43,7 @@ def test_close_gives_the_cache_back(name: str) -> None:
 def test_slots_cached_by_an_idle_process_are_not_stranded(name: str, popen) -> None:
     with Mempool.create(name, min_nr=2, slot_size=16, capacity=8) as pool:
         # The child takes the whole arena into its cache and idles.
-        child = popen(ATTACH + "pool.free(pool.alloc()); print(pool._cache_n, flush=True); sys.stdin.read()", name)
+        child = popen(ATTACH + "pool.free(pool.alloc()); print(pool._fast._cache_n, flush=True); sys.stdin.read()", name)
         assert int(child.stdout.readline()) == 6
         got = [pool.alloc(GFP_ATOMIC) for _ in range(6)]  # arena first: taken from its cache
         s = pool.stats()
@@ -67,7 +67,7 @@ def test_an_owner_drops_entries_that_were_stolen_and_counts_stay_exact(name: str
             "        hs = [pool.alloc(shmpool.GFP_ATOMIC) for _ in range(4)]\n"
             "        for h in hs:\n"
             "            pool.free(h)\n"
-            "    print(pool._cache_n, flush=True)\n"
+            "    print(pool._fast._cache_n, flush=True)\n"
         )
         child = popen(code, name)
         child.stdin.write("fill\n")
@@ -82,7 +82,7 @@ def test_an_owner_drops_entries_that_were_stolen_and_counts_stay_exact(name: str
         n = int(child.stdout.readline())
         s = pool.stats()
         assert s.in_use == 0 and s.arena_free == 3 and s.curr_nr == 1
-        assert n + pool._cache_n == 3
+        assert n + pool._fast._cache_n == 3
         child.stdin.close()
         child.wait(timeout=10)
         check_whole(pool)
@@ -92,14 +92,14 @@ def test_an_owner_drops_entries_that_were_stolen_and_counts_stay_exact(name: str
 def test_tracing_takes_the_locked_path_and_gives_the_cache_back(name: str) -> None:
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=8) as pool:
         pool.free(pool.alloc(GFP_ATOMIC))
-        assert pool._enabled and pool._cache_n == 7
+        assert pool._fast._enabled and pool._fast._cache_n == 7
         events = []
         pool.trace = lambda e, h, c: events.append(e)
-        assert not pool._enabled and pool._cache_n == 0
+        assert not pool._fast._enabled and pool._fast._cache_n == 0
         pool.free(pool.alloc(GFP_ATOMIC))
         assert events == ["alloc-arena", "free-arena"]
         pool.trace = None
-        assert pool._enabled
+        assert pool._fast._enabled
         pool.destroy()
 
 
@@ -108,7 +108,7 @@ def test_a_full_cache_spills_to_the_shared_list(name: str) -> None:
         held = [pool.alloc(GFP_ATOMIC) for _ in range(150)]
         for h in held:
             pool.free(h)
-        assert pool._cache_n <= CACHE_MAX
+        assert pool._fast._cache_n <= CACHE_MAX
         s = pool.stats()
         assert (s.in_use, s.arena_free, s.free_arena) == (0, 199, 150)
         check_whole(pool)

@@ -258,7 +258,7 @@ def test_a_stopped_lock_holder_is_never_taken_over_and_waits_stay_bounded(name: 
     with Mempool.create(name, min_nr=4, slot_size=16, capacity=4) as pool:
         before = pool.stats()
         child = start_child(popen, name)
-        child.call("pool._test_lock()")
+        child.call("pool._fast._test_lock()")
         owner = header_word(name, _layout.H_LOCK_OWNER)
         assert owner != 0  # the hold is recorded with the lock itself
         child.stop()
@@ -275,7 +275,7 @@ def test_a_stopped_lock_holder_is_never_taken_over_and_waits_stay_bounded(name: 
         assert child.state() in ("T", "t")
         assert header_word(name, _layout.H_LOCK_OWNER) == owner  # still the stopped child's
         child.cont()
-        child.call("pool._test_unlock()")  # it still holds the lock to give back
+        child.call("pool._fast._test_unlock()")  # it still holds the lock to give back
         assert header_word(name, _layout.H_LOCK_OWNER) == 0
         after = pool.stats()
         assert after.lock_recoveries == before.lock_recoveries
@@ -294,7 +294,7 @@ def test_a_killed_lock_holder_is_recovered_within_a_bound(name: str, popen, cont
     with Mempool.create(name, min_nr=4, slot_size=16, capacity=4) as pool:
         before = pool.stats().lock_recoveries
         child = start_child(popen, name)
-        child.call("pool._test_lock()")
+        child.call("pool._fast._test_lock()")
         done: dict[str, Any] = {}
         waiter = None
         if contender == "waiting already":
@@ -565,7 +565,7 @@ def test_sigkill_at_a_point_inside_a_locked_transition_loses_nothing(
     victim = start_child(popen, name)
     if setup in ("dead", "dead-locked"):
         dead = start_child(popen, name)
-        dead.call("hs = [pool.alloc(GFP_KERNEL, timeout=10) for _ in range(3)]" if setup == "dead" else "pool._test_lock()")
+        dead.call("hs = [pool.alloc(GFP_KERNEL, timeout=10) for _ in range(3)]" if setup == "dead" else "pool._fast._test_lock()")
         dead.kill()
     elif setup:
         victim.call(setup)
@@ -872,9 +872,9 @@ def test_processes_in_different_pid_namespaces_see_each_other_alive(name: str, p
         live = {pid for pid, _ in _procs.live_pids(name)}
         assert {child.inner_pid, os.getpid()} <= live
         # Nor is its lock taken over from it.
-        child.call("pool._test_lock()")
+        child.call("pool._fast._test_lock()")
         assert timed_raises(TimeoutError, lambda: pool.alloc(GFP_KERNEL, timeout=0.3)) < 0.3 + SLACK
-        child.call("pool._test_unlock()")
+        child.call("pool._fast._test_unlock()")
         assert pool.stats().lock_recoveries == 0
         # Once it is gone (without freeing), its element comes back.
         assert child.finish() == 0

@@ -202,8 +202,8 @@ def test_bench_runs_and_reports_every_section() -> None:
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
     tag = figures["machine"]["tag"]
-    sections = ("pipeline", "pairs", "views", "procs", "reserve2", "bulk", "churn", "wakeup", "floor", "scale",
-                "inspect", "recovery")
+    sections = ("pipeline", "pairs", "views", "procs", "reserve2", "bulk", "churn", "wakeup", "asyncwake", "floor",
+                "scale", "inspect", "recovery")
     assert set(figures) == {"machine", *sections}
     assert not [s for s in sections if "error" in figures[s]]
 
@@ -228,6 +228,9 @@ def test_bench_runs_and_reports_every_section() -> None:
     positive("views", "pair_us", "buffer_us", "ndarray_us", "ndarray_f32_32x32_us", "buffer_vs_pair",
              "ndarray_vs_pair", "ndarray_f32_32x32_vs_pair")
     positive("churn", "alloc_bulk_M_per_s", "free_bulk_M_per_s", "churn_ops")
+    positive("asyncwake", "fresh_thread_median_us", "kept_thread_median_us", "async_median_us",
+             "async_vs_fresh_thread", "async_vs_kept_thread")
+    assert figures["asyncwake"]["samples"] >= 25
     positive("floor", "round_trip_median_us", "one_wakeup_median_us", "wakeup_vs_floor", "wakeup_vs_one_wakeup")
     assert figures["floor"]["wakeup_median_us"] == figures["wakeup"]["median_us"]  # the same run's wake-up
     recovery = figures["recovery"]

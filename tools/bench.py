@@ -31,8 +31,9 @@ Sections:
             alloc/free order beforehand
   wakeup    from a free in one process to the return of a sleeping alloc in
             another (median, p99)
-  asyncwake the same wake-up for alloc() in a thread and for await
-            alloc_async(), one after the other; the ratio of their medians
+  asyncwake the same wake-up for alloc() in a thread started for it, in a
+            thread kept for every call, and for await alloc_async(), one
+            after the other; the ratios of their medians
   floor     the wake-up's floor: a bare posix_ipc semaphore ping-pong between
             two processes (one round trip), and one such wake-up timed like
             the wake-up section; the wake-up's median against both
@@ -882,21 +883,38 @@ def bench_wakeup(reps: int) -> dict[str, Any]:
     }
 
 
+ASYNCWAKE_KINDS = ("fresh_thread", "kept_thread", "async")
+
+
 def _asyncwake_child(name: str, n: int, go: Any, results: Any) -> None:
-    """Sleeps n times in alloc() (from a thread, as a threaded program
-    would), then n times in await alloc_async(); stamps each return."""
+    """Sleeps n times in alloc() in a thread started for it (as
+    threading.Thread(target=pool.alloc) or a pool of threads growing does),
+    n times in alloc() in one thread kept for all of them, then n times in
+    await alloc_async(); stamps each return where it happens."""
     import asyncio
     import threading
 
     pool = Mempool.attach(name)
+
+    def sleep_and_stamp() -> None:
+        h = pool.alloc(GFP_KERNEL)
+        results.put(time.perf_counter_ns())
+        pool.free(h)
+
     for _ in range(n):
         go.get()
-        box: list[tuple[int, int]] = []
-        t = threading.Thread(target=lambda out=box: out.append((pool.alloc(GFP_KERNEL), time.perf_counter_ns())))
+        t = threading.Thread(target=sleep_and_stamp)
         t.start()
         t.join()
-        results.put(box[0][1])
-        pool.free(box[0][0])
+
+    def kept() -> None:
+        for _ in range(n):
+            go.get()
+            sleep_and_stamp()
+
+    t = threading.Thread(target=kept)
+    t.start()
+    t.join()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -911,16 +929,17 @@ def _asyncwake_child(name: str, n: int, go: Any, results: Any) -> None:
 
 def bench_asyncwake(reps: int) -> dict[str, Any]:
     """From a free in one process to the return of a sleeping alloc in
-    another: alloc() in a thread, then await alloc_async(), in one run."""
+    another: alloc() in a fresh thread, in a kept thread, then await
+    alloc_async(), in one run."""
     n = 25 * reps
     pool = Mempool.create(f"bench-asyncwake-{TAG}", min_nr=1, slot_size=16, capacity=1)
     go, results = CTX.Queue(), CTX.Queue()
-    out: dict[str, list[float]] = {"thread": [], "async": []}
+    out: dict[str, list[float]] = {kind: [] for kind in ASYNCWAKE_KINDS}
     try:
         with Kids() as kids:
             kids.start(_asyncwake_child, pool.name, n, go, results)
             h = pool.alloc()
-            for kind in ("thread", "async"):
+            for kind in ASYNCWAKE_KINDS:
                 for _ in range(n):
                     latency, h = _wake_a_sleeper(pool, h, go, results)
                     out[kind].append(latency)
@@ -929,12 +948,12 @@ def bench_asyncwake(reps: int) -> dict[str, Any]:
         go.close()
         results.close()
         pool.destroy(force=True)
-    thread, aio = statistics.median(out["thread"]), statistics.median(out["async"])
+    med = {kind: statistics.median(v) for kind, v in out.items()}
     return {
-        "thread_median_us": round(thread, 1),
-        "async_median_us": round(aio, 1),
+        **{f"{kind}_median_us": round(m, 1) for kind, m in med.items()},
         "async_p99_us": round(percentile(sorted(out["async"]), 0.99), 1),
-        "async_vs_thread": ratio(aio, thread),
+        "async_vs_fresh_thread": ratio(med["async"], med["fresh_thread"]),
+        "async_vs_kept_thread": ratio(med["async"], med["kept_thread"]),
         "samples": n,
     }
 
@@ -1173,7 +1192,7 @@ def bench_scale(reps: int) -> dict[str, Any]:
 HOLD_LOCK = """
 import sys, shmpool
 pool = shmpool.Mempool.attach(sys.argv[1])
-pool._test_lock()  # the lock, its owner recorded by the CAS that took it
+pool._fast._test_lock()  # the lock, its owner recorded by the CAS that took it
 print("ready", flush=True)
 sys.stdin.read()
 """
