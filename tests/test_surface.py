@@ -44,3 +44,35 @@ def test_a_queues_name_and_depth_are_read_only(name: str, attr: str) -> None:
         with pytest.raises(AttributeError):
             setattr(q, attr, 3)
         assert (q.name, q.depth) == ("q", 2)
+
+
+def test_the_compiled_core_is_held_not_inherited(name: str) -> None:
+    from shmpool._fast import Core
+
+    assert Mempool.__mro__ == (Mempool, object)
+    for method in ("alloc", "free", "buffer", "ndarray"):
+        assert getattr(Mempool, method).__doc__  # documented, typed (help() and mypy see it)
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=4).destroying() as pool:
+        assert not isinstance(pool, Core)
+        h = Mempool.alloc(pool)  # the documented method does what the bound one does
+        Mempool.free(pool, h)
+        assert pool.stats().in_use == 0
+
+
+def test_a_hot_path_method_kept_after_its_pool_is_gone_raises_closed(name: str) -> None:
+    import gc
+
+    from shmpool import PoolClosedError
+
+    pool = Mempool.create(name, min_nr=1, slot_size=16, capacity=4)
+    alloc, free = pool.alloc, pool.free
+    h = alloc()
+    free(h)  # works while the pool lives
+    pool.close()
+    del pool
+    gc.collect()
+    with pytest.raises(PoolClosedError):
+        alloc()
+    with pytest.raises(PoolClosedError):
+        free(h)
+    Mempool.attach(name).destroy()
