@@ -1,28 +1,60 @@
 """The awaitable twins of the calls that may wait: ``pool.alloc_async``,
 ``q.get_async`` and ``q.put_async``.
 
-How they wait
--------------
-Each first makes the non-blocking attempt in the event loop's thread: the
-allocation with ``__GFP_WAIT`` cleared (the lock-free cache, else one
-critical section), ``get`` or ``put`` without blocking (one critical
-section); the wait for the pool lock is bounded at 50 ms, as a
-``GFP_ATOMIC`` allocation's is. Only when that finds nothing does the call
-wait, in a thread (kept a while for the next wait), in the blocking form, in
-slices: the thread sleeps on the pool's wait channel like any sleeping
-caller (the GIL released, woken by the free, put or get that it waits for)
-and comes back between slices to see whether the coroutine still wants it.
-The event loop is never blocked; the thread hands its result over with
-``call_soon_threadsafe``, as the last thing it does before it blocks again:
-the loop's thread, which that wakes, would otherwise wait for the GIL while
-the waiting thread finished its bookkeeping (that ordering took the
-wake-up from 2.0x to 1.4-1.5x the threaded alloc's, ``tools/bench.py
-asyncwake``).
+How alloc_async waits: in its own event loop
+--------------------------------------------
+It first makes the non-blocking attempt (``__GFP_WAIT`` cleared: the
+lock-free cache, else one critical section). If that finds nothing and the
+mask may sleep, it sleeps the way a sleeping alloc does, with the event loop
+as its wait queue: one critical section (``_alloc_async_try``) tries again
+and, failing, counts the caller in as a sleeper (``nr_waiters``, its
+process's entry) and as an *async* one (``H_ASYNC_WAITERS``, the entry's
+``P_ASYNC``), all under the lock, the kernel's ``prepare_to_wait``. The
+coroutine then awaits a future that its loop completes when the process's
+FIFO (``/dev/shm/fifo.shmpool.NAME.E``, E its registry entry) becomes
+readable: a free that refills the reserve writes a byte into the FIFO of
+every process with async sleepers, after the lock is released (``_fast.c``,
+``poke_async``), as ``wake_up`` wakes every sleeper. Each woken coroutine
+counts itself out and tries again. No thread, no semaphore token: the
+semaphore's tokens are posted for the other sleepers only (the counts less
+the async ones), so a token is never left for a coroutine that will not
+take it.
 
-Cancellation
-------------
-A coroutine that is cancelled (``asyncio.wait_for``'s timeout, a task's
-``cancel()``) tells its thread to stop; the element never gets lost:
+- No lost wake-up: the coroutine listens before it registers, and a byte
+  written in between waits in the FIFO.
+- The FIFO is opened for reading and writing (so that it never reads as
+  end-of-file) and watched by the first loop of the process that waits; it
+  stays registered in that loop until the loop closes (adding and removing
+  a reader around every wait cost more than the rest of a wake-up). Another
+  loop of the same process meanwhile waits in a thread (below). A waking
+  process keeps the FIFOs it wrote to open while their entry's epoch stays
+  the same, and blocks SIGPIPE around its writes (a reader that has gone
+  gives EPIPE, never a signal that might kill it).
+- Nothing wakes a process that cannot reach the FIFO (another mount of
+  /dev/shm): its coroutines try again every ``ASYNC_RETRY_SECONDS`` (the 5 s
+  of a sleeping alloc). A lock held by a live process for 50 ms makes the
+  attempt give up without registering, and try again ``LOCK_BUSY_RETRY_SECONDS``
+  later: the loop is never blocked longer than ``GFP_ATOMIC`` waits.
+- Cancelled, it counts itself out in its ``finally``: nothing was taken on
+  its behalf, so nothing can be lost. A coroutine whose loop is closed with
+  it pending counts itself out when it is collected.
+- The FIFO goes when the process lets go of its registry entry, and with
+  the pool (``_segment.unlink``); one left by a killed process is replaced
+  by the next process in that entry.
+
+How the other waits go: in a thread
+-----------------------------------
+``get_async`` and ``put_async`` (and an ``alloc_async`` whose loop cannot
+have the FIFO) first make the non-blocking attempt in the event loop's
+thread, then wait in a thread (kept a while for the next wait), in the
+blocking form, in slices: the thread sleeps on the wait channel like any
+sleeping caller (the GIL released) and comes back between slices to see
+whether the coroutine still wants it. The thread hands its result over
+with ``call_soon_threadsafe``, as the last thing it does before it blocks
+again: the loop's thread, which that wakes, would otherwise wait for the GIL
+while the waiting thread finished its bookkeeping.
+
+Cancellation of a wait in a thread: the element never gets lost.
 
 - ``alloc_async``: CancelledError at once. If the thread got an element
   after all (it was under way when the cancellation came), it frees it.
@@ -39,11 +71,11 @@ A coroutine that is cancelled (``asyncio.wait_for``'s timeout, a task's
 
 Costs
 -----
-A waiting call holds a thread. The pool's counters see a waiting
-``alloc_async`` as what it does: its non-blocking attempt is a failed
-allocation, and each slice a sleeping allocation that timed out (one more
-``sleeps`` and ``alloc_failed`` per slice: ``ALLOC_SLICE_SECONDS`` is long
-for that reason); a queue's slices leave no trace.
+The counters see a waiting ``alloc_async`` as what it does: its
+non-blocking attempt is a failed allocation, each registration a sleep. A
+wait in a thread holds the thread, and each of its slices counts as a sleep
+and a timed-out allocation (``ALLOC_SLICE_SECONDS`` is long for that
+reason); a queue's slices leave no trace.
 """
 
 from __future__ import annotations
@@ -53,8 +85,10 @@ import os
 import queue as _stdqueue
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import _segment
 from .gfp import __GFP_WAIT, may_sleep
 
 if TYPE_CHECKING:
@@ -65,6 +99,16 @@ if TYPE_CHECKING:
 #: this after a cancellation, and each slice counts as a sleep and a failed
 #: (timed-out) allocation in the pool's counters.
 ALLOC_SLICE_SECONDS = 0.25
+#: How long an alloc_async registered as an async sleeper waits before it
+#: tries again though nothing woke it (a waker that died, or another
+#: pid namespace's waker that cannot reach its FIFO): SLEEP_RETRY_SECONDS.
+ASYNC_RETRY_SECONDS = 5.0
+#: How soon an alloc_async whose attempt found the pool lock busy (held by a
+#: live process for 50 ms) tries again, without blocking the loop meanwhile.
+LOCK_BUSY_RETRY_SECONDS = 0.005
+#: How long alloc_async's attempts, in the loop's thread, wait for the pool
+#: lock (GFP_ATOMIC's ATOMIC_LOCK_WAIT_SECONDS).
+NOWAIT_LOCK_SECONDS = 0.05
 #: The same for get_async and put_async, whose slices leave no trace: a
 #: cancelled put_async waits at most this long to know whether its put
 #: happened.
@@ -276,13 +320,173 @@ def _free_quietly(pool: Mempool, handle: int) -> None:
         pass
 
 
+# ----------------------------------------------------------------------
+# alloc_async: woken in the event loop itself
+
+
+class _Fifo:
+    """This process's asyncio wait channel for one pool: the FIFO of its
+    registry entry (``_segment.fifo_prefix``), watched by one event loop
+    (the first that waits, until it closes; other loops of the process wait
+    in threads meanwhile). A free that refills the reserve writes a byte into
+    the FIFO of every process with async sleepers (``_fast.c``,
+    poke_async): the loop wakes every coroutine waiting on the pool, as the
+    kernel's ``wake_up`` wakes every sleeper, and each tries again. The
+    reader stays registered while the loop has the FIFO: adding and removing
+    it around every wait cost more than the rest of a wake-up."""
+
+    __slots__ = ("fd", "path", "loop", "waiters")
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Weak: a coroutine left pending by a closed loop must stay
+        # collectable (its finally counts it out).
+        self.waiters: weakref.WeakSet[asyncio.Future[None]] = weakref.WeakSet()
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.waiters.clear()
+        loop.add_reader(self.fd, self._ready)
+        self.loop = loop
+
+    def _ready(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:  # drained
+            pass
+        for fut in list(self.waiters):
+            if not fut.done():
+                fut.set_result(None)
+
+    def close(self) -> None:
+        """In the loop's thread if it still runs (its selector holds the
+        descriptor), else here."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            if asyncio._get_running_loop() is not loop:
+                try:
+                    loop.call_soon_threadsafe(self.close)
+                    self.loop = loop
+                    return
+                except RuntimeError:  # closed meanwhile
+                    pass
+            else:
+                loop.remove_reader(self.fd)
+        self.loop = None
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+_fifos: dict[tuple[tuple[int, int], int], _Fifo] = {}
+_fifo_lock = threading.Lock()
+
+
+def _fifo_for(pool: Mempool, loop: asyncio.AbstractEventLoop) -> _Fifo | None:
+    """The pool's wait channel in ``loop``, made on first use; None if
+    another loop of this process has it (or no FIFO can be made): that wait
+    goes to a thread instead."""
+    entry = pool._fast._entry
+    if entry < 0:
+        return None
+    key = (pool._key, entry)
+    with _fifo_lock:
+        fifo = _fifos.get(key)
+        if fifo is None:
+            path = _segment.fifo_prefix(pool.name) + str(entry)
+            try:
+                fd = _segment.make_fifo(path, os.fstat(pool._fd).st_mode)
+            except OSError:
+                return None
+            fifo = _fifos[key] = _Fifo(fd, path)
+        if fifo.loop is not loop:
+            if fifo.loop is not None and not fifo.loop.is_closed():
+                return None
+            fifo.watch(loop)
+        return fifo
+
+
+def drop_fifos(key: tuple[int, int]) -> None:
+    """The process let go of its registry entry of pool ``key``: its FIFO
+    goes (nothing waits on it: a waiting coroutine keeps its pool open)."""
+    with _fifo_lock:
+        for k in [k for k in _fifos if k[0] == key]:
+            fifo = _fifos.pop(k)
+            try:
+                os.unlink(fifo.path)
+            except OSError:
+                pass
+            fifo.close()
+
+
+def _forget_fifos_in_child() -> None:
+    global _fifo_lock
+    _fifo_lock = threading.Lock()
+    for fifo in _fifos.values():  # the parent's: closed here, left in place for it
+        try:
+            os.close(fifo.fd)
+        except OSError:
+            pass
+    _fifos.clear()
+
+
+os.register_at_fork(after_in_child=_forget_fifos_in_child)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def alloc(pool: Mempool, gfp: int, timeout: float | None) -> int | None:
     sleeps = may_sleep(gfp)
     seconds = None if timeout is None else pool._check_timeout(timeout)
     start = _monotonic()
-    h = pool.alloc(int(gfp) & ~int(__GFP_WAIT)) if sleeps else pool.alloc(gfp)
+    nowait = int(gfp) & ~int(__GFP_WAIT)
+    h = pool.alloc(nowait) if sleeps else pool.alloc(gfp)
     if h is not None or not sleeps:
         return h
+    loop = asyncio.get_running_loop()
+    fifo = _fifo_for(pool, loop)
+    if fifo is None:
+        return await _alloc_in_thread(pool, gfp, timeout, start, seconds)
+    deadline = None if seconds is None else start + seconds
+    fast = pool._fast
+    lock_ns = int(NOWAIT_LOCK_SECONDS * 1e9)
+    while True:
+        fut = loop.create_future()
+        fifo.waiters.add(fut)  # listening before registering: a wake-up in between waits in the FIFO
+        try:
+            got = fast._alloc_async_try(lock_ns)
+            if got is None or got is False:  # registered, or the lock was busy (not registered)
+                wait = ASYNC_RETRY_SECONDS if got is None else LOCK_BUSY_RETRY_SECONDS
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - _monotonic()))
+                timer = loop.call_later(wait, _wake, fut)
+                try:
+                    await fut
+                finally:
+                    timer.cancel()
+                    if got is None:
+                        fast._async_done()
+        finally:
+            fifo.waiters.discard(fut)
+        if type(got) is int:
+            return got
+        if deadline is not None and _monotonic() >= deadline:
+            h = pool.alloc(nowait)  # a last attempt that does not sleep
+            if h is not None:
+                return h
+            raise TimeoutError(f"pool {pool.name!r}: no element within {timeout} s")
+
+
+async def _alloc_in_thread(
+    pool: Mempool, gfp: int, timeout: float | None, start: float, seconds: float | None
+) -> int:
+    """alloc_async's wait when its loop cannot have the FIFO (another loop
+    of this process waits on it): a sleeping alloc in a thread, in slices."""
     free = lambda h: _free_quietly(pool, h)  # noqa: E731
     h = await _wait(start, seconds, _slices(lambda s: pool.alloc(gfp, timeout=s), TimeoutError), ALLOC_SLICE_SECONDS, free, free)
     if h is _NOTHING:

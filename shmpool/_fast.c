@@ -68,6 +68,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <pthread.h>
 #include <semaphore.h>
 #include <sys/stat.h>
 #include <signal.h>
@@ -98,6 +99,7 @@
 #define H_RECOVERIES 40
 #define H_RECLAIMED 41
 #define H_ENTRIES_USED 42
+#define H_ASYNC_WAITERS 46
 #define FLAG_POISON 1
 #define STATUS_LIVE 1
 #define STATUS_DESTROYED 2
@@ -132,6 +134,7 @@
 #define P_SLEEPING 2
 #define P_CACHE_N 3
 #define P_EPOCH 4
+#define P_ASYNC 5
 #define P_COUNTERS 6
 #define N_PROC_COUNTERS 8
 #define P_CACHE 14
@@ -166,7 +169,8 @@ enum { RC_OK = 0, RC_FAIL = 1, RC_SLEEP = 2, RC_DRY = 3, RC_TIMEOUT = -1, RC_SIG
        RC_INVALID = -5, RC_CLOSED = -6 };
 /* What alloc_step does when nothing is left: fail (counted), register as a
  * sleeper, or only report it (the caller goes on to sleep through Python). */
-enum { MODE_FAIL = 0, MODE_SLEEP = 1, MODE_PROBE = 2 };
+enum { MODE_FAIL = 0, MODE_SLEEP = 1, MODE_PROBE = 2, MODE_ASYNC = 3 };
+#define FIFO_CACHE 16 /* other processes' FIFOs kept open for writing, by entry: an open costs more than the write */
 /* Trace events (pool.EVENTS names them). */
 enum { EV_NONE = 0, EV_ALLOC_ARENA, EV_ALLOC_RESERVE, EV_ALLOC_FAILED, EV_SLEEP, EV_FREE_RESERVE, EV_FREE_ARENA };
 static const char *EVENT_NAMES[] = {NULL, "alloc-arena", "alloc-reserve", "alloc-failed", "sleep", "free-reserve",
@@ -187,6 +191,8 @@ typedef struct {
     sem_t *lock_sem, *wait_sem;
     sem_t *qsem[MAX_QUEUES]; /* each queue's wait channel, opened when first needed */
     char qsem_prefix[300];
+    char fifo_prefix[320];    /* path of an entry's asyncio wake-up FIFO, less the entry number ("" until set) */
+    struct { uint64_t entry, epoch; int fd1; } fifo_w[FIFO_CACHE]; /* FIFOs open for writing (fd + 1; 0: none) */
     int enabled, poison, busy, closing;
     int wake;                 /* set under the lock: post wake-ups once it is released */
     int woken;                /* the last sleep ended with a token */
@@ -404,6 +410,8 @@ static int lock_acquire(Core *f, uint64_t deadline) {
  * number (damage) is replaced by the live total. */
 /* Take an entry's sleepers out of nr_waiters (a dead entry's). */
 static void drop_sleepers(Core *f, uint64_t *ent) {
+    uint64_t a = __atomic_exchange_n(&ent[P_ASYNC], 0, __ATOMIC_SEQ_CST);
+    if (a && a <= SLEEPERS_MAX) __atomic_sub_fetch(&f->hdr[H_ASYNC_WAITERS], a, __ATOMIC_SEQ_CST);
     uint64_t n = __atomic_exchange_n(&ent[P_SLEEPING], 0, __ATOMIC_SEQ_CST);
     if (n && n <= SLEEPERS_MAX) __atomic_sub_fetch(&f->hdr[H_NR_WAITERS], n, __ATOMIC_SEQ_CST);
     uint8_t *qs = (uint8_t *)(ent + P_QSLEEP);
@@ -414,18 +422,20 @@ static void drop_sleepers(Core *f, uint64_t *ent) {
 }
 
 static void uncount_dead_sleepers(Core *f) {
-    uint64_t live = 0;
+    uint64_t live = 0, live_async = 0;
     for (uint64_t e = 0, used = entries_used(f); e < used; e++) {
         uint64_t *ent = ENTRY(f, e);
-        uint64_t n = ld(&ent[P_SLEEPING]), qs = 0;
+        uint64_t n = ld(&ent[P_SLEEPING]), a = ld(&ent[P_ASYNC]), qs = 0;
         for (int w = 0; w < MAX_QUEUES / 8; w++) qs |= ld(&ent[P_QSLEEP + w]);
-        if (!n && !qs) continue;
-        if (n <= SLEEPERS_MAX && owner_alive(f, e + 1)) {
+        if (!n && !a && !qs) continue;
+        if (n <= SLEEPERS_MAX && a <= n && owner_alive(f, e + 1)) {
             live += n;
+            live_async += a;
             continue;
         }
         drop_sleepers(f, ent);
     }
+    if (ld(&f->hdr[H_ASYNC_WAITERS]) > SLEEPERS_MAX) st(&f->hdr[H_ASYNC_WAITERS], live_async);
     /* Only an impossible count is replaced: a count below the live total is
      * what a sleeper leaving right now looks like (its entry is uncounted
      * before nr_waiters), and must be left alone. */
@@ -473,17 +483,104 @@ static void sleeper_add_ch(Core *f, int ch, int64_t d) {
 
 static void sleeper_add(Core *f, int64_t d) { sleeper_add_ch(f, 0, d); }
 
+/* Count an asyncio waiter in (d = 1, lock held) or out (d = -1,
+ * lock-free): a sleeper on channel 0 that waits on its process's FIFO
+ * rather than the semaphore. It is counted as a sleeper too (inspect, the
+ * dead-sleeper rules and stats see it as one), and as async, so that no
+ * token is posted for it: sleepers on the semaphore are the counts less the
+ * async ones, which the order below only ever overestimates. */
+static void async_add(Core *f, int64_t d) {
+    if (d > 0) {
+        __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&f->hdr[H_ASYNC_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+        if (f->entry) {
+            __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
+            __atomic_add_fetch(&f->entry[P_ASYNC], (uint64_t)d, __ATOMIC_SEQ_CST);
+        }
+    } else {
+        if (f->entry) {
+            __atomic_add_fetch(&f->entry[P_ASYNC], (uint64_t)d, __ATOMIC_SEQ_CST);
+            __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
+        }
+        __atomic_add_fetch(&f->hdr[H_ASYNC_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* Sleepers on channel ch's semaphore: for channel 0, less the async ones. */
+static uint64_t sem_sleepers(Core *f, int ch) {
+    uint64_t n = ld(waiters_of(f, ch));
+    if (ch != 0) return n;
+    uint64_t a = ld(&f->hdr[H_ASYNC_WAITERS]);
+    return n > a ? n - a : 0;
+}
+
+/* Wake every process with asyncio waiters: a byte into each one's FIFO
+ * (after the lock is released; a process that is not listening, or gone,
+ * is skipped: its waiters retry on their own within SLEEP_RETRY). */
+static void poke_async(Core *f) {
+    if (!f->fifo_prefix[0] || !ld(&f->hdr[H_ASYNC_WAITERS])) return;
+    /* Writing to a FIFO whose reader left raises SIGPIPE, which a program
+     * may not ignore: blocked here, and ours taken back. */
+    sigset_t pipe_set, old;
+    sigemptyset(&pipe_set);
+    sigaddset(&pipe_set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
+    for (uint64_t e = 0, used = entries_used(f); e < used; e++) {
+        uint64_t *ent = ENTRY(f, e);
+        uint64_t a = ld(&ent[P_ASYNC]), epoch = ld(&ent[P_EPOCH]);
+        if (!a || a > SLEEPERS_MAX) continue;
+        /* An entry's FIFO is its process's: kept open while the entry's
+         * epoch (its process) stays the same. */
+        __typeof__(f->fifo_w[0]) *c = &f->fifo_w[e % FIFO_CACHE];
+        if (c->fd1 && (c->entry != e || c->epoch != epoch)) {
+            close(c->fd1 - 1);
+            c->fd1 = 0;
+        }
+        if (!c->fd1) {
+            char path[340];
+            snprintf(path, sizeof path, "%s%llu", f->fifo_prefix, (unsigned long long)e);
+            int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW); /* ENXIO: nobody listens */
+            struct stat sb;
+            if (fd >= 0 && (fstat(fd, &sb) != 0 || !S_ISFIFO(sb.st_mode))) {
+                close(fd);
+                fd = -1;
+            }
+            if (fd < 0) continue;
+            c->fd1 = fd + 1;
+            c->entry = e;
+            c->epoch = epoch;
+        }
+        if (write(c->fd1 - 1, "w", 1) < 0 && errno != EAGAIN) { /* EAGAIN: full, so readable already */
+            if (errno == EPIPE) {
+                struct timespec zero = {0, 0};
+                sigtimedwait(&pipe_set, NULL, &zero); /* ours: the reader left */
+            }
+            close(c->fd1 - 1);
+            c->fd1 = 0;
+        }
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
 /* wake_up(&wait), called after the lock is released: a token for every
  * sleeper on the channel, never more than the registry counts (a damaged
  * count cannot flood the channel). */
 static void wake_ch(Core *f, int ch) {
+    if (ch == 0) poke_async(f);
     sem_t *sem = sem_of(f, ch);
-    uint64_t n = ld(waiters_of(f, ch));
+    uint64_t n = sem_sleepers(f, ch);
     if (sem == NULL || n == 0) return;
     uint64_t counted = 0;
     for (uint64_t e = 0, used = entries_used(f); e < used && counted < n; e++) {
         uint64_t *ent = ENTRY(f, e);
-        uint64_t k = ch == 0 ? ld(&ent[P_SLEEPING]) : __atomic_load_n((uint8_t *)(ent + P_QSLEEP) + (ch - 1), __ATOMIC_ACQUIRE);
+        uint64_t k;
+        if (ch == 0) {
+            uint64_t all = ld(&ent[P_SLEEPING]), a = ld(&ent[P_ASYNC]);
+            k = all > a ? all - a : 0;
+        } else {
+            k = __atomic_load_n((uint8_t *)(ent + P_QSLEEP) + (ch - 1), __ATOMIC_ACQUIRE);
+        }
         counted += k < SLEEPERS_MAX ? k : SLEEPERS_MAX;
     }
     if (n > counted) n = counted;
@@ -504,7 +601,7 @@ static void drain_tokens_ch(Core *f, int ch) {
     if (sem == NULL) return;
     int value = 0;
     for (int i = 0; i < WAKE_MAX; i++) {
-        if (sem_getvalue(sem, &value) != 0 || (uint64_t)value <= ld(waiters_of(f, ch))) break;
+        if (sem_getvalue(sem, &value) != 0 || (uint64_t)value <= sem_sleepers(f, ch)) break;
         if (sem_trywait(sem) != 0) break;
     }
 }
@@ -819,8 +916,9 @@ static int alloc_step(Core *f, int skip_arena, int mode, uint64_t *handle) {
         f->last_event = EV_ALLOC_RESERVE;
         return RC_OK;
     }
-    if (mode == MODE_SLEEP) {
-        sleeper_add(f, 1);
+    if (mode == MODE_SLEEP || mode == MODE_ASYNC) {
+        if (mode == MODE_ASYNC) async_add(f, 1);
+        else sleeper_add(f, 1);
         count(f, C_SLEEPS, 1);
         f->last_event = EV_SLEEP;
         return RC_SLEEP;
@@ -1299,6 +1397,58 @@ static PyObject *Core_alloc_core(Core *f, PyObject *args) {
     if (r == RC_OK) return leave(f, PyLong_FromUnsignedLongLong(h));
     if (r == RC_FAIL) return leave(f, Py_NewRef(Py_None));
     return leave(f, raise_for(f, r));
+}
+
+/* _alloc_async_try(lock_wait_ns): one attempt of a sleeping allocation for
+ * asyncio, in the event loop's thread: the handle; or None, registered as
+ * an async sleeper under the lock (its process's FIFO gets a byte when the
+ * reserve is refilled; _async_done() counts it out); or False when the lock
+ * did not come within lock_wait_ns (not registered). */
+static PyObject *Core_alloc_async_try(Core *f, PyObject *arg) {
+    long long lock_wait_ns = PyLong_AsLongLong(arg);
+    if (lock_wait_ns == -1 && PyErr_Occurred()) return NULL;
+    ENTER(f);
+    uint64_t h = 0;
+    f->last_event = EV_NONE;
+    int r = lock_acquire(f, deadline_from(lock_wait_ns));
+    if (r == RC_TIMEOUT) return leave(f, Py_NewRef(Py_False));
+    if (r == RC_OK) {
+        if (f->recount) {
+            f->recount = 0;
+            uncount_dead_sleepers(f);
+        }
+        r = alloc_step(f, 0, MODE_ASYNC, &h);
+        f->last_curr = f->hdr[H_CURR_NR];
+        lock_release(f);
+    }
+    if (after_unlock(f) < 0 || ((r == RC_OK || r == RC_SLEEP) && call_trace(f, h, r == RC_OK) < 0)) {
+        if (r == RC_SLEEP) async_add(f, -1);
+        if (r == RC_OK) give_back(f, h); /* nothing is lost */
+        return leave(f, NULL);
+    }
+    if (r == RC_OK) return leave(f, PyLong_FromUnsignedLongLong(h));
+    if (r == RC_SLEEP) return leave(f, Py_NewRef(Py_None));
+    return leave(f, raise_for(f, r));
+}
+
+/* _async_done(): count out an async sleeper that _alloc_async_try
+ * registered (lock-free, as a sleeper counts itself out). */
+static PyObject *Core_async_done(Core *f, PyObject *unused) {
+    if (f->hdr == NULL) Py_RETURN_NONE;
+    async_add(f, -1);
+    Py_RETURN_NONE;
+}
+
+/* _set_fifo_prefix(path): where entry e's FIFO is: path + str(e). */
+static PyObject *Core_set_fifo_prefix(Core *f, PyObject *arg) {
+    const char *p = PyUnicode_AsUTF8(arg);
+    if (!p) return NULL;
+    if (strlen(p) + 8 > sizeof f->fifo_prefix) {
+        PyErr_SetString(PyExc_ValueError, "FIFO path too long");
+        return NULL;
+    }
+    snprintf(f->fifo_prefix, sizeof f->fifo_prefix, "%s", p);
+    Py_RETURN_NONE;
 }
 
 /* alloc_preallocated(): the reserve only, never the arena, never sleeping. */
@@ -2594,6 +2744,10 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
 }
 
 static void release_view(Core *f) {
+    for (int i = 0; i < FIFO_CACHE; i++) {
+        if (f->fifo_w[i].fd1) close(f->fifo_w[i].fd1 - 1);
+        f->fifo_w[i].fd1 = 0;
+    }
     for (int q = 0; q < MAX_QUEUES; q++) {
         if (f->qsem[q]) sem_close(f->qsem[q]);
         f->qsem[q] = NULL;
@@ -2719,6 +2873,9 @@ static PyMethodDef Core_methods[] = {
     M("_set_data", Core_set_data, METH_O, "(memoryview of the slots)"),
     M("_queue_move", Core_queue_move, METH_VARARGS, "(kind, q, buffer, n, block, timeout_ns, retry_ns) -> moved"),
     M("_free_bulk_fast", Core_free_bulk_fast, METH_O, "(handles) -> None, or NotImplemented for Python's checks"),
+    M("_alloc_async_try", Core_alloc_async_try, METH_O, "(lock_wait_ns) -> handle, None (registered), False (lock busy)"),
+    M("_async_done", Core_async_done, METH_NOARGS, "count out an async sleeper"),
+    M("_set_fifo_prefix", Core_set_fifo_prefix, METH_O, "(path prefix of the entries' asyncio wake-up FIFOs)"),
     M("_set_owner", Core_set_owner, METH_O, "(pool): the Mempool whose policy the slow paths call (held weakly)"),
     M("_qput", Core_qput, METH_FASTCALL, "(q, block, timeout_ns, retry_ns, handle) -> 1 put, 0 full, -1 not a handle"),
     M("_qget", Core_qget, METH_FASTCALL, "(q, block, timeout_ns, retry_ns) -> handle, or None when empty"),
@@ -2811,10 +2968,10 @@ PyMODINIT_FUNC PyInit__fast(void) {
     Py_INCREF(&CoreType);
     PyModule_AddObject(m, "Core", (PyObject *)&CoreType);
     PyObject *layout = Py_BuildValue(
-        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
+        "{sLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsLsL}",
         L(HEADER_WORDS), L(H_FLAGS), L(H_STATUS), L(H_MIN_NR), L(H_CURR_NR), L(H_ARENA_FREE), L(H_NR_WAITERS),
         L(H_EPOCH), L(H_FAIL_RATE), L(H_FAIL_THRESHOLD), L(H_SEED), L(H_RNG), L(H_LOCK_OWNER), L(H_LOCK_SINCE_NS),
-        L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(H_ENTRIES_USED), L(FLAG_POISON),
+        L(H_LOCK_WAITERS), L(H_LOCK_SEQ), L(H_ALLOC_FAILED), L(H_RECOVERIES), L(H_RECLAIMED), L(H_ENTRIES_USED), L(H_ASYNC_WAITERS), L(P_ASYNC), L(FLAG_POISON),
         L(STATUS_LIVE), L(STATUS_DESTROYED), L(ST_ARENA), L(ST_RESERVE), L(ST_HELD), L(ST_CACHED), L(ST_QUEUED), L(Q_NAME),
         L(QUEUE_NAME_BYTES), L(Q_STATE), L(Q_DEPTH), L(Q_COUNT), L(Q_HEAD), L(Q_TAIL), L(Q_PUTS), L(Q_GETS),
         L(QUEUE_WORDS), L(QUEUE_LIVE), L(NO_SLOT), L(Q_WAITERS), L(Q_PUTTERS), L(P_QSLEEP), L(MAX_QUEUES), L(STATE_MASK),

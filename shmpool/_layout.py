@@ -92,7 +92,7 @@ from dataclasses import dataclass
 from ._errors import PoolFormatError
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5  # 5: asyncio waiters (H_ASYNC_WAITERS, P_ASYNC) woken through FIFOs
 
 HEADER_WORDS = 64
 HEADER_BYTES = HEADER_WORDS * 8
@@ -147,6 +147,7 @@ H_OFF_NEXT = 43
 H_OFF_QUEUES = 44
 H_MAX_QUEUES = 45
 H_ENTRIES_USED = 42  # one past the highest registry entry ever taken: how far scans look
+H_ASYNC_WAITERS = 46  # of nr_waiters, the asyncio ones: woken through their process's FIFO, not the semaphore
 COUNTERS = (
     ("alloc_arena", H_ALLOC_ARENA),
     ("alloc_reserve", H_ALLOC_RESERVE),
@@ -197,6 +198,7 @@ P_START = 1
 P_SLEEPING = 2
 P_CACHE_N = 3  # entries in the cache array (some may be stale or blank)
 P_EPOCH = 4  # 0: the entry is vacant
+P_ASYNC = 5  # of P_SLEEPING, the asyncio waiters (woken through the entry's FIFO, _segment.fifo_path)
 P_COUNTERS = 6  # the first N_PROC_COUNTERS of COUNTERS, in that order
 N_PROC_COUNTERS = 8
 P_CACHE = P_COUNTERS + N_PROC_COUNTERS  # CACHE_MAX u32 slot indexes

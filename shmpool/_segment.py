@@ -7,7 +7,12 @@ A pool named ``NAME`` is three POSIX objects:
   the lock itself is a word of the header, see ``_fast.c``);
 - semaphore ``/shmpool.NAME.wait`` (the wait channel, initial value 0);
 - semaphores ``/shmpool.NAME.q0`` ... (a wait channel per queue, made with
-  the queue).
+  the queue);
+- FIFOs ``/dev/shm/fifo.shmpool.NAME.E`` (the asyncio wait channel of the
+  process in registry entry E, made by that process when one of its event
+  loops first waits for an element, removed when it detaches; a FIFO left by
+  a killed process is replaced by the next one in that entry, and ``unlink``
+  removes them all).
 
 Ownership of the name is decided by the shared memory alone: whoever creates
 it with O_CREAT|O_EXCL owns the pool's name, so its semaphores are created
@@ -62,6 +67,53 @@ def shm_name(name: str) -> str:
 def sem_names(name: str) -> tuple[str, str]:
     base = "/" + SHM_PREFIX + name
     return base + LOCK_SUFFIX, base + WAIT_SUFFIX
+
+
+FIFO_PREFIX = "fifo."
+
+
+def fifo_prefix(name: str) -> str:
+    """Registry entry ``e``'s asyncio wake-up FIFO is ``prefix + str(e)``:
+    the freeing process writes a byte into it (``_fast.c``, poke_async)."""
+    return os.path.join(SHM_DIR, FIFO_PREFIX + SHM_PREFIX + name + ".")
+
+
+def make_fifo(path: str, mode: int) -> int:
+    """A fresh FIFO at ``path`` (one left by a dead process replaced), open
+    without blocking: its descriptor. Opened for reading and writing, so that
+    it always has a writer: a FIFO whose last writer closed would read as
+    end-of-file, and an event loop would see it readable forever."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0)
+    try:
+        os.mkfifo(path, mode & 0o666)
+    finally:
+        os.umask(old)
+    try:
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def _unlink_fifos(name: str) -> bool:
+    prefix = FIFO_PREFIX + SHM_PREFIX + name + "."
+    removed = False
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return False
+    for entry in entries:
+        if entry.startswith(prefix) and entry[len(prefix) :].isdigit():
+            try:
+                os.unlink(os.path.join(SHM_DIR, entry))
+                removed = True
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def queue_sem_prefix(name: str) -> str:
@@ -201,6 +253,7 @@ def unlink(name: str) -> bool:
     prefix = queue_sem_prefix(name)
     for i in range(MAX_QUEUES):
         removed |= _unlink_sem(prefix + str(i))
+    removed |= _unlink_fifos(name)
     try:
         posix_ipc.unlink_shared_memory(shm_name(name))
         removed = True

@@ -283,6 +283,7 @@ class Mempool:
             bool(v.hdr[H_FLAGS] & FLAG_POISON), lock_name, wait_name, name, _segment.queue_sem_prefix(name),
         )
         fast._set_owner(self)
+        fast._set_fifo_prefix(_segment.fifo_prefix(name))
         # The hot paths, the core's C methods themselves (found before the
         # documented methods of the same names, which only describe them).
         self.__dict__.update(alloc=fast.alloc, free=fast.free, buffer=fast.buffer, ndarray=fast.ndarray)
@@ -592,6 +593,7 @@ class Mempool:
             if vacated or destroyed:
                 del _attachments[self._key]
                 os.close(att.fd)
+                _aio.drop_fifos(self._key)  # its asyncio wake-up FIFO, if it made one
 
     def _become(self, pid: int, start: int) -> None:
         """After fork(): this object now belongs to the child."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -125,6 +126,22 @@ def spy_handover(loop: asyncio.AbstractEventLoop) -> threading.Event:
     return handed
 
 
+@pytest.fixture
+def via_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """alloc_async waits in a thread, as it does when another event loop of
+    the process has the pool's FIFO."""
+    monkeypatch.setattr(_aio, "_fifo_for", lambda pool, loop: None)
+
+
+@pytest.fixture(params=["fifo", "thread"])
+def wait_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """alloc_async's two ways to wait: woken in its loop through the
+    process's FIFO, or in a thread (another loop has the FIFO)."""
+    if request.param == "thread":
+        monkeypatch.setattr(_aio, "_fifo_for", lambda pool, loop: None)
+    return str(request.param)
+
+
 # ---------------------------------------------------------------- alloc_async
 
 
@@ -156,7 +173,7 @@ def test_alloc_async_checks_its_arguments_before_waiting(pool: Mempool) -> None:
     run(main())
 
 
-def test_alloc_async_is_woken_by_a_free_in_another_process(pool: Mempool, helper: Helper) -> None:
+def test_alloc_async_is_woken_by_a_free_in_another_process(pool: Mempool, helper: Helper, wait_path: str) -> None:
     held = [pool.alloc(), pool.alloc()]  # the pool is empty
 
     async def main() -> int:
@@ -178,7 +195,7 @@ def test_alloc_async_is_woken_by_a_free_in_another_process(pool: Mempool, helper
     pool.free(held[1])
 
 
-def test_alloc_async_times_out_and_holds_nothing(pool: Mempool) -> None:
+def test_alloc_async_times_out_and_holds_nothing(pool: Mempool, wait_path: str) -> None:
     held = [pool.alloc(), pool.alloc()]
 
     async def main() -> float:
@@ -193,7 +210,7 @@ def test_alloc_async_times_out_and_holds_nothing(pool: Mempool) -> None:
     pool.free_bulk(held)
 
 
-def test_alloc_async_raises_the_waits_error(pool: Mempool, helper: Helper) -> None:
+def test_alloc_async_raises_the_waits_error(pool: Mempool, helper: Helper, wait_path: str) -> None:
     pool.alloc()
     pool.alloc()
 
@@ -208,7 +225,9 @@ def test_alloc_async_raises_the_waits_error(pool: Mempool, helper: Helper) -> No
     assert helper.answer() == "destroyed"
 
 
-def test_cancelled_alloc_async_leaks_nothing(pool: Mempool, helper: Helper, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancelled_alloc_async_in_a_thread_leaks_nothing(
+    pool: Mempool, helper: Helper, monkeypatch: pytest.MonkeyPatch, via_threads: None
+) -> None:
     """Cancelled by wait_for while its thread sleeps; the free comes after:
     the thread gets the element and frees it (the slice is made long so that
     the thread is surely still asleep when the free comes)."""
@@ -257,7 +276,7 @@ def test_to_thread_alloc_cancelled_by_wait_for_leaks_the_element(
     # (the fixture destroys the pool with force)
 
 
-def test_alloc_async_cancelled_after_its_thread_got_the_element(pool: Mempool, helper: Helper) -> None:
+def test_alloc_async_cancelled_after_its_thread_got_the_element(pool: Mempool, helper: Helper, via_threads: None) -> None:
     """The narrow case: the thread has handed the element over, but the
     task is cancelled before it runs again. The coroutine frees it."""
     held = [pool.alloc(), pool.alloc()]
@@ -280,13 +299,8 @@ def test_alloc_async_cancelled_after_its_thread_got_the_element(pool: Mempool, h
     assert pool.stats().in_use == 0
 
 
-def test_alloc_async_whose_loop_is_closed_while_it_waits_leaks_nothing(
-    pool: Mempool, helper: Helper, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A loop closed with the call still waiting: the element its thread
-    gets afterwards has nobody to go to, and is freed."""
-    monkeypatch.setattr(_aio, "ALLOC_SLICE_SECONDS", 30.0)
-    held = [pool.alloc(), pool.alloc()]
+def left_pending_by_a_closed_loop(pool: Mempool) -> asyncio.Task[Any]:
+    """An alloc_async asleep in a loop that is then closed under it."""
     loop = asyncio.new_event_loop()
     try:
         task = loop.create_task(pool.alloc_async())
@@ -294,10 +308,168 @@ def test_alloc_async_whose_loop_is_closed_while_it_waits_leaks_nothing(
         assert not task.done()
     finally:
         loop.close()
+    return task
+
+
+def test_alloc_async_whose_loop_is_closed_while_it_waits_in_a_thread_leaks_nothing(
+    pool: Mempool, helper: Helper, monkeypatch: pytest.MonkeyPatch, via_threads: None
+) -> None:
+    """A loop closed with the call still waiting: the element its thread
+    gets afterwards has nobody to go to, and is freed."""
+    monkeypatch.setattr(_aio, "ALLOC_SLICE_SECONDS", 30.0)
+    held = [pool.alloc(), pool.alloc()]
+    task = left_pending_by_a_closed_loop(pool)
     helper.tell(f"free {held[0]}")
     assert helper.answer() == "freed"
     wait_for(lambda: pool.stats().nr_waiters == 0 and pool.stats().in_use == 1, what="the element back in the pool")
     pool.free(held[1])
+    del task  # pending (its loop closed) until here
+
+
+# ------------------------------------------------- alloc_async through the FIFO
+
+
+def fifos(pool: Mempool) -> list[str]:
+    prefix = f"fifo.shmpool.{pool.name}."
+    return [e for e in os.listdir("/dev/shm") if e.startswith(prefix)]
+
+
+def test_alloc_async_sleeps_in_its_loop_and_is_woken_there(
+    pool: Mempool, helper: Helper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread: the free in the other process writes a byte into this
+    process's FIFO, which the loop watches."""
+    monkeypatch.setattr(_aio._Threads, "run", lambda self, job: pytest.fail("waited in a thread"))
+    held = [pool.alloc(), pool.alloc()]
+
+    async def main() -> int:
+        task = asyncio.create_task(pool.alloc_async())
+        await until(lambda: pool.stats().nr_waiters == 1, "alloc_async to sleep")
+        assert fifos(pool) == [f"fifo.shmpool.{pool.name}.{pool._fast._entry}"]
+        helper.tell(f"free {held[0]}")
+        return await asyncio.wait_for(task, 20)
+
+    h = run(main())
+    assert helper.answer() == "freed"
+    assert pool.stats().nr_waiters == 0
+    pool.free(h)
+    pool.free(held[1])
+
+
+def test_cancelled_alloc_async_is_no_sleeper_at_once_and_loses_nothing(pool: Mempool, helper: Helper) -> None:
+    held = [pool.alloc(), pool.alloc()]
+    before = pool.stats()
+
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.alloc_async(), 0.05)
+        s = pool.stats()
+        assert (s.nr_waiters, s.in_use) == (0, before.in_use)  # counted out in its finally, nothing taken
+
+    run(main())
+    helper.tell(f"free {held[0]}")
+    assert helper.answer() == "freed"
+    assert pool.stats().curr_nr == 1  # the freed element refilled the reserve: nobody took it
+    pool.free(held[1])
+
+
+def test_two_event_loops_of_one_process_wait_at_once(pool: Mempool, helper: Helper) -> None:
+    """The first loop has the FIFO; the second waits in a thread. A free
+    each wakes them both in turn."""
+    held = [pool.alloc(), pool.alloc()]
+    got: list[int] = []
+    started = threading.Event()
+
+    def other_loop() -> None:
+        async def wait() -> None:
+            started.set()
+            got.append(await pool.alloc_async(timeout=20))
+
+        asyncio.run(wait())
+
+    t = threading.Thread(target=other_loop)
+    t.start()
+
+    async def main() -> None:
+        await until(lambda: started.is_set() and pool.stats().nr_waiters == 1, "the other loop to sleep")
+        task = asyncio.create_task(pool.alloc_async(timeout=20))
+        await until(lambda: pool.stats().nr_waiters == 2, "this loop to sleep too")
+        for h in held:
+            helper.tell(f"free {h}")
+            assert helper.answer() == "freed"
+        got.append(await task)
+
+    run(main())
+    t.join(20)
+    assert not t.is_alive() and sorted(got) == sorted(set(got)) and len(got) == 2
+    assert pool.stats().nr_waiters == 0
+    pool.free_bulk(got)
+
+
+WAITER = """
+import asyncio, sys
+from shmpool import Mempool
+pool = Mempool.attach(sys.argv[1])
+async def main():
+    while True:                                    # keep what it gets, and wait for more
+        h = await pool.alloc_async()
+        print(h, flush=True)
+asyncio.run(main())
+"""
+
+FREER = """
+import signal, sys
+from shmpool import Mempool
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)      # as many programs have it: SIGPIPE would kill us
+pool = Mempool.attach(sys.argv[1])
+print("ready", flush=True)
+for line in sys.stdin:
+    pool.free(int(line))
+    print("freed", flush=True)
+"""
+
+
+def test_a_killed_async_waiter_is_uncounted_and_its_waker_survives_its_gone_fifo(
+    pool: Mempool, popen: Callable[..., Any]
+) -> None:
+    held = [pool.alloc(), pool.alloc()]
+    freer = popen(FREER, pool.name)
+    assert freer.stdout.readline() == "ready\n", freer.stderr.read()
+    waiter = popen(WAITER, pool.name)
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="the waiter to sleep")
+    freer.stdin.write(f"{held[0]}\n")
+    freer.stdin.flush()
+    assert freer.stdout.readline() == "freed\n"
+    assert int(waiter.stdout.readline()) >= 0  # woken through its FIFO, which the freer now keeps open
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="the waiter to sleep again")
+    waiter.kill()
+    waiter.wait(10)
+    freer.stdin.write(f"{held[1]}\n")  # its byte goes to a FIFO nobody reads any more: EPIPE, not SIGPIPE
+    freer.stdin.flush()
+    assert freer.stdout.readline() == "freed\n", freer.stderr.read()
+    assert freer.poll() is None
+    assert pool.reclaim_dead() == 1  # what the killed waiter held; its sleeper counted out
+    s = pool.stats()
+    assert (s.nr_waiters, s.in_use) == (0, 0)
+
+
+def test_the_fifo_goes_with_the_process_entry_and_with_the_pool(name: str) -> None:
+    pool = Mempool.create(name, min_nr=1, slot_size=16, capacity=1)
+    h = pool.alloc()
+    with pytest.raises(TimeoutError):
+        run(pool.alloc_async(timeout=0.01))
+    assert len(fifos(pool)) == 1
+    pool.free(h)
+    pool.close()  # the process lets go of its entry: the FIFO goes
+    assert fifos(pool) == []
+    other = Mempool.attach(name)
+    h = other.alloc()
+    with pytest.raises(TimeoutError):
+        run(other.alloc_async(timeout=0.01))
+    assert len(fifos(other)) == 1
+    other.free(h)
+    other.destroy()
+    assert fifos(other) == []
 
 
 # ---------------------------------------------------------------- get_async and put_async
@@ -496,7 +668,7 @@ def _wait_in_a_forked_child(name: str, done: Any) -> None:
     asyncio.run(main())
 
 
-def test_a_forked_child_does_not_use_the_parents_threads(pool: Mempool) -> None:
+def test_a_forked_child_does_not_use_the_parents_threads(pool: Mempool, via_threads: None) -> None:
     held = [pool.alloc(), pool.alloc()]
     with pytest.raises(TimeoutError):
         run(pool.alloc_async(timeout=0.01))
@@ -512,4 +684,17 @@ def test_a_forked_child_does_not_use_the_parents_threads(pool: Mempool) -> None:
         if child.is_alive():
             child.kill()
     assert child.exitcode == 0
+    pool.free_bulk(held)
+
+
+def test_alloc_async_whose_loop_is_closed_while_it_waits_counts_itself_out_when_collected(pool: Mempool) -> None:
+    import gc
+
+    held = [pool.alloc(), pool.alloc()]
+    task = left_pending_by_a_closed_loop(pool)
+    assert pool.stats().nr_waiters == 1  # the coroutine is still pending, its sleeper counted
+    del task
+    gc.collect()  # closes the coroutine: its finally counts it out
+    s = pool.stats()
+    assert (s.nr_waiters, s.in_use) == (0, 2)
     pool.free_bulk(held)
