@@ -134,6 +134,19 @@ def test_cleanup_removes_orphan_semaphores_even_if_open(name: str) -> None:
             sem.close()
 
 
+def test_cleanup_removes_an_orphan_asyncio_fifo(name: str) -> None:
+    from shmpool import _segment
+
+    fd = _segment.make_fifo(_segment.fifo_prefix(name) + "3", 0o600)  # a killed process's, its pool gone
+    try:
+        assert leftovers() == [f"fifo.shmpool.{name}.3"]
+        out = cleanup("--yes", "--prefix", name)
+        assert out.returncode == 0 and out.stdout.strip() == f"removed {name}", out.stdout + out.stderr
+        assert leftovers() == []
+    finally:
+        os.close(fd)
+
+
 def chaos(name: str, *args: str) -> tuple[int, str]:
     out = subprocess.run(
         [sys.executable, os.path.join(TOOLS, "chaos.py"), "--name", name, *args],

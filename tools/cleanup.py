@@ -7,8 +7,9 @@
     python tools/cleanup.py NAME...            # remove these pools (if nobody uses them)
     python tools/cleanup.py --force NAME...    # remove them even if in use
 
-A pool is its segment /dev/shm/shmpool.NAME and its semaphores
-/dev/shm/sem.shmpool.NAME.lock and .wait; an orphan is a semaphore whose
+A pool is its segment /dev/shm/shmpool.NAME, its semaphores
+/dev/shm/sem.shmpool.NAME.lock, .wait and .qN, and its processes' asyncio
+FIFOs /dev/shm/fifo.shmpool.NAME.E; an orphan is a semaphore or FIFO whose
 segment is gone, and is always removed.
 
 A pool is in use, and kept unless --force, while its creator is alive or a
@@ -36,6 +37,7 @@ from shmpool._layout import H_CREATOR_PID, H_CREATOR_START, HEADER_WORDS
 from shmpool._procs import is_alive, live_pids, start_ticks
 
 SEM = re.compile(r"^sem\.shmpool\.(.+)\.(lock|wait|q\d+)$")
+FIFO = re.compile(r"^fifo\.shmpool\.(.+)\.\d+$")  # a process's asyncio wake-up FIFO
 
 
 def pool_names() -> list[str]:
@@ -50,7 +52,7 @@ def pool_names() -> list[str]:
             continue
         if entry.startswith(_segment.SHM_PREFIX):
             names.add(entry[len(_segment.SHM_PREFIX) :])
-        elif m := SEM.match(entry):
+        elif m := SEM.match(entry) or FIFO.match(entry):
             names.add(m.group(1))
     return sorted(names)
 
