@@ -20,8 +20,9 @@ semaphore's tokens are posted for the other sleepers only (the counts less
 the async ones), so a token is never left for a coroutine that will not
 take it.
 
-- No lost wake-up: the coroutine listens before it registers, and a byte
-  written in between waits in the FIFO.
+- No lost wake-up: a byte written after the coroutine registered waits in
+  the FIFO until the loop, which runs nothing between the registration and
+  the coroutine's await, reads it.
 - The FIFO is opened for reading and writing (so that it never reads as
   end-of-file) and watched by the first loop of the process that waits; it
   stays registered in that loop until the loop closes (adding and removing
@@ -456,25 +457,24 @@ async def alloc(pool: Mempool, gfp: int, timeout: float | None) -> int | None:
     fast = pool._fast
     lock_ns = int(NOWAIT_LOCK_SECONDS * 1e9)
     while True:
-        fut = loop.create_future()
-        fifo.waiters.add(fut)  # listening before registering: a wake-up in between waits in the FIFO
-        try:
-            got = fast._alloc_async_try(lock_ns)
-            if got is None or got is False:  # registered, or the lock was busy (not registered)
-                wait = ASYNC_RETRY_SECONDS if got is None else LOCK_BUSY_RETRY_SECONDS
-                if deadline is not None:
-                    wait = max(0.0, min(wait, deadline - _monotonic()))
-                timer = loop.call_later(wait, _wake, fut)
-                try:
-                    await fut
-                finally:
-                    timer.cancel()
-                    if got is None:
-                        fast._async_done()
-        finally:
-            fifo.waiters.discard(fut)
+        got = fast._alloc_async_try(lock_ns)  # the handle; None: counted in as an async sleeper; False: lock busy
         if type(got) is int:
             return got
+        # Listening only now is no race: a byte written since the attempt
+        # waits in the FIFO until this loop runs its callbacks, after the await.
+        fut = loop.create_future()
+        fifo.waiters.add(fut)
+        wait = ASYNC_RETRY_SECONDS if got is None else LOCK_BUSY_RETRY_SECONDS
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - _monotonic()))
+        timer = loop.call_later(wait, _wake, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            fifo.waiters.discard(fut)
+            if got is None:
+                fast._async_done()
         if deadline is not None and _monotonic() >= deadline:
             h = pool.alloc(nowait)  # a last attempt that does not sleep
             if h is not None:
