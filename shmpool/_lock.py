@@ -47,6 +47,10 @@ are wake-up tokens: a token tells whichever sleeper takes it to retry.
   sleep cannot leak its count), then drains tokens beyond ``nr_waiters``.
 - A sleeper may take a token posted for another; a sleeper that retried and
   leaves the reserve non-empty therefore wakes the others again.
+- An ``alloc_async`` sleeper is counted in ``nr_waiters`` too, and in
+  ``H_ASYNC_WAITERS`` (and its entry's ``P_ASYNC``): tokens are posted for
+  the others only, and wake_all writes a byte into the FIFO of each process
+  with async sleepers, whose event loop wakes them (``_aio``).
 
 This module only reads: who holds the lock, for shmpool-inspect and tests.
 """
