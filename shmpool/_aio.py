@@ -32,9 +32,10 @@ take it.
   the same, and blocks SIGPIPE around its writes (a reader that has gone
   gives EPIPE, never a signal that might kill it).
 - Nothing wakes a process that cannot reach the FIFO (another mount of
-  /dev/shm): its coroutines try again every ``ASYNC_RETRY_SECONDS`` (the 5 s
-  of a sleeping alloc). A lock held by a live process for 50 ms makes the
-  attempt give up without registering, and try again ``LOCK_BUSY_RETRY_SECONDS``
+  /dev/shm): its coroutines try again every ``pool.SLEEP_RETRY_SECONDS``, as a
+  sleeping alloc does. A lock held by a live process for
+  ``ATOMIC_LOCK_WAIT_SECONDS`` (GFP_ATOMIC's wait) makes the attempt give up
+  without registering, and try again ``LOCK_BUSY_RETRY_SECONDS``
   later: the loop is never blocked longer than ``GFP_ATOMIC`` waits.
 - Cancelled, it counts itself out in its ``finally``: nothing was taken on
   its behalf, so nothing can be lost. A coroutine whose loop is closed with
@@ -100,16 +101,9 @@ if TYPE_CHECKING:
 #: this after a cancellation, and each slice counts as a sleep and a failed
 #: (timed-out) allocation in the pool's counters.
 ALLOC_SLICE_SECONDS = 0.25
-#: How long an alloc_async registered as an async sleeper waits before it
-#: tries again though nothing woke it (a waker that died, or another
-#: pid namespace's waker that cannot reach its FIFO): SLEEP_RETRY_SECONDS.
-ASYNC_RETRY_SECONDS = 5.0
 #: How soon an alloc_async whose attempt found the pool lock busy (held by a
 #: live process for 50 ms) tries again, without blocking the loop meanwhile.
 LOCK_BUSY_RETRY_SECONDS = 0.005
-#: How long alloc_async's attempts, in the loop's thread, wait for the pool
-#: lock (GFP_ATOMIC's ATOMIC_LOCK_WAIT_SECONDS).
-NOWAIT_LOCK_SECONDS = 0.05
 #: The same for get_async and put_async, whose slices leave no trace: a
 #: cancelled put_async waits at most this long to know whether its put
 #: happened.
@@ -357,8 +351,7 @@ class _Fifo:
         except BlockingIOError:  # drained
             pass
         for fut in list(self.waiters):
-            if not fut.done():
-                fut.set_result(None)
+            _wake(fut)
 
     def close(self) -> None:
         """In the loop's thread if it still runs (its selector holds the
@@ -368,7 +361,6 @@ class _Fifo:
             if asyncio._get_running_loop() is not loop:
                 try:
                     loop.call_soon_threadsafe(self.close)
-                    self.loop = loop
                     return
                 except RuntimeError:  # closed meanwhile
                     pass
@@ -453,18 +445,19 @@ async def alloc(pool: Mempool, gfp: int, timeout: float | None) -> int | None:
     fifo = _fifo_for(pool, loop)
     if fifo is None:
         return await _alloc_in_thread(pool, gfp, timeout, start, seconds)
+    from .pool import SLEEP_RETRY_SECONDS  # (pool imports this module)
+
     deadline = None if seconds is None else start + seconds
     fast = pool._fast
-    lock_ns = int(NOWAIT_LOCK_SECONDS * 1e9)
     while True:
-        got = fast._alloc_async_try(lock_ns)  # the handle; None: counted in as an async sleeper; False: lock busy
+        got = fast._alloc_async_try()  # the handle; None: counted in as an async sleeper; False: lock busy
         if type(got) is int:
             return got
         # Listening only now is no race: a byte written since the attempt
         # waits in the FIFO until this loop runs its callbacks, after the await.
         fut = loop.create_future()
         fifo.waiters.add(fut)
-        wait = ASYNC_RETRY_SECONDS if got is None else LOCK_BUSY_RETRY_SECONDS
+        wait = SLEEP_RETRY_SECONDS if got is None else LOCK_BUSY_RETRY_SECONDS
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - _monotonic()))
         timer = loop.call_later(wait, _wake, fut)

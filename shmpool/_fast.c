@@ -489,22 +489,16 @@ static void sleeper_add(Core *f, int64_t d) { sleeper_add_ch(f, 0, d); }
  * dead-sleeper rules and stats see it as one), and as async, so that no
  * token is posted for it: sleepers on the semaphore are the counts less the
  * async ones, which the order below only ever overestimates. */
+static void async_only_add(Core *f, int64_t d) {
+    if (d > 0) __atomic_add_fetch(&f->hdr[H_ASYNC_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+    if (f->entry) __atomic_add_fetch(&f->entry[P_ASYNC], (uint64_t)d, __ATOMIC_SEQ_CST);
+    if (d < 0) __atomic_add_fetch(&f->hdr[H_ASYNC_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
+}
+
 static void async_add(Core *f, int64_t d) {
-    if (d > 0) {
-        __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
-        __atomic_add_fetch(&f->hdr[H_ASYNC_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
-        if (f->entry) {
-            __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
-            __atomic_add_fetch(&f->entry[P_ASYNC], (uint64_t)d, __ATOMIC_SEQ_CST);
-        }
-    } else {
-        if (f->entry) {
-            __atomic_add_fetch(&f->entry[P_ASYNC], (uint64_t)d, __ATOMIC_SEQ_CST);
-            __atomic_add_fetch(&f->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
-        }
-        __atomic_add_fetch(&f->hdr[H_ASYNC_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
-        __atomic_add_fetch(&f->hdr[H_NR_WAITERS], (uint64_t)d, __ATOMIC_SEQ_CST);
-    }
+    if (d > 0) sleeper_add(f, d); /* in: the sleeper first */
+    async_only_add(f, d);
+    if (d < 0) sleeper_add(f, d); /* out: the sleeper last */
 }
 
 /* Sleepers on channel ch's semaphore: for channel 0, less the async ones. */
@@ -1399,18 +1393,17 @@ static PyObject *Core_alloc_core(Core *f, PyObject *args) {
     return leave(f, raise_for(f, r));
 }
 
-/* _alloc_async_try(lock_wait_ns): one attempt of a sleeping allocation for
+/* _alloc_async_try(): one attempt of a sleeping allocation for
  * asyncio, in the event loop's thread: the handle; or None, registered as
  * an async sleeper under the lock (its process's FIFO gets a byte when the
  * reserve is refilled; _async_done() counts it out); or False when the lock
- * did not come within lock_wait_ns (not registered). */
-static PyObject *Core_alloc_async_try(Core *f, PyObject *arg) {
-    long long lock_wait_ns = PyLong_AsLongLong(arg);
-    if (lock_wait_ns == -1 && PyErr_Occurred()) return NULL;
+ * did not come within GFP_ATOMIC's wait (not registered: the loop must not
+ * block longer). */
+static PyObject *Core_alloc_async_try(Core *f, PyObject *unused) {
     ENTER(f);
     uint64_t h = 0;
     f->last_event = EV_NONE;
-    int r = lock_acquire(f, deadline_from(lock_wait_ns));
+    int r = lock_acquire(f, deadline_from((long long)atomic_wait_ns));
     if (r == RC_TIMEOUT) return leave(f, Py_NewRef(Py_False));
     if (r == RC_OK) {
         if (f->recount) {
@@ -2873,7 +2866,7 @@ static PyMethodDef Core_methods[] = {
     M("_set_data", Core_set_data, METH_O, "(memoryview of the slots)"),
     M("_queue_move", Core_queue_move, METH_VARARGS, "(kind, q, buffer, n, block, timeout_ns, retry_ns) -> moved"),
     M("_free_bulk_fast", Core_free_bulk_fast, METH_O, "(handles) -> None, or NotImplemented for Python's checks"),
-    M("_alloc_async_try", Core_alloc_async_try, METH_O, "(lock_wait_ns) -> handle, None (registered), False (lock busy)"),
+    M("_alloc_async_try", Core_alloc_async_try, METH_NOARGS, "() -> handle, None (registered), False (lock busy)"),
     M("_async_done", Core_async_done, METH_NOARGS, "count out an async sleeper"),
     M("_set_fifo_prefix", Core_set_fifo_prefix, METH_O, "(path prefix of the entries' asyncio wake-up FIFOs)"),
     M("_set_owner", Core_set_owner, METH_O, "(pool): the Mempool whose policy the slow paths call (held weakly)"),

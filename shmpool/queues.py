@@ -113,7 +113,7 @@ class Queue:
         if self._index < 0:
             raise self._closed()
         ns = _timeout_ns(block, timeout)
-        return self._pool._fast._queue_move(kind, self._index, buf, n, bool(block), ns, int(RETRY_SECONDS * _NS))
+        return self._pool._fast._queue_move(kind, self._index, buf, n, bool(block), ns, _RETRY_NS)
 
     def put(self, handle: int, block: bool = True, timeout: float | None = None) -> None:
         """Hand element ``handle`` (held by this process) to the queue; it
@@ -122,7 +122,7 @@ class Queue:
         not ``block``."""
         if self._index < 0:
             raise self._closed()
-        ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
+        ns = _timeout_ns(block, timeout)
         moved = self._pool._fast._qput(self._index, block, ns, _RETRY_NS, handle)  # one C call
         if moved < 0:  # not a plain int of this pool: a numpy integer, or the error that says why
             idx, gen = self._pool._decode(handle)
@@ -152,7 +152,7 @@ class Queue:
         it stays empty, or at once if not ``block``."""
         if self._index < 0:
             raise self._closed()
-        ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
+        ns = _timeout_ns(block, timeout)
         handle = self._pool._fast._qget(self._index, block, ns, _RETRY_NS)  # one C call
         if handle is None:
             raise _stdqueue.Empty
@@ -170,11 +170,8 @@ class Queue:
             raise TypeError(f"max_n must be an int, not {type(max_n).__name__}")
         if max_n < 1:
             raise ValueError(f"max_n must be at least 1, not {max_n}")
-        if self._index < 0:
-            raise self._closed()
         out = np.empty(min(int(max_n), self.depth), dtype=np.int64)
-        ns = -1 if timeout is None or not block else _timeout_ns(block, timeout)
-        got = self._pool._fast._queue_move(_GET, self._index, out, out.size, bool(block), ns, _RETRY_NS)
+        got = self._move(_GET, out, out.size, block, timeout)
         if not got:
             raise _stdqueue.Empty
         return out if got == out.size else out[:got]
@@ -222,7 +219,7 @@ class Queue:
         if self._index < 0:
             raise self._closed()
         lock_ns = int(NOWAIT_LOCK_SECONDS * _NS)
-        return int(self._pool._fast._queue_move(kind, self._index, one, 1, False, lock_ns, int(RETRY_SECONDS * _NS)))
+        return int(self._pool._fast._queue_move(kind, self._index, one, 1, False, lock_ns, _RETRY_NS))
 
     @staticmethod
     def _seconds(timeout: object) -> float | None:
