@@ -6,19 +6,16 @@ How alloc_async waits: in its own event loop
 It first makes the non-blocking attempt (``__GFP_WAIT`` cleared: the
 lock-free cache, else one critical section). If that finds nothing and the
 mask may sleep, it sleeps the way a sleeping alloc does, with the event loop
-as its wait queue: one critical section (``_alloc_async_try``) tries again
+as its wait queue: one critical section (``alloc_async_try``) tries again
 and, failing, counts the caller in as a sleeper (``nr_waiters``, its
 process's entry) and as an *async* one (``H_ASYNC_WAITERS``, the entry's
 ``P_ASYNC``), all under the lock, the kernel's ``prepare_to_wait``. The
 coroutine then awaits a future that its loop completes when the process's
 FIFO (``/dev/shm/fifo.shmpool.NAME.E``, E its registry entry) becomes
 readable: a free that refills the reserve writes a byte into the FIFO of
-every process with async sleepers, after the lock is released (``_fast.c``,
-``poke_async``), as ``wake_up`` wakes every sleeper. Each woken coroutine
-counts itself out and tries again. No thread, no semaphore token: the
-semaphore's tokens are posted for the other sleepers only (the counts less
-the async ones), so a token is never left for a coroutine that will not
-take it.
+every process with async sleepers, after the lock is released
+(``_core/wake.c``, ``poke_async``), as ``wake_up`` wakes every sleeper. Each
+woken coroutine counts itself out and tries again. No thread is involved.
 
 - No lost wake-up: a byte written after the coroutine registered waits in
   the FIFO until the loop, which runs nothing between the registration and
@@ -32,7 +29,7 @@ take it.
   the same, and blocks SIGPIPE around its writes (a reader that has gone
   gives EPIPE, never a signal that might kill it).
 - Nothing wakes a process that cannot reach the FIFO (another mount of
-  /dev/shm): its coroutines try again every ``pool.SLEEP_RETRY_SECONDS``, as a
+  /dev/shm): its coroutines try again every ``SLEEP_RETRY_NS`` (5 s), as a
   sleeping alloc does. A lock held by a live process for
   ``ATOMIC_LOCK_WAIT_SECONDS`` (GFP_ATOMIC's wait) makes the attempt give up
   without registering, and try again ``LOCK_BUSY_RETRY_SECONDS``
@@ -83,6 +80,7 @@ reason); a queue's slices leave no trace.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue as _stdqueue
 import threading
@@ -90,11 +88,11 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import _segment
+from . import _core, _segment
 from .gfp import __GFP_WAIT, may_sleep
 
 if TYPE_CHECKING:
-    from .pool import Mempool
+    from ._attach import Membership
     from .queues import Queue
 
 #: How long a waiting alloc_async's thread sleeps per slice: it stops within
@@ -308,9 +306,9 @@ async def _wait(
     return await _Waiter(attempt, deadline, slice_seconds, undo, undo_now).wait()
 
 
-def _free_quietly(pool: Mempool, handle: int) -> None:
+def _free_quietly(member: Membership, handle: int) -> None:
     try:
-        pool.free(handle)
+        member.core.free(handle)
     except Exception:  # the pool closed or destroyed meanwhile: nothing to give back to
         pass
 
@@ -324,7 +322,7 @@ class _Fifo:
     registry entry (``_segment.fifo_prefix``), watched by one event loop
     (the first that waits, until it closes; other loops of the process wait
     in threads meanwhile). A free that refills the reserve writes a byte into
-    the FIFO of every process with async sleepers (``_fast.c``,
+    the FIFO of every process with async sleepers (``_core/wake.c``,
     poke_async): the loop wakes every coroutine waiting on the pool, as the
     kernel's ``wake_up`` wakes every sleeper, and each tries again. The
     reader stays registered while the loop has the FIFO: adding and removing
@@ -377,23 +375,24 @@ _fifos: dict[tuple[tuple[int, int], int], _Fifo] = {}
 _fifo_lock = threading.Lock()
 
 
-def _fifo_for(pool: Mempool, loop: asyncio.AbstractEventLoop) -> _Fifo | None:
+def _fifo_for(member: Membership, loop: asyncio.AbstractEventLoop) -> _Fifo | None:
     """The pool's wait channel in ``loop``, made on first use; None if
     another loop of this process has it (or no FIFO can be made): that wait
     goes to a thread instead."""
-    entry = pool._fast._entry
+    entry = member.core.entry
     if entry < 0:
         return None
-    key = (pool._key, entry)
+    key = (member.key, entry)
     with _fifo_lock:
         fifo = _fifos.get(key)
         if fifo is None:
-            path = _segment.fifo_prefix(pool.name) + str(entry)
+            path = _segment.fifo_prefix(member.name) + str(entry)
             try:
-                fd = _segment.make_fifo(path, os.fstat(pool._fd).st_mode)
+                fd = _segment.make_fifo(path, os.fstat(member.seg_fd).st_mode)
             except OSError:
                 return None
             fifo = _fifos[key] = _Fifo(fd, path)
+            member.on_detach(functools.partial(drop_fifos, member.key))
         if fifo.loop is not loop:
             if fifo.loop is not None and not fifo.loop.is_closed():
                 return None
@@ -433,31 +432,29 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-async def alloc(pool: Mempool, gfp: int, timeout: float | None) -> int | None:
+async def alloc(member: Membership, gfp: int, timeout: float | None) -> int | None:
+    core = member.core
     sleeps = may_sleep(gfp)
-    seconds = None if timeout is None else pool._check_timeout(timeout)
+    seconds = _core.seconds(timeout)
     start = _monotonic()
     nowait = int(gfp) & ~int(__GFP_WAIT)
-    h = pool.alloc(nowait) if sleeps else pool.alloc(gfp)
+    h = core.alloc(nowait) if sleeps else core.alloc(gfp)
     if h is not None or not sleeps:
-        return h
+        return h  # type: ignore[no-any-return]
     loop = asyncio.get_running_loop()
-    fifo = _fifo_for(pool, loop)
+    fifo = _fifo_for(member, loop)
     if fifo is None:
-        return await _alloc_in_thread(pool, gfp, timeout, start, seconds)
-    from .pool import SLEEP_RETRY_SECONDS  # (pool imports this module)
-
+        return await _alloc_in_thread(member, gfp, timeout, start, seconds)
     deadline = None if seconds is None else start + seconds
-    fast = pool._fast
     while True:
-        got = fast._alloc_async_try()  # the handle; None: counted in as an async sleeper; False: lock busy
+        got = core.alloc_async_try()  # the handle; None: counted in as an async sleeper; False: lock busy
         if type(got) is int:
             return got
         # Listening only now is no race: a byte written since the attempt
         # waits in the FIFO until this loop runs its callbacks, after the await.
         fut = loop.create_future()
         fifo.waiters.add(fut)
-        wait = SLEEP_RETRY_SECONDS if got is None else LOCK_BUSY_RETRY_SECONDS
+        wait = _core.retry()[0] / 1e9 if got is None else LOCK_BUSY_RETRY_SECONDS
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - _monotonic()))
         timer = loop.call_later(wait, _wake, fut)
@@ -467,23 +464,24 @@ async def alloc(pool: Mempool, gfp: int, timeout: float | None) -> int | None:
             timer.cancel()
             fifo.waiters.discard(fut)
             if got is None:
-                fast._async_done()
+                core.async_done()
         if deadline is not None and _monotonic() >= deadline:
-            h = pool.alloc(nowait)  # a last attempt that does not sleep
+            h = core.alloc(nowait)  # a last attempt that does not sleep
             if h is not None:
-                return h
-            raise TimeoutError(f"pool {pool.name!r}: no element within {timeout} s")
+                return h  # type: ignore[no-any-return]
+            raise TimeoutError(f"pool {member.name!r}: no element within {timeout} s")
 
 
 async def _alloc_in_thread(
-    pool: Mempool, gfp: int, timeout: float | None, start: float, seconds: float | None
+    member: Membership, gfp: int, timeout: float | None, start: float, seconds: float | None
 ) -> int:
     """alloc_async's wait when its loop cannot have the FIFO (another loop
     of this process waits on it): a sleeping alloc in a thread, in slices."""
-    free = lambda h: _free_quietly(pool, h)  # noqa: E731
-    h = await _wait(start, seconds, _slices(lambda s: pool.alloc(gfp, timeout=s), TimeoutError), ALLOC_SLICE_SECONDS, free, free)
+    free = lambda h: _free_quietly(member, h)  # noqa: E731
+    attempt = _slices(lambda s: member.core.alloc(gfp, timeout=s), TimeoutError)
+    h = await _wait(start, seconds, attempt, ALLOC_SLICE_SECONDS, free, free)
     if h is _NOTHING:
-        raise TimeoutError(f"pool {pool.name!r}: no element within {timeout} s")
+        raise TimeoutError(f"pool {member.name!r}: no element within {timeout} s")
     return h  # type: ignore[no-any-return]
 
 
@@ -500,19 +498,22 @@ def _requeue_now(q: Queue, handle: int) -> None:
     """The same from the loop's thread: at once if there is room, else from
     a thread of its own."""
     try:
-        if q._put_now(handle):
-            return
+        q.put_nowait(handle)
+        return
+    except _stdqueue.Full:
+        pass
     except Exception:  # the pool closed or destroyed meanwhile
         return
     threading.Thread(target=_requeue, args=(q, handle), name="shmpool requeue", daemon=True).start()
 
 
 async def get(q: Queue, timeout: float | None) -> int:
-    seconds = q._seconds(timeout)
+    seconds = _core.seconds(timeout)
     start = _monotonic()
-    h = q._get_now()
-    if h is not None:
-        return h
+    try:
+        return q.get_nowait()  # waits for the lock at most the atomic bound, as GFP_ATOMIC
+    except _stdqueue.Empty:
+        pass
     h = await _wait(
         start, seconds, _slices(lambda s: q.get(True, s), _stdqueue.Empty), QUEUE_SLICE_SECONDS,
         lambda h: _requeue(q, h), lambda h: _requeue_now(q, h),
@@ -523,10 +524,13 @@ async def get(q: Queue, timeout: float | None) -> int:
 
 
 async def put(q: Queue, handle: int, timeout: float | None) -> None:
-    seconds = q._seconds(timeout)
+    seconds = _core.seconds(timeout)
     start = _monotonic()
-    if q._put_now(handle):
+    try:
+        q.put_nowait(handle)
         return
+    except _stdqueue.Full:
+        pass
 
     def put_one(slice_seconds: float) -> bool:
         q.put(handle, True, slice_seconds)

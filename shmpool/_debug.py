@@ -5,7 +5,7 @@ CONFIG_SLUB_DEBUG_ON / slub_debug=P): an element that enters the reserve is
 filled with POISON_FREE (0x6b) and its last byte set to POISON_END (0xa5);
 when it leaves the reserve the pattern is checked (a mismatch means that
 somebody wrote to the element after freeing it) and the element is filled
-with POISON_INUSE (0x5a) before it is handed out. ``_fast.c`` does it, under
+with POISON_INUSE (0x5a) before it is handed out. ``_core/slots.c`` does it, under
 the lock; the audit below checks the reserve's patterns.
 
 The audit (DPDK's rte_mempool_audit, and the checks of shmpool-inspect
@@ -32,6 +32,9 @@ from ._layout import (
     P_CACHE_N,
     P_EPOCH,
     P_PID,
+    POISON_END,
+    POISON_FREE,
+    POISON_INUSE,
     PROC_WORDS,
     Q_COUNT,
     Q_DEPTH,
@@ -43,15 +46,13 @@ from ._layout import (
     ST_ARENA,
     ST_CACHED,
     ST_HELD,
+    ST_PARKED,
     ST_QUEUED,
     ST_RESERVE,
     STATE_MASK,
-    Views,
 )
+from ._mapping import Views
 
-POISON_FREE = 0x6B
-POISON_END = 0xA5
-POISON_INUSE = 0x5A
 
 
 def poison_pattern(slot_size: int) -> bytes:
@@ -96,7 +97,8 @@ def audit(v: Views) -> list[str]:
         return findings  # the stacks cannot be read within bounds
     states = np.frombuffer(v.words, dtype=np.uint64) & STATE_MASK
     bad = np.flatnonzero(
-        (states != ST_ARENA) & (states != ST_RESERVE) & (states != ST_HELD) & (states != ST_CACHED) & (states != ST_QUEUED)
+        (states != ST_ARENA) & (states != ST_RESERVE) & (states != ST_HELD) & (states != ST_CACHED)
+        & (states != ST_QUEUED) & (states != ST_PARKED)
     )
     if bad.size:
         findings.append(f"{bad.size} slot(s) have no valid state, first slot {bad[0]} (state {states[bad[0]]})")

@@ -1,104 +1,87 @@
-"""Segment layout: where each field of a pool lives in its segment.
+"""The layout table: where each field of a pool lives in its segment.
+
+This module is the one truth for both languages. It imports nothing from the
+package, so that ``setup.py`` can load it by path and generate the C core's
+header from it (``c_header()`` -> ``shmpool/_core/layout.h``); the compiled
+core carries a hash of that text, checked against this table when the core
+is imported (``layout_hash()``), so a stale build is refused by name.
 
 One POSIX shared-memory segment holds one pool::
 
-    offset 0            header: HEADER_WORDS unsigned 64-bit words (below)
+    offset 0            header: HEADER_WORDS unsigned 64-bit words (H_*)
     off_words           slot words: capacity x u64, one per slot (the truth)
     off_stack           reserve stack: capacity x u32 slot indexes (elements[])
     off_arena           arena free list: capacity x u32 slot indexes (a stack)
     off_next            queue links: capacity x u32, the next slot in a queue
-    off_procs           process registry: max_procs x PROC_WORDS u64 (below)
-    off_queues          queue table: max_queues x QUEUE_WORDS u64 (below)
+    off_procs           process registry: max_procs x PROC_WORDS u64 (P_*)
+    off_queues          queue table: MAX_QUEUES x QUEUE_WORDS u64 (Q_*)
     off_slots           slots: capacity x stride bytes, page-aligned start
     total               end of the segment
 
-That is 20 bytes of metadata per slot beyond the fixed header. The stack has
+That is 20 bytes of metadata per slot beyond the fixed part. The stack has
 room for ``capacity`` entries, so ``resize`` can grow ``min_nr`` up to the
 capacity without moving anything. ``stride`` is ``slot_size`` rounded up to
-8, so every slot is 8-byte aligned (numpy views of any dtype up to 8 bytes are
-aligned).
+8, so every slot is 8-byte aligned.
 
-The slot word is the truth about a slot; everything else is derived from it::
+The slot word
+-------------
+The slot word is the truth about a slot; every list, depth and count is
+derived from the words and can be rebuilt from them (``_core/repair.c``)::
 
-    bits 0-7    state: ARENA, RESERVE, HELD, CACHED or QUEUED (0 never
-                appears in a live pool)
-    bits 8-23   owner: the registry entry (index + 1) of the process that
-                holds the slot (HELD) or whose cache holds it (CACHED), or
-                the queue (index + 1) that holds it (QUEUED); 0 otherwise
+    bits 0-7    state (ST_*): ARENA, RESERVE, HELD, CACHED, QUEUED or PARKED
+                (0 never appears in a live pool)
+    bits 8-23   owner: for HELD and CACHED the registry entry + 1 of the
+                process that holds the slot (or whose cache holds it); for
+                QUEUED the queue + 1; for PARKED the entry + 1 of the process
+                that freed it (for the record); 0 otherwise
     bits 24-62  generation: bumped each time the slot is handed out
 
-A handle is ``index | generation << 24``: the slot index and the generation
-the slot had when it was handed out. A stale handle (its slot freed and
-handed out again) is refused instead of freeing someone else's element.
-Generations are 39 bits and start at a random value per slot, so a handle of
-another pool (or a forged one) names the right generation with odds of
-2**-39. A slot reused at full speed (an alloc+free pair every 50 ns) takes
-2**39 * 50 ns, about 7.6 hours, to come back to a generation; a stale handle
-is accepted only if it is used at exactly that moment.
+A held slot's owner must name an entry in use (its epoch not 0, below
+``H_ENTRIES_USED``): one that names a vacant entry or none is damage, never
+a dead holder's element to take back. PARKED: freed while the pool lock
+could not be had (a live holder stopped); the next holder of the lock
+completes the free (``H_PARKED`` counts them).
 
-The reserve stack and the arena free list are two stacks of slot indexes whose
-depths are ``curr_nr`` and ``arena_free``. They are caches of the slot words:
-``stack[0:curr_nr]`` holds exactly the RESERVE slots and
-``arena[0:arena_free]`` exactly the ARENA slots. Because a single aligned
-8-byte store changes a slot's state, a process killed at any instant leaves
-slot words that are each whole, from which the stacks and counters can be
-rebuilt (``repair`` in ``_fast.c``).
+A handle is ``index | generation << 24``: a stale handle (its slot freed and
+handed out again) is refused. Generations are 39 bits and start at a random
+value per slot, so another pool's handle names the right generation with
+odds of 2**-39; a slot reused every 50 ns takes about 7.6 hours to come back
+to a generation.
 
-The process registry has one entry per process attached to the pool: its
-pid and start time (for people: see ``_procs``), its epoch (a number drawn
-from ``H_EPOCH`` when the entry was taken: it names this incarnation of the
-entry in lock tokens), how many of its threads are sleeping in alloc, its
-counters (summed with the header's counters when read: no counter is a cache
-line that every process writes; a dead process's counters stay in its entry
-and its successor there counts on from them, so nothing is folded or lost)
-and its cache of free arena slots (see
-``_fast.c``: a small stack that only its owner pushes and pops, whose slots
-are CACHED by the entry). When the shared free list runs dry, a process may
-take cached slots from other processes' caches (by compare-and-swap of the
-slot word, under the lock), and blanks the cache entry it took; an owner
-drops an entry whose slot is no longer cached by it. How many slots a cache
-holds is therefore counted from the slot words its entries name, never kept
-in a counter that a death could leave half-updated.
+The registry and the queues
+---------------------------
+One registry entry per attached process: its pid and start time (for
+people), its epoch (drawn from ``H_EPOCH`` when the entry was taken; it names
+this incarnation of the entry in lock tokens), how many of its threads sleep
+on each wait channel (so that a dead sleeper can be counted out), its
+counters (summed with the header's when read) and its cache of free arena
+slots (a stack only its owner pushes and pops; thieves blank what they take).
+Liveness: each attached process holds an OFD lock on its entry's first byte
+of the segment file, dropped by the kernel when it dies.
 
-Liveness: each attached process holds an open-file-description lock
-(``F_OFD_SETLK``) on its entry's first byte of the segment file. The kernel
-drops it when the process dies, whatever pid namespace either side is in, so
-an entry whose byte nobody locks belongs to a dead process. Pids are kept
-only to show people who is who.
-
-Queues: a named queue is a FIFO of elements linked through ``next[]`` (an
-element is in one queue at most, so one link per slot serves every queue),
-with its head, tail, count and depth in the queue table. The QUEUED slot
-word is the truth; the links, head, tail and count are rebuilt from the words
-by the repair, so an element is in its queue or with a process, never both
-and never neither, whatever instant a process dies at.
+A queue is a FIFO linked through ``next[]`` with its head, tail, count and
+depth in the queue table; the QUEUED slot word is the truth.
 
 The pool lock is the header word ``H_LOCK_OWNER``: 0 when free, else the
-holder's token ``(entry + 1) | epoch << 16``, set by compare-and-swap, so a
-hold is never anonymous (see ``_fast.c``).
-
-Header words are native-endian u64, addressed by the ``H_*`` indexes below;
-the ones marked (f64) hold an IEEE double in the same 8 bytes. The magic
-number comes first and is written last by ``create``, so a half-made pool
-is never mistaken for a whole one.
+holder's token ``(entry + 1) | epoch << 16``. Contenders and sleepers wait on
+futex words (the low 32 bits of ``H_LOCK_OWNER``, ``H_WAIT_SEQ``,
+``Q_GET_SEQ``, ``Q_PUT_SEQ``), so nothing but the segment itself is shared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
-import struct
 from dataclasses import dataclass
 
-from ._errors import PoolFormatError
-
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 5  # 5: asyncio waiters (H_ASYNC_WAITERS, P_ASYNC) woken through FIFOs
+LAYOUT_VERSION = 6  # 6: futex wait channels (no semaphores), PARKED frees, queue channels per side
 
 HEADER_WORDS = 64
 HEADER_BYTES = HEADER_WORDS * 8
 PAGE = mmap.PAGESIZE
 
-# Header word indexes. Geometry: written once by create, read-only after.
+# Header words. Geometry: written once by create, read-only after.
 H_MAGIC = 0
 H_VERSION = 1
 H_HEADER_BYTES = 2
@@ -109,45 +92,49 @@ H_STRIDE = 6
 H_OFF_WORDS = 7
 H_OFF_STACK = 8
 H_OFF_ARENA = 9
-H_OFF_SLOTS = 10
-H_FLAGS = 12
-H_CREATOR_PID = 13
-H_CREATED_NS = 14  # wall clock, time.time_ns()
-H_MAX_PROCS = 15
-H_OFF_PROCS = 27
-# Pool state: guarded by the pool lock.
-H_STATUS = 16  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
-H_MIN_NR = 17
-H_CURR_NR = 18
-H_ARENA_FREE = 19
-H_NR_WAITERS = 20  # sleeping allocations between register and finish
-H_CREATOR_START = 21  # the creator's start time (see _procs); 0 if unknown
-H_EPOCH = 22  # the last epoch handed to a registry entry
-H_FAIL_RATE = 23  # (f64) probability that an arena attempt fails on purpose
-H_FAIL_THRESHOLD = 24  # fail_rate scaled to 2**64: fail when rng < threshold
-H_SEED = 25
-H_RNG = 26  # splitmix64 state of the fault injector
-# The pool lock (see _fast.c).
-H_LOCK_OWNER = 28  # 0, or the holder's token (entry + 1) | epoch << 16
-H_LOCK_SINCE_NS = 29  # CLOCK_MONOTONIC ns when it was taken (written by the holder)
-H_LOCK_WAITERS = 30  # contenders sleeping on the lock semaphore
-H_LOCK_SEQ = 31  # bumped by every acquisition
-# Counters: guarded by the pool lock.
-H_ALLOC_ARENA = 32
-H_ALLOC_RESERVE = 33
-H_ALLOC_FAILED = 34
-H_FREE_RESERVE = 35
-H_FREE_ARENA = 36
-H_SLEEPS = 37
-H_FAULTS = 38  # arena attempts failed on purpose
-H_POISON_ERRORS = 39
-H_RECOVERIES = 40  # times the lock was taken over from a dead holder
-H_RECLAIMED = 41  # elements taken back from dead holders
-H_OFF_NEXT = 43
-H_OFF_QUEUES = 44
-H_MAX_QUEUES = 45
-H_ENTRIES_USED = 42  # one past the highest registry entry ever taken: how far scans look
-H_ASYNC_WAITERS = 46  # of nr_waiters, the asyncio ones: woken through their process's FIFO, not the semaphore
+H_OFF_NEXT = 10
+H_OFF_PROCS = 11
+H_MAX_PROCS = 12
+H_OFF_QUEUES = 13
+H_MAX_QUEUES = 14
+H_OFF_SLOTS = 15
+H_FLAGS = 16
+H_CREATOR_PID = 17
+H_CREATOR_START = 18  # the creator's start time (see _procs); 0 if unknown
+H_CREATED_NS = 19  # wall clock, time.time_ns()
+# Pool state, under the pool lock.
+H_STATUS = 20  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
+H_MIN_NR = 21
+H_CURR_NR = 22
+H_ARENA_FREE = 23
+H_EPOCH = 24  # the last epoch handed to a registry entry (atomic add)
+H_ENTRIES_USED = 25  # one past the highest registry entry ever taken: how far scans look
+H_PARKED = 26  # slots PARKED (freed without the lock) that the next lock holder returns
+# Fault injection.
+H_FAIL_RATE = 27  # (f64) probability that an arena attempt fails on purpose
+H_FAIL_THRESHOLD = 28  # fail_rate scaled to 2**53: fail when the draw is below it
+H_SEED = 29
+H_RNG = 30  # splitmix64 state of the fault injector (atomic add)
+# The pool lock.
+H_LOCK_OWNER = 31  # 0, or the holder's token (entry + 1) | epoch << 16; contenders wait on its low 32 bits
+H_LOCK_SINCE_NS = 32  # CLOCK_MONOTONIC ns when it was taken (written by the holder)
+H_LOCK_WAITERS = 33  # contenders asleep on the lock
+H_LOCK_SEQ = 34  # bumped by every acquisition
+# The wait channel of sleeping allocations.
+H_NR_WAITERS = 35  # sleeping allocations, counted in and out with atomic adds
+H_ASYNC_WAITERS = 36  # of them, the asyncio ones (woken through their process's FIFO)
+H_WAIT_SEQ = 37  # futex word: bumped by every wake-up of the channel
+# Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
+H_ALLOC_ARENA = 40
+H_ALLOC_RESERVE = 41
+H_ALLOC_FAILED = 42
+H_FREE_RESERVE = 43
+H_FREE_ARENA = 44
+H_SLEEPS = 45
+H_FAULTS = 46  # arena attempts failed on purpose
+H_POISON_ERRORS = 47
+H_RECOVERIES = 48  # times the lock was taken over from a dead holder
+H_RECLAIMED = 49  # elements taken back from dead holders
 COUNTERS = (
     ("alloc_arena", H_ALLOC_ARENA),
     ("alloc_reserve", H_ALLOC_RESERVE),
@@ -171,19 +158,20 @@ ST_RESERVE = 2
 ST_HELD = 3
 ST_CACHED = 4
 ST_QUEUED = 5
+ST_PARKED = 6
 STATE_NAMES = {
     ST_ARENA: "in the arena",
     ST_RESERVE: "in the reserve",
     ST_HELD: "held",
     ST_CACHED: "in the arena (a process's cache)",
     ST_QUEUED: "in a queue",
+    ST_PARKED: "being freed (parked until the pool lock is free)",
 }
 STATE_MASK = 0xFF
 OWNER_SHIFT = 8
 OWNER_MASK = 0xFFFF
 GEN_SHIFT = 24
 GEN_MASK = (1 << 39) - 1
-GEN_BITS = GEN_MASK << GEN_SHIFT
 
 # Handles: index | generation << HGEN_SHIFT (63 bits: fits an int64).
 INDEX_BITS = 24
@@ -195,19 +183,31 @@ MAX_SLOT_SIZE = 1 << 30
 # Process registry entries: PROC_WORDS u64 each.
 P_PID = 0
 P_START = 1
-P_SLEEPING = 2
-P_CACHE_N = 3  # entries in the cache array (some may be stale or blank)
-P_EPOCH = 4  # 0: the entry is vacant
-P_ASYNC = 5  # of P_SLEEPING, the asyncio waiters (woken through the entry's FIFO, _segment.fifo_path)
+P_EPOCH = 2  # 0: the entry is vacant
+P_SLEEPING = 3  # this process's threads asleep in a sleeping alloc (async ones included)
+P_ASYNC = 4  # of P_SLEEPING, the asyncio ones
+P_CACHE_N = 5  # entries in the cache array (some may be blank: taken by thieves)
 P_COUNTERS = 6  # the first N_PROC_COUNTERS of COUNTERS, in that order
 N_PROC_COUNTERS = 8
-P_CACHE = P_COUNTERS + N_PROC_COUNTERS  # CACHE_MAX u32 slot indexes
 CACHE_MAX = 64
-P_QSLEEP = P_CACHE + CACHE_MAX // 2  # MAX_QUEUES u8: this process's threads asleep on each queue
-PROC_WORDS = P_QSLEEP + 64 // 8
-MAX_PROCS = 256
+P_CACHE = P_COUNTERS + N_PROC_COUNTERS  # CACHE_MAX u32 slot indexes
+MAX_QUEUES = 64
+P_QGET = P_CACHE + CACHE_MAX // 2  # MAX_QUEUES u8: this process's threads asleep in a get, per queue
+P_QPUT = P_QGET + MAX_QUEUES // 8  # MAX_QUEUES u8: the same in a put
+PROC_WORDS = P_QPUT + MAX_QUEUES // 8
+MAX_PROCS = 256  # the default max_processes
 MAX_MAX_PROCS = OWNER_MASK - 1  # an owner field holds entry + 1
 CACHE_BLANK = 0xFFFFFFFF  # a cache entry taken by another process
+# Per-process counter indexes (relative to P_COUNTERS).
+C_ALLOC_ARENA = 0
+C_ALLOC_RESERVE = 1
+C_ALLOC_FAILED = 2
+C_FREE_RESERVE = 3
+C_FREE_ARENA = 4
+C_SLEEPS = 5
+C_FAULTS = 6
+C_POISON = 7
+
 # Queue table entries: QUEUE_WORDS u64 each.
 Q_NAME = 0  # QUEUE_NAME_BYTES, NUL-padded
 QUEUE_NAME_BYTES = 48
@@ -218,14 +218,68 @@ Q_HEAD = 9  # slot index, or NO_SLOT
 Q_TAIL = 10
 Q_PUTS = 11
 Q_GETS = 12
-Q_WAITERS = 13  # threads asleep in a blocked put or get on this queue
-Q_PUTTERS = 14  # of them, those in a put (the others wait in a get)
-QUEUE_WORDS = 16
+Q_GETTERS = 13  # threads asleep in a blocked get
+Q_PUTTERS = 14  # threads asleep in a blocked put
+Q_GET_SEQ = 15  # futex word of the getters' channel: bumped when elements arrive
+Q_PUT_SEQ = 16  # futex word of the putters' channel: bumped when room is made
+QUEUE_WORDS = 20  # 17-19 reserved
 QUEUE_LIVE = 1
-MAX_QUEUES = 64
 NO_SLOT = 0xFFFFFFFF
-# Per-process counter indexes (relative to P_COUNTERS).
-C_ALLOC_ARENA, C_ALLOC_RESERVE, C_ALLOC_FAILED, C_FREE_RESERVE, C_FREE_ARENA, C_SLEEPS, C_FAULTS, C_POISON = range(8)
+
+# Bounds on every wait for the pool lock (see _core/mempool.c, "Entry").
+ATOMIC_WAIT_NS = 50_000_000  # a call that may not wait (GFP_ATOMIC, *_nowait, alloc_preallocated, free)
+ADMIN_WAIT_NS = 500_000_000  # an administrative call (stats, reclaim_dead, resize, destroy, attach, ...)
+SLEEP_RETRY_NS = 5_000_000_000  # a sleeping alloc retries this often unwoken (io_schedule_timeout(5*HZ))
+QUEUE_RETRY_NS = 1_000_000_000  # a blocked put or get re-checks this often unwoken
+LOCK_SLICE_NS = 20_000_000  # a lock contender looks at the holder's liveness this often
+MAX_WAIT_NS = 1 << 62  # a longer timeout is clamped to this (about 146 years)
+
+# Poisoning (the kernel's slab debugging values).
+POISON_FREE = 0x6B
+POISON_END = 0xA5
+POISON_INUSE = 0x5A
+
+#: What c_header() emits, section by section: (comment, names).
+_C_SECTIONS = (
+    ("identity", ("MAGIC", "LAYOUT_VERSION", "HEADER_WORDS")),
+    ("header words", tuple(n for n in globals() if n.startswith("H_"))),
+    ("header values", ("STATUS_LIVE", "STATUS_DESTROYED", "FLAG_POISON")),
+    ("slot words", ("ST_ARENA", "ST_RESERVE", "ST_HELD", "ST_CACHED", "ST_QUEUED", "ST_PARKED", "STATE_MASK",
+                    "OWNER_SHIFT", "OWNER_MASK", "GEN_SHIFT", "GEN_MASK")),
+    ("handles", ("INDEX_MASK", "HGEN_SHIFT", "MAX_CAPACITY", "MAX_SLOT_SIZE")),
+    ("registry entries", tuple(n for n in globals() if n.startswith(("P_", "C_")))
+     + ("N_PROC_COUNTERS", "CACHE_MAX", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
+    ("queue table", tuple(n for n in globals() if n.startswith("Q_"))
+     + ("QUEUE_NAME_BYTES", "QUEUE_WORDS", "QUEUE_LIVE", "MAX_QUEUES", "NO_SLOT")),
+    ("bounds (ns)", ("ATOMIC_WAIT_NS", "ADMIN_WAIT_NS", "SLEEP_RETRY_NS", "QUEUE_RETRY_NS", "LOCK_SLICE_NS",
+                     "MAX_WAIT_NS")),
+    ("poisoning", ("POISON_FREE", "POISON_END", "POISON_INUSE")),
+)
+
+
+def c_header() -> str:
+    """The C core's ``layout.h``: every constant above that C uses, one
+    ``#define`` each (unsigned 64-bit), and the hash that ties the build to
+    this table."""
+    body = []
+    for comment, names in _C_SECTIONS:
+        body.append(f"\n/* {comment} */")
+        body += [f"#define {n} {globals()[n]:#x}ull" for n in names]
+    body.append("\n/* the counters, in COUNTERS' order: their header words */")
+    body.append(f"#define N_COUNTERS {len(COUNTERS)}")
+    body.append("#define COUNTER_WORDS {" + ", ".join(f"{w:#x}ull" for _, w in COUNTERS) + "}")
+    text = "\n".join(body) + "\n"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return (
+        "/* Generated by setup.py from shmpool/_layout.py: do not edit (edit the table). */\n"
+        "#ifndef SHMPOOL_LAYOUT_H\n#define SHMPOOL_LAYOUT_H\n"
+        f'#define LAYOUT_HASH "{digest}"\n{text}#endif\n'
+    )
+
+
+def layout_hash() -> str:
+    """The hash ``c_header()`` stamps into the header (and the core)."""
+    return c_header().split('LAYOUT_HASH "', 1)[1].split('"', 1)[0]
 
 
 @dataclass(frozen=True)
@@ -267,77 +321,13 @@ class Geometry:
             MAX_QUEUES, off_slots, total,
         )
 
-
-def read_geometry(mm: mmap.mmap, size: int) -> Geometry:
-    """Validate the header of a mapped segment of ``size`` bytes and return
-    its geometry. Reads only; raises PoolFormatError on any disagreement,
-    before anything beyond the checked size is touched (no SIGBUS)."""
-    if size < HEADER_BYTES:
-        raise PoolFormatError(f"segment is {size} bytes, shorter than a shmpool header ({HEADER_BYTES})")
-    words = struct.unpack_from(f"={HEADER_WORDS}Q", mm, 0)
-    if words[H_MAGIC] != MAGIC:
-        raise PoolFormatError("not a shmpool pool (bad magic number)")
-    if words[H_VERSION] != LAYOUT_VERSION:
-        raise PoolFormatError(
-            f"pool has layout version {words[H_VERSION]}, this shmpool reads version {LAYOUT_VERSION}"
-        )
-    slot_size, capacity, max_procs = words[H_SLOT_SIZE], words[H_CAPACITY], words[H_MAX_PROCS]
-    if not (1 <= slot_size <= MAX_SLOT_SIZE and 1 <= capacity <= MAX_CAPACITY and 1 <= max_procs <= MAX_MAX_PROCS):
-        raise PoolFormatError(
-            f"header has an impossible geometry: slot_size={slot_size}, capacity={capacity}, max_procs={max_procs}"
-        )
-    geo = Geometry.of(slot_size, capacity, max_procs)
-    stored = (
-        words[H_HEADER_BYTES], words[H_STRIDE], words[H_OFF_WORDS], words[H_OFF_STACK],
-        words[H_OFF_ARENA], words[H_OFF_PROCS], words[H_OFF_SLOTS], words[H_TOTAL], words[H_OFF_NEXT],
-        words[H_OFF_QUEUES], words[H_MAX_QUEUES],
-    )
-    expected = (
-        HEADER_BYTES, geo.stride, geo.off_words, geo.off_stack, geo.off_arena, geo.off_procs, geo.off_slots, geo.total,
-        geo.off_next, geo.off_queues, geo.max_queues,
-    )
-    if stored != expected:
-        raise PoolFormatError("header offsets disagree with its geometry")
-    if size < geo.total:
-        raise PoolFormatError(f"segment is {size} bytes but its header says {geo.total}: truncated")
-    return geo
-
-
-def write_geometry(hdr: memoryview, geo: Geometry) -> None:
-    """Fill the geometry words of a fresh header (not the magic)."""
-    hdr[H_VERSION] = LAYOUT_VERSION
-    hdr[H_HEADER_BYTES] = HEADER_BYTES
-    hdr[H_TOTAL] = geo.total
-    hdr[H_SLOT_SIZE] = geo.slot_size
-    hdr[H_CAPACITY] = geo.capacity
-    hdr[H_STRIDE] = geo.stride
-    hdr[H_OFF_WORDS] = geo.off_words
-    hdr[H_OFF_STACK] = geo.off_stack
-    hdr[H_OFF_ARENA] = geo.off_arena
-    hdr[H_OFF_PROCS] = geo.off_procs
-    hdr[H_MAX_PROCS] = geo.max_procs
-    hdr[H_OFF_NEXT] = geo.off_next
-    hdr[H_OFF_QUEUES] = geo.off_queues
-    hdr[H_MAX_QUEUES] = geo.max_queues
-    hdr[H_OFF_SLOTS] = geo.off_slots
-
-
-class Views:
-    """Typed memoryviews over one mapping. Holding a Views keeps the mapping
-    alive (each view is an export of it); dropping the last one unmaps."""
-
-    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "next", "procs", "queues", "data")
-
-    def __init__(self, mm: mmap.mmap, geo: Geometry) -> None:
-        base = memoryview(mm)
-        self.mm = mm
-        self.geo = geo
-        self.hdr = base[:HEADER_BYTES].cast("Q")
-        self.fhdr = base[:HEADER_BYTES].cast("d")
-        self.words = base[geo.off_words : geo.off_stack].cast("Q")
-        self.stack = base[geo.off_stack : geo.off_arena].cast("I")
-        self.arena = base[geo.off_arena : geo.off_arena + 4 * geo.capacity].cast("I")
-        self.next = base[geo.off_next : geo.off_next + 4 * geo.capacity].cast("I")
-        self.procs = base[geo.off_procs : geo.off_procs + 8 * PROC_WORDS * geo.max_procs].cast("Q")
-        self.queues = base[geo.off_queues : geo.off_queues + 8 * QUEUE_WORDS * geo.max_queues].cast("Q")
-        self.data = base[geo.off_slots : geo.total]
+    def header_words(self) -> dict[int, int]:
+        """The geometry words of a header of this shape (``H_* -> value``),
+        as create writes them and attach checks them."""
+        return {
+            H_VERSION: LAYOUT_VERSION, H_HEADER_BYTES: HEADER_BYTES, H_TOTAL: self.total,
+            H_SLOT_SIZE: self.slot_size, H_CAPACITY: self.capacity, H_STRIDE: self.stride,
+            H_OFF_WORDS: self.off_words, H_OFF_STACK: self.off_stack, H_OFF_ARENA: self.off_arena,
+            H_OFF_NEXT: self.off_next, H_OFF_PROCS: self.off_procs, H_MAX_PROCS: self.max_procs,
+            H_OFF_QUEUES: self.off_queues, H_MAX_QUEUES: self.max_queues, H_OFF_SLOTS: self.off_slots,
+        }

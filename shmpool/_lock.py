@@ -61,7 +61,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._layout import H_LOCK_OWNER, H_LOCK_SEQ, H_LOCK_SINCE_NS, OWNER_MASK, P_EPOCH, P_PID, P_START, PROC_WORDS, Views
+from ._layout import H_LOCK_OWNER, H_LOCK_SEQ, H_LOCK_SINCE_NS, OWNER_MASK, P_EPOCH, P_PID, P_START, PROC_WORDS
+from ._mapping import Views
 from ._procs import entry_alive
 
 

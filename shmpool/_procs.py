@@ -86,7 +86,7 @@ def live_pids(name: str) -> list[tuple[int, int]]:
     FileNotFoundError if there is no such pool, PoolFormatError if it is not
     a shmpool pool of this layout."""
     from . import _segment
-    from ._layout import read_geometry
+    from ._mapping import read_geometry
 
     mm, size, fd = _segment.open_shm(name, readonly=True)
     try:

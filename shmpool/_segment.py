@@ -1,24 +1,17 @@
 """Create, open, map and unlink a pool's POSIX objects.
 
-A pool named ``NAME`` is three POSIX objects:
+A pool named ``NAME`` is one shared-memory segment, ``/shmpool.NAME``
+(``/dev/shm/shmpool.NAME`` on Linux): the pool lock and every wait channel
+are words of it, waited on as futexes (``_core/lock.c``, ``_core/wake.c``),
+so there is nothing else to create, open or leak. Besides it, only FIFOs
+``/dev/shm/fifo.shmpool.NAME.E``: the asyncio wait channel of the process in
+registry entry E, made by that process when one of its event loops first
+waits for an element, removed when it detaches; a FIFO left by a killed
+process is replaced by the next one in that entry, and ``unlink`` removes
+them all.
 
-- shared memory ``/shmpool.NAME`` (``/dev/shm/shmpool.NAME`` on Linux);
-- semaphore ``/shmpool.NAME.lock`` (where contenders for the pool lock sleep;
-  the lock itself is a word of the header, see ``_fast.c``);
-- semaphore ``/shmpool.NAME.wait`` (the wait channel, initial value 0);
-- semaphores ``/shmpool.NAME.q0`` ... (a wait channel per queue, made with
-  the queue);
-- FIFOs ``/dev/shm/fifo.shmpool.NAME.E`` (the asyncio wait channel of the
-  process in registry entry E, made by that process when one of its event
-  loops first waits for an element, removed when it detaches; a FIFO left by
-  a killed process is replaced by the next one in that entry, and ``unlink``
-  removes them all).
-
-Ownership of the name is decided by the shared memory alone: whoever creates
-it with O_CREAT|O_EXCL owns the pool's name, so its semaphores are created
-only by that process and unlinked (by ``destroy``) before the segment is. A
-semaphore found without its segment is an orphan of an interrupted create or
-destroy, and the next create of that name replaces it.
+Ownership of the name is decided by the segment: whoever creates it with
+O_CREAT|O_EXCL owns the pool's name.
 
 Nothing here unlinks anything on close or at exit: attaching and closing never
 destroy a pool (unlike multiprocessing's resource tracker, gh-82300).
@@ -35,15 +28,10 @@ from dataclasses import dataclass
 
 import posix_ipc
 
-from ._layout import MAX_QUEUES
-
 SHM_PREFIX = "shmpool."
-LOCK_SUFFIX = ".lock"
-QUEUE_SUFFIX = ".q"
-WAIT_SUFFIX = ".wait"
-# Linux keeps both kinds of object in /dev/shm, semaphores as "sem.<name>":
-# NAME_MAX (255) bounds the longest file, "sem.shmpool.NAME.lock".
-MAX_NAME_BYTES = 255 - len("sem.") - len(SHM_PREFIX) - len(LOCK_SUFFIX)
+FIFO_PREFIX = "fifo."
+# NAME_MAX (255) bounds the longest file, "fifo.shmpool.NAME.65534".
+MAX_NAME_BYTES = 255 - len(FIFO_PREFIX) - len(SHM_PREFIX) - len(".65534")
 SHM_DIR = "/dev/shm"
 
 
@@ -64,17 +52,14 @@ def shm_name(name: str) -> str:
     return "/" + SHM_PREFIX + name
 
 
-def sem_names(name: str) -> tuple[str, str]:
-    base = "/" + SHM_PREFIX + name
-    return base + LOCK_SUFFIX, base + WAIT_SUFFIX
-
-
-FIFO_PREFIX = "fifo."
+def segment_path(name: str) -> str:
+    """Where pool ``name``'s segment is in the file system."""
+    return os.path.join(SHM_DIR, SHM_PREFIX + name)
 
 
 def fifo_prefix(name: str) -> str:
     """Registry entry ``e``'s asyncio wake-up FIFO is ``prefix + str(e)``:
-    the freeing process writes a byte into it (``_fast.c``, poke_async)."""
+    the freeing process writes a byte into it (``_core/wake.c``, poke_async)."""
     return os.path.join(SHM_DIR, FIFO_PREFIX + SHM_PREFIX + name + ".")
 
 
@@ -116,21 +101,13 @@ def _unlink_fifos(name: str) -> bool:
     return removed
 
 
-def queue_sem_prefix(name: str) -> str:
-    """Queue ``i``'s wait channel is the semaphore ``prefix + str(i)``,
-    made by the process that creates the queue (``_fast.c``)."""
-    return "/" + SHM_PREFIX + name + QUEUE_SUFFIX
-
-
 @dataclass
 class Segment:
-    """An open pool: its mapping and its two semaphores."""
+    """An open pool's mapping."""
 
     mm: mmap.mmap
     size: int
     fd: int  # kept open: liveness is OFD locks on the segment file (see _procs)
-    lock_sem: posix_ipc.Semaphore
-    wait_sem: posix_ipc.Semaphore
 
 
 def _translate(exc: posix_ipc.Error, what: str, creating: bool, path: str = "") -> OSError:
@@ -139,7 +116,7 @@ def _translate(exc: posix_ipc.Error, what: str, creating: bool, path: str = "") 
             return FileExistsError(errno.EEXIST, f"{what} already exists")
         return FileNotFoundError(errno.ENOENT, f"{what} does not exist")
     if isinstance(exc, posix_ipc.PermissionsError):
-        return PermissionError(errno.EACCES, f"{what}: permission denied: {_why_denied(path)}")
+        return PermissionError(errno.EACCES, f"{what}: permission denied: {why_denied(path)}")
     return OSError(str(exc))
 
 
@@ -150,7 +127,7 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _why_denied(path: str) -> str:
+def why_denied(path: str) -> str:
     """Who owns ``path`` and what its mode admits, said for a person."""
     try:
         st = os.stat(path)
@@ -164,10 +141,9 @@ def _why_denied(path: str) -> str:
 
 def create(name: str, size: int, mode: int) -> Segment:
     """Create the segment (zero-filled, ``size`` bytes backed for real, so a
-    full /dev/shm fails here with OSError instead of SIGBUS later) and the two
-    semaphores (value 0: no wake-up is pending). The caller initialises the
-    header and writes the magic number last. FileExistsError if the name is
-    taken."""
+    full /dev/shm fails here with OSError instead of SIGBUS later). The caller
+    initialises the header and writes the magic number last.
+    FileExistsError if the name is taken."""
     try:
         shm = posix_ipc.SharedMemory(shm_name(name), posix_ipc.O_CREX, mode=mode)
     except posix_ipc.Error as exc:
@@ -178,35 +154,12 @@ def create(name: str, size: int, mode: int) -> Segment:
         os.posix_fallocate(shm.fd, 0, size)
         mm = mmap.mmap(shm.fd, size)
         fd = os.dup(shm.fd)
-        lock_name, wait_name = sem_names(name)
-        lock_sem = _create_sem(lock_name, mode, 0)
-        try:
-            wait_sem = _create_sem(wait_name, mode, 0)
-        except BaseException:
-            _unlink_sem(lock_name)
-            os.close(fd)
-            raise
     except BaseException:
         shm.unlink()
         raise
     finally:
         shm.close_fd()
-    return Segment(mm, size, fd, lock_sem, wait_sem)
-
-
-def _create_sem(sem_name: str, mode: int, value: int) -> posix_ipc.Semaphore:
-    # We own the segment's name, so a semaphore already there is an orphan.
-    for _ in range(2):
-        try:
-            sem = posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=mode, initial_value=value)
-        except posix_ipc.ExistentialError:
-            _unlink_sem(sem_name)
-            continue
-        path = os.path.join(SHM_DIR, "sem." + sem_name[1:])
-        if os.path.exists(path):
-            os.chmod(path, mode)
-        return sem
-    raise FileExistsError(errno.EEXIST, f"semaphore {sem_name} keeps reappearing")
+    return Segment(mm, size, fd)
 
 
 def open_shm(name: str, readonly: bool = False) -> tuple[mmap.mmap, int, int]:
@@ -227,33 +180,11 @@ def open_shm(name: str, readonly: bool = False) -> tuple[mmap.mmap, int, int]:
         shm.close_fd()
 
 
-def open_sems(name: str) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore]:
-    lock_name, wait_name = sem_names(name)
-    try:
-        return posix_ipc.Semaphore(lock_name), posix_ipc.Semaphore(wait_name)
-    except posix_ipc.Error as exc:
-        raise _translate(exc, f"semaphore of pool {name!r} (pool destroyed or half-made)", creating=False) from None
-
-
-def _unlink_sem(sem_name: str) -> bool:
-    try:
-        posix_ipc.unlink_semaphore(sem_name)
-        return True
-    except posix_ipc.ExistentialError:
-        return False
-
-
 def unlink(name: str) -> bool:
-    """Remove every object of pool ``name`` that exists: the semaphores
-    first, the segment (which owns the name) last. True if anything was
-    removed. Mappings and semaphores already open elsewhere stay usable."""
-    removed = False
-    for sem_name in sem_names(name):
-        removed |= _unlink_sem(sem_name)
-    prefix = queue_sem_prefix(name)
-    for i in range(MAX_QUEUES):
-        removed |= _unlink_sem(prefix + str(i))
-    removed |= _unlink_fifos(name)
+    """Remove every object of pool ``name`` that exists: its FIFOs first,
+    the segment (which owns the name) last. True if anything was removed.
+    Mappings already open elsewhere stay usable."""
+    removed = _unlink_fifos(name)
     try:
         posix_ipc.unlink_shared_memory(shm_name(name))
         removed = True

@@ -190,7 +190,8 @@ from ._layout import (
     P_COUNTERS,
     P_EPOCH,
     P_PID,
-    P_QSLEEP,
+    P_QGET,
+    P_QPUT,
     P_SLEEPING,
     P_START,
     PROC_WORDS,
@@ -200,7 +201,8 @@ from ._layout import (
     Q_NAME,
     Q_PUTS,
     Q_STATE,
-    Q_WAITERS,
+    Q_GETTERS,
+    Q_PUTTERS,
     QUEUE_LIVE,
     QUEUE_NAME_BYTES,
     QUEUE_WORDS,
@@ -212,9 +214,9 @@ from ._layout import (
     STATE_MASK,
     STATUS_LIVE,
     Geometry,
-    Views,
-    read_geometry,
+    ST_PARKED,
 )
+from ._mapping import Views, read_geometry
 from ._lock import LockHolder, holder
 from ._procs import entry_alive, is_alive, start_ticks
 
@@ -338,7 +340,7 @@ def _open_readonly(name: str) -> tuple[mmap.mmap, int, int]:
     except FileNotFoundError:
         raise PoolMissing(f"no pool named {name!r}") from None
     except PermissionError:
-        raise InspectError(f"pool {name!r}: permission denied: {_segment._why_denied(path)}") from None
+        raise InspectError(f"pool {name!r}: permission denied: {_segment.why_denied(path)}") from None
     except OSError as exc:
         raise InspectError(f"{name!r} is not a shmpool pool ({exc.strerror})") from None
     try:
@@ -632,7 +634,8 @@ def queue_sleepers(v: Views) -> np.ndarray:
     """How many threads of each registry entry's process sleep on each
     queue, (max_procs, max_queues): the entries' P_QSLEEP bytes."""
     procs = _procs(v)
-    per = np.ascontiguousarray(procs[:, P_QSLEEP : PROC_WORDS]).view(np.uint8)
+    get = np.ascontiguousarray(procs[:, P_QGET : P_QPUT]).view(np.uint8).astype(np.int64)
+    per = get + np.ascontiguousarray(procs[:, P_QPUT : PROC_WORDS]).view(np.uint8)
     return per[:, : v.geo.max_queues].astype(np.int64)
 
 
@@ -691,7 +694,7 @@ def queues(v: Views) -> list[dict[str, Any]]:
     table = _queue_table(v)
     return [
         {"name": _queue_name(table[q]), "index": q, "depth": int(table[q, Q_DEPTH]), "count": int(table[q, Q_COUNT]),
-         "waiters": int(table[q, Q_WAITERS]), "puts": int(table[q, Q_PUTS]), "gets": int(table[q, Q_GETS])}
+         "waiters": int(table[q, Q_GETTERS]) + int(table[q, Q_PUTTERS]), "puts": int(table[q, Q_PUTS]), "gets": int(table[q, Q_GETS])}
         for q in np.flatnonzero(live_queues(v)).tolist()
     ]
 
@@ -730,7 +733,7 @@ def _totals(v: Views) -> dict[str, int]:
     cached = int(cached_per_entry(v).sum())
     table = _queue_table(v)[live_queues(v)]
     queued = int(np.minimum(table[:, Q_COUNT], cap).sum())
-    waiters = table[:, Q_WAITERS]
+    waiters = np.concatenate([table[:, Q_GETTERS], table[:, Q_PUTTERS]])
     on_queues = int(waiters[waiters < SLEEPERS_MAX].sum())
     return {
         "min_nr": int(hdr[H_MIN_NR]), "curr_nr": curr_nr, "arena_free": shared + cached,
@@ -947,7 +950,7 @@ def _queue_waiter_findings(copy: Copy) -> list[str]:
     table, per = _queue_table(v), queue_sleepers(v)
     findings = []
     for q in np.flatnonzero(live_queues(v)).tolist():
-        waiters = int(table[q, Q_WAITERS])
+        waiters = int(table[q, Q_GETTERS]) + int(table[q, Q_PUTTERS])
         live, recorded = int(per[copy.alive, q].sum()), int(per[:, q].sum())
         which = f"queue {q} ({_queue_name(table[q])!r})"
         if waiters < live:

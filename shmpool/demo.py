@@ -27,7 +27,7 @@ import zlib
 from typing import Any
 
 from . import GFP_KERNEL, Mempool
-from ._debug import audit
+from .testing import audit
 
 _HEADER = 8  # bytes of CRC-32 + payload length at the start of each element
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             p.join()
         reports = [results.get(timeout=10) for _ in procs + consumers]
         stats = pool.stats()
-        findings = audit(pool._core[0]) if pool._core is not None else ["pool closed"]
+        findings = audit(pool)
     finally:
         for p in procs + consumers:
             if p.is_alive():

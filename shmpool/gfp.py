@@ -39,10 +39,9 @@ it).
 from __future__ import annotations
 
 import enum
-import os
-import sys
-import warnings
 from typing import Final, Literal
+
+from . import _core
 
 
 class GFPWarning(UserWarning):
@@ -154,65 +153,19 @@ _REFUSED = ~GFP_VALID_MASK  # also catches negative numbers
 _WAIT = int(GFP.WAIT)
 _ZERO = int(GFP.ZERO)
 
-# The masks that code passes most, with and without the bits mempool_alloc
-# itself adds to its first try -> whether they may sleep: one dict lookup.
-_COMMON = [int(GFP_NOWAIT), int(GFP_ATOMIC), int(GFP_NOIO), int(GFP_NOFS), int(GFP_KERNEL), int(GFP_TEMPORARY),
-           int(GFP_USER), int(GFP_HIGHUSER), int(GFP_HIGHUSER_MOVABLE), int(GFP_IOFS), int(GFP_TRANSHUGE),
-           int(GFP_THISNODE), int(GFP_DMA), int(GFP_DMA32)]
-_COMMON += range(0x100)  # every combination of the low byte (the four old bits and the zone bits)
-_MEMPOOL_BITS = int(__GFP_NOMEMALLOC | __GFP_NORETRY | __GFP_NOWARN)
-_MAY_SLEEP = {
-    mask | extra: bool(mask & _WAIT)
-    for mask in _COMMON
-    for extra in (0, int(__GFP_NOWARN), int(__GFP_NORETRY), int(__GFP_NOMEMALLOC), _MEMPOOL_BITS)
-}
-assert not any(mask & (_REFUSED | _ZERO) for mask in _MAY_SLEEP)
-
-_zero_warned = False
-
-
-def _forget_zero_warning() -> None:
-    global _zero_warned
-    _zero_warned = False
-
-
-os.register_at_fork(after_in_child=_forget_zero_warning)  # once per process, a forked child included
+_core.set_gfp(GFP_VALID_MASK, _WAIT, _ZERO)
 
 
 def may_sleep(gfp: object) -> bool:
     """Whether ``gfp`` allows sleeping (has ``__GFP_WAIT``): the one check
-    of every mask that shmpool is given.
+    of every mask that shmpool is given (made in C, by the compiled core,
+    which checks the masks of alloc and friends the same way).
 
     TypeError for anything but an int (or a :class:`GFP`); ValueError for a
     bit that no v3.2 mask has. The first mask with ``__GFP_ZERO`` warns
     (:class:`GFPWarning`), once per process: elements are not zeroed.
     """
-    if type(gfp) is GFP or type(gfp) is int:
-        answer = _MAY_SLEEP.get(gfp)
-        if answer is not None:
-            return answer
-        g = int(gfp)
-        if g & _REFUSED:
-            raise ValueError(f"gfp {g:#x} has bits that no Linux v3.2 GFP mask has (valid: {GFP_VALID_MASK:#x})")
-        if g & _ZERO and not _zero_warned:
-            _warn_zero()
-        return bool(g & _WAIT)
-    raise TypeError(f"gfp must be a GFP flag combination (an int), not {type(gfp).__name__}")
-
-
-def _warn_zero() -> None:
-    global _zero_warned
-    _zero_warned = True
-    # Point at the first caller outside shmpool (the C methods have no frame).
-    frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("shmpool."):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(
-        "__GFP_ZERO is not supported: shmpool does not zero elements (a recycled element holds what its last "
-        "user wrote); clear the element yourself. Warned once per process.",
-        GFPWarning,
-        stacklevel=level,
-    )
+    return _core.may_sleep(gfp)  # type: ignore[no-any-return]
 
 
 __all__ = ["GFP", "GFPWarning", "SleepingMask", "may_sleep"] + [name for name in list(globals()) if name.startswith(("__GFP_", "GFP_"))]

@@ -9,8 +9,7 @@ import time
 from typing import Callable
 
 from shmpool import Mempool
-from shmpool._debug import audit
-from shmpool._layout import H_LOCK_OWNER, H_LOCK_SEQ, H_LOCK_SINCE_NS, H_LOCK_WAITERS
+from shmpool.testing import audit, header_word_offset, hold_lock, segment_path
 
 #: Every pool a test makes has this in its name, so the leak checks can
 #: tell this run's leftovers from anybody else's.
@@ -22,19 +21,17 @@ def snapshot(pool: Mempool) -> bytes:
     """Every byte of the pool's segment except the lock-holder words (which
     record who last took the lock, not pool state: taking the snapshot
     changes them)."""
-    v = pool._core[0]
-    with pool._core[1]:
-        raw = bytearray(v.mm[:])
-    for word in (H_LOCK_OWNER, H_LOCK_SINCE_NS, H_LOCK_WAITERS, H_LOCK_SEQ):
-        raw[8 * word : 8 * word + 8] = bytes(8)
+    with hold_lock(pool), open(segment_path(pool), "rb") as f:
+        raw = bytearray(f.read())
+    for word in ("H_LOCK_OWNER", "H_LOCK_SINCE_NS", "H_LOCK_WAITERS", "H_LOCK_SEQ"):
+        at = header_word_offset(word)
+        raw[at : at + 8] = bytes(8)
     return bytes(raw)
 
 
 def check_whole(pool: Mempool) -> None:
     """Assert the pool's invariants (the audit, under the lock)."""
-    with pool._core[1]:
-        findings = audit(pool._core[0])
-    assert findings == []
+    assert audit(pool) == []
     s = pool.stats()
     assert s.curr_nr + s.arena_free + s.in_use + s.queued == s.capacity
 

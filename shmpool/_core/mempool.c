@@ -1,0 +1,419 @@
+/* mempool.c: the kernel's rules, and the one way into the lock.
+ *
+ * The rules (Linux v3.2 mm/mempool.c)
+ * -----------------------------------
+ *   step_alloc      mempool_alloc: the arena first; if it fails, the top of
+ *                   the reserve; if that is empty too, register as a sleeper
+ *                   (may sleep) or fail (may not). Registration happens in the
+ *                   critical section that found the reserve empty, so no
+ *                   wake-up can be lost between the check and the sleep.
+ *   release_slot    mempool_free: refill the reserve while curr_nr < min_nr
+ *                   (and wake the sleepers), else give the element back to the
+ *                   arena (our cache, or the shared list).
+ *   step_alloc_bulk n attempts at the arena, the rest from the reserve all or
+ *                   nothing (it holds nothing while it sleeps).
+ *
+ * Entry
+ * -----
+ * Every call that takes the pool lock goes through run(), and every wait
+ * for the lock has a deadline set by call_init from the call's kind:
+ *
+ *   BOUND_CALLER   a call that may sleep (alloc with __GFP_WAIT, a blocking
+ *                  put or get): its own timeout, or none if the caller gave
+ *                  none (the caller asked to wait);
+ *   BOUND_ATOMIC   a call that may not wait: GFP_ATOMIC, *_nowait,
+ *                  alloc_preallocated, free: ATOMIC_WAIT_NS, then its kind's
+ *                  answer (None, queue.Full or queue.Empty; a free parks its
+ *                  element, see below);
+ *   BOUND_ADMIN    stats, reclaim_dead, resize, set_fail_rate, destroy,
+ *                  adopt, opening a queue, attaching: ADMIN_WAIT_NS, then
+ *                  TimeoutError naming the holder.
+ *
+ * So nothing waits on a live process (stopped, traced, starved) unless its
+ * caller asked to wait. Whoever holds the lock first completes the frees
+ * that others parked (finish_parked), and counts out dead sleepers when a
+ * nap ended unwoken.
+ *
+ * Parked frees: a free whose lock does not come within its bound moves the
+ * slot word HELD -> PARKED (a CAS: the commit; the handle is no longer
+ * held, so a second free of it is refused) and raises the hint H_PARKED.
+ * The next holder of the lock clears the hint and returns every PARKED slot
+ * through release_slot. A parker killed between its CAS and the hint leaves
+ * a PARKED slot that repair and retire (which read every word) return.
+ * stats() counts parked elements in in_use (they are still out of the pool)
+ * and says how many.
+ *
+ * The wait loop
+ * -------------
+ * run() makes one attempt under the lock (the step), releases it, does
+ * what the attempt left (wake-ups, then `after`: the trace and the poison
+ * warning, which may run Python code, now that the lock is free), and if the
+ * step registered as a sleeper, sleeps on its channel (wake.c) until woken,
+ * the retry period or the deadline, then tries again. Past the deadline it
+ * makes one last attempt that does not register.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "pool.h"
+
+int corrupt(struct pool *p, const char *fmt, unsigned long long a, unsigned long long b) {
+    snprintf(p->msg, sizeof p->msg, fmt, a, b);
+    return RC_CORRUPT;
+}
+
+/* Why handle (slot idx, generation gen) is not a held element: into p->msg. */
+void describe(struct pool *p, uint64_t w, uint64_t gen) {
+    static const char *where[] = {"in no valid state", "in the arena", "in the reserve", "held",
+                                  "in the arena (a process's cache)", "in a queue",
+                                  "being freed (parked until the pool lock is free)"};
+    uint64_t s = W_STATE(w);
+    if (s == ST_HELD)
+        snprintf(p->msg, sizeof p->msg,
+                 "stale, or another pool's: its slot is held under generation %llu, not %llu (freed and handed out "
+                 "again since)", (unsigned long long)W_GEN(w), (unsigned long long)gen);
+    else
+        snprintf(p->msg, sizeof p->msg, "its slot is %s (freed already, or never allocated, or another pool's handle)",
+                 where[s <= ST_PARKED ? s : 0]);
+}
+
+/* The header's own bounds, checked before any transition. */
+int check_header(struct pool *p) {
+    uint64_t *h = p->hdr;
+    uint64_t min_nr = h[H_MIN_NR], curr = h[H_CURR_NR], shared = h[H_ARENA_FREE];
+    if (min_nr < 1 || min_nr > p->capacity)
+        return corrupt(p, "min_nr %llu is outside 1..capacity (%llu)", min_nr, p->capacity);
+    if (curr > min_nr) return corrupt(p, "curr_nr %llu exceeds min_nr %llu", curr, min_nr);
+    if (shared > p->capacity || curr + shared > p->capacity)
+        return corrupt(p, "arena_free %llu is beyond the capacity %llu", shared, p->capacity);
+    if (h[H_NR_WAITERS] > SLEEPERS_MAX) uncount_dead_sleepers(p); /* damage: recount */
+    if (p->entry && p->entry[P_CACHE_N] > CACHE_MAX)
+        return corrupt(p, "this process's cache count %llu exceeds its size %llu", p->entry[P_CACHE_N], CACHE_MAX);
+    if (h[H_STATUS] != STATUS_LIVE) return RC_DESTROYED;
+    return RC_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Entry and the wait loop                                             */
+
+/* A call of kind `bound` (BOUND_*) with the caller's timeout (-1: none).
+ * Cheap: no clock is read unless there is a timeout (the lock's bound is
+ * turned into a deadline only if the lock is not free at once). */
+void call_init(struct call *c, step_fn step, int bound, int64_t timeout_ns) {
+    c->step = step;
+    c->after = NULL;
+    c->ctx = NULL;
+    c->arg = NULL;
+    c->may_sleep = c->sleep_outside = c->slept = c->skip_arena = c->channel = 0;
+    c->deadline = deadline_in(timeout_ns);
+    c->bound_ns = bound == BOUND_ATOMIC ? (int64_t)ATOMIC_WAIT_NS : bound == BOUND_ADMIN ? (int64_t)ADMIN_WAIT_NS : -1;
+    c->retry_ns = SLEEP_RETRY_NS;
+    c->q = c->a = c->b = 0;
+    c->src = NULL;
+    c->dst = NULL;
+    c->n = c->moved = 0;
+    c->bad = -1;
+    c->snapshot = NULL;
+}
+
+/* Return every PARKED slot (lock held; see "Parked frees"). */
+int finish_parked(struct pool *p) {
+    if (!__atomic_exchange_n(&p->hdr[H_PARKED], 0, __ATOMIC_SEQ_CST)) return RC_OK;
+    for (uint64_t idx = 0; idx < p->capacity; idx++) {
+        uint64_t w = ld(&p->words[idx]);
+        if (W_STATE(w) != ST_PARKED) continue;
+        int r = release_slot(p, idx, w, 0);
+        if (r == RC_CORRUPT) {
+            st(&p->hdr[H_PARKED], 1);
+            return r;
+        }
+    }
+    p->last_event = EV_NONE;
+    return RC_OK;
+}
+
+/* What every holder does before it lets go: the frees parked meanwhile. */
+void leave(struct pool *p) {
+    if (ld(&p->hdr[H_PARKED])) finish_parked(p);
+    p->last_curr = p->hdr[H_CURR_NR];
+    lock_release(p);
+}
+
+int run(struct pool *p, struct call *c) {
+    for (;;) {
+        int mode = c->sleep_outside ? MODE_ASYNC : c->may_sleep && !passed(c->deadline) ? MODE_SLEEP : MODE_FAIL;
+        if (mode == MODE_SLEEP && (c->step == step_put || c->step == step_get)) queue_spin(p, c, c->step == step_put);
+        p->last_event = EV_NONE;
+        int r = lock_acquire(p, c->deadline, c->may_sleep ? -1 : c->bound_ns);
+        if (r == RC_TIMEOUT && c->step == step_alloc) { /* an allocation whose lock did not come failed */
+            count(p, C_ALLOC_FAILED, 1);
+            p->last_event = EV_ALLOC_FAILED;
+            p->last_curr = ld(&p->hdr[H_CURR_NR]);
+        }
+        if (r == RC_OK) {
+            if (ld(&p->hdr[H_PARKED])) r = finish_parked(p);
+            if (r == RC_OK && p->recount) {
+                p->recount = 0;
+                uncount_dead_sleepers(p);
+            }
+            if (r == RC_OK) r = c->step(p, c, mode);
+            leave(p);
+        }
+        wake_pending(p);
+        if (r == RC_FAIL && c->may_sleep) r = RC_TIMEOUT; /* the last attempt, past the deadline */
+        if (c->after && c->after(p, c, r) < 0) {
+            if (r == RC_SLEEP) {
+                if (mode == MODE_ASYNC) chan_async_done(p);
+                else chan_cancel(p, c->channel); /* count out without waiting */
+            }
+            return RC_SIGNAL;
+        }
+        if (r != RC_SLEEP || c->sleep_outside) return r;
+        c->slept = 1;
+        r = chan_sleep(p, c->channel, c->seen, earlier(now_ns() + c->retry_ns, c->deadline));
+        if (r != RC_OK) return r;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* mempool_alloc and mempool_free                                      */
+
+/* One attempt (lock held): the arena (unless skip_arena), then the
+ * reserve's top; with nothing, register (MODE_SLEEP, MODE_ASYNC) or fail.
+ * The handle goes to c->a. */
+int step_alloc(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    if (r != RC_OK) return r;
+    if (!c->skip_arena) {
+        r = arena_take(p, 1, ST_HELD, &c->a);
+        if (r == RC_OK) {
+            p->last_event = EV_ALLOC_ARENA;
+            return RC_OK;
+        }
+        if (r != RC_FAIL && r != RC_DRY) return r;
+    }
+    c->skip_arena = 0;
+    if (p->hdr[H_CURR_NR] > 0) {
+        uint64_t idx;
+        if ((r = remove_element(p, &idx)) != RC_OK) return r;
+        CRASH(CP_ALLOC_RESERVE);
+        hand_out(p, idx, ld(&p->words[idx]), &c->a);
+        count(p, C_ALLOC_RESERVE, 1);
+        p->last_event = EV_ALLOC_RESERVE;
+        return RC_OK;
+    }
+    if (mode == MODE_SLEEP || mode == MODE_ASYNC) {
+        c->channel = CH_ALLOC;
+        if (mode == MODE_ASYNC) chan_async_prepare(p);
+        else c->seen = chan_prepare(p, CH_ALLOC);
+        p->last_event = EV_SLEEP;
+        return RC_SLEEP;
+    }
+    count(p, C_ALLOC_FAILED, 1);
+    p->last_event = EV_ALLOC_FAILED;
+    return RC_FAIL;
+}
+
+/* mempool_alloc_preallocated: the reserve only, never the arena. */
+int step_alloc_preallocated(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    if (r != RC_OK) return r;
+    if (p->hdr[H_CURR_NR] == 0) {
+        count(p, C_ALLOC_FAILED, 1);
+        return RC_FAIL;
+    }
+    uint64_t idx;
+    if ((r = remove_element(p, &idx)) != RC_OK) return r;
+    hand_out(p, idx, ld(&p->words[idx]), &c->a);
+    count(p, C_ALLOC_RESERVE, 1);
+    return RC_OK;
+}
+
+/* mempool_free of HELD slot idx whose word was w (lock held): refill the
+ * reserve if it is below min_nr (and wake the sleepers), else give the
+ * element to the arena, through our cache when `to_cache`. The word moves by
+ * CAS (a free without the lock may race): RC_INVALID if it lost. */
+int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache) {
+    uint64_t *h = p->hdr;
+    if (h[H_CURR_NR] < h[H_MIN_NR]) {
+        if (!set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)))) return RC_INVALID;
+        CRASH(CP_FREE_RESERVE);
+        add_element(p, idx);
+        count(p, C_FREE_RESERVE, 1);
+        p->wake = 1;
+        p->last_event = EV_FREE_RESERVE;
+        return RC_OK;
+    }
+    if (to_cache && p->enabled && p->entry) {
+        if (p->entry[P_CACHE_N] >= CACHE_MAX) {
+            int r = drain(p, CACHE_MAX - CACHE_BATCH);
+            if (r != RC_OK) return r;
+        }
+        if (!cache_push(p, idx, w)) return RC_INVALID;
+    } else {
+        if (h[H_ARENA_FREE] >= p->capacity)
+            return corrupt(p, "arena_free %llu is beyond the capacity %llu", h[H_ARENA_FREE], p->capacity);
+        if (!set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)))) return RC_INVALID;
+        arena_push(p, idx);
+    }
+    count(p, C_FREE_ARENA, 1);
+    p->last_event = EV_FREE_ARENA;
+    return RC_OK;
+}
+
+/* The free of handle (c->a = slot, c->b = generation), lock held. */
+int step_free(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    if (r != RC_OK) return r;
+    uint64_t w = ld(&p->words[c->a]);
+    if (W_STATE(w) != ST_HELD || W_GEN(w) != c->b) {
+        describe(p, w, c->b);
+        return RC_INVALID;
+    }
+    r = release_slot(p, c->a, w, 1);
+    if (r == RC_INVALID) snprintf(p->msg, sizeof p->msg, "freed by another process at the same moment");
+    return r;
+}
+
+/* The free without the lock, when the reserve is full (the kernel's
+ * unlocked peek, checked again by any locked free): onto our cache. 1 if
+ * done. */
+int free_fast(struct pool *p, uint64_t idx, uint64_t gen) {
+    if (!p->enabled || !p->entry) return 0;
+    uint64_t *h = p->hdr;
+    uint64_t w = ld(&p->words[idx]);
+    if (W_STATE(w) != ST_HELD || W_GEN(w) != gen || ld(&h[H_STATUS]) != STATUS_LIVE) return 0;
+    if (ld(&h[H_CURR_NR]) < ld(&h[H_MIN_NR])) return 0; /* the reserve first: under the lock */
+    if (!cache_push(p, idx, w)) return 0;
+    count(p, C_FREE_ARENA, 1);
+    return 1;
+}
+
+/* A free whose lock did not come: park the element (see "Parked frees"). */
+int park_free(struct pool *p, uint64_t idx, uint64_t gen) {
+    uint64_t w = ld(&p->words[idx]);
+    if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+        describe(p, w, gen);
+        return RC_INVALID;
+    }
+    if (!set_word(p, idx, w, mkword(ST_PARKED, p->me, gen))) {
+        snprintf(p->msg, sizeof p->msg, "freed by another process at the same moment");
+        return RC_INVALID;
+    }
+    CRASH(CP_PARK);
+    __atomic_store_n(&p->hdr[H_PARKED], 1, __ATOMIC_SEQ_CST);
+    return RC_OK;
+}
+
+/* make this process the holder of a held element (c->a, c->b). */
+int step_adopt(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    if (r != RC_OK) return r;
+    uint64_t w = ld(&p->words[c->a]);
+    if (W_STATE(w) != ST_HELD || W_GEN(w) != c->b) {
+        describe(p, w, c->b);
+        return RC_INVALID;
+    }
+    if (!set_word(p, c->a, w, mkword(ST_HELD, p->me, c->b))) {
+        snprintf(p->msg, sizeof p->msg, "freed by another process at the same moment");
+        return RC_INVALID;
+    }
+    return RC_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Bulk                                                                */
+
+/* c->n elements into c->dst: n arena attempts (each with its own draw,
+ * straight from the shared list, our cache put back on it first so that the
+ * order is the single locked stack's), the rest from the reserve, all or
+ * nothing: when the reserve cannot cover them, the arena's go back too and
+ * nothing is held while waiting. */
+int step_alloc_bulk(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    int64_t got = 0, n = c->n;
+    if (r == RC_OK && p->enabled && p->entry && p->entry[P_CACHE_N]) r = drain(p, 0);
+    for (int64_t i = 0; r == RC_OK && i < n; i++) {
+        uint64_t idx, taken;
+        if (p->hdr[H_ARENA_FREE] == 0 && ((r = steal(p, &taken)) != RC_OK || !taken)) break; /* dry: no more draws */
+        if (fault(p)) continue; /* a fault: the next element is another attempt */
+        if ((r = arena_pop(p, &idx)) != RC_OK) break;
+        uint64_t h;
+        hand_out(p, idx, ld(&p->words[idx]), &h);
+        c->dst[got++] = (int64_t)h;
+    }
+    if (r != RC_OK) return r; /* (damage: what was handed out stays held, as the words say) */
+    count(p, C_ALLOC_ARENA, (uint64_t)got);
+    uint64_t need = (uint64_t)(n - got);
+    if (need <= p->hdr[H_CURR_NR]) {
+        for (int64_t i = got; i < n; i++) {
+            uint64_t idx, h;
+            if ((r = remove_element(p, &idx)) != RC_OK) return r;
+            hand_out(p, idx, ld(&p->words[idx]), &h);
+            c->dst[i] = (int64_t)h;
+        }
+        count(p, C_ALLOC_RESERVE, need);
+        return RC_OK;
+    }
+    for (int64_t i = got; i-- > 0;) { /* all or nothing: the arena's back, in order */
+        uint64_t idx = (uint64_t)c->dst[i] & INDEX_MASK, w = ld(&p->words[idx]);
+        if (p->hdr[H_ARENA_FREE] >= p->capacity)
+            return corrupt(p, "arena_free %llu is beyond the capacity %llu", p->hdr[H_ARENA_FREE], p->capacity);
+        if (set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)))) arena_push(p, idx);
+    }
+    count(p, C_ALLOC_ARENA, (uint64_t)-got);
+    if (mode == MODE_SLEEP) {
+        c->channel = CH_ALLOC;
+        c->seen = chan_prepare(p, CH_ALLOC);
+        return RC_SLEEP;
+    }
+    count(p, C_ALLOC_FAILED, 1);
+    return RC_FAIL;
+}
+
+/* Free c->n handles of c->src (in range, no slot twice: checked by the
+ * caller): all checked first, an invalid one refuses the whole call (c->bad,
+ * nothing freed); then as if freed one by one. c->moved: how many another
+ * process freed at the same moment. */
+int step_free_bulk(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    for (int64_t i = 0; r == RC_OK && i < c->n; i++) {
+        uint64_t h = (uint64_t)c->src[i], idx = h & INDEX_MASK, gen = h >> HGEN_SHIFT;
+        uint64_t w = ld(&p->words[idx]);
+        if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+            describe(p, w, gen);
+            c->bad = i;
+            return RC_INVALID;
+        }
+    }
+    for (int64_t i = 0; r == RC_OK && i < c->n; i++) {
+        uint64_t h = (uint64_t)c->src[i], idx = h & INDEX_MASK, gen = h >> HGEN_SHIFT;
+        uint64_t w = ld(&p->words[idx]);
+        if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) { c->moved++; continue; }
+        if (p->hdr[H_CURR_NR] >= p->hdr[H_MIN_NR] && p->enabled && p->entry && p->entry[P_CACHE_N] &&
+            (r = drain(p, 0)) != RC_OK) /* our cache is the arena's top: keep the order */
+            break;
+        int x = release_slot(p, idx, w, 0);
+        if (x == RC_INVALID) c->moved++;
+        else if (x != RC_OK) r = x;
+    }
+    return r;
+}
+
+/* free_bulk whose lock did not come: every handle checked, then parked. */
+int park_bulk(struct pool *p, struct call *c) {
+    for (int64_t i = 0; i < c->n; i++) {
+        uint64_t h = (uint64_t)c->src[i], idx = h & INDEX_MASK, gen = h >> HGEN_SHIFT;
+        uint64_t w = ld(&p->words[idx]);
+        if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+            describe(p, w, gen);
+            c->bad = i;
+            return RC_INVALID;
+        }
+    }
+    for (int64_t i = 0; i < c->n; i++) {
+        uint64_t h = (uint64_t)c->src[i];
+        if (park_free(p, h & INDEX_MASK, h >> HGEN_SHIFT) != RC_OK) c->moved++;
+    }
+    return RC_OK;
+}

@@ -1,0 +1,340 @@
+/* pool.h: what every file of the core shares. No Python here.
+ *
+ * The core in one page
+ * --------------------
+ * A pool is one shared-memory segment laid out as _layout.py says (layout.h
+ * is generated from it). `struct pool` is one process's view of it: where
+ * the header, slot words, stacks and registry are, which registry entry is
+ * ours, and what a critical section left to do once the lock is released.
+ *
+ * The files, one concern each; only type.c, methods.c, views.c and module.c
+ * include Python.h, so "no Python code while the lock is held" holds by
+ * construction:
+ *
+ *   slots.c     the only writer of slot words, the reserve stack and the
+ *               arena's free list (add_element / remove_element, arena_push /
+ *               arena_pop, set_word), and poisoning
+ *   arena.c     the kernel's "backing allocator": each process's cache of
+ *               arena slots (lock-free for its owner), stealing, fault
+ *               injection, arena_take
+ *   lock.c      the pool lock: a header word taken by CAS with its owner's
+ *               token; contenders wait on it as a futex; liveness and takeover
+ *   wake.c      wait channels (futex words), sleeper counts, asyncio FIFOs
+ *   mempool.c   the kernel's rules (alloc_step, release_slot, parked frees,
+ *               bulk, resize, destroy) and the one entry and wait loop, run()
+ *   queue.c     queues: ownership that moves with the element
+ *   registry.c  processes: register, bind, detach, dead owners, retire
+ *   repair.c    rebuild every list and depth from the slot words
+ *   derive.c    the one derivation of a pool's numbers (stats, inspect)
+ *   type.c, methods.c, views.c, module.c: the Python type, its methods,
+ *               element views, the module
+ *
+ * Every multi-word update commits with one aligned 8-byte store or CAS of
+ * a slot word (or of a registry entry's epoch); everything around it is
+ * derived and rebuilt by repair(), so a process killed at any instruction
+ * leaves a pool that the next holder of the lock makes whole.
+ *
+ * The segment is untrusted: every index, depth and count read from it is
+ * bounded before use; a value out of bounds makes the call fail with
+ * RC_CORRUPT (PoolFormatError) and changes nothing further.
+ */
+#ifndef SHMPOOL_POOL_H
+#define SHMPOOL_POOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "layout.h"
+
+/* Results of the core's steps. */
+enum {
+    RC_OK = 0,
+    RC_FAIL = 1,      /* nothing to give, and the call may not sleep */
+    RC_SLEEP = 2,     /* registered as a sleeper on the call's channel */
+    RC_DRY = 3,       /* the arena has no free slot */
+    RC_TIMEOUT = -1,  /* the deadline passed (for the lock, or for the whole call) */
+    RC_SIGNAL = -2,   /* a signal handler raised, or a callback failed: its exception is set */
+    RC_DESTROYED = -3,
+    RC_CORRUPT = -4,  /* the segment is damaged: p->msg says how */
+    RC_INVALID = -5,  /* a handle that is not held (p->msg says why), or no such queue */
+    RC_CLOSED = -6,   /* the object was closed meanwhile */
+    RC_NOMEM = -7,
+};
+
+/* What a step does when nothing is left. */
+enum { MODE_FAIL = 0, MODE_SLEEP = 1, MODE_ASYNC = 2 };
+
+/* Trace events (pool.trace names them). */
+enum { EV_NONE = 0, EV_ALLOC_ARENA, EV_ALLOC_RESERVE, EV_ALLOC_FAILED, EV_SLEEP, EV_FREE_RESERVE, EV_FREE_ARENA };
+
+/* Wait channels: 0 is the pool's (sleeping allocations); queue q's getters
+ * wait on 1 + 2q, its putters on 2 + 2q. */
+#define CH_ALLOC 0
+#define CH_GET(q) (1 + 2 * (int)(q))
+#define CH_PUT(q) (2 + 2 * (int)(q))
+#define CH_QUEUE(ch) (((ch) - 1) / 2)
+#define CH_IS_PUT(ch) ((ch) > 0 && ((ch) & 1) == 0)
+
+#define CACHE_BATCH (CACHE_MAX / 2)
+#define LOCK_SPINS 256           /* pauses a lock contender spins before it sleeps */
+#define QUEUE_SPIN_NS 50000ull   /* a blocked put or get polls this long before it sleeps */
+#define SLEEPERS_MAX (1ull << 20) /* more sleepers than this: a damaged count */
+#define FIFO_CACHE 16            /* other processes' FIFOs kept open for writing */
+#define NO_DEADLINE 0ull
+
+struct fifo_slot { uint64_t entry, epoch; int fd1; };
+
+struct pool {
+    /* The segment. */
+    uint64_t *hdr, *words, *registry, *queues;
+    uint32_t *stack, *arena, *next;
+    unsigned char *data;
+    uint64_t capacity, stride, slot_size, max_procs, off_procs, max_queues;
+    int fd;                      /* the segment file, for OFD liveness (not owned) */
+    int poison;
+    /* This process. */
+    uint64_t *entry;             /* our registry entry, or NULL */
+    uint32_t *cache;             /* its cache of arena slots */
+    uint64_t me;                 /* our owner field: entry + 1 (0: none) */
+    uint64_t token;              /* our lock token */
+    int enabled;                 /* this object uses the process's cache */
+    volatile int closing;        /* close() began: every wait ends with RC_CLOSED */
+    int waiting;                 /* threads of this object in a futex wait (close wakes them) */
+    /* Left by a critical section, done once the lock is released. */
+    int wake;                    /* wake the sleeping allocations */
+    uint64_t wake_get, wake_put; /* queues (bit q) whose getters / putters to wake */
+    int recount;                 /* a nap ended unwoken: count out dead sleepers next time */
+    int64_t poisoned;            /* a slot found written after free (warned after unlock), or -1 */
+    int last_event;              /* what the last step did (trace) */
+    uint64_t last_curr;          /* curr_nr just after it */
+    uint64_t recoveries;         /* times this object took the lock over from a dead owner */
+    char msg[240];               /* why a call found the pool damaged or a handle invalid */
+    char name[256];              /* the pool's name, for messages */
+    char fifo_prefix[320];       /* an entry's asyncio FIFO is this + its number ("": none) */
+    struct fifo_slot fifo_w[FIFO_CACHE];
+};
+
+/* What the Python side lends the core: waits release the GIL, and signal
+ * handlers run between them (module.c fills this in). */
+struct host {
+    void *(*unblock)(void);      /* release the GIL: a token for block() */
+    void (*block)(void *);       /* take it back */
+    int (*signals)(void);        /* run pending signal handlers: -1 if one raised */
+};
+extern struct host host;
+extern int crash_point;          /* a test hook: SIGKILL ourselves at this point */
+enum { CP_NONE = 0, CP_ALLOC_RESERVE, CP_FREE_RESERVE, CP_RETIRE, CP_STEAL, CP_REFILL, CP_DRAIN, CP_REBUILD,
+       CP_QUEUE_PUT, CP_QUEUE_GET, CP_PARK, CP_N };
+extern const char *const CRASH_POINTS[CP_N];
+void crash_here(void);
+#define CRASH(pt) do { if (crash_point == (pt)) crash_here(); } while (0)
+
+/* ------------------------------------------------------------------ */
+/* Words                                                              */
+
+static inline uint64_t ld(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void st(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline int cas(uint64_t *p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+static inline uint64_t mkword(uint64_t state, uint64_t owner, uint64_t gen) {
+    return state | (owner & OWNER_MASK) << OWNER_SHIFT | (gen & GEN_MASK) << GEN_SHIFT;
+}
+#define W_STATE(w) ((w) & STATE_MASK)
+#define W_OWNER(w) (((w) >> OWNER_SHIFT) & OWNER_MASK)
+#define W_GEN(w) (((w) >> GEN_SHIFT) & GEN_MASK)
+#define ENTRY(p, e) ((p)->registry + (uint64_t)(e) * PROC_WORDS)
+#define CACHE_OF(ent) ((uint32_t *)((ent) + P_CACHE))
+#define QUEUE(p, q) ((p)->queues + (uint64_t)(q) * QUEUE_WORDS)
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* A deadline `ns` from now (ns < 0: none). */
+static inline uint64_t deadline_in(int64_t ns) {
+    if (ns < 0) return NO_DEADLINE;
+    uint64_t d = now_ns() + ((uint64_t)ns < MAX_WAIT_NS ? (uint64_t)ns : MAX_WAIT_NS);
+    return d ? d : 1;
+}
+static inline int passed(uint64_t deadline) { return deadline != NO_DEADLINE && now_ns() >= deadline; }
+static inline uint64_t earlier(uint64_t a, uint64_t b) {
+    if (a == NO_DEADLINE) return b;
+    if (b == NO_DEADLINE) return a;
+    return a < b ? a : b;
+}
+
+static inline void count(struct pool *p, int c, uint64_t n) {
+    if (p->entry) p->entry[P_COUNTERS + c] += n;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+int corrupt(struct pool *p, const char *fmt, unsigned long long a, unsigned long long b);
+void describe(struct pool *p, uint64_t w, uint64_t gen); /* why a handle is not held, into p->msg */
+
+/* ------------------------------------------------------------------ */
+/* slots.c: the only writers of slot words, the reserve and the arena  */
+
+int set_word(struct pool *p, uint64_t idx, uint64_t old, uint64_t new_);
+int hand_out(struct pool *p, uint64_t idx, uint64_t old, uint64_t *handle);
+void add_element(struct pool *p, uint64_t idx);
+int remove_element(struct pool *p, uint64_t *out);
+int arena_push(struct pool *p, uint64_t idx);
+int arena_pop(struct pool *p, uint64_t *out);
+int arena_peek(struct pool *p, uint64_t depth, uint64_t *out); /* entry `depth` from the top, checked */
+void list_reset(struct pool *p, int reserve);                   /* repair: empty a list to push it again */
+void list_push(struct pool *p, int reserve, uint64_t idx);      /* the push under add_element and arena_push */
+
+/* ------------------------------------------------------------------ */
+/* arena.c: caches, stealing, faults                                    */
+
+int fault(struct pool *p);
+int cache_pop(struct pool *p, uint64_t *handle);
+int cache_push(struct pool *p, uint64_t idx, uint64_t w);
+int drain(struct pool *p, uint64_t keep);
+int steal(struct pool *p, uint64_t *taken);
+uint64_t cached_by(const struct pool *p, uint64_t e);
+int arena_take(struct pool *p, int inject, int to, uint64_t *handle);
+
+/* ------------------------------------------------------------------ */
+/* lock.c                                                               */
+
+int entry_locked(const struct pool *p, uint64_t e);
+int owner_alive(const struct pool *p, uint64_t o);
+int lock_try(struct pool *p);
+int lock_acquire(struct pool *p, uint64_t deadline, int64_t bound_ns);
+void lock_release(struct pool *p);
+int lock_held_by_us(const struct pool *p);
+
+/* ------------------------------------------------------------------ */
+/* wake.c                                                               */
+
+uint64_t *chan_count(struct pool *p, int ch);
+uint32_t chan_prepare(struct pool *p, int ch);           /* lock held: count in, the seq to wait on */
+void chan_cancel(struct pool *p, int ch);                 /* count out a sleeper that will not sleep */
+void chan_async_prepare(struct pool *p);                  /* lock held: count in an asyncio sleeper */
+void chan_async_done(struct pool *p);                     /* lock-free: count it out */
+int chan_sleep(struct pool *p, int ch, uint32_t seen, uint64_t until); /* lock-free: wait, count out */
+void chan_wake(struct pool *p, int ch);                   /* after unlock */
+void wake_pending(struct pool *p);                        /* after unlock: what the section left to wake */
+void wake_everyone(struct pool *p);                       /* close and destroy: every channel, every sleeper */
+void drop_sleepers(struct pool *p, uint64_t *ent);        /* a dead entry's sleepers, counted out */
+void uncount_dead_sleepers(struct pool *p);
+int futex_wait32(uint32_t *addr, uint32_t val, uint64_t until);
+void futex_wake32(uint32_t *addr, int n);
+static inline uint32_t *futex_word(uint64_t *w) {
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return (uint32_t *)w + 1;
+#else
+    return (uint32_t *)w;
+#endif
+}
+void release_fifos(struct pool *p);
+
+/* ------------------------------------------------------------------ */
+/* mempool.c: the kernel's rules and the one entry and wait loop        */
+
+/* One call through the lock: run() takes the lock by the deadline the
+ * call's kind allows, makes one attempt (step, the lock held), releases the
+ * lock, does what the attempt left (wake-ups; `after`, which may run Python
+ * code), and, if the attempt registered as a sleeper, sleeps on its channel
+ * until woken, the retry period or the deadline, then tries again. */
+struct call;
+typedef int (*step_fn)(struct pool *p, struct call *c, int mode);
+struct call {
+    step_fn step;
+    int (*after)(struct pool *p, struct call *c, int r); /* lock released; -1: abort (RC_SIGNAL) */
+    void *ctx;                 /* the caller's, for `after` */
+    const void *arg;           /* a step's argument that is no number (a queue's name) */
+    int may_sleep;             /* sleeps when step registers (else RC_SLEEP is returned) */
+    int sleep_outside;         /* RC_SLEEP goes back to the caller, who waits elsewhere (asyncio) */
+    uint64_t deadline;         /* of the whole call (0: none) */
+    int64_t bound_ns;          /* a wait for the lock by a call that may not sleep: at most this (-1: none) */
+    uint64_t retry_ns;         /* a sleeper retries this often unwoken */
+    int channel;               /* set by a step that registered */
+    uint32_t seen;             /* the channel's sequence when it registered */
+    int slept;                 /* it has slept at least once */
+    int skip_arena;            /* the first attempt goes straight to the reserve */
+    /* Arguments and results of the steps. */
+    uint64_t q;
+    const int64_t *src;
+    int64_t *dst;
+    int64_t n, moved, bad;
+    uint64_t a, b, out[4];
+    uint64_t *snapshot;
+};
+
+enum { BOUND_CALLER = 0, BOUND_ATOMIC = 1, BOUND_ADMIN = 2 };
+void call_init(struct call *c, step_fn step, int bound, int64_t timeout_ns);
+int run(struct pool *p, struct call *c);
+void leave(struct pool *p);                 /* complete parked frees, release the lock */
+int check_header(struct pool *p);
+int finish_parked(struct pool *p);
+
+int step_alloc(struct pool *p, struct call *c, int mode);
+int step_alloc_preallocated(struct pool *p, struct call *c, int mode);
+int step_alloc_bulk(struct pool *p, struct call *c, int mode);
+int step_free(struct pool *p, struct call *c, int mode);
+int step_free_bulk(struct pool *p, struct call *c, int mode);
+int step_adopt(struct pool *p, struct call *c, int mode);
+int step_resize(struct pool *p, struct call *c, int mode);
+int step_destroy(struct pool *p, struct call *c, int mode);
+int step_set_faults(struct pool *p, struct call *c, int mode);
+int step_stats(struct pool *p, struct call *c, int mode);
+int step_reclaim(struct pool *p, struct call *c, int mode);
+int step_drain_cache(struct pool *p, struct call *c, int mode);
+int step_detach(struct pool *p, struct call *c, int mode);
+int step_resize_grow(struct pool *p, struct call *c, int mode);
+int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache);
+int park_free(struct pool *p, uint64_t idx, uint64_t gen);
+int park_bulk(struct pool *p, struct call *c);
+int free_fast(struct pool *p, uint64_t idx, uint64_t gen);
+int format_reserve(struct pool *p, uint64_t min_nr);
+
+/* ------------------------------------------------------------------ */
+/* queue.c                                                              */
+
+int step_queue_open(struct pool *p, struct call *c, int mode);
+int step_put(struct pool *p, struct call *c, int mode);
+int step_get(struct pool *p, struct call *c, int mode);
+void queue_spin(struct pool *p, struct call *c, int put);
+int queue_relink(struct pool *p, unsigned char *seen);     /* repair */
+
+/* ------------------------------------------------------------------ */
+/* registry.c                                                           */
+
+int registry_claim(struct pool *p, int fd, int64_t *index);
+int step_register(struct pool *p, struct call *c, int mode);
+void registry_unclaim(struct pool *p);
+int registry_bind(struct pool *p, int fd, int64_t index, uint64_t epoch);
+void registry_forget(struct pool *p);
+uint64_t entries_used(const struct pool *p);
+void note_entry_used(struct pool *p, uint64_t e);
+enum { OWNER_ALIVE = 0, OWNER_DEAD = 1, OWNER_PREDECESSOR = 2, OWNER_IMPOSSIBLE = 3 };
+unsigned char *dead_owners(struct pool *p); /* a verdict per owner field */
+int64_t retire(struct pool *p, const unsigned char *dead);
+
+/* ------------------------------------------------------------------ */
+/* repair.c, derive.c                                                   */
+
+void repair(struct pool *p);
+
+/* The pool's numbers, as stats() and shmpool-inspect give them. */
+struct numbers {
+    uint64_t status, flags, min_nr, curr_nr, arena_shared, arena_cached, in_use, queued, parked, nr_waiters;
+    uint64_t fail_rate_bits, seed;
+    uint64_t counters[16]; /* COUNTERS' order: the header's plus every entry's */
+};
+void derive(const struct pool *p, struct numbers *n);
+
+#endif

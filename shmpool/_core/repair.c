@@ -1,0 +1,90 @@
+/* repair.c: make every list and depth agree with the slot words.
+ *
+ * Run by the process that took the lock over from a dead holder, which may
+ * have died at any instruction of any transition. Every transition commits
+ * with one store or CAS of a slot word, and moves lists and depths around
+ * that commit; so the words are whole, and everything else is rebuilt from
+ * them:
+ *
+ *   - a word in no valid state, a slot cached by a dead process, a slot
+ *     queued in a queue that does not exist: back to the arena;
+ *   - the reserve stack: its entries that still name RESERVE slots, in
+ *     order, each once, then the RESERVE slots it lost; beyond min_nr, back
+ *     to the arena (the reserve is not a cache);
+ *   - each queue's list from its head while it names its own QUEUED slots,
+ *     then the ones it lost (queue.c, queue_relink);
+ *   - the arena's free list likewise;
+ *   - parked frees completed, dead sleepers counted out, sleepers woken.
+ *
+ * Idempotent: on a whole pool it changes nothing. A held or cached slot that
+ * names an entry that cannot hold it is damage and is left as it is, for
+ * --check to report.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "pool.h"
+
+/* The entries of list[0:depth] whose slot is in state `s` (each once, in
+ * order), then the other slots in that state, into out; their number. */
+static uint64_t rebuilt(struct pool *p, const uint32_t *list, uint64_t depth, uint64_t s, unsigned char *seen,
+                        uint32_t *out) {
+    uint64_t cap = p->capacity, j = 0;
+    if (depth > cap) depth = cap;
+    memset(seen, 0, cap);
+    for (uint64_t i = 0; i < depth; i++) {
+        uint64_t idx = list[i];
+        if (idx < cap && !seen[idx] && W_STATE(ld(&p->words[idx])) == s) {
+            seen[idx] = 1;
+            out[j++] = (uint32_t)idx;
+        }
+    }
+    for (uint64_t idx = 0; idx < cap; idx++)
+        if (!seen[idx] && W_STATE(ld(&p->words[idx])) == s) out[j++] = (uint32_t)idx;
+    return j;
+}
+
+static void push_all(struct pool *p, int reserve, const uint32_t *order, uint64_t n) {
+    list_reset(p, reserve);
+    for (uint64_t i = 0; i < n; i++) list_push(p, reserve, order[i]);
+}
+
+void repair(struct pool *p) {
+    uint64_t cap = p->capacity, *h = p->hdr;
+    unsigned char *seen = malloc(cap), *v = dead_owners(p);
+    uint32_t *order = malloc(cap * sizeof *order);
+    if (!seen || !v || !order) goto out;
+    for (uint64_t e = 0; e < p->max_procs; e++) { /* the scans' bound, in case it was damaged */
+        uint64_t *ent = ENTRY(p, e);
+        if (ld(&ent[P_EPOCH]) || ld(&ent[P_CACHE_N]) || ld(&ent[P_SLEEPING])) note_entry_used(p, e);
+    }
+    free(v);
+    v = dead_owners(p); /* with the bound restored */
+    if (!v) goto out;
+    if (h[H_MIN_NR] < 1) h[H_MIN_NR] = 1;
+    if (h[H_MIN_NR] > cap) h[H_MIN_NR] = cap;
+    for (uint64_t idx = 0; idx < cap; idx++) {
+        uint64_t w = ld(&p->words[idx]), s = W_STATE(w), o = W_OWNER(w);
+        int stray = s < ST_ARENA || s > ST_PARKED || (s == ST_CACHED && v[o] == OWNER_DEAD) ||
+                    (s == ST_QUEUED && (o == 0 || o > p->max_queues || QUEUE(p, o - 1)[Q_STATE] != QUEUE_LIVE));
+        if (stray) set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)));
+        else if (s == ST_RESERVE && o != 0) set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)));
+        CRASH(CP_REBUILD);
+    }
+    uint64_t curr = rebuilt(p, p->stack, h[H_CURR_NR], ST_RESERVE, seen, order);
+    while (curr > h[H_MIN_NR]) { /* the reserve is not a cache: extras go back */
+        uint64_t idx = order[--curr], w = ld(&p->words[idx]);
+        set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)));
+    }
+    push_all(p, 1, order, curr);
+    queue_relink(p, seen);
+    push_all(p, 0, order, rebuilt(p, p->arena, h[H_ARENA_FREE], ST_ARENA, seen, order));
+    st(&h[H_PARKED], 1);
+    finish_parked(p);
+    uncount_dead_sleepers(p);
+    p->wake = 1;
+out:
+    free(seen);
+    free(v);
+    free(order);
+}

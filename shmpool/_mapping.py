@@ -1,0 +1,91 @@
+"""A mapped segment: its header checked against the layout, and typed views.
+
+``read_geometry`` is the one check of a segment's header (attach, inspect,
+the listing): it reads, bounds every value it uses, and raises
+PoolFormatError before anything beyond the checked size is touched, so that a
+damaged or foreign segment can never make a process fault (SIGBUS) or read
+out of bounds. ``Views`` are typed memoryviews over one mapping (or over a
+copy of its metadata), for the audit and the inspector.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from typing import Any
+
+from ._errors import PoolFormatError
+from ._layout import (
+    H_CAPACITY,
+    H_MAGIC,
+    H_MAX_PROCS,
+    H_SLOT_SIZE,
+    H_VERSION,
+    HEADER_BYTES,
+    HEADER_WORDS,
+    LAYOUT_VERSION,
+    MAGIC,
+    MAX_CAPACITY,
+    MAX_MAX_PROCS,
+    MAX_SLOT_SIZE,
+    PROC_WORDS,
+    QUEUE_WORDS,
+    Geometry,
+)
+
+
+def read_geometry(mm: Any, size: int) -> Geometry:
+    """Validate the header of a mapped segment (or a copy of it) of ``size``
+    bytes and return its geometry. Raises PoolFormatError on any
+    disagreement."""
+    if size < HEADER_BYTES:
+        raise PoolFormatError(f"segment is {size} bytes, shorter than a shmpool header ({HEADER_BYTES})")
+    words = struct.unpack_from(f"={HEADER_WORDS}Q", mm, 0)
+    if words[H_MAGIC] != MAGIC:
+        raise PoolFormatError("not a shmpool pool (bad magic number)")
+    if words[H_VERSION] != LAYOUT_VERSION:
+        raise PoolFormatError(f"pool has layout version {words[H_VERSION]}, this shmpool reads version {LAYOUT_VERSION}")
+    slot_size, capacity, max_procs = words[H_SLOT_SIZE], words[H_CAPACITY], words[H_MAX_PROCS]
+    if not (1 <= slot_size <= MAX_SLOT_SIZE and 1 <= capacity <= MAX_CAPACITY and 1 <= max_procs <= MAX_MAX_PROCS):
+        raise PoolFormatError(
+            f"header has an impossible geometry: slot_size={slot_size}, capacity={capacity}, max_procs={max_procs}"
+        )
+    geo = Geometry.of(slot_size, capacity, max_procs)
+    if any(words[h] != value for h, value in geo.header_words().items()):
+        raise PoolFormatError("header offsets disagree with its geometry")
+    if size < geo.total:
+        raise PoolFormatError(f"segment is {size} bytes but its header says {geo.total}: truncated")
+    return geo
+
+
+def write_geometry(hdr: memoryview, geo: Geometry) -> None:
+    """Fill the geometry words of a fresh header (not the magic)."""
+    for h, value in geo.header_words().items():
+        hdr[h] = value
+
+
+class Views:
+    """Typed memoryviews over one mapping, or over a copy of its metadata
+    (then ``data`` is empty). Holding a Views keeps the mapping alive (each
+    view is an export of it); dropping the last one unmaps."""
+
+    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "next", "procs", "queues", "data")
+
+    def __init__(self, mm: Any, geo: Geometry) -> None:
+        base = memoryview(mm).cast("B")
+        self.mm = mm
+        self.geo = geo
+        self.hdr = base[:HEADER_BYTES].cast("Q")
+        self.fhdr = base[:HEADER_BYTES].cast("d")
+        self.words = base[geo.off_words : geo.off_stack].cast("Q")
+        self.stack = base[geo.off_stack : geo.off_arena].cast("I")
+        self.arena = base[geo.off_arena : geo.off_arena + 4 * geo.capacity].cast("I")
+        self.next = base[geo.off_next : geo.off_next + 4 * geo.capacity].cast("I")
+        self.procs = base[geo.off_procs : geo.off_procs + 8 * PROC_WORDS * geo.max_procs].cast("Q")
+        self.queues = base[geo.off_queues : geo.off_queues + 8 * QUEUE_WORDS * geo.max_queues].cast("Q")
+        self.data = base[geo.off_slots : geo.total]
+
+
+def map_file(fd: int, size: int, readonly: bool = False) -> mmap.mmap:
+    prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+    return mmap.mmap(fd, size, prot=prot)
