@@ -9,7 +9,7 @@ pool is never mistaken for a whole one. Any error on the way unlinks what
 was made.
 
 attach maps an existing segment, checks its header (``_mapping``) and the
-cheap signs of damage (``_debug.quick_check``), and registers the process
+cheap signs of damage (``_mapping.quick_check``), and registers the process
 (``_attach``). A segment whose magic is still 0 is being created: attach
 waits for it, with a deadline (a creator killed half way is reported).
 
@@ -29,7 +29,6 @@ import numpy as np
 
 from . import _procs, _segment
 from ._args import check_create, check_fail_rate, check_int, check_seed
-from ._debug import quick_check
 from ._errors import PoolFormatError
 from ._layout import (
     FLAG_POISON,
@@ -52,7 +51,7 @@ from ._layout import (
     STATUS_LIVE,
     Geometry,
 )
-from ._mapping import Views, read_geometry, write_geometry
+from ._mapping import Views, quick_check, read_geometry, write_geometry
 from ._procs import self_identity
 
 #: How long open (and attach) wait for another process to finish creating

@@ -5,7 +5,9 @@ the listing): it reads, bounds every value it uses, and raises
 PoolFormatError before anything beyond the checked size is touched, so that a
 damaged or foreign segment can never make a process fault (SIGBUS) or read
 out of bounds. ``Views`` are typed memoryviews over one mapping (or over a
-copy of its metadata), for the audit and the inspector.
+copy of its metadata), for the audit and the inspector. ``quick_check``
+looks for the signs of damage that can be seen at once, without the lock
+(attach runs it; the full audit is ``shmpool._inspect.audit``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import mmap
 import struct
 from typing import Any
 
+import numpy as np
+
 from ._errors import PoolFormatError
 from ._layout import (
+    H_ARENA_FREE,
     H_CAPACITY,
+    H_CURR_NR,
     H_MAGIC,
     H_MAX_PROCS,
+    H_MIN_NR,
     H_SLOT_SIZE,
     H_VERSION,
     HEADER_BYTES,
@@ -89,3 +96,23 @@ class Views:
 def map_file(fd: int, size: int, readonly: bool = False) -> mmap.mmap:
     prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
     return mmap.mmap(fd, size, prot=prot)
+
+
+def quick_check(v: Views) -> str | None:
+    """The first sign of corruption that can be seen without the lock and
+    without reading every slot (fast enough for every attach), or None.
+    Each property checked holds at every instant in a healthy pool."""
+    hdr, cap = v.hdr, v.geo.capacity
+    min_nr, curr_nr, arena_free = hdr[H_MIN_NR], hdr[H_CURR_NR], hdr[H_ARENA_FREE]
+    if not 1 <= min_nr <= cap:
+        return f"min_nr {min_nr} is outside 1..capacity ({cap})"
+    if curr_nr > min_nr:
+        return f"curr_nr {curr_nr} exceeds min_nr {min_nr}"
+    if curr_nr + arena_free > cap:
+        return f"curr_nr {curr_nr} + arena_free {arena_free} exceed the capacity {cap}"
+    for label, depth, arr in (("reserve stack", curr_nr, v.stack), ("arena free list", arena_free, v.arena)):
+        entries = np.frombuffer(arr, dtype=np.uint32)[:depth]
+        if entries.size and int(entries.max()) >= cap:
+            at = int(np.argmax(entries >= cap))
+            return f"{label} entry {at} is slot {entries[at]}, out of range (capacity {cap})"
+    return None

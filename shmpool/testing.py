@@ -32,7 +32,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from . import _core, _debug, _layout, _segment
+from . import _core, _layout, _segment
+from ._inspect.audit import audit as audit_views
 from ._mapping import Views
 from .pool import Mempool
 
@@ -114,7 +115,7 @@ def audit(pool: Mempool) -> list[str]:
     """Every broken invariant of ``pool``, one sentence each (an empty list
     for a whole pool), checked with the lock held."""
     with hold_lock(pool):
-        return _debug.audit(views(pool))
+        return audit_views(views(pool))
 
 
 def crash_at(point: str) -> None:
