@@ -88,7 +88,9 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import _core, _segment
+from . import _segment
+from ._core import retry as _retry
+from ._core import seconds as _seconds
 from .gfp import __GFP_WAIT, may_sleep
 
 if TYPE_CHECKING:
@@ -435,7 +437,7 @@ def _wake(fut: asyncio.Future[None]) -> None:
 async def alloc(member: Membership, gfp: int, timeout: float | None) -> int | None:
     core = member.core
     sleeps = may_sleep(gfp)
-    seconds = _core.seconds(timeout)
+    seconds = _seconds(timeout)
     start = _monotonic()
     nowait = int(gfp) & ~int(__GFP_WAIT)
     h = core.alloc(nowait) if sleeps else core.alloc(gfp)
@@ -454,7 +456,7 @@ async def alloc(member: Membership, gfp: int, timeout: float | None) -> int | No
         # waits in the FIFO until this loop runs its callbacks, after the await.
         fut = loop.create_future()
         fifo.waiters.add(fut)
-        wait = _core.retry()[0] / 1e9 if got is None else LOCK_BUSY_RETRY_SECONDS
+        wait = _retry()[0] / 1e9 if got is None else LOCK_BUSY_RETRY_SECONDS
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - _monotonic()))
         timer = loop.call_later(wait, _wake, fut)
@@ -508,7 +510,7 @@ def _requeue_now(q: Queue, handle: int) -> None:
 
 
 async def get(q: Queue, timeout: float | None) -> int:
-    seconds = _core.seconds(timeout)
+    seconds = _seconds(timeout)
     start = _monotonic()
     try:
         return q.get_nowait()  # waits for the lock at most the atomic bound, as GFP_ATOMIC
@@ -524,7 +526,7 @@ async def get(q: Queue, timeout: float | None) -> int:
 
 
 async def put(q: Queue, handle: int, timeout: float | None) -> None:
-    seconds = _core.seconds(timeout)
+    seconds = _seconds(timeout)
     start = _monotonic()
     try:
         q.put_nowait(handle)

@@ -33,7 +33,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import _core
+from ._core import after_fork_in_child as _core_after_fork
 from ._procs import self_identity
 
 
@@ -134,7 +134,7 @@ def _after_fork_in_child() -> None:
         except OSError:
             pass
     _attachments.clear()
-    _core.after_fork_in_child()
+    _core_after_fork()
     for member in list(_members):
         if member.core.entry >= 0:
             member._after_fork_in_child()

@@ -41,7 +41,8 @@ from __future__ import annotations
 import enum
 from typing import Final, Literal
 
-from . import _core
+from ._core import may_sleep as _may_sleep
+from ._core import set_gfp as _set_gfp
 
 
 class GFPWarning(UserWarning):
@@ -153,7 +154,7 @@ _REFUSED = ~GFP_VALID_MASK  # also catches negative numbers
 _WAIT = int(GFP.WAIT)
 _ZERO = int(GFP.ZERO)
 
-_core.set_gfp(GFP_VALID_MASK, _WAIT, _ZERO)
+_set_gfp(GFP_VALID_MASK, _WAIT, _ZERO)
 
 
 def may_sleep(gfp: object) -> bool:
@@ -165,7 +166,7 @@ def may_sleep(gfp: object) -> bool:
     bit that no v3.2 mask has. The first mask with ``__GFP_ZERO`` warns
     (:class:`GFPWarning`), once per process: elements are not zeroed.
     """
-    return _core.may_sleep(gfp)  # type: ignore[no-any-return]
+    return _may_sleep(gfp)  # type: ignore[no-any-return]
 
 
 __all__ = ["GFP", "GFPWarning", "SleepingMask", "may_sleep"] + [name for name in list(globals()) if name.startswith(("__GFP_", "GFP_"))]

@@ -38,7 +38,8 @@ from typing import Any, Callable, Optional, overload
 
 import numpy as np
 
-from . import _aio, _attach, _core, _lifecycle, _segment
+from . import _aio, _attach, _lifecycle, _segment
+from ._core import LAYOUT_HASH, Core, set_classes
 from ._args import check_fail_rate, check_queue_name, check_range, check_seed
 from ._errors import (
     InvalidHandleError,
@@ -79,10 +80,10 @@ ATOMIC_LOCK_WAIT_SECONDS = ATOMIC_WAIT_NS / 1e9
 ADMIN_LOCK_WAIT_SECONDS = ADMIN_WAIT_NS / 1e9
 OPEN_WAIT_SECONDS = _lifecycle.OPEN_WAIT_SECONDS
 
-if _core.LAYOUT_HASH != layout_hash():
+if LAYOUT_HASH != layout_hash():
     raise ImportError("shmpool._core was built for another layout (shmpool/_layout.py changed): rebuild it "
                       "(pip install -e .)")
-_core.set_classes(PoolFormatError, PoolDestroyedError, InvalidHandleError, PoolClosedError, PoisonWarning, GFPWarning)
+set_classes(PoolFormatError, PoolDestroyedError, InvalidHandleError, PoolClosedError, PoisonWarning, GFPWarning)
 
 
 class Mempool:
@@ -98,7 +99,7 @@ class Mempool:
 
     def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, min_nr: int | None = None) -> None:
         poison = bool(int.from_bytes(seg.mm[8 * H_FLAGS : 8 * H_FLAGS + 8], "little") & FLAG_POISON)
-        self._core = core = _core.Core(
+        self._core = core = Core(
             seg.mm, name, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_procs, geo.off_queues,
             geo.max_queues, geo.off_slots, geo.max_procs, geo.capacity, geo.stride, geo.slot_size, poison,
             _segment.fifo_prefix(name),

@@ -22,12 +22,12 @@
  *                  put or get): its own timeout, or none if the caller gave
  *                  none (the caller asked to wait);
  *   BOUND_ATOMIC   a call that may not wait: GFP_ATOMIC, *_nowait,
- *                  alloc_preallocated, free: ATOMIC_WAIT_NS, then its kind's
- *                  answer (None, queue.Full or queue.Empty; a free parks its
- *                  element, see below);
+ *                  alloc_preallocated, free: ATOMIC_WAIT_NS, then RC_BUSY,
+ *                  which its kind answers (None, queue.Full or queue.Empty; a
+ *                  free parks its element, see below);
  *   BOUND_ADMIN    stats, reclaim_dead, resize, set_fail_rate, destroy,
  *                  adopt, opening a queue, attaching: ADMIN_WAIT_NS, then
- *                  TimeoutError naming the holder.
+ *                  RC_BUSY: TimeoutError naming the holder.
  *
  * So nothing waits on a live process (stopped, traced, starved) unless its
  * caller asked to wait. Whoever holds the lock first completes the frees
@@ -145,7 +145,8 @@ int run(struct pool *p, struct call *c) {
         if (mode == MODE_SLEEP && (c->step == step_put || c->step == step_get)) queue_spin(p, c, c->step == step_put);
         p->last_event = EV_NONE;
         int r = lock_acquire(p, c->deadline, c->may_sleep ? -1 : c->bound_ns);
-        if (r == RC_TIMEOUT && c->step == step_alloc) { /* an allocation whose lock did not come failed */
+        if (r == RC_TIMEOUT && !c->may_sleep && c->bound_ns >= 0) r = RC_BUSY;
+        if ((r == RC_TIMEOUT || r == RC_BUSY) && c->step == step_alloc) { /* the lock did not come: a failure */
             count(p, C_ALLOC_FAILED, 1);
             p->last_event = EV_ALLOC_FAILED;
             p->last_curr = ld(&p->hdr[H_CURR_NR]);

@@ -60,6 +60,7 @@ enum {
     RC_INVALID = -5,  /* a handle that is not held (p->msg says why), or no such queue */
     RC_CLOSED = -6,   /* the object was closed meanwhile */
     RC_NOMEM = -7,
+    RC_BUSY = -8,     /* a call that may not wait: the lock did not come within its bound (a live holder) */
 };
 
 /* What a step does when nothing is left. */
@@ -99,6 +100,7 @@ struct pool {
     uint64_t me;                 /* our owner field: entry + 1 (0: none) */
     uint64_t token;              /* our lock token */
     int enabled;                 /* this object uses the process's cache */
+    int claimed_dead;            /* our entry was a dead process's when we claimed it (its elements are ours to retire) */
     volatile int closing;        /* close() began: every wait ends with RC_CLOSED */
     int waiting;                 /* threads of this object in a futex wait (close wakes them) */
     /* Left by a critical section, done once the lock is released. */

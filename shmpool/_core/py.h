@@ -29,6 +29,7 @@ typedef struct {
     Py_buffer view;           /* the mapping, held while the object is open */
     int have_view;
     int busy;                 /* calls under way (the mapping goes when the last returns after close) */
+    int async_pending;        /* alloc_async registrations not yet counted out (close counts them out) */
     PyObject *trace;          /* trace(event, handle, curr_nr), or NULL */
     PyObject *unusable;       /* why this object may not be used (a forked child that could not register) */
     PyObject *data_mv;        /* a memoryview of the slots: views are cut from it and keep the mapping */

@@ -12,7 +12,6 @@
 static PyObject *run_admin(Core *f, struct call *c, const char *what) {
     int r = run_call(f, c);
     if (r == RC_OK) return Py_NewRef(Py_None);
-    if (r == RC_TIMEOUT) return raise_busy(f, what);
     return raise_for(f, r, what);
 }
 
@@ -90,7 +89,6 @@ static PyObject *Core_destroy(Core *f, PyObject *arg) {
         PyErr_Format(ErrDestroyed, "pool '%s' was destroyed already", f->p.name);
         return leave_with(f, NULL);
     }
-    if (r == RC_TIMEOUT) return leave_with(f, raise_busy(f, "destroy"));
     if (r != RC_OK) return leave_with(f, raise_for(f, r, "destroy"));
     if (c.out[3]) return leave_with(f, Py_BuildValue("KKK", c.out[0], c.out[1], c.out[2]));
     wake_everyone(&f->p);

@@ -62,7 +62,7 @@ void give_back(Core *f, const int64_t *handles, int64_t n) {
     c.src = handles;
     c.n = n;
     c.ctx = f;
-    if (run(&f->p, &c) == RC_TIMEOUT) park_bulk(&f->p, &c);
+    if (run(&f->p, &c) == RC_BUSY) park_bulk(&f->p, &c);
     PyErr_Clear();
     PyErr_Restore(et, ev, tb);
 }
@@ -131,7 +131,7 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
     c.retry_ns = (uint64_t)retry_alloc_ns;
     int r = run_call(f, &c);
     if (r == RC_OK) return leave_with(f, PyLong_FromUnsignedLongLong(c.a));
-    if (r == RC_FAIL || (r == RC_TIMEOUT && !sleeps)) return leave_with(f, Py_NewRef(Py_None));
+    if (r == RC_FAIL || r == RC_BUSY) return leave_with(f, Py_NewRef(Py_None));
     if (r == RC_TIMEOUT) {
         PyErr_Format(PyExc_TimeoutError, "pool '%s': no element within %S s", p->name, timeout);
         return leave_with(f, NULL);
@@ -146,7 +146,7 @@ static PyObject *Core_alloc_preallocated(Core *f, PyObject *unused) {
     call_init(&c, step_alloc_preallocated, BOUND_ATOMIC, -1);
     int r = run_call(f, &c);
     if (r == RC_OK) return leave_with(f, PyLong_FromUnsignedLongLong(c.a));
-    if (r == RC_FAIL || r == RC_TIMEOUT) return leave_with(f, Py_NewRef(Py_None));
+    if (r == RC_FAIL || r == RC_BUSY) return leave_with(f, Py_NewRef(Py_None));
     return leave_with(f, raise_for(f, r, "alloc_preallocated"));
 }
 
@@ -176,7 +176,7 @@ static PyObject *Core_alloc_bulk(Core *f, PyObject *const *args, size_t nargsf, 
     int r = run_call(f, &c);
     if (r == RC_OK) return leave_with(f, out);
     Py_DECREF(out);
-    if (r == RC_FAIL || (r == RC_TIMEOUT && !sleeps)) return leave_with(f, Py_NewRef(Py_None));
+    if (r == RC_FAIL || r == RC_BUSY) return leave_with(f, Py_NewRef(Py_None));
     if (r == RC_TIMEOUT) {
         PyErr_Format(PyExc_TimeoutError, "pool '%s': no %lld elements within %S s", f->p.name, (long long)n, timeout);
         return leave_with(f, NULL);
@@ -196,13 +196,21 @@ static PyObject *Core_alloc_async_try(Core *f, PyObject *unused) {
     c.sleep_outside = 1;
     int r = run_call(f, &c);
     if (r == RC_OK) return leave_with(f, PyLong_FromUnsignedLongLong(c.a));
-    if (r == RC_SLEEP) return leave_with(f, Py_NewRef(Py_None));
-    if (r == RC_TIMEOUT) return leave_with(f, Py_NewRef(Py_False));
+    if (r == RC_SLEEP) {
+        f->async_pending++;
+        return leave_with(f, Py_NewRef(Py_None));
+    }
+    if (r == RC_BUSY) return leave_with(f, Py_NewRef(Py_False));
     return leave_with(f, raise_for(f, r, "alloc_async"));
 }
 
+/* async_done(): count out a sleeper that alloc_async_try registered (a
+ * close() since has counted it out already). */
 static PyObject *Core_async_done(Core *f, PyObject *unused) {
-    if (f->p.hdr) chan_async_done(&f->p);
+    if (f->p.hdr && f->async_pending > 0) {
+        f->async_pending--;
+        chan_async_done(&f->p);
+    }
     Py_RETURN_NONE;
 }
 
@@ -226,7 +234,7 @@ static PyObject *Core_free(Core *f, PyObject *handle) {
     c.a = idx;
     c.b = gen;
     int r = run_call(f, &c);
-    if (r == RC_TIMEOUT) r = park_free(&f->p, idx, gen);
+    if (r == RC_BUSY) r = park_free(&f->p, idx, gen);
     if (r == RC_OK) return leave_with(f, Py_NewRef(Py_None));
     if (r == RC_INVALID) return leave_with(f, raise_invalid(f, idx | gen << HGEN_SHIFT));
     return leave_with(f, raise_for(f, r, "free"));
@@ -246,7 +254,7 @@ static PyObject *Core_free_bulk(Core *f, PyObject *handles) {
     c.src = hs;
     c.n = n;
     int r = n ? run_call(f, &c) : RC_OK;
-    if (r == RC_TIMEOUT) r = park_bulk(&f->p, &c);
+    if (r == RC_BUSY) r = park_bulk(&f->p, &c);
     if (r == RC_INVALID && c.bad >= 0) res = raise_invalid(f, (uint64_t)hs[c.bad]);
     else if (r != RC_OK) res = raise_for(f, r, "free_bulk");
     else if (c.moved) {

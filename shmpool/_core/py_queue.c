@@ -55,7 +55,7 @@ static PyObject *Core_put(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     c.src = &one;
     c.n = 1;
     int r = run_call(f, &c);
-    if (r == RC_OK || r == RC_FAIL || r == RC_TIMEOUT) return leave_with(f, PyBool_FromLong(r == RC_OK));
+    if (r == RC_OK || r == RC_FAIL || r == RC_TIMEOUT || r == RC_BUSY) return leave_with(f, PyBool_FromLong(r == RC_OK));
     return leave_with(f, moved_error(f, &c, r));
 }
 
@@ -75,7 +75,7 @@ static PyObject *Core_get(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     c.n = 1;
     int r = run_call(f, &c);
     if (r == RC_OK) return leave_with(f, PyLong_FromLongLong(one));
-    if (r == RC_FAIL || r == RC_TIMEOUT) return leave_with(f, Py_NewRef(Py_None));
+    if (r == RC_FAIL || r == RC_TIMEOUT || r == RC_BUSY) return leave_with(f, Py_NewRef(Py_None));
     return leave_with(f, moved_error(f, &c, r));
 }
 
@@ -99,7 +99,7 @@ static PyObject *Core_put_many(Core *f, PyObject *const *args, Py_ssize_t nargs)
         c.src = hs;
         c.n = n;
         int r = run_call(f, &c);
-        res = leave_with(f, r == RC_OK || r == RC_FAIL || r == RC_TIMEOUT ? PyBool_FromLong(r == RC_OK)
+        res = leave_with(f, r == RC_OK || r == RC_FAIL || r == RC_TIMEOUT || r == RC_BUSY ? PyBool_FromLong(r == RC_OK)
                                                                          : moved_error(f, &c, r));
     }
     if (hs != stack) PyMem_Free(hs);
@@ -124,7 +124,7 @@ static PyObject *Core_get_many(Core *f, PyObject *const *args, Py_ssize_t nargs)
     c.n = n;
     int r = run_call(f, &c);
     PyObject *res = r == RC_OK ? handles_array(dst, c.moved)
-                    : r == RC_FAIL || r == RC_TIMEOUT ? Py_NewRef(Py_None) : moved_error(f, &c, r);
+                    : r == RC_FAIL || r == RC_TIMEOUT || r == RC_BUSY ? Py_NewRef(Py_None) : moved_error(f, &c, r);
     if (dst != stack) PyMem_Free(dst);
     return leave_with(f, res);
 }

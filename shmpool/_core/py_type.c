@@ -40,6 +40,7 @@ PyObject *raise_for(Core *f, int r, const char *what) {
     switch (r) {
     case RC_SIGNAL: return NULL; /* the handler's (or callback's) exception is set */
     case RC_TIMEOUT: PyErr_Format(PyExc_TimeoutError, "pool '%s': %s: the timeout passed", f->p.name, what); return NULL;
+    case RC_BUSY: return raise_busy(f, what);
     case RC_DESTROYED: PyErr_Format(ErrDestroyed, "pool '%s' was destroyed", f->p.name); return NULL;
     case RC_CLOSED: return closed_error(f);
     case RC_NOMEM: return PyErr_NoMemory();
@@ -157,7 +158,8 @@ static PyObject *Core_close(Core *f, PyObject *unused) {
     if (f->p.closing) Py_RETURN_NONE;
     f->p.closing = 1;
     f->p.enabled = 0;
-    if (f->p.hdr && f->p.waiting) wake_everyone(&f->p);
+    if (f->p.hdr && (f->p.waiting || f->async_pending)) wake_everyone(&f->p); /* they end with PoolClosedError */
+    for (; f->p.hdr && f->async_pending > 0; f->async_pending--) chan_async_done(&f->p); /* counted out, once */
     if (f->busy == 0) release_view(f);
     Py_RETURN_NONE;
 }

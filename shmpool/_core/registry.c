@@ -11,7 +11,8 @@
  * names the entry is the predecessor's).
  *
  * Who is dead, for retire: an entry whose epoch is not 0 and whose OFD lock
- * nobody holds. A held or cached slot whose owner field names a vacant entry
+ * nobody holds; and the entry we just claimed if it was a dead process's
+ * (not if it was vacant). A held or cached slot whose owner field names a vacant entry
  * (epoch 0), an entry beyond H_ENTRIES_USED, or no entry at all cannot be:
  * every path that vacates an entry first takes back what names it. Such a
  * slot is damage (PoolFormatError, and a finding of --check), never a dead
@@ -82,6 +83,7 @@ int registry_claim(struct pool *p, int fd, int64_t *index) {
                 ; /* a reclaimer may have vacated it meanwhile: old is reloaded */
             note_entry_used(p, e);
             bind_entry(p, fd, e, epoch);
+            p->claimed_dead = old != 0;
             *index = (int64_t)e;
             return RC_OK;
         }
@@ -89,10 +91,18 @@ int registry_claim(struct pool *p, int fd, int64_t *index) {
     return RC_FAIL;
 }
 
-/* A claim whose registration did not finish (the lock did not come): the
- * entry is left as a dead process's (the caller closes fd, dropping the OFD
- * lock), for the next retire to take back and vacate. */
-void registry_unclaim(struct pool *p) { registry_forget(p); }
+/* A claim whose registration did not finish (the lock did not come, or
+ * damage): an entry that was vacant is vacant again (we still hold its OFD
+ * lock: nobody else can have claimed it); a dead process's is left as a dead
+ * process's (the caller closes fd, dropping the OFD lock), for the next
+ * retire to take back and vacate. */
+void registry_unclaim(struct pool *p) {
+    if (p->entry && !p->claimed_dead) {
+        st(&p->entry[P_CACHE_N], 0);
+        cas(&p->entry[P_EPOCH], p->token >> 16, 0);
+    }
+    registry_forget(p);
+}
 
 /* Use this process's existing entry (another object of the pool claimed
  * it). 0 if it is not ours any more. */
@@ -178,7 +188,9 @@ int step_register(struct pool *p, struct call *c, int mode) {
     if (r != RC_OK && r != RC_DESTROYED) return r;
     unsigned char *v = dead_owners(p);
     if (!v) return RC_NOMEM;
-    v[p->me] = PREDECESSOR;
+    /* What names our entry is its dead predecessor's; a vacant entry has
+     * none (whatever names it is damage). */
+    v[p->me] = p->claimed_dead ? PREDECESSOR : IMPOSSIBLE;
     int64_t t = retire(p, v);
     free(v);
     if (t < 0) return (int)t;
