@@ -1190,11 +1190,11 @@ def bench_scale(reps: int) -> dict[str, Any]:
     return out
 
 HOLD_LOCK = """
-import sys, shmpool
+import sys, shmpool, shmpool.testing
 pool = shmpool.Mempool.attach(sys.argv[1])
-pool._fast._test_lock()  # the lock, its owner recorded by the CAS that took it
-print("ready", flush=True)
-sys.stdin.read()
+with shmpool.testing.hold_lock(pool):  # the lock, its owner recorded by the CAS that took it
+    print("ready", flush=True)
+    sys.stdin.read()
 """
 
 

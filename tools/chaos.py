@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np
 
 from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool
-from shmpool._debug import audit
+from shmpool.testing import audit
 
 
 def _die_with_tool(lifeline: Any) -> None:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     # few ms instead of a fresh interpreter's few hundred) and has no pool
     # open, unlike this process.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["numpy", "shmpool.pool", "shmpool._debug"])
+    ctx.set_forkserver_preload(["numpy", "shmpool.pool", "shmpool.testing"])
     ops = ctx.RawArray("q", args.workers)
     stop = ctx.RawValue("b", 0)
     pool = Mempool.create(args.name, min_nr=args.min_nr, slot_size=16, capacity=args.capacity,
@@ -271,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             stopped = workers.stop_all()
             failure = failure or stopped
             reclaimed += pool.reclaim_dead()
-            with pool._core[1]:  # type: ignore[index]
-                findings = audit(pool._core[0])  # type: ignore[index]
+            findings = audit(pool)
             s = pool.stats()
             failures = sorted(os.listdir(faildir))
             if failures:
