@@ -1,7 +1,7 @@
 /* derive.c: the one derivation of a pool's numbers.
  *
  * stats() runs it under the lock on the live segment; shmpool-inspect runs
- * it on a copy of the metadata taken without the lock (module.c, derive).
+ * it on a copy of the metadata taken without the lock (py_module.c, derive).
  * Both therefore say the same thing with the same clamps:
  *
  *   arena_shared  the shared free list's depth (arena_free in the header)

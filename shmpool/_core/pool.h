@@ -7,8 +7,8 @@
  * the header, slot words, stacks and registry are, which registry entry is
  * ours, and what a critical section left to do once the lock is released.
  *
- * The files, one concern each; only type.c, methods.c, views.c and module.c
- * include Python.h, so "no Python code while the lock is held" holds by
+ * The files, one concern each; only the py_*.c files include Python.h (they
+ * share py.h), so "no Python code while the lock is held" holds by
  * construction:
  *
  *   slots.c     the only writer of slot words, the reserve stack and the
@@ -26,8 +26,10 @@
  *   registry.c  processes: register, bind, detach, dead owners, retire
  *   repair.c    rebuild every list and depth from the slot words
  *   derive.c    the one derivation of a pool's numbers (stats, inspect)
- *   type.c, methods.c, views.c, module.c: the Python type, its methods,
- *               element views, the module
+ *   admin.c     resize, destroy, stats, reclaim, detach: one step each
+ *   py_*.c      the Python type (py_type.c), its methods (py_alloc.c,
+ *               py_queue.c, py_admin.c), argument checks (py_convert.c),
+ *               element views (py_views.c), the module (py_module.c)
  *
  * Every multi-word update commits with one aligned 8-byte store or CAS of
  * a slot word (or of a registry entry's epoch); everything around it is
@@ -118,7 +120,7 @@ struct pool {
 };
 
 /* What the Python side lends the core: waits release the GIL, and signal
- * handlers run between them (module.c fills this in). */
+ * handlers run between them (py_module.c fills this in). */
 struct host {
     void *(*unblock)(void);      /* release the GIL: a token for block() */
     void (*block)(void *);       /* take it back */

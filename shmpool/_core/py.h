@@ -1,11 +1,11 @@
-/* py.h: what the four files that include Python.h share (module.c,
- * type.c, methods.c, views.c). The core's transitions are in the files
- * that do not include it (pool.h); these only turn Python arguments into
- * C values, run one call of the core, and turn its result into a Python
- * object or exception, after the lock is released.
+/* py.h: what the files that include Python.h share (py_*.c: the module,
+ * the type, its methods, views and argument checks). The core's transitions
+ * are in the files that do not include it (pool.h); these only turn Python
+ * arguments into C values, run one call of the core, and turn its result
+ * into a Python object or exception, after the lock is released.
  *
  * Arguments are checked once, here: converters for a handle, handles, a
- * gfp mask, a timeout and a count (convert.c) raise the TypeError or
+ * gfp mask, a timeout and a count (py_convert.c) raise the TypeError or
  * ValueError that says what is wrong. A valid call stays in C until it
  * returns; nothing calls back into shmpool's Python code.
  */
@@ -64,14 +64,14 @@ int conv_count(PyObject *o, const char *what, int64_t lo, int64_t hi, int64_t *o
 int64_t *conv_handles(Core *f, PyObject *o, int64_t *n, int64_t *stack, int64_t stack_n);
 int decode_fast(Core *f, PyObject *o, uint64_t *idx, uint64_t *gen); /* an exact int in range, or 0 */
 
-/* methods.c, qmethods.c: run() with the Python side's `after` (poison
+/* py_alloc.c: run() with the Python side's `after` (poison
  * warnings, trace), and the elements a failed call gives back */
 int run_call(Core *f, struct call *c);
 void give_back(Core *f, const int64_t *handles, int64_t n);
 PyObject *handles_array(const int64_t *src, int64_t n);
 void forget_zero_warning(void);
 
-/* views.c */
+/* py_views.c */
 PyObject *Core_buffer(Core *f, PyObject *handle);
 PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
 int views_init(void);

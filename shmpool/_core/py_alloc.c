@@ -1,7 +1,8 @@
-/* methods.c: the Core's allocation methods (alloc, free, bulk, adopt,
- * async) and the glue around run(): arguments converted once (convert.c),
+/* py_alloc.c: the Core's allocation methods (alloc, free, bulk, adopt,
+ * async) and the glue around run(): arguments converted once (py_convert.c),
  * one call of the core, then the result or the exception, built after the
- * lock is released. Queue and administrative methods are in qmethods.c.
+ * lock is released. Queue and administrative methods are in py_queue.c and
+ * py_admin.c.
  */
 #include <errno.h>
 #include <math.h>
