@@ -27,4 +27,4 @@ clean-shm: $(STAMP)
 	$(PY) tools/cleanup.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-3.10 build *.egg-info .pytest_cache shmpool/_core/layout.h
