@@ -143,8 +143,8 @@ int run(struct pool *p, struct call *c) {
     for (;;) {
         int mode = c->sleep_outside ? MODE_ASYNC : c->may_sleep && !passed(c->deadline) ? MODE_SLEEP : MODE_FAIL;
         if (mode == MODE_SLEEP && (c->step == step_put || c->step == step_get)) queue_spin(p, c, c->step == step_put);
-        p->last_event = EV_NONE;
         int r = lock_acquire(p, c->deadline, c->may_sleep ? -1 : c->bound_ns);
+        p->last_event = EV_NONE; /* (after the wait: another thread's call may have run meanwhile) */
         if (r == RC_TIMEOUT && !c->may_sleep && c->bound_ns >= 0) r = RC_BUSY;
         if ((r == RC_TIMEOUT || r == RC_BUSY) && c->step == step_alloc) { /* the lock did not come: a failure */
             count(p, C_ALLOC_FAILED, 1);

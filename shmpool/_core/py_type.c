@@ -90,6 +90,7 @@ void release_view(Core *f) {
         f->have_view = 0;
         PyBuffer_Release(&f->view);
     }
+    Py_CLEAR(f->data_mv); /* views made from it keep their own reference: the mapping lives while they do */
 }
 
 static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
