@@ -18,6 +18,8 @@ anybody's) never reach into private attributes:
 - ``entry_offset(pool, entry, field)``: a registry entry's word (``P_*``).
 - ``registry_entry(pool)``: this process's registry entry in the pool.
 - ``cached(pool)``: how many slots this process's cache holds.
+- ``queue_index(queue)``: the queue's entry in the pool's queue table (its
+  words are ``views(pool).queues[QUEUE_WORDS * index + Q_*]``).
 - ``audit(pool)``: every broken invariant, one sentence each (the lock held).
 - ``crash_at(point)``: SIGKILL this process the next time it reaches one of
   ``CRASH_POINTS`` of the core (a test of repair after a death there).
@@ -32,12 +34,17 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from . import _core, _layout, _segment
+from . import _layout, _segment
+from ._core import CRASH_POINTS as _CRASH_POINTS
+from ._core import crash_at as _crash_at
+from ._core import retry as _retry
+from ._core import set_retry as _set_retry
 from ._inspect.audit import audit as audit_views
 from ._mapping import Views
 from .pool import Mempool
+from .queues import Queue
 
-CRASH_POINTS: tuple[str, ...] = _core.CRASH_POINTS
+CRASH_POINTS: tuple[str, ...] = _CRASH_POINTS
 
 __all__ = [
     "CRASH_POINTS",
@@ -47,6 +54,7 @@ __all__ = [
     "entry_offset",
     "header_word_offset",
     "hold_lock",
+    "queue_index",
     "registry_entry",
     "segment_path",
     "sleep_retry",
@@ -104,6 +112,13 @@ def cached(pool: Mempool) -> int:
     return int(pool._core.cache_n)
 
 
+def queue_index(queue: Queue) -> int:
+    """``queue``'s entry in its pool's queue table (``Q_*`` words at
+    ``views(pool).queues[QUEUE_WORDS * index:]``); -1 once the queue object
+    is closed."""
+    return int(queue._index)
+
+
 def views(pool: Mempool) -> Views:
     """Typed views of the whole segment (header, slot words, stacks,
     registry, queue table, slots): read them under ``hold_lock`` for a
@@ -121,15 +136,15 @@ def audit(pool: Mempool) -> list[str]:
 def crash_at(point: str) -> None:
     """SIGKILL this process the next time the core reaches ``point`` (one
     of CRASH_POINTS; "" turns it off)."""
-    _core.crash_at(point)
+    _crash_at(point)
 
 
 def sleep_retry(alloc: float | None = None, queue: float | None = None) -> tuple[float, float]:
     """Set how often an unwoken sleeping alloc (``alloc``) and blocked put or
     get (``queue``) retry, in seconds, in this process; None keeps one.
     Returns the periods before."""
-    before: tuple[Any, Any] = _core.retry()
+    before: tuple[Any, Any] = _retry()
     a = before[0] if alloc is None else int(alloc * 1e9)
     q = before[1] if queue is None else int(queue * 1e9)
-    _core.set_retry(a, q)
+    _set_retry(a, q)
     return before[0] / 1e9, before[1] / 1e9

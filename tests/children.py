@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-import shmpool.pool
 from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool, ShmpoolError
+from shmpool.testing import sleep_retry
 
 
 def read_and_reply(name: str, handle: int, queue: Any) -> None:
@@ -28,7 +28,7 @@ def read_and_reply(name: str, handle: int, queue: Any) -> None:
 def sleeping_alloc(name: str, queue: Any, gfp: int = GFP_KERNEL) -> None:
     """Allocate once and report the result. The 5 s retry is pushed out of
     reach, so only a wake-up (or the pool's destruction) can end the sleep."""
-    shmpool.pool.SLEEP_RETRY_SECONDS = 600.0
+    sleep_retry(alloc=600.0)
     with Mempool.attach(name) as pool:
         try:
             queue.put(("ok", pool.alloc(gfp)))
@@ -111,7 +111,8 @@ def bulk_sleeper(name: str, n: int, results: Any) -> None:
 
 
 # ----------------------------------------------------------------------
-# Adversaries for tests/test_guarantees.py (issue 9)
+# Adversaries: stops, interrupts, collections and GIL hogs in the middle of
+# the pool's calls
 
 
 def reserve_hammer(name: str, progress: Any, stop: Any, results: Any) -> None:
@@ -257,7 +258,7 @@ def interrupted_sleeper(name: str, nr_interrupts: int, interval: float, commands
     errors: list[str] = []
     got: list[int] = []
     with Mempool.attach(name) as pool:
-        shmpool.pool.SLEEP_RETRY_SECONDS = 0.001  # the top of the retry loop, often
+        sleep_retry(alloc=0.001)  # the top of the retry loop, often
 
         def body() -> bool:
             tally["calls"] += 1
@@ -278,7 +279,7 @@ def interrupted_sleeper(name: str, nr_interrupts: int, interval: float, commands
 
         fired = _under_interrupts(body, nr_interrupts, interval)
         results.put((fired, tally["timeouts"], errors))
-        shmpool.pool.SLEEP_RETRY_SECONDS = 600.0  # from here on only a wake-up or a signal ends a sleep
+        sleep_retry(alloc=600.0)  # from here on only a wake-up or a signal ends a sleep
 
         def raise_interrupt(signum: int, frame: Any) -> None:
             raise KeyboardInterrupt

@@ -5,28 +5,40 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from helpers import RUN_TAG
 
-from shmpool import _segment
+from shmpool.testing import segment_path
 
 SHM = "/dev/shm"
 
 
 def leftovers() -> list[str]:
-    """This run's entries in /dev/shm: segments and semaphores alike."""
+    """This run's entries in /dev/shm: segments, asyncio FIFOs, and anything
+    else (a pool is its segment and its FIFOs: nothing more may appear)."""
     return sorted(e for e in os.listdir(SHM) if RUN_TAG in e)
+
+
+def remove_pool_files(name: str) -> None:
+    """Remove pool ``name``'s segment and asyncio FIFOs, if there are any."""
+    fifos = f"fifo.shmpool.{name}."
+    for entry in os.listdir(SHM):
+        if entry.startswith(fifos) and entry[len(fifos) :].isdigit():
+            os.unlink(os.path.join(SHM, entry))
+    if os.path.exists(segment_path(name)):
+        os.unlink(segment_path(name))
 
 
 @pytest.fixture
 def name() -> Iterator[str]:
-    """A fresh pool name; whatever the test left under it is removed after."""
+    """A fresh pool name; the pool the test left under it (closed, not
+    destroyed) is removed after."""
     n = f"{RUN_TAG}-{uuid.uuid4().hex[:10]}"
     yield n
-    _segment.unlink(n)
+    remove_pool_files(n)
 
 
 @pytest.fixture

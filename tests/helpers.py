@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from shmpool import Mempool
-from shmpool.testing import audit, header_word_offset, hold_lock, segment_path
+from shmpool._layout import H_CURR_NR, Q_GETTERS, Q_PUTTERS, QUEUE_WORDS
+from shmpool.queues import Queue
+from shmpool.testing import audit, header_word_offset, hold_lock, queue_index, segment_path, views
 
 #: Every pool a test makes has this in its name, so the leak checks can
 #: tell this run's leftovers from anybody else's.
@@ -50,3 +53,44 @@ def run_python(code: str, *args: str, timeout: float = 30.0) -> subprocess.Compl
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+# ----------------------------------------------------------------------
+# The segment's words, read and written as bytes of its file (the file is
+# the shared memory itself: what is written here every process sees)
+
+
+def read_word(pool: Mempool | str, offset: int) -> int:
+    """The unsigned 64-bit word at byte ``offset`` of the pool's segment."""
+    with open(segment_path(pool), "rb") as f:
+        return int(struct.unpack("=Q", os.pread(f.fileno(), 8, offset))[0])
+
+
+def write_word(pool: Mempool | str, offset: int, value: int) -> None:
+    """Write one unsigned 64-bit word at byte ``offset`` of the segment (damage)."""
+    with open(segment_path(pool), "r+b") as f:
+        assert os.pwrite(f.fileno(), struct.pack("=Q", value), offset) == 8
+
+
+def reserve_stack(pool: Mempool) -> list[int]:
+    """The reserve's slots, bottom first (its top is the last), read under
+    the lock."""
+    with hold_lock(pool):
+        v = views(pool)
+        return [int(x) for x in v.stack[: v.hdr[H_CURR_NR]]]
+
+
+def slot_bytes(pool: Mempool, slot: int) -> bytes:
+    """The ``slot_size`` bytes of slot ``slot``, whoever holds it (read
+    under the lock)."""
+    with hold_lock(pool):
+        v = views(pool)
+        return bytes(v.data[slot * v.geo.stride : slot * v.geo.stride + pool.slot_size])
+
+
+def queue_sleepers(pool: Mempool, q: Queue) -> tuple[int, int]:
+    """(getters, putters): the threads asleep on queue ``q``'s two wait
+    channels, a blocked get and a blocked put (each count one word, read
+    without the lock)."""
+    words = views(pool).queues[QUEUE_WORDS * queue_index(q) :]
+    return int(words[Q_GETTERS]), int(words[Q_PUTTERS])

@@ -64,8 +64,8 @@ def test_bulk_frees_in_the_order_of_single_frees(name: str) -> None:
 @pytest.mark.parametrize(
     "make_bad, exc, match",
     [
-        (lambda hs: ["x", "y"], TypeError, "integers"),
-        (lambda hs: np.array([1.0, 2.0]), TypeError, "integers"),
+        (lambda hs: ["x", "y"], TypeError, "is an int, not str|must be integers"),
+        (lambda hs: np.array([1.0, 2.0]), TypeError, "is an int, not numpy.float64|must be integers"),
         (lambda hs: [hs[0], -1], ValueError, "out of range"),
         (lambda hs: [hs[0], hs[1], hs[0]], InvalidHandleError, "twice"),
         (lambda hs: [hs[0], hs[1] ^ (1 << 50)], InvalidHandleError, "another pool's"),
@@ -74,8 +74,8 @@ def test_bulk_frees_in_the_order_of_single_frees(name: str) -> None:
 )
 @pytest.mark.parametrize("form", [list, tuple, np.asarray], ids=["list", "tuple", "array"])
 def test_a_refused_free_bulk_frees_nothing(name: str, make_bad, exc, match, form) -> None:
-    """A list of ints and an int64 array are checked in C, anything else in
-    Python: the same refusals either way."""
+    """A list, a tuple and an array of handles: the same refusals, each
+    changing nothing."""
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=4) as pool:
         hs = pool.alloc_bulk(3, GFP_ATOMIC).tolist()
         before = snapshot(pool)
@@ -135,4 +135,44 @@ def test_a_handle_given_twice_is_refused_in_a_small_batch_of_a_big_pool(name: st
             pool.free_bulk([hs[0], hs[1], hs[0]])
         assert snapshot(pool) == before
         pool.free_bulk(hs)
+        pool.destroy()
+
+
+#: A peer that asks for n elements at once and reports how many it got.
+BULK_PEER = """
+import sys
+from shmpool import GFP_KERNEL, Mempool
+pool = Mempool.attach(sys.argv[1])
+hs = pool.alloc_bulk(int(sys.argv[2]), GFP_KERNEL, timeout=30)
+print(len(hs), flush=True)
+pool.free_bulk(hs)
+pool.close()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_bulk_waits_holding_nothing_and_free_bulk_takes_everything(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=3, slot_size=16, capacity=6) as pool:
+        pool.set_fail_rate(1.0)
+        mine = pool.alloc(GFP_ATOMIC)  # from the reserve: 2 of 3 left, 3 in the arena
+        pool.set_fail_rate(0.0)
+        # 6 at once: 3 from the arena, 3 from a reserve of 2: all or nothing.
+        assert pool.alloc_bulk(6, GFP_ATOMIC) is None
+        assert pool.stats().in_use == 1
+        peer = popen(BULK_PEER, name, "6")
+        wait_for(lambda: pool.stats().nr_waiters == 1, what="the bulk caller to sleep")
+        s = pool.stats()
+        # The kernel's mempool_alloc_bulk would hold the 3 arena elements while it waits.
+        assert (s.in_use, s.arena_free, s.curr_nr) == (1, 3, 2)
+        pool.free(mine)  # refills the reserve and wakes it: 3 + 3
+        assert peer.stdout.readline().strip() == "6", peer.stderr.read()
+        assert peer.wait(timeout=30) == 0, peer.stderr.read()
+        # n above min_nr is fine here (the kernel warns); free_bulk frees all
+        # of them and returns nothing (the kernel's returns how many it put
+        # in the reserve, leaving the rest to the caller).
+        hs = pool.alloc_bulk(6, GFP_ATOMIC)
+        assert pool.free_bulk(hs) is None
+        s = pool.stats()
+        assert (s.in_use, s.curr_nr, s.arena_free) == (0, 3, 3)
+        check_whole(pool)
         pool.destroy()

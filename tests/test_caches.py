@@ -1,5 +1,8 @@
-"""The compiled hot path (_fast.c): per-process caches, stealing, counters.
-The kernel's rules themselves are tested, through it, everywhere else."""
+"""Each process's cache of free arena slots: the hot path takes and gives
+them without the lock and writes no shared header word; other processes
+take what an idle process caches (stealing), so no free slot is stranded;
+counters stay exact. The kernel's rules themselves are tested, through the
+caches, everywhere else."""
 
 from __future__ import annotations
 
@@ -7,9 +10,17 @@ import pytest
 from helpers import check_whole, snapshot
 
 from shmpool import GFP_ATOMIC, Mempool
-from shmpool._layout import CACHE_MAX, HEADER_BYTES
+from shmpool._layout import CACHE_MAX, H_ARENA_FREE, HEADER_BYTES
+from shmpool.testing import cached, hold_lock, views
 
-ATTACH = "import sys, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
+#: A python -c child attached to pool argv[1] that can print its cache.
+ATTACH = "import sys, shmpool\nfrom shmpool.testing import cached\npool = shmpool.Mempool.attach(sys.argv[1])\n"
+
+
+def shared_free_list(pool: Mempool) -> int:
+    """The depth of the arena's shared free list (not the caches)."""
+    with hold_lock(pool):
+        return int(views(pool).hdr[H_ARENA_FREE])
 
 
 def test_the_hot_path_writes_no_shared_header_word(name: str) -> None:
@@ -27,14 +38,11 @@ def test_the_hot_path_writes_no_shared_header_word(name: str) -> None:
 def test_close_gives_the_cache_back(name: str) -> None:
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=40) as pool:
         pool.free(pool.alloc(GFP_ATOMIC))
-        assert pool._fast._cache_n > 0
-        from shmpool._layout import H_ARENA_FREE
-
-        with Mempool.attach(name) as other:
-            assert other._core[0].hdr[H_ARENA_FREE] < 39
+        assert cached(pool) > 0
+        assert shared_free_list(pool) == 39 - cached(pool)
         pool.close()
         with Mempool.attach(name) as other:
-            assert other._core[0].hdr[H_ARENA_FREE] == 39  # all back on the shared list
+            assert shared_free_list(other) == 39  # all back on the shared list
             check_whole(other)
             other.destroy()
 
@@ -43,7 +51,7 @@ def test_close_gives_the_cache_back(name: str) -> None:
 def test_slots_cached_by_an_idle_process_are_not_stranded(name: str, popen) -> None:
     with Mempool.create(name, min_nr=2, slot_size=16, capacity=8) as pool:
         # The child takes the whole arena into its cache and idles.
-        child = popen(ATTACH + "pool.free(pool.alloc()); print(pool._fast._cache_n, flush=True); sys.stdin.read()", name)
+        child = popen(ATTACH + "pool.free(pool.alloc()); print(cached(pool), flush=True); sys.stdin.read()", name)
         assert int(child.stdout.readline()) == 6
         got = [pool.alloc(GFP_ATOMIC) for _ in range(6)]  # arena first: taken from its cache
         s = pool.stats()
@@ -51,7 +59,7 @@ def test_slots_cached_by_an_idle_process_are_not_stranded(name: str, popen) -> N
         for h in got:
             pool.free(h)
         child.stdin.close()
-        child.wait(timeout=10)
+        assert child.wait(timeout=10) == 0, child.stderr.read()
         check_whole(pool)
         pool.destroy()
 
@@ -67,7 +75,7 @@ def test_an_owner_drops_entries_that_were_stolen_and_counts_stay_exact(name: str
             "        hs = [pool.alloc(shmpool.GFP_ATOMIC) for _ in range(4)]\n"
             "        for h in hs:\n"
             "            pool.free(h)\n"
-            "    print(pool._fast._cache_n, flush=True)\n"
+            "    print(cached(pool), flush=True)\n"
         )
         child = popen(code, name)
         child.stdin.write("fill\n")
@@ -82,9 +90,9 @@ def test_an_owner_drops_entries_that_were_stolen_and_counts_stay_exact(name: str
         n = int(child.stdout.readline())
         s = pool.stats()
         assert s.in_use == 0 and s.arena_free == 3 and s.curr_nr == 1
-        assert n + pool._fast._cache_n == 3
+        assert n + cached(pool) == 3
         child.stdin.close()
-        child.wait(timeout=10)
+        assert child.wait(timeout=10) == 0, child.stderr.read()
         check_whole(pool)
         pool.destroy()
 
@@ -92,14 +100,16 @@ def test_an_owner_drops_entries_that_were_stolen_and_counts_stay_exact(name: str
 def test_tracing_takes_the_locked_path_and_gives_the_cache_back(name: str) -> None:
     with Mempool.create(name, min_nr=1, slot_size=16, capacity=8) as pool:
         pool.free(pool.alloc(GFP_ATOMIC))
-        assert pool._fast._enabled and pool._fast._cache_n == 7
+        assert cached(pool) == 7
         events = []
         pool.trace = lambda e, h, c: events.append(e)
-        assert not pool._fast._enabled and pool._fast._cache_n == 0
+        assert cached(pool) == 0 and shared_free_list(pool) == 7
         pool.free(pool.alloc(GFP_ATOMIC))
-        assert events == ["alloc-arena", "free-arena"]
+        assert events == ["alloc-arena", "free-arena"]  # every call traced: none took the cache
+        assert cached(pool) == 0
         pool.trace = None
-        assert pool._fast._enabled
+        pool.free(pool.alloc(GFP_ATOMIC))
+        assert cached(pool) > 0 and events == ["alloc-arena", "free-arena"]  # the cache again, untraced
         pool.destroy()
 
 
@@ -108,8 +118,79 @@ def test_a_full_cache_spills_to_the_shared_list(name: str) -> None:
         held = [pool.alloc(GFP_ATOMIC) for _ in range(150)]
         for h in held:
             pool.free(h)
-        assert pool._fast._cache_n <= CACHE_MAX
+        assert 0 < cached(pool) <= CACHE_MAX
         s = pool.stats()
         assert (s.in_use, s.arena_free, s.free_arena) == (0, 199, 150)
         check_whole(pool)
+        pool.destroy()
+
+
+# ----------------------------------------------------------------------
+# Free slots stranded in a live peer's cache are taken by the locked paths
+
+#: A peer that fills its cache with every free arena slot (allocates them
+#: all, frees them all: the reserve is full, so they stay in its cache),
+#: says so, and stays alive until its stdin closes.
+FILL_CACHE_AND_STAY = """
+import sys
+from shmpool import GFP_ATOMIC, Mempool
+pool = Mempool.attach(sys.argv[1])
+held = [pool.alloc(GFP_ATOMIC) for _ in range(pool.stats().arena_free)]
+assert None not in held and pool.stats().alloc_reserve == 0
+for h in held:
+    pool.free(h)
+print("ready", len(held), flush=True)
+sys.stdin.read()
+pool.close()
+"""
+
+
+def peer_fills_its_cache(pool: Mempool, popen) -> object:
+    """Start the peer; return it once every free arena slot is in its cache."""
+    peer = popen(FILL_CACHE_AND_STAY, pool.name)
+    line = peer.stdout.readline()
+    if line.split() != ["ready", str(pool.capacity - 2)]:
+        peer.stdin.close()  # let it end before its stderr is read
+        peer.wait(timeout=30)
+        pytest.fail(f"the peer said {line!r}: {peer.stderr.read()}")
+    s = pool.stats()
+    assert (s.curr_nr, s.min_nr, s.arena_free, s.in_use) == (2, 2, pool.capacity - 2, 0)
+    assert shared_free_list(pool) == 0  # the shared free list is dry: all of them in the peer's cache
+    return peer
+
+
+def end_peer(peer) -> None:
+    peer.stdin.close()
+    assert peer.wait(timeout=30) == 0, peer.stderr.read()
+
+
+@pytest.mark.timeout(60)
+def test_resize_takes_free_slots_from_a_live_peers_cache(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=24) as pool:
+        peer = peer_fills_its_cache(pool, popen)
+        pool.resize(10)
+        s = pool.stats()
+        assert (s.curr_nr, s.min_nr, s.arena_free, s.in_use) == (10, 10, 14, 0)
+        check_whole(pool)
+        end_peer(peer)
+        pool.destroy()
+
+
+@pytest.mark.timeout(60)
+def test_a_traced_alloc_takes_free_slots_from_a_live_peers_cache(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=24) as pool:
+        peer = peer_fills_its_cache(pool, popen)
+        events: list[str] = []
+        pool.trace = lambda event, handle, curr_nr: events.append(event)
+        h = pool.alloc(GFP_ATOMIC)
+        assert h is not None and events == ["alloc-arena"]
+        assert pool.stats().curr_nr == 2  # the reserve was not touched
+        held = [h]
+        while (h := pool.alloc(GFP_ATOMIC)) is not None:
+            held.append(h)
+        assert len(held) == 24  # every slot: none left stranded
+        assert events == ["alloc-arena"] * 22 + ["alloc-reserve"] * 2 + ["alloc-failed"]
+        pool.free_bulk(held)
+        check_whole(pool)
+        end_peer(peer)
         pool.destroy()

@@ -72,7 +72,7 @@ def test_the_wheel_builds_installs_and_runs(tmp_path, name: str) -> None:
     assert ran.returncode == 0 and "smoke: OK" in ran.stdout, ran.stdout + ran.stderr
     typed = subprocess.run(
         [str(bin_dir / "python"), "-c", "import importlib.resources as r; f = r.files('shmpool');"
-         "print((f / 'py.typed').is_file(), (f / '_fast.pyi').is_file())"],
+         "print((f / 'py.typed').is_file(), (f / '_core.pyi').is_file())"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )
     assert typed.stdout.split() == ["True", "True"], typed.stdout + typed.stderr

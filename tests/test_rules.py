@@ -1,6 +1,10 @@
-"""Property-based: random alloc, free, resize and fault-rate changes against a
-plain model of the kernel's rules (../shared/KERNEL_MEMPOOL.md), every
-counter checked after every step.
+"""The kernel's rules (../shared/KERNEL_MEMPOOL.md), one process at a time:
+a plain model of them against the compiled core, then each rule by example.
+
+The model
+---------
+Property-based: random alloc, free, resize and fault-rate changes against a
+plain model of the kernel's rules, every counter checked after every step.
 
 The model restates the rules; it does not copy shmpool. It holds:
 
@@ -36,16 +40,25 @@ Two runs of the same machine:
 
 Failures are reproducible: hypothesis prints the steps and a
 ``@reproduce_failure`` blob, and ``pytest --hypothesis-seed=N`` replays a run.
+
+The rules by example
+--------------------
+create, alloc, free, resize, fault injection, destroy and poisoning, each
+rule and each refusal (a refused call changes no byte of the segment), and
+the kernel's own names for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
+import warnings
 from typing import Any
 
+import numpy as np
 import pytest
-from helpers import RUN_TAG, check_whole, snapshot
+from helpers import RUN_TAG, check_whole, reserve_stack, slot_bytes, snapshot
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -65,10 +78,15 @@ from shmpool import (
     GFP_NOWAIT,
     InvalidHandleError,
     Mempool,
+    PoisonWarning,
+    PoolBusyError,
     PoolStats,
     handle_slot,
+    kernel,
 )
-from shmpool._layout import H_CURR_NR
+from shmpool._layout import POISON_END, POISON_FREE, POISON_INUSE
+from shmpool.pool import ATOMIC_LOCK_WAIT_SECONDS
+from shmpool.testing import hold_lock
 
 M64 = (1 << 64) - 1
 RATES = (0.0, 0.3, 0.7, 1.0)
@@ -231,8 +249,7 @@ class PoolMachine(RuleBasedStateMachine):
     def _stack(self) -> list[int]:
         """The reserve stack in the segment, bottom first."""
         assert self.pool is not None
-        v = self.pool._core[0]  # type: ignore[index]
-        return v.stack[: v.hdr[H_CURR_NR]].tolist()
+        return reserve_stack(self.pool)
 
     def _got(self, handle: int | None, outcome: str, reserve_top: int | None) -> None:
         """Check what an allocation returned against the model's outcome."""
@@ -433,3 +450,450 @@ def test_shrink_gives_back_to_the_arena_top(name: str) -> None:
             raise ArenaOrderError(f"after the shrink the arena gave slot {got}, not slot 1, its top")
     finally:
         pool.destroy(force=True)
+
+
+# ----------------------------------------------------------------------
+# The rules by example: create
+
+
+@pytest.fixture
+def pool(name: str):
+    p = Mempool.create(name, min_nr=3, slot_size=64, capacity=8)
+    yield p
+    p.close()
+
+
+def drain_arena(pool: Mempool) -> list[int]:
+    """Allocate every arena slot (fail_rate 0): returns their handles."""
+    s = pool.stats()
+    handles = [pool.alloc(GFP_ATOMIC) for _ in range(s.arena_free)]
+    assert pool.stats().arena_free == 0
+    return handles
+
+
+def test_fresh_pool_has_a_full_reserve_and_the_rest_in_the_arena(pool: Mempool) -> None:
+    s = pool.stats()
+    assert (s.min_nr, s.curr_nr, s.arena_free, s.in_use) == (3, 3, 5, 0)
+    assert s.curr_nr + s.arena_free + s.in_use + s.queued == s.capacity
+    check_whole(pool)
+
+
+def test_create_prefill_is_exempt_from_fault_injection(name: str) -> None:
+    with Mempool.create(name, min_nr=4, slot_size=8, capacity=4, fail_rate=1.0, seed=1) as p:
+        s = p.stats()
+        assert (s.curr_nr, s.arena_free, s.faults_injected) == (4, 0, 0)
+        p.destroy()
+
+
+# ---------------------------------------------------------------- alloc
+
+
+def test_alloc_takes_the_arena_first(pool: Mempool) -> None:
+    h = pool.alloc(GFP_ATOMIC)
+    s = pool.stats()
+    assert (s.alloc_arena, s.alloc_reserve, s.curr_nr, s.arena_free, s.in_use) == (1, 0, 3, 4, 1)
+    pool.free(h)
+
+
+def test_reserve_is_a_lifo_stack(pool: Mempool) -> None:
+    held = drain_arena(pool)
+    stack = reserve_stack(pool)
+    got = [handle_slot(pool.alloc(GFP_ATOMIC)) for _ in range(3)]
+    assert got == stack[::-1]
+    assert pool.stats().alloc_reserve == 3
+    # freed elements come back on top: the last freed is the next taken
+    assert pool.alloc(GFP_ATOMIC) is None
+    for h in held:
+        pool.free(h)
+    assert reserve_stack(pool) == [handle_slot(h) for h in held[:3]]
+    h2 = pool.alloc_preallocated()
+    assert handle_slot(h2) == handle_slot(held[2])
+
+
+@pytest.mark.parametrize("gfp", [GFP_ATOMIC, GFP_NOWAIT])
+def test_non_sleeping_alloc_returns_none_at_once(pool: Mempool, gfp: int) -> None:
+    drain_arena(pool)
+    for _ in range(3):
+        assert pool.alloc(gfp) is not None
+    before = pool.stats()
+    assert pool.alloc(gfp) is None
+    after = pool.stats()
+    assert after.alloc_failed == before.alloc_failed + 1
+    assert (after.curr_nr, after.in_use, after.nr_waiters, after.sleeps) == (0, 8, 0, 0)
+
+
+@pytest.mark.parametrize("gfp", [GFP_KERNEL, GFP_NOIO, GFP_NOFS])
+@pytest.mark.timeout(20)
+def test_sleeping_alloc_times_out_with_timeouterror_and_leaves_no_waiter(pool: Mempool, gfp: int) -> None:
+    drain_arena(pool)
+    for _ in range(3):
+        pool.alloc(gfp)
+    with pytest.raises(TimeoutError):
+        pool.alloc(gfp, timeout=0.05)
+    s = pool.stats()
+    assert (s.nr_waiters, s.sleeps, s.alloc_failed, s.in_use) == (0, 1, 1, 8)
+    check_whole(pool)
+
+
+def test_timeout_zero_tries_once(pool: Mempool) -> None:
+    assert pool.alloc(GFP_KERNEL, timeout=0) is not None
+
+
+# ---------------------------------------------------------------- free
+
+
+def test_free_refills_the_reserve_first_then_the_arena(pool: Mempool) -> None:
+    held = drain_arena(pool) + [pool.alloc(GFP_ATOMIC) for _ in range(3)]
+    assert pool.stats().curr_nr == 0
+    for i, h in enumerate(held):
+        pool.free(h)
+        s = pool.stats()
+        assert s.curr_nr == min(i + 1, 3)  # never above min_nr: not a cache
+        assert s.arena_free == max(0, i + 1 - 3)
+    s = pool.stats()
+    assert (s.free_reserve, s.free_arena) == (3, 5)
+    check_whole(pool)
+
+
+def test_free_none_is_ignored(pool: Mempool) -> None:
+    before = snapshot(pool)
+    pool.free(None)
+    assert snapshot(pool) == before
+
+
+def test_any_handle_int_like_is_accepted(pool: Mempool) -> None:
+    h = pool.alloc()
+    pool.free(np.int64(h))
+    assert pool.stats().in_use == 0
+
+
+@pytest.mark.parametrize("bad", ["1", 1.0, True, [1], b"\x01"])
+def test_free_of_a_non_int_is_typeerror(pool: Mempool, bad: object) -> None:
+    before = snapshot(pool)
+    with pytest.raises(TypeError):
+        pool.free(bad)  # type: ignore[arg-type]
+    assert snapshot(pool) == before
+
+
+def test_free_out_of_range_is_valueerror(pool: Mempool) -> None:
+    h = pool.alloc()
+    before = snapshot(pool)
+    for bad in (-1, 1 << 63, 1 << 70, h - handle_slot(h) + 8, h | 0xFFFFFF):
+        with pytest.raises(ValueError):
+            pool.free(bad)
+    assert snapshot(pool) == before
+    pool.free(h)
+
+
+def test_double_free_and_never_allocated_name_the_state(pool: Mempool) -> None:
+    h = pool.alloc()
+    pool.free(h)  # the reserve is full: back to the arena
+    before = snapshot(pool)
+    with pytest.raises(InvalidHandleError, match="in the arena") as err:
+        pool.free(h)
+    assert err.value.handle == h and isinstance(err.value, ValueError)
+    never = (h & ~0xFFFFFFFFFFFF) | reserve_stack(pool)[0]  # a reserved slot, never handed out
+    with pytest.raises(InvalidHandleError, match="in the reserve"):
+        pool.free(never)
+    assert snapshot(pool) == before
+
+
+def test_stale_handle_is_refused_without_freeing_the_new_holder(pool: Mempool) -> None:
+    old = pool.alloc()
+    pool.free(old)  # on top of the arena's free list
+    new = pool.alloc(GFP_ATOMIC)  # the same slot, next generation
+    assert handle_slot(new) == handle_slot(old) and new != old
+    before = snapshot(pool)
+    with pytest.raises(InvalidHandleError, match="stale"):
+        pool.free(old)
+    assert snapshot(pool) == before
+    pool.free(new)
+
+
+def test_handle_of_another_pool_is_refused(pool: Mempool, name: str) -> None:
+    with Mempool.create(name + "b", min_nr=3, slot_size=64, capacity=8) as other:
+        h = other.alloc()
+        before = snapshot(pool)
+        with pytest.raises(InvalidHandleError, match="another pool's"):
+            pool.free(h)
+        assert snapshot(pool) == before
+        other.free(h)
+        other.destroy()
+
+
+# ---------------------------------------------------------------- resize
+
+
+def test_resize_shrink_gives_reserve_elements_to_the_arena(pool: Mempool) -> None:
+    pool.resize(1)
+    s = pool.stats()
+    assert (s.min_nr, s.curr_nr, s.arena_free) == (1, 1, 7)
+    check_whole(pool)
+
+
+def test_resize_grow_fills_from_the_arena(pool: Mempool) -> None:
+    pool.resize(6)
+    s = pool.stats()
+    assert (s.min_nr, s.curr_nr, s.arena_free) == (6, 6, 2)
+    check_whole(pool)
+
+
+def test_resize_grow_with_a_dry_arena_succeeds_underfilled_and_frees_top_up(pool: Mempool) -> None:
+    held = drain_arena(pool)
+    pool.resize(8)
+    s = pool.stats()
+    assert (s.min_nr, s.curr_nr) == (8, 3)
+    for h in held:
+        pool.free(h)
+    s = pool.stats()
+    assert (s.curr_nr, s.arena_free, s.free_reserve) == (8, 0, 5)
+    check_whole(pool)
+
+
+def test_resize_refill_is_subject_to_fault_injection(name: str) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=8, capacity=6, fail_rate=1.0, seed=3) as p:
+        p.resize(5)
+        s = p.stats()
+        assert (s.min_nr, s.curr_nr, s.faults_injected) == (5, 1, 1)
+        p.destroy(force=True)
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-1, ValueError), (9, ValueError), (2.0, TypeError), ("3", TypeError)])
+def test_bad_resize_is_refused_and_changes_nothing(pool: Mempool, bad: object, exc: type) -> None:
+    before = snapshot(pool)
+    with pytest.raises(exc):
+        pool.resize(bad)  # type: ignore[arg-type]
+    assert snapshot(pool) == before
+
+
+# ---------------------------------------------------------------- fault injection
+
+
+def test_fault_injection_sends_allocations_to_the_reserve(name: str) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=8, capacity=10, fail_rate=1.0, seed=5) as p:
+        a, b = p.alloc(GFP_ATOMIC), p.alloc(GFP_ATOMIC)
+        assert p.alloc(GFP_ATOMIC) is None  # arena has 8 free slots, but refuses
+        s = p.stats()
+        assert (s.alloc_reserve, s.alloc_arena, s.arena_free, s.faults_injected) == (2, 0, 8, 3)
+        p.set_fail_rate(0.0)
+        c = p.alloc(GFP_ATOMIC)
+        assert p.stats().alloc_arena == 1
+        for h in (a, b, c):
+            p.free(h)
+        p.destroy()
+
+
+def decisions(pool: Mempool, n: int) -> list[str]:
+    """Which allocator served each of n alloc+free pairs."""
+    out = []
+    for _ in range(n):
+        before = pool.stats().alloc_arena
+        h = pool.alloc(GFP_ATOMIC)
+        out.append("arena" if pool.stats().alloc_arena > before else "reserve")
+        pool.free(h)
+    return out
+
+
+def test_fault_injection_is_seeded_and_reproducible(name: str) -> None:
+    runs = []
+    for i, seed in enumerate((7, 7, 8)):
+        with Mempool.create(f"{name}{i}", min_nr=1, slot_size=8, capacity=4, fail_rate=0.3, seed=seed) as p:
+            runs.append(decisions(p, 200))
+            p.destroy()
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    rate = runs[0].count("reserve") / 200
+    assert 0.2 < rate < 0.4
+
+
+def test_set_fail_rate_with_seed_restarts_the_sequence(name: str) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=8, capacity=4, fail_rate=0.5, seed=11) as p:
+        first = decisions(p, 50)
+        p.set_fail_rate(0.5, seed=11)
+        assert decisions(p, 50) == first
+        assert p.stats().seed == 11 and p.stats().fail_rate == 0.5
+        p.destroy()
+
+
+@pytest.mark.parametrize(
+    "bad, exc",
+    [(float("nan"), ValueError), (float("inf"), ValueError), (-0.1, ValueError), (1.01, ValueError), ("0.3", TypeError)],
+)
+def test_bad_fail_rate_is_refused(pool: Mempool, name: str, bad: object, exc: type) -> None:
+    before = snapshot(pool)
+    with pytest.raises(exc):
+        pool.set_fail_rate(bad)  # type: ignore[arg-type]
+    assert snapshot(pool) == before
+    with pytest.raises(exc):
+        Mempool.create(name + "x", min_nr=1, slot_size=8, capacity=2, fail_rate=bad)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- destroy
+
+
+def test_destroy_refuses_while_elements_are_held(pool: Mempool, name: str) -> None:
+    h = pool.alloc()
+    before = snapshot(pool)
+    with pytest.raises(PoolBusyError, match="lends 1 element") as err:
+        pool.destroy()
+    assert isinstance(err.value, RuntimeError)
+    assert snapshot(pool) == before
+    pool.free(h)
+    pool.destroy()
+    with pytest.raises(FileNotFoundError):
+        Mempool.attach(name)
+
+
+def test_destroy_refuses_only_while_elements_are_held(name: str) -> None:
+    """Later kernels dropped v3.2's BUG_ON(curr_nr != min_nr): a reserve
+    below min_nr with nothing held does not stop destroy."""
+    pool = Mempool.create(name, min_nr=2, slot_size=16, capacity=8, fail_rate=1.0, seed=1)
+    try:
+        pool.resize(6)  # the arena fails: the resize succeeds, the reserve stays at 2
+        s = pool.stats()
+        assert (s.curr_nr, s.min_nr, s.in_use) == (2, 6, 0)
+        h = pool.alloc(GFP_ATOMIC)  # from the reserve
+        before = snapshot(pool)
+        with pytest.raises(PoolBusyError, match="1 element"):
+            kernel.mempool_destroy(pool)
+        assert snapshot(pool) == before  # refused: nothing changed
+        pool.free(h)
+        assert pool.stats().curr_nr == 2  # under-filled, nothing held
+    except BaseException:
+        pool.destroy(force=True)
+        raise
+    kernel.mempool_destroy(pool)
+    assert pool.closed
+    with pytest.raises(FileNotFoundError):
+        Mempool.attach(name)
+
+
+def test_destroy_accepts_an_underfilled_reserve_with_nothing_held(pool: Mempool) -> None:
+    held = drain_arena(pool)
+    pool.resize(5)  # under-filled: 3 of 5
+    for h in held:
+        pool.free(h)  # tops it up to 5, the rest to the arena
+    assert pool.stats().curr_nr == 5
+    pool.resize(8)  # arena has 3: refills to 8
+    p2 = pool.alloc(GFP_ATOMIC)  # from the reserve now (arena dry)
+    pool.free(p2)  # back into the reserve
+    pool.resize(1)
+    assert pool.stats().curr_nr == 1
+    # Now make curr_nr < min_nr with nothing held:
+    pool.set_fail_rate(1.0)
+    pool.resize(3)  # refill fails on purpose: 1 of 3
+    s = pool.stats()
+    assert (s.curr_nr, s.min_nr, s.in_use) == (1, 3, 0)
+    pool.destroy()  # nothing to free: not refused
+    assert pool.closed
+
+
+def test_destroy_force_unlinks_with_elements_held(pool: Mempool, name: str) -> None:
+    pool.alloc()
+    pool.destroy(force=True)
+    assert pool.closed
+    with pytest.raises(FileNotFoundError):
+        Mempool.attach(name)
+
+
+# ---------------------------------------------------------------- poisoning
+
+
+def test_poisoning_is_the_kernels(name: str) -> None:
+    assert (POISON_FREE, POISON_END, POISON_INUSE) == (0x6B, 0xA5, 0x5A)
+    free_pattern = bytes([POISON_FREE]) * 31 + bytes([POISON_END])
+    with Mempool.create(name, min_nr=3, slot_size=32, capacity=6, poison=True) as pool:
+        # Entering the reserve: POISON_FREE, the last byte POISON_END.
+        assert [slot_bytes(pool, slot) for slot in reserve_stack(pool)] == [free_pattern] * 3
+        pool.set_fail_rate(1.0)
+        h = pool.alloc(GFP_ATOMIC)  # the arena fails: the reserve's top
+        assert pool.stats().alloc_reserve == 1
+        # Leaving it, the element is checked and filled with POISON_INUSE
+        # before it is handed out (the kernel's check_element).
+        assert bytes(pool.buffer(h)) == bytes([POISON_INUSE]) * 32
+        pool.buffer(h)[:] = b"x" * 32
+        pool.free(h)  # back into the reserve: poisoned again
+        assert [slot_bytes(pool, slot) for slot in reserve_stack(pool)] == [free_pattern] * 3
+        pool.destroy()
+
+
+def written_after_free(pool: Mempool, at: int) -> int:
+    """Allocate an element, free it into the reserve, then write byte ``at``
+    of it through a view kept too long; its handle."""
+    h = pool.alloc()
+    mv = pool.buffer(h)
+    pool.free(h)
+    mv[at] = 0
+    del mv
+    return h
+
+
+def test_write_after_free_into_a_reserved_element_is_reported(name: str) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=2, poison=True) as p:
+        h = written_after_free(p, 3)
+        with pytest.warns(PoisonWarning, match=f"slot {handle_slot(h)}.*written after"):
+            again = p.alloc()
+        assert handle_slot(again) == handle_slot(h)  # still handed out, as the kernel does
+        assert bytes(p.buffer(again)) == bytes([POISON_INUSE]) * 16
+        assert p.stats().poison_errors == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            other = p.alloc()  # an intact one: no warning
+        p.free(again)
+        p.free(other)
+        check_whole(p)
+        p.destroy()
+
+
+def test_poison_warning_escalated_to_an_exception_gives_the_element_back(name: str) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=8, capacity=1, poison=True) as p:
+        written_after_free(p, 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PoisonWarning)
+            with pytest.raises(PoisonWarning):
+                p.alloc()
+            # The call that raised gave its element back (poisoned afresh):
+            # nothing is held, nothing is lost, and the next alloc is clean.
+            s = p.stats()
+            assert (s.in_use, s.curr_nr, s.poison_errors) == (0, 1, 1)
+            check_whole(p)
+            h = p.alloc()
+        assert handle_slot(h) == 0 and bytes(p.buffer(h)) == bytes([POISON_INUSE]) * 8
+        p.free(h)
+        check_whole(p)
+        p.destroy()
+
+
+# ---------------------------------------------------------------- the kernel's names
+
+
+def test_kernel_names_follow_the_kernel(name: str) -> None:
+    pool = kernel.mempool_create(2, name, slot_size=32, capacity=3)
+    assert kernel.mempool_is_saturated(pool)
+    a = kernel.mempool_alloc(pool, GFP_ATOMIC)
+    b = kernel.mempool_alloc(pool, GFP_ATOMIC)  # arena dry: from the reserve
+    assert not kernel.mempool_is_saturated(pool)
+    kernel.mempool_free(None, pool)
+    kernel.mempool_free(b, pool)  # element first, like the kernel
+    kernel.mempool_free(a, pool)
+    assert kernel.mempool_resize(pool, 1, GFP_KERNEL) == 0
+    assert kernel.mempool_is_saturated(pool)
+    c = kernel.mempool_alloc_preallocated(pool)
+    assert pool.stats().alloc_reserve == 2
+    kernel.mempool_free(c, pool)
+    kernel.mempool_destroy(pool)
+    assert pool.closed
+
+
+def test_is_saturated_reads_without_the_lock(pool: Mempool) -> None:
+    """As the kernel's mempool_is_saturated: two loads, no lock, so it
+    answers at once even while the lock is held (here by this process)."""
+    h = pool.alloc_preallocated()
+    with hold_lock(pool):
+        t0 = time.monotonic()
+        assert not pool.is_saturated()  # 2 of 3
+        assert time.monotonic() - t0 < ATOMIC_LOCK_WAIT_SECONDS
+    pool.free(h)
+    with hold_lock(pool):
+        assert pool.is_saturated()
+
