@@ -10,15 +10,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Awaitable
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import pytest
-from helpers import wait_for
+from helpers import queue_sleepers, wait_for
 
 from shmpool import GFP_ATOMIC, GFP_KERNEL, InvalidHandleError, Mempool, PoolClosedError, PoolDestroyedError, _aio
-from shmpool._layout import Q_WAITERS, QUEUE_WORDS
+from shmpool.testing import registry_entry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,8 +89,14 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0)
         await asyncio.sleep(0.001)
 
 
-def queue_sleepers(pool: Mempool) -> int:
-    return int(pool._core[0].queues[pool.queue("q")._index * QUEUE_WORDS + Q_WAITERS])  # type: ignore[index]
+def getters(pool: Mempool) -> int:
+    """Threads asleep in a blocked get of queue "q"."""
+    return queue_sleepers(pool, pool.queue("q"))[0]
+
+
+def putters(pool: Mempool) -> int:
+    """Threads asleep in a blocked put into queue "q"."""
+    return queue_sleepers(pool, pool.queue("q"))[1]
 
 
 def run(coro: Awaitable[Any]) -> Any:
@@ -111,6 +117,35 @@ def asleep_before_any_timer(monkeypatch: pytest.MonkeyPatch, target: Any, attr: 
     monkeypatch.setattr(target, attr, hand_and_block)
 
 
+class _HandAndBlock:
+    """Stands in for _aio's pool of waiting threads: hands each wait to the
+    real one, then blocks the loop until the thread sleeps in the pool."""
+
+    def __init__(self, real: Any, asleep: Callable[[], bool]) -> None:
+        self.real, self.asleep = real, asleep
+
+    def run(self, job: Any) -> None:
+        self.real.run(job)
+        wait_for(self.asleep, what="the waiting thread asleep")
+
+
+def threads_asleep_before_any_timer(monkeypatch: pytest.MonkeyPatch, asleep: Callable[[], bool]) -> None:
+    """asleep_before_any_timer for alloc_async's and the queue twins' own
+    waiting threads."""
+    monkeypatch.setattr(_aio, "_threads", _HandAndBlock(_aio._threads, asleep))
+
+
+class _NoThreads:
+    def run(self, job: Any) -> None:
+        pytest.fail("waited in a thread")
+
+
+@pytest.fixture
+def no_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wait handed to a thread fails the test."""
+    monkeypatch.setattr(_aio, "_threads", _NoThreads())
+
+
 def spy_handover(loop: asyncio.AbstractEventLoop) -> threading.Event:
     """An event set when a waiting thread has handed its result to the loop
     (it calls call_soon_threadsafe then)."""
@@ -129,7 +164,7 @@ def spy_handover(loop: asyncio.AbstractEventLoop) -> threading.Event:
 @pytest.fixture
 def via_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """alloc_async waits in a thread, as it does when another event loop of
-    the process has the pool's FIFO."""
+    the process has the pool's FIFO (the race of two loops, made certain)."""
     monkeypatch.setattr(_aio, "_fifo_for", lambda pool, loop: None)
 
 
@@ -145,9 +180,7 @@ def wait_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 # ---------------------------------------------------------------- alloc_async
 
 
-def test_alloc_async_with_an_element_free_needs_no_thread(pool: Mempool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_aio._Threads, "run", lambda self, job: pytest.fail("waited in a thread"))
-
+def test_alloc_async_with_an_element_free_needs_no_thread(pool: Mempool, no_threads: None) -> None:
     async def main() -> None:
         a = await pool.alloc_async()
         b = await pool.alloc_async(GFP_KERNEL, timeout=1)
@@ -232,7 +265,7 @@ def test_cancelled_alloc_async_in_a_thread_leaks_nothing(
     the thread gets the element and frees it (the slice is made long so that
     the thread is surely still asleep when the free comes)."""
     monkeypatch.setattr(_aio, "ALLOC_SLICE_SECONDS", 30.0)
-    asleep_before_any_timer(monkeypatch, _aio._threads, "run", lambda: pool.stats().nr_waiters == 1)
+    threads_asleep_before_any_timer(monkeypatch, lambda: pool.stats().nr_waiters == 1)
     held = [pool.alloc(), pool.alloc()]
     before = pool.stats().in_use
 
@@ -334,18 +367,15 @@ def fifos(pool: Mempool) -> list[str]:
     return [e for e in os.listdir("/dev/shm") if e.startswith(prefix)]
 
 
-def test_alloc_async_sleeps_in_its_loop_and_is_woken_there(
-    pool: Mempool, helper: Helper, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_alloc_async_sleeps_in_its_loop_and_is_woken_there(pool: Mempool, helper: Helper, no_threads: None) -> None:
     """No thread: the free in the other process writes a byte into this
     process's FIFO, which the loop watches."""
-    monkeypatch.setattr(_aio._Threads, "run", lambda self, job: pytest.fail("waited in a thread"))
     held = [pool.alloc(), pool.alloc()]
 
     async def main() -> int:
         task = asyncio.create_task(pool.alloc_async())
         await until(lambda: pool.stats().nr_waiters == 1, "alloc_async to sleep")
-        assert fifos(pool) == [f"fifo.shmpool.{pool.name}.{pool._fast._entry}"]
+        assert fifos(pool) == [f"fifo.shmpool.{pool.name}.{registry_entry(pool)}"]
         helper.tell(f"free {held[0]}")
         return await asyncio.wait_for(task, 20)
 
@@ -475,8 +505,7 @@ def test_the_fifo_goes_with_the_process_entry_and_with_the_pool(name: str) -> No
 # ---------------------------------------------------------------- get_async and put_async
 
 
-def test_queue_twins_without_waiting(pool: Mempool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_aio._Threads, "run", lambda self, job: pytest.fail("waited in a thread"))
+def test_queue_twins_without_waiting(pool: Mempool, no_threads: None) -> None:
     q = pool.queue("q")
 
     async def main() -> None:
@@ -520,7 +549,7 @@ def test_get_async_is_woken_by_a_put_in_another_process(pool: Mempool, helper: H
 
     async def main() -> int:
         task = asyncio.create_task(q.get_async())
-        await until(lambda: queue_sleepers(pool) == 1, "get_async to sleep")
+        await until(lambda: getters(pool) == 1, "get_async to sleep")
         helper.tell("put 42")
         return await task
 
@@ -539,7 +568,7 @@ def test_put_async_is_woken_by_a_get_in_another_process(pool: Mempool, helper: H
 
     async def main() -> None:
         task = asyncio.create_task(q.put_async(second))
-        await until(lambda: queue_sleepers(pool) == 1, "put_async to sleep")
+        await until(lambda: putters(pool) == 1, "put_async to sleep")
         helper.tell("get")
         await task
 
@@ -573,15 +602,15 @@ def test_cancelled_get_async_loses_nothing(pool: Mempool, helper: Helper, monkey
     takes the element and puts it back (the slice made long so that it is
     surely still asleep then)."""
     monkeypatch.setattr(_aio, "QUEUE_SLICE_SECONDS", 30.0)
-    asleep_before_any_timer(monkeypatch, _aio._threads, "run", lambda: queue_sleepers(pool) == 1)
+    threads_asleep_before_any_timer(monkeypatch, lambda: getters(pool) == 1)
     q = pool.queue("q")
 
     async def main() -> None:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(q.get_async(), 0.05)
-        assert queue_sleepers(pool) == 1  # its thread, still asleep
+        assert getters(pool) == 1  # its thread, still asleep
         helper.tell("put 7")
-        await until(lambda: queue_sleepers(pool) == 0, "the thread to wake")
+        await until(lambda: getters(pool) == 0, "the thread to wake")
         await until(lambda: q.qsize() == 1, "the element back in the queue")
 
     run(main())
@@ -600,7 +629,7 @@ def test_get_async_cancelled_after_its_thread_got_the_element(pool: Mempool, hel
     async def main() -> None:
         handed = spy_handover(asyncio.get_running_loop())
         task = asyncio.create_task(q.get_async())
-        await until(lambda: queue_sleepers(pool) == 1, "get_async to sleep")
+        await until(lambda: getters(pool) == 1, "get_async to sleep")
         helper.tell("put 9")
         assert handed.wait(10)  # blocks the loop on purpose
         task.cancel()
@@ -621,11 +650,11 @@ def test_cancelled_put_async_leaves_the_element_with_the_caller(pool: Mempool) -
 
     async def main() -> None:
         task = asyncio.create_task(q.put_async(second))
-        await until(lambda: queue_sleepers(pool) == 1, "put_async to sleep")
+        await until(lambda: putters(pool) == 1, "put_async to sleep")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert queue_sleepers(pool) == 0  # its thread has stopped: nothing will move later
+        assert putters(pool) == 0  # its thread has stopped: nothing will move later
 
     run(main())
     assert q.qsize() == 1 and q.get_nowait() == first
@@ -642,7 +671,7 @@ def test_put_async_that_happened_as_it_was_cancelled_says_so(pool: Mempool, help
     async def main() -> None:
         handed = spy_handover(asyncio.get_running_loop())
         task = asyncio.create_task(q.put_async(second))
-        await until(lambda: queue_sleepers(pool) == 1, "put_async to sleep")
+        await until(lambda: putters(pool) == 1, "put_async to sleep")
         helper.tell("get")
         assert handed.wait(10)  # blocks the loop on purpose
         task.cancel()
@@ -671,8 +700,8 @@ def _wait_in_a_forked_child(name: str, done: Any) -> None:
 def test_a_forked_child_does_not_use_the_parents_threads(pool: Mempool, via_threads: None) -> None:
     held = [pool.alloc(), pool.alloc()]
     with pytest.raises(TimeoutError):
-        run(pool.alloc_async(timeout=0.01))
-    wait_for(lambda: bool(_aio._threads._idle), what="an idle waiting thread in the parent")
+        run(pool.alloc_async(timeout=0.1))  # waited in a thread, which is idle again once it answered
+    assert "shmpool waits" in [t.name for t in threading.enumerate()]
     ctx = mp.get_context("fork")
     done = ctx.Queue()
     child = ctx.Process(target=_wait_in_a_forked_child, args=(pool.name, done))
