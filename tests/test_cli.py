@@ -13,22 +13,19 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import children
 import numpy as np
-import posix_ipc
 import psutil
 import pytest
 from helpers import run_python, wait_for
 
-from shmpool import GFP_ATOMIC, Mempool, PoolDestroyedError, _segment, cli
+from shmpool import GFP_ATOMIC, InvalidHandleError, Mempool, PoolDestroyedError, cli
 from shmpool._layout import (
     COUNTERS,
     H_CURR_NR,
-    H_LOCK_OWNER,
-    H_LOCK_SEQ,
     H_NR_WAITERS,
     H_VERSION,
     INDEX_MASK,
@@ -39,21 +36,33 @@ from shmpool._layout import (
     P_PID,
     P_START,
     PROC_WORDS,
-    Q_WAITERS,
+    Q_COUNT,
+    Q_GETTERS,
+    Q_PUTTERS,
     QUEUE_WORDS,
+    ST_CACHED,
     ST_HELD,
+    ST_PARKED,
     ST_QUEUED,
     STATE_MASK,
-    Views,
 )
+from shmpool.testing import header_word_offset, hold_lock, registry_entry, segment_path, views
 
 INSPECT = os.path.join(os.path.dirname(sys.executable), "shmpool-inspect")
 ATTACH = "import sys, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
-LOCKER = ATTACH + "pool._fast._test_lock()\nprint('ready', flush=True)\nsys.stdin.read()"
+#: Holds the pool lock (a recorded holder) until its stdin ends, or it is killed.
+LOCKER = ATTACH + (
+    "from shmpool.testing import hold_lock\n"
+    "with hold_lock(pool):\n"
+    "    print('ready', flush=True)\n"
+    "    sys.stdin.read()\n"
+)
+#: Views of the pool's segment: what a damage function (``harm``) writes into.
+Views = Any
 #: Keys of the JSON documents (shmpool/cli.py): tested so that none is lost.
 POOL_KEYS = {
     "name", "layout_version", "path", "status", "consistent", "geometry", "min_nr", "curr_nr", "arena_free",
-    "arena_shared", "arena_cached", "in_use", "nr_waiters", "fail_rate", "seed", "poison", "counters",
+    "arena_shared", "arena_cached", "in_use", "parked", "nr_waiters", "fail_rate", "seed", "poison", "counters",
     "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator", "queued", "queues",
     "schema",
 }
@@ -63,8 +72,8 @@ CHECK_KEYS = {"schema", "name", "consistent", "ok", "findings"}
 LOCK_KEYS = {"held", "pid", "alive", "held_for_s", "waited_s", "error", "entry", "epoch", "seq", "waiters",
              "held_throughout"}
 HOLDER_KEYS = {"pid", "name", "command", "alive", "held", "cached", "sleeping", "entry", "epoch", "queue_sleeping"}
-QUEUE_KEYS = {"name", "index", "depth", "count", "waiters", "puts", "gets"}
-SLOT_COUNT_KEYS = {"reserve", "arena", "cached", "queued", "held", "held_dead", "invalid"}
+QUEUE_KEYS = {"name", "index", "depth", "count", "waiters", "getters", "putters", "puts", "gets"}
+SLOT_COUNT_KEYS = {"reserve", "arena", "cached", "queued", "held", "parked", "held_dead", "invalid"}
 NO_PID = (1 << 22) + 12345  # beyond PID_MAX_LIMIT: no process has it, in any pid namespace
 
 
@@ -79,21 +88,14 @@ def shown(name: str, *args: str) -> dict[str, Any]:
 
 
 def raw(name: str) -> bytes:
-    with open(f"/dev/shm/shmpool.{name}", "rb") as f:
+    with open(segment_path(name), "rb") as f:
         return f.read()
 
 
-def sem_values(name: str) -> list[int]:
-    """The values of the pool's two semaphores (the lock's sleepers, the
-    wait channel)."""
-    values = []
-    for sem_name in _segment.sem_names(name):
-        sem = posix_ipc.Semaphore(sem_name)
-        try:
-            values.append(sem.value)
-        finally:
-            sem.close()
-    return values
+def pool_files(name: str) -> list[str]:
+    """What /dev/shm holds of pool ``name``: its segment, asyncio FIFOs,
+    anything else named after it."""
+    return sorted(e for e in os.listdir("/dev/shm") if f"shmpool.{name}" in e)
 
 
 def holder(popen: Callable[..., subprocess.Popen[str]], name: str, n: int) -> subprocess.Popen[str]:
@@ -114,6 +116,10 @@ PUTTER = ATTACH + (
     "print('ready', *hs, held, flush=True)\n"
     "sys.stdin.read()"
 )
+#: A separate interpreter that allocates, prints the handle, blocks in put
+#: on queue Q (no timeout) until there is room, then prints 'put'.
+BLOCKED_PUTTER = ATTACH + (
+    "q = pool.queue(sys.argv[2])\nh = pool.alloc()\nprint(h, flush=True)\nq.put(h)\nprint('put', flush=True)")
 #: A separate interpreter that blocks in get on queue Q (no timeout), then
 #: prints what it got.
 GETTER = ATTACH + "q = pool.queue(sys.argv[2])\nprint('ready', flush=True)\nprint(q.get(), flush=True)"
@@ -193,15 +199,15 @@ def damaged(pool: Mempool, harm: Callable[[Views], None]) -> Iterator[None]:
     """Damage the pool on purpose (``harm`` writes into its header, slot
     words, stacks, registry or slots, under the lock); every byte but the
     lock's own words is put back after."""
-    v = pool._core[0]
-    lock_words = slice(8 * H_LOCK_OWNER, 8 * (H_LOCK_SEQ + 1))
-    with pool._core[1]:
+    v = views(pool)
+    lock_words = slice(header_word_offset("H_LOCK_OWNER"), header_word_offset("H_LOCK_SEQ") + 8)
+    with hold_lock(pool):
         saved = bytes(v.mm[:])
         harm(v)
     try:
         yield
     finally:
-        with pool._core[1]:
+        with hold_lock(pool):
             v.mm[: lock_words.start] = saved[: lock_words.start]
             v.mm[lock_words.stop :] = saved[lock_words.stop :]
 
@@ -237,13 +243,13 @@ def test_json_agrees_with_stats_and_attributes_holders(pool: Mempool, name: str,
     assert holders[os.getpid()]["held"] == 2 and holders[os.getpid()]["alive"]
     assert holders[four.pid]["held"] == 4 and holders[one.pid]["held"] == 1
     assert holders[four.pid]["name"] == psutil.Process(four.pid).name() and holders[four.pid]["alive"]
-    assert holders[os.getpid()]["entry"] == pool._fast._entry and holders[os.getpid()]["epoch"] > 0
+    assert holders[os.getpid()]["entry"] == registry_entry(pool) and holders[os.getpid()]["epoch"] > 0
     assert len({h["entry"] for h in d["holders"]}) == 3
     assert d["arena_cached"] == sum(h["cached"] for h in d["holders"])
     counts = d["slot_counts"]
     assert counts["held"] == s.in_use == 7 and counts["reserve"] == s.curr_nr and counts["held_dead"] == 0
     assert d["slot_map"].count("H") == 7 and "X" not in d["slot_map"] and d["slot_map_group"] == 1
-    assert d["reserve_stack"] == [int(x) for x in np.frombuffer(pool._core[0].stack, np.uint32)[: s.curr_nr][::-1]]
+    assert d["reserve_stack"] == [int(x) for x in np.frombuffer(views(pool).stack, np.uint32)[: s.curr_nr][::-1]]
     for h in mine:
         pool.free(h)
 
@@ -352,7 +358,7 @@ def test_liveness_is_the_registry_entrys_ofd_lock_not_the_pid(pool: Mempool, nam
     live, gone = holder(popen, name, 2), dead(holder(popen, name, 1))
     d = shown(name)
     live_entry, gone_entry = entry_of(d, live.pid)["entry"], entry_of(d, gone.pid)["entry"]
-    me_pid, me_start = os.getpid(), int(pool._core[0].procs[pool._fast._entry * PROC_WORDS + P_START])
+    me_pid, me_start = os.getpid(), int(views(pool).procs[registry_entry(pool) * PROC_WORDS + P_START])
 
     def swap_identities(v: Views) -> None:
         v.procs[live_entry * PROC_WORDS + P_PID] = NO_PID
@@ -431,9 +437,10 @@ def test_queued_elements_show_in_json_text_and_the_slot_map(pool: Mempool, name:
     assert d["curr_nr"] + d["arena_free"] + d["in_use"] + d["queued"] == 16
     assert all(set(q) == QUEUE_KEYS for q in d["queues"])
     assert d["queues"] == [
-        {"name": "frames", "index": 0, "depth": 8, "count": 5, "waiters": 0, "puts": 6, "gets": 1},
-        {"name": "a-queue-name-longer-than-its-column", "index": 1, "depth": 4, "count": 0, "waiters": 0, "puts": 0,
-         "gets": 0},
+        {"name": "frames", "index": 0, "depth": 8, "count": 5, "waiters": 0, "getters": 0, "putters": 0, "puts": 6,
+         "gets": 1},
+        {"name": "a-queue-name-longer-than-its-column", "index": 1, "depth": 4, "count": 0, "waiters": 0,
+         "getters": 0, "putters": 0, "puts": 0, "gets": 0},
     ]
     assert d["slot_counts"]["queued"] == 5 and d["slot_counts"]["held"] == 2 and d["slot_counts"]["held_dead"] == 0
     assert d["slot_map"].count("Q") == 5 and d["slot_map"].count("H") == 2
@@ -464,26 +471,35 @@ def test_queued_elements_show_in_json_text_and_the_slot_map(pool: Mempool, name:
 
 
 @pytest.mark.timeout(60)
-def test_queue_sleepers_are_shown_and_pass_the_check_alive(pool: Mempool, name: str, popen) -> None:
+def test_queue_sleepers_are_shown_per_side_and_pass_the_check_alive(pool: Mempool, name: str, popen) -> None:
     _, queued, _ = putter(popen, name, "full", 2, 2)
     pool.queue("in", depth=4)
     getter = popen(GETTER, name, "in")
     assert getter.stdout.readline().strip() == "ready"
     wait_for(lambda: pool.stats().nr_waiters == 1, what="the getter to sleep")
+    blocked = popen(BLOCKED_PUTTER, name, "full")  # the queue is full: it sleeps in put
+    extra = int(blocked.stdout.readline())
+    wait_for(lambda: pool.stats().nr_waiters == 2, what="the putter to sleep")
     d = shown(name)
-    assert d["nr_waiters"] == 1 and [q["waiters"] for q in d["queues"]] == [0, 1]
+    assert d["nr_waiters"] == 2
+    assert [(q["name"], q["waiters"], q["getters"], q["putters"]) for q in d["queues"]] == [
+        ("full", 1, 0, 1), ("in", 1, 1, 0)]
     assert entry_of(d, getter.pid)["queue_sleeping"] == 1 and entry_of(d, getter.pid)["sleeping"] == 0
+    assert entry_of(d, blocked.pid)["queue_sleeping"] == 1 and entry_of(d, blocked.pid)["held"] == 1
     out = inspect(name)
-    assert summary_rows(out.stdout)["waiters"] == "1 sleeping (0 in alloc, 1 on queues)"
+    assert summary_rows(out.stdout)["waiters"] == "2 sleeping (0 in alloc, 2 on queues)"
     row = next(line.split() for line in out.stdout.splitlines() if line.split()[:1] == [str(getter.pid)])
     assert row[4:8] == ["0", "0", "0", "1"]  # held, cached, in alloc, on queues
-    assert queue_lines(out.stdout)["in"][1:3] == ["0/4", "1"]
-    check = inspect(name, "--check")  # 2 queued elements, a live sleeper: healthy
+    assert queue_lines(out.stdout)["in"][1:3] == ["0/4", "1"] and queue_lines(out.stdout)["full"][1:3] == ["2/2", "1"]
+    check = inspect(name, "--check")  # 2 queued elements, two live sleepers: healthy
     assert check.returncode == 0, check.stdout
-    pool.queue("in").put(pool.queue("full").get())
+    pool.queue("in").put(pool.queue("full").get())  # makes room for the putter, feeds the getter
     assert int(getter.stdout.readline()) == queued[0]  # woken with it
+    assert blocked.stdout.readline().strip() == "put" and blocked.wait(timeout=20) == 0
     assert getter.wait(timeout=20) == 0
-    assert shown(name)["nr_waiters"] == 0
+    d = shown(name)
+    assert d["nr_waiters"] == 0 and [q["count"] for q in d["queues"]] == [2, 0]
+    assert pool.queue("full").get_many(2).tolist() == [queued[1], extra]
 
 
 @pytest.mark.timeout(60)
@@ -531,6 +547,89 @@ def test_a_dead_queue_sleeper_fails_the_check_until_reclaimed(pool: Mempool, nam
 
 
 # ----------------------------------------------------------------------
+# Parked frees, and the numbers stats() gives
+
+
+@pytest.mark.timeout(60)
+def test_a_free_parked_behind_a_live_lock_holder_shows_until_it_is_completed(name: str, popen) -> None:
+    pool = Mempool.create(name, min_nr=2, slot_size=64, capacity=4)
+    try:
+        held = [pool.alloc(GFP_ATOMIC) for _ in range(4)]  # the reserve below min_nr: a free takes the lock
+        locker = lock_holder(popen, name)
+        pool.free(held[0])  # the lock does not come: parked, for the next holder to complete
+        d = shown(name, "--lock-timeout", "0")
+        idx = held[0] & INDEX_MASK
+        assert d["parked"] == 1 and d["slot_counts"]["parked"] == 1 and d["in_use"] == 4
+        assert d["slot_map"][idx] == "P" and d["slot_map"].count("H") == 3
+        assert entry_of(d, os.getpid())["held"] == 3
+        text = inspect(name, "--lock-timeout", "0").stdout
+        assert summary_rows(text)["in use"] == "4 (1 parked)"
+        assert "P parked" in next(line for line in text.splitlines() if line.startswith("slot map:"))
+        with pytest.raises(InvalidHandleError):
+            pool.free(held[0])  # no longer held: a second free is refused
+        locker.stdin.close()  # it lets go, and completes the parked free first
+        assert locker.wait(timeout=20) == 0
+        d, s = shown(name), pool.stats()
+        assert d["parked"] == 0 and "P" not in d["slot_map"] and d["slot_map"][idx] == "R"
+        assert (d["in_use"], d["curr_nr"]) == (s.in_use, s.curr_nr) == (3, 1)
+        assert summary_rows(inspect(name).stdout)["in use"] == "3"
+        for h in held[1:]:
+            pool.free(h)
+    finally:
+        pool.destroy(force=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_parked_free_whose_hint_was_lost_fails_the_check_until_reclaimed(name: str) -> None:
+    pool = Mempool.create(name, min_nr=2, slot_size=64, capacity=4)
+    try:
+        h = pool.alloc(GFP_ATOMIC)
+        idx = h & INDEX_MASK
+        with hold_lock(pool):  # as a freeing process killed between parking and raising H_PARKED leaves it
+            v = views(pool)
+            v.words[idx] = v.words[idx] & ~STATE_MASK | ST_PARKED
+        d = shown(name)
+        assert d["slot_map"][idx] == "P" and d["slot_counts"]["parked"] == 1 and d["in_use"] == 1
+        assert d["parked"] == 0  # as stats() counts them: by the hint
+        check = inspect(name, "--check")
+        assert check.returncode == 1
+        assert (f"1 parked element(s) (freed while the lock was busy), first slot {idx}, but the hint H_PARKED is 0"
+                in check.stdout and f"run `shmpool-inspect --reclaim-dead {name}`" in check.stdout), check.stdout
+        out = inspect(name, "--reclaim-dead")
+        assert out.returncode == 0, out.stderr
+        assert inspect(name, "--check").returncode == 0
+        d = shown(name)
+        assert "P" not in d["slot_map"] and d["in_use"] == pool.stats().in_use == 0
+        with pytest.raises(InvalidHandleError):
+            pool.free(h)  # its free was completed
+    finally:
+        pool.destroy(force=True)
+
+
+def _absurd_queue(v: Views) -> None:
+    v.queues[0 * QUEUE_WORDS + Q_COUNT] = 1 << 40
+    v.queues[0 * QUEUE_WORDS + Q_PUTTERS] = 1 << 30  # beyond the core's bound on sleepers: damage, not sleepers
+    v.queues[0 * QUEUE_WORDS + Q_GETTERS] = 2
+
+
+@pytest.mark.timeout(60)
+def test_the_numbers_are_stats_own_even_for_a_damaged_pool(pool: Mempool, name: str) -> None:
+    """One derivation: the inspector's numbers are those stats() gives,
+    with the same clamps, whatever the segment says."""
+    pool.queue("q", depth=4).put(pool.alloc(GFP_ATOMIC))
+    keys = ("min_nr", "curr_nr", "arena_free", "in_use", "queued", "nr_waiters")
+    with damaged(pool, _absurd_queue):
+        d, s = shown(name), pool.stats()
+        assert {k: d[k] for k in keys} == {k: getattr(s, k) for k in keys}
+        assert d["queued"] == 16 and d["in_use"] == 0 and d["nr_waiters"] == 2  # clamped, and counted out
+        assert summary_rows(inspect(name).stdout)["waiters"] == "2 sleeping (0 in alloc, 2 on queues)"
+        listed = next(p for p in json.loads(inspect("--json").stdout) if p["name"] == name)
+        assert listed["damaged"] is True and (listed["queued"], listed["in_use"]) == (d["queued"], d["in_use"])
+    d, s = shown(name), pool.stats()
+    assert {k: d[k] for k in keys} == {k: getattr(s, k) for k in keys} and d["queued"] == 1
+
+
+# ----------------------------------------------------------------------
 # Read-only, and never hangs
 
 
@@ -540,7 +639,7 @@ def test_inspecting_never_changes_the_pool(name: str, popen) -> None:
     try:
         h = pool.alloc(GFP_ATOMIC)
         dead(holder(popen, name, 2))
-        before, sems_before = raw(name), sem_values(name)
+        before, files_before = raw(name), pool_files(name)
         for args, status in (([name], 0), ([name, "--json"], 0), ([name, "--check"], 1), ([name, "--all"], 0),
                              ([name, "--check", "--json"], 1), ([name, "--lock-timeout", "0"], 0), ([], 0)):
             assert inspect(*args).returncode == status, args
@@ -555,7 +654,7 @@ def test_inspecting_never_changes_the_pool(name: str, popen) -> None:
             p.wait()
             p.stdout.close()
         assert raw(name) == before  # every byte, the lock's words and the dead holder's included
-        assert sem_values(name) == sems_before
+        assert pool_files(name) == files_before  # nothing made, nothing removed
         pool.free(h)
     finally:
         pool.destroy(force=True)
@@ -564,7 +663,7 @@ def test_inspecting_never_changes_the_pool(name: str, popen) -> None:
 @pytest.mark.timeout(60)
 def test_a_stuck_lock_holder_does_not_hang_it(pool: Mempool, name: str, popen) -> None:
     child = lock_holder(popen, name)
-    before, sems_before = raw(name), sem_values(name)
+    before, files_before = raw(name), pool_files(name)
     t0 = time.monotonic()
     out = inspect(name, "--lock-timeout", "0.2", timeout=20)
     assert time.monotonic() - t0 < 5  # the bound, an interpreter start and some slack
@@ -577,14 +676,14 @@ def test_a_stuck_lock_holder_does_not_hang_it(pool: Mempool, name: str, popen) -
     assert d["consistent"] is False and d["lock"]["pid"] == child.pid and d["lock"]["alive"] is True
     assert d["lock"]["held"] is True and d["lock"]["held_for_s"] >= 0.2 and d["lock"]["held_throughout"] is True
     assert d["lock"]["entry"] == entry and d["lock"]["waited_s"] >= 0.2 and d["lock"]["waiters"] == 0
-    assert d["curr_nr"] == pool._core[0].hdr[H_CURR_NR]  # a snapshot all the same
+    assert d["curr_nr"] == views(pool).hdr[H_CURR_NR]  # a snapshot all the same
     check = inspect(name, "--check", "--lock-timeout", "0.2")
     assert check.returncode == 1
     assert f"the lock was held by pid {child.pid} (alive, registry entry {entry})" in check.stdout
     assert "this audit ran on a copy that a critical section may have left half done" in check.stdout
     listing = [p for p in json.loads(inspect("--json").stdout) if p["name"] == name]
     assert listing and listing[0]["consistent"] is False
-    assert raw(name) == before and sem_values(name) == sems_before  # it waited without taking anything
+    assert raw(name) == before and pool_files(name) == files_before  # it waited without taking anything
     dead(child)
     after = shown(name, "--lock-timeout", "0.1")["lock"]
     assert after == {**d["lock"], "alive": False, "held_for_s": after["held_for_s"], "waited_s": after["waited_s"]}
@@ -603,7 +702,8 @@ def test_ctrl_c_gets_through_a_long_wait_for_a_stuck_lock(
         segment = f"/dev/shm/shmpool.{name}"  # mapped just before the wait for a quiet copy
         maps = pathlib.Path(f"/proc/{p.pid}/maps")
         wait_for(lambda: segment in maps.read_text(), what="the CLI to map the pool")
-        assert f"sem.shmpool.{name}" not in maps.read_text()  # the semaphores are none of its business
+        mapped = [line.split()[1] for line in maps.read_text().splitlines() if line.endswith(segment)]
+        assert mapped and all("w" not in perms for perms in mapped), mapped  # read-only, every mapping
         t0 = time.monotonic()
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=20) == status
@@ -645,16 +745,25 @@ def _invalid_state(v: Views) -> None:
     v.words[5] = v.words[5] & ~STATE_MASK | 9
 
 
-def _held_by_nobody(v: Views) -> None:
-    v.words[6] = v.words[6] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_HELD
+def _owned(state: int, owner: int) -> Callable[[Views], None]:
+    """A harm: slot 6 + owner % 5 put in ``state`` under owner field ``owner``."""
+    def harm(v: Views) -> None:
+        at = 6 + owner % 5
+        v.words[at] = v.words[at] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | state | owner << OWNER_SHIFT
+    harm.__name__ = f"_{'held' if state == ST_HELD else 'cached'}_by_owner_{owner}"
+    return harm
 
 
-def _held_by_a_vacant_entry(v: Views) -> None:
-    v.words[7] = v.words[7] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_HELD | 201 << OWNER_SHIFT
-
-
-def _held_beyond_the_registry(v: Views) -> None:
-    v.words[8] = v.words[8] & ~(STATE_MASK | OWNER_MASK << OWNER_SHIFT) | ST_HELD | OWNER_MASK << OWNER_SHIFT
+# The pool has 2 registry entries used: 0 (this process) and 1 (vacant: its
+# process closed the pool). Owner fields name entry + 1.
+_held_by_nobody = _owned(ST_HELD, 0)
+_held_by_a_vacant_entry = _owned(ST_HELD, 2)
+_held_beyond_the_entries_used = _owned(ST_HELD, 201)
+_held_beyond_the_registry = _owned(ST_HELD, OWNER_MASK)
+_cached_by_a_vacant_entry = _owned(ST_CACHED, 2)
+NOBODY = "name no process ever attached, first slot"
+NAMES_NOBODY = (_held_by_nobody, _held_by_a_vacant_entry, _held_beyond_the_entries_used, _held_beyond_the_registry,
+                _cached_by_a_vacant_entry)
 
 
 def _phantom_waiter(v: Views) -> None:
@@ -674,7 +783,11 @@ def _queued_in_a_vacant_queue(v: Views) -> None:
 
 
 def _phantom_queue_waiter(v: Views) -> None:
-    v.queues[0 * QUEUE_WORDS + Q_WAITERS] = 1
+    v.queues[0 * QUEUE_WORDS + Q_GETTERS] = 1
+
+
+def _phantom_queue_putter(v: Views) -> None:
+    v.queues[0 * QUEUE_WORDS + Q_PUTTERS] = 1
 
 
 @pytest.mark.timeout(60)
@@ -682,19 +795,26 @@ def _phantom_queue_waiter(v: Views) -> None:
     (_curr_nr_beyond_min_nr, "curr_nr 4 exceeds min_nr 3"),
     (_duplicate_stack_entry, "reserve stack holds a slot more than once"),
     (_invalid_state, "1 slot(s) have no valid state, first slot 5 (state 9)"),
-    (_held_by_nobody, "1 held slot(s) record no holder (owner 0), first slot 6: run `shmpool-inspect --reclaim-dead"),
-    (_held_by_a_vacant_entry, "1 element(s) held by dead processes (1 held of entry 200 (vacant, last pid 0))"),
-    (_held_beyond_the_registry, "1 held slot(s) name an owner beyond the registry of 256 entries, first slot 8"),
+    (_held_by_nobody, f"1 held or cached slot(s) {NOBODY} 6 (owner field 0): damage"),
+    (_held_by_a_vacant_entry, f"1 held or cached slot(s) {NOBODY} 8 (registry entry 1, vacant): damage"),
+    (_held_beyond_the_entries_used, f"1 held or cached slot(s) {NOBODY} 7 (registry entry 200, beyond the 2 "
+                                    "entries ever used): damage"),
+    (_held_beyond_the_registry, f"1 held or cached slot(s) {NOBODY} 6 (registry entry 65534, beyond the 2 "
+                                "entries ever used): damage"),
+    (_cached_by_a_vacant_entry, f"1 held or cached slot(s) {NOBODY} 8 (registry entry 1, vacant): damage"),
     (_phantom_waiter, "nr_waiters 1 is more than the 0 sleeping allocation(s) recorded in the registry"),
     (_reserve_written_after_free, "1 reserved element(s) lost their poison (written after free)"),
     (_queued_in_no_queue, "1 queued slot(s) name no queue of the table's 64 (owner field 0), first slot 9"),
     (_queued_in_a_vacant_queue, "1 slot(s) are queued in queue 4, which does not exist"),
-    (_phantom_queue_waiter, "queue 0 ('q') counts 1 waiter(s), more than the 0 recorded in the registry"),
+    (_phantom_queue_waiter, "queue 0 ('q') counts 1 waiter(s) in get, more than the 0 recorded in the registry"),
+    (_phantom_queue_putter, "queue 0 ('q') counts 1 waiter(s) in put, more than the 0 recorded in the registry"),
 ])
 def test_check_names_the_damage(name: str, harm: Callable[[Views], None], finding: str) -> None:
     pool = Mempool.create(name, min_nr=3, slot_size=64, capacity=16, poison=True)
     try:
         pool.queue("q", depth=4).put(pool.alloc(GFP_ATOMIC))  # a queue holding an element
+        closed = run_python(ATTACH + "pool.close()", name)  # registry entry 1: used, now vacant
+        assert closed.returncode == 0, closed.stderr
         assert inspect(name, "--check").returncode == 0
         with damaged(pool, harm):
             out = inspect(name, "--check")
@@ -707,9 +827,18 @@ def test_check_names_the_damage(name: str, harm: Callable[[Views], None], findin
             if harm in (_queued_in_no_queue, _queued_in_a_vacant_queue):
                 d = shown(name)
                 assert d["slot_counts"]["invalid"] == 1 and d["slot_map"].count("?") == 1 and d["queued"] == 1
-            if harm in (_held_by_nobody, _held_by_a_vacant_entry, _held_beyond_the_registry):
+            if harm in NAMES_NOBODY:  # damage, not a dead process's element: nothing to reclaim
+                line = next(f for f in d["findings"] if finding in f)
+                assert "--reclaim-dead" not in line and not any("held by dead processes" in f for f in d["findings"])
                 d = shown(name)
-                assert d["slot_counts"]["held_dead"] == 1 and d["slot_map"].count("X") == 1
+                assert d["slot_counts"]["invalid"] == 1 and d["slot_map"].count("?") == 1
+                assert d["slot_counts"]["held_dead"] == 0 and "X" not in d["slot_map"]
+                orphans = [(h["pid"], h["held"]) for h in d["holders"] if h["entry"] is None]
+                assert orphans == ([] if harm is _cached_by_a_vacant_entry else [(0, 1)]), d["holders"]
+                refused = inspect(name, "--reclaim-dead")
+                assert refused.returncode == 2 and "names no process that was ever attached" in refused.stderr, (
+                    refused.stdout + refused.stderr)
+                assert shown(name)["slot_map"].count("?") == 1
         assert inspect(name, "--check").returncode == 0  # and whole again
     finally:
         pool.destroy(force=True)
@@ -743,13 +872,11 @@ def test_segments_that_are_not_pools_are_refused_and_not_listed(name: str) -> No
     odd = {"junk": name, "empty": f"{name}-empty", "old": f"{name}-old"}
     fifo = f"/dev/shm/shmpool.{name}-fifo"
     try:
-        shm = posix_ipc.SharedMemory(f"/shmpool.{odd['junk']}", posix_ipc.O_CREX, size=4096)
-        os.write(shm.fd, b"definitely not a pool")
-        shm.close_fd()
-        posix_ipc.SharedMemory(f"/shmpool.{odd['empty']}", posix_ipc.O_CREX).close_fd()
-        shm = posix_ipc.SharedMemory(f"/shmpool.{odd['old']}", posix_ipc.O_CREX, size=4096)
-        os.write(shm.fd, struct.pack("=QQ", MAGIC, 99))  # a pool of another layout version
-        shm.close_fd()
+        for kind, head in (("junk", b"definitely not a pool"), ("empty", b""),
+                           ("old", struct.pack("=QQ", MAGIC, 99))):  # a pool of another layout version
+            with open(segment_path(odd[kind]), "xb") as f:
+                f.write(head)
+                f.truncate(4096 if head else 0)
         os.mkfifo(fifo)  # opening it for reading would block
         out = inspect(odd["junk"])
         assert out.returncode == 2 and "not a usable shmpool pool" in out.stderr and "magic" in out.stderr
@@ -766,7 +893,8 @@ def test_segments_that_are_not_pools_are_refused_and_not_listed(name: str) -> No
         assert f"reads version {LAYOUT_VERSION})" in text and max(len(line) for line in text.splitlines()) <= 80
     finally:
         for n in odd.values():
-            _segment.unlink(n)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(segment_path(n))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(fifo)
 
@@ -871,9 +999,9 @@ def test_watch_exits_when_the_pool_is_replaced(name: str) -> None:
 
 
 def test_the_slot_map_is_exact_for_small_pools_and_never_hides_problems_in_groups() -> None:
-    codes = np.array([cli.M_RESERVE, cli.M_ARENA, cli.M_CACHED, cli.M_QUEUED, cli.M_HELD, cli.M_DEAD, cli.M_INVALID],
-                     np.uint8)
-    assert cli.slot_map(codes) == ("R.cQHX?", 1)
+    codes = np.array([cli.M_RESERVE, cli.M_ARENA, cli.M_CACHED, cli.M_QUEUED, cli.M_HELD, cli.M_PARKED, cli.M_DEAD,
+                      cli.M_INVALID], np.uint8)
+    assert cli.slot_map(codes) == ("R.cQHPX?", 1)
     n = 1_000_000
     codes = np.full(n, cli.M_ARENA, np.uint8)
     codes[:600_000] = cli.M_HELD
@@ -886,23 +1014,31 @@ def test_the_slot_map_is_exact_for_small_pools_and_never_hides_problems_in_group
     assert set(smap[: 600_000 // group]) == {"H"} and set(smap[600_000 // group + 1 :]) <= {".", "X", "?"}
     tie = np.array([cli.M_ARENA, cli.M_RESERVE] * (cli.MAP_ROWS * cli.MAP_WIDTH), np.uint8)
     assert cli.slot_map(tie) == ("R" * (cli.MAP_ROWS * cli.MAP_WIDTH), 2)  # a tie goes to the busier state
-    for pair, wins in (((cli.M_QUEUED, cli.M_RESERVE), "Q"), ((cli.M_HELD, cli.M_QUEUED), "H")):
+    for pair, wins in (((cli.M_QUEUED, cli.M_RESERVE), "Q"), ((cli.M_HELD, cli.M_QUEUED), "H"),
+                       ((cli.M_PARKED, cli.M_HELD), "P")):
         assert cli.slot_map(np.array(pair * (cli.MAP_ROWS * cli.MAP_WIDTH), np.uint8))[0] == wins * (
             cli.MAP_ROWS * cli.MAP_WIDTH)
 
 
-def test_held_slots_of_entries_not_alive_are_dead() -> None:
-    owners = [1, 2, 0, 3, OWNER_MASK]  # entries 0 (alive), 1 (dead), none, 2 (beyond the registry), none
-    words = np.array([ST_HELD | o << OWNER_SHIFT | 77 << 24 for o in owners], np.uint64)
-    codes = cli.slot_codes(words, np.array([True, False]))
-    assert codes.tolist() == [cli.M_HELD, cli.M_DEAD, cli.M_DEAD, cli.M_DEAD, cli.M_DEAD]
+def _words(state: int, owners: list[int]) -> np.ndarray:
+    return np.array([state | o << OWNER_SHIFT | 77 << 24 for o in owners], np.uint64)
+
+
+def test_held_slots_are_alive_dead_or_damage_by_the_entry_they_name() -> None:
+    owners = [1, 2, 3, 0, 4, OWNER_MASK]  # entries 0 (alive), 1 (dead), 2 (not in use), none, beyond, none
+    alive, in_use = np.array([True, False, False]), np.array([True, True, False])
+    codes = cli.slot_codes(_words(ST_HELD, owners), alive, in_use=in_use)
+    assert codes.tolist() == [cli.M_HELD, cli.M_DEAD, cli.M_INVALID, cli.M_INVALID, cli.M_INVALID, cli.M_INVALID]
+    codes = cli.slot_codes(_words(ST_CACHED, owners), alive, in_use=in_use)  # a dead one's cache is still a cache
+    assert codes.tolist() == [cli.M_CACHED, cli.M_CACHED, cli.M_INVALID, cli.M_INVALID, cli.M_INVALID, cli.M_INVALID]
+    codes = cli.slot_codes(_words(ST_PARKED, owners), np.array([False, False, False]))  # whoever freed it
+    assert codes.tolist() == [cli.M_PARKED] * len(owners)
     assert H_VERSION == 1  # the header word the JSON's layout_version comes from
 
 
 def test_queued_slots_are_queued_only_in_a_queue_that_exists_and_never_dead() -> None:
     owners = [1, 2, 0, 3, OWNER_MASK]  # queues 0 (live), 1 (vacant), none, 2 (beyond the table), none
-    words = np.array([ST_QUEUED | o << OWNER_SHIFT | 77 << 24 for o in owners], np.uint64)
-    codes = cli.slot_codes(words, np.array([False, False]), np.array([True, False]))  # no process alive
+    codes = cli.slot_codes(_words(ST_QUEUED, owners), np.array([False, False]), np.array([True, False]))
     assert codes.tolist() == [cli.M_QUEUED, cli.M_INVALID, cli.M_INVALID, cli.M_INVALID, cli.M_INVALID]
 
 

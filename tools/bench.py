@@ -1133,7 +1133,7 @@ def bench_views(reps: int) -> dict[str, Any]:
 
 
 def bench_inspect(reps: int) -> dict[str, Any]:
-    from shmpool import cli
+    from shmpool import _inspect, cli
 
     pool = Mempool.create(f"bench-inspect-{TAG}", min_nr=1000, slot_size=64, capacity=1_000_000)
     try:
@@ -1150,8 +1150,8 @@ def bench_inspect(reps: int) -> dict[str, Any]:
         out = {
             "slots": 1_000_000,
             "list_s": best(cli.list_pools),
-            "show_s": best(lambda: cli.describe(cli.take_copy(pool.name, 0.25))),
-            "check_s": best(lambda: cli.check(cli.take_copy(pool.name, 0.25))),
+            "show_s": best(lambda: _inspect.describe(_inspect.take_copy(pool.name, 0.25))),
+            "check_s": best(lambda: _inspect.check(_inspect.take_copy(pool.name, 0.25))),
         }
         pool.free_bulk(held)
     finally:

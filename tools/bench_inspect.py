@@ -37,7 +37,8 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from shmpool import GFP_ATOMIC, Mempool, _segment, cli
 

@@ -7,12 +7,13 @@
     python tools/cleanup.py NAME...            # remove these pools (if nobody uses them)
     python tools/cleanup.py --force NAME...    # remove them even if in use
 
-A pool is its segment /dev/shm/shmpool.NAME, its semaphores
-/dev/shm/sem.shmpool.NAME.lock, .wait and .qN, and its processes' asyncio
-FIFOs /dev/shm/fifo.shmpool.NAME.E; an orphan is a semaphore or FIFO whose
+A pool is its segment /dev/shm/shmpool.NAME and its processes' asyncio
+FIFOs /dev/shm/fifo.shmpool.NAME.E (its lock and wait channels are words of
+the segment: nothing named sem.* is a pool's); an orphan is a FIFO whose
 segment is gone, and is always removed.
 
-A pool is in use, and kept unless --force, while its creator is alive or a
+A pool is in use, and kept unless --force, while its creator is alive (as
+shmpool-inspect decides it: by the start time the header recorded) or a
 live process is attached to it (its registry says so, across pid
 namespaces) or has its segment mapped (seen in /proc, this pid namespace
 only: that also covers a pool being created, or one whose registry this
@@ -33,15 +34,15 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from shmpool import _segment
-from shmpool._layout import H_CREATOR_PID, H_CREATOR_START, HEADER_WORDS
-from shmpool._procs import is_alive, live_pids, start_ticks
+from shmpool._inspect import creator_alive
+from shmpool._layout import H_CREATED_NS, H_CREATOR_PID, H_CREATOR_START, HEADER_WORDS
+from shmpool._procs import live_pids, start_ticks
 
-SEM = re.compile(r"^sem\.shmpool\.(.+)\.(lock|wait|q\d+)$")
 FIFO = re.compile(r"^fifo\.shmpool\.(.+)\.\d+$")  # a process's asyncio wake-up FIFO
 
 
 def pool_names() -> list[str]:
-    """Names of this user's pools and orphan semaphores in /dev/shm."""
+    """Names of this user's pools and orphan FIFOs in /dev/shm."""
     names = set()
     uid = os.getuid()
     for entry in os.listdir(_segment.SHM_DIR):
@@ -52,20 +53,16 @@ def pool_names() -> list[str]:
             continue
         if entry.startswith(_segment.SHM_PREFIX):
             names.add(entry[len(_segment.SHM_PREFIX) :])
-        elif m := SEM.match(entry) or FIFO.match(entry):
+        elif m := FIFO.match(entry):
             names.add(m.group(1))
     return sorted(names)
-
-
-def _segment_path(name: str) -> str:
-    return os.path.join(_segment.SHM_DIR, _segment.SHM_PREFIX + name)
 
 
 def _header(name: str) -> tuple[int, ...] | None:
     """The header words of segment ``name`` (read-only, however damaged),
     None if it has none: no such segment or one shorter than a header."""
     try:
-        fd = os.open(_segment_path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(_segment.segment_path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
@@ -78,7 +75,7 @@ def _header(name: str) -> tuple[int, ...] | None:
 def mappers() -> dict[str, set[int]]:
     """Segment name -> pids (other than ours) of the processes in this pid
     namespace that map it, from /proc/PID/maps (unreadable ones skipped)."""
-    prefix = _segment_path("")
+    prefix = _segment.segment_path("")
     found: dict[str, set[int]] = {}
     me = os.getpid()
     for entry in os.listdir("/proc"):
@@ -114,14 +111,14 @@ def _who(pid: int, start: int | None = None) -> str:
 
 def users(name: str, mapped: set[int]) -> list[str]:
     """Why pool ``name`` is in use, one reason per process; [] if nobody
-    uses it (or it has no segment: orphan semaphores)."""
+    uses it (or it has no segment: orphan FIFOs)."""
     header = _header(name)
-    if header is None and not os.path.exists(_segment_path(name)):
+    if header is None and not os.path.exists(_segment.segment_path(name)):
         return []
     reasons: dict[int, str] = {}
     if header is not None:
         pid, start = header[H_CREATOR_PID], header[H_CREATOR_START]
-        if (is_alive(pid, start) if start else start_ticks(pid) is not None):  # start 0: not recorded
+        if creator_alive(pid, header[H_CREATED_NS], start):
             reasons[pid] = f"created by {_who(pid, start or None)}, alive"
     try:
         for pid, start in live_pids(name):

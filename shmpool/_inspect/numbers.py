@@ -433,7 +433,7 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
         "reserve_stack": (stack if show_all else stack[:STACK_SHOWN]).tolist(),
         "holders": holders(copy),
         "queues": queues(v),
-        "slot_counts": dict(zip(SLOT_COUNT_KEYS, np.bincount(codes, minlength=len(MAP_SYMBOLS)).tolist())),
+        "slot_counts": dict(zip(SLOT_COUNT_KEYS, np.bincount(codes, minlength=len(MAP_SYMBOLS)).tolist(), strict=True)),
         "slot_map": smap,
         "slot_map_group": group,
         "lock": lock_info(copy),

@@ -181,7 +181,7 @@ def render_list(pools: list[dict[str, Any]]) -> str:
     tail = max([len("CREATOR"), *map(len, creators.values())])
     room = 80 - sum(w + 1 for w in widths) - 1 - tail
     width = max(LIST_NAME_MIN, min(room, max([4, *(len(p["name"]) for p in pools)])))
-    heads = " ".join(f"{head:>{w}}" for (head, _), w in zip(LIST_COLUMNS, widths))
+    heads = " ".join(f"{head:>{w}}" for (head, _), w in zip(LIST_COLUMNS, widths, strict=True))
     lines = [f"{'NAME':<{width}} {heads} CREATOR"]
     for p in pools:
         name = p["name"] if len(p["name"]) <= width else p["name"][: width - 1] + "~"
@@ -192,7 +192,7 @@ def render_list(pools: list[dict[str, Any]]) -> str:
             text = f"DAMAGED: run `{PROG} {p['name']} --check`"
             lines.append(f"{name:<{width}} {text:<{sum(w + 1 for w in widths) - 1}} {creators[id(p)]}")
             continue
-        numbers = " ".join(f"{p[key]:>{w}}" for (_, key), w in zip(LIST_COLUMNS, widths))
+        numbers = " ".join(f"{p[key]:>{w}}" for (_, key), w in zip(LIST_COLUMNS, widths, strict=True))
         lines.append(f"{name:<{width}} {numbers} {creators[id(p)]}")
     if not pools:
         lines.append("(no pools)")
