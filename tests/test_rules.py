@@ -890,9 +890,12 @@ def test_is_saturated_reads_without_the_lock(pool: Mempool) -> None:
     answers at once even while the lock is held (here by this process)."""
     h = pool.alloc_preallocated()
     with hold_lock(pool):
-        t0 = time.monotonic()
-        assert not pool.is_saturated()  # 2 of 3
-        assert time.monotonic() - t0 < ATOMIC_LOCK_WAIT_SECONDS
+        took = []
+        for _ in range(5):  # a call that waited for the lock would wait its bound every time
+            t0 = time.monotonic()
+            assert not pool.is_saturated()  # 2 of 3
+            took.append(time.monotonic() - t0)
+        assert min(took) < ATOMIC_LOCK_WAIT_SECONDS
     pool.free(h)
     with hold_lock(pool):
         assert pool.is_saturated()
