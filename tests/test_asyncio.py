@@ -483,6 +483,52 @@ def test_a_killed_async_waiter_is_uncounted_and_its_waker_survives_its_gone_fifo
     assert (s.nr_waiters, s.in_use) == (0, 0)
 
 
+#: An asyncio waiter that says its registry entry, then keeps what it gets
+#: and waits for more; only a wake-up through its FIFO can end a wait.
+WAITER_IN_ITS_ENTRY = """
+import asyncio, sys
+from shmpool import Mempool
+from shmpool.testing import registry_entry, sleep_retry
+sleep_retry(alloc=600.0)
+pool = Mempool.attach(sys.argv[1])
+print(registry_entry(pool), flush=True)
+async def main():
+    while True:
+        h = await pool.alloc_async()
+        print(h, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_a_fifo_left_by_a_killed_process_is_replaced_by_the_next_in_its_entry(
+    name: str, popen: Callable[..., Any]
+) -> None:
+    with Mempool.create(name, min_nr=1, slot_size=16, capacity=2, max_processes=2).destroying(force=True) as pool:
+        held = [pool.alloc(), pool.alloc()]
+        first = popen(WAITER_IN_ITS_ENTRY, name)
+        entry = int(first.stdout.readline())
+        fifo = f"fifo.shmpool.{name}.{entry}"
+        wait_for(lambda: pool.stats().nr_waiters == 1 and fifos(pool) == [fifo], what="the first waiter to sleep")
+        left = os.stat(os.path.join("/dev/shm", fifo)).st_ino
+        first.kill()
+        first.wait(10)
+        assert fifos(pool) == [fifo]  # a killed process removes nothing
+        second = popen(WAITER_IN_ITS_ENTRY, name)
+        assert int(second.stdout.readline()) == entry  # the dead one's: the only entry left
+        wait_for(lambda: os.stat(os.path.join("/dev/shm", fifo)).st_ino != left and pool.stats().nr_waiters == 1,
+                 what="the second waiter asleep on a FIFO of its own")
+        assert fifos(pool) == [fifo]
+        pool.free(held[0])  # its byte goes into the new FIFO: the only way to wake the waiter
+        assert int(second.stdout.readline()) >= 0, second.stderr.read()
+        wait_for(lambda: pool.stats().nr_waiters == 1, what="the second waiter to sleep again")
+        second.kill()
+        second.wait(10)
+        assert pool.reclaim_dead() == 1  # what it got; its sleeper counted out
+        assert pool.stats().nr_waiters == 0
+        pool.free(held[1])
+    assert fifos(pool) == []
+
+
 def test_the_fifo_goes_with_the_process_entry_and_with_the_pool(name: str) -> None:
     pool = Mempool.create(name, min_nr=1, slot_size=16, capacity=1)
     h = pool.alloc()

@@ -45,8 +45,9 @@ def creator_pid(name: str) -> int:
 
 
 def pool_files(name: str) -> list[str]:
-    """Every entry of /dev/shm that belongs to pool ``name``."""
-    return sorted(e for e in os.listdir(SHM) if e == f"shmpool.{name}" or e.startswith(f"fifo.shmpool.{name}."))
+    """Every entry of /dev/shm that names pool ``name`` (its segment, its
+    FIFOs, and anything else that should not be there, such as a semaphore)."""
+    return sorted(e for e in os.listdir(SHM) if name in e)
 
 
 def make_raw_segment(name: str, content: bytes) -> None:
