@@ -1,7 +1,8 @@
 """Lifetimes of pools and of the objects that use them: create, attach and
-open (names, geometry, bad segments, permissions), the
-creator's destroying() context and create's word on a name that is taken,
-close and destroy, pickling and fork."""
+open (names, geometry, bad segments, permissions), the creator's
+destroying() context and create's word on a name that is taken, close and
+destroy, pickling and fork. (The registry of processes, max_processes
+included, is test_registry.py's.)"""
 
 from __future__ import annotations
 
