@@ -62,7 +62,7 @@ class Membership:
         self.seg_fd = seg_fd
         st = os.fstat(seg_fd)
         self.key = (st.st_dev, st.st_ino)
-        self.close = weakref.WeakMethod(close)  # type: ignore[arg-type]
+        self.close = weakref.WeakMethod(close)
         _members.add(self)
 
     def join(self) -> None:

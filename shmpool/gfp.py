@@ -166,7 +166,7 @@ def may_sleep(gfp: object) -> bool:
     bit that no v3.2 mask has. The first mask with ``__GFP_ZERO`` warns
     (:class:`GFPWarning`), once per process: elements are not zeroed.
     """
-    return _may_sleep(gfp)  # type: ignore[no-any-return]
+    return _may_sleep(gfp)
 
 
 __all__ = ["GFP", "GFPWarning", "SleepingMask", "may_sleep"] + [name for name in list(globals()) if name.startswith(("__GFP_", "GFP_"))]

@@ -198,10 +198,11 @@ class Mempool:
         for the pool lock included: TimeoutError. A call that may not sleep
         waits for the lock at most ``ATOMIC_LOCK_WAIT_SECONDS`` (then None).
         close() from another thread ends a sleep with PoolClosedError.
-        Elements are not zeroed. Holding elements while sleeping for more can
+        If a PoisonWarning made an exception, or the trace raised, the element
+        is given back before the exception goes on. Elements are not zeroed. Holding elements while sleeping for more can
         deadlock (the kernel's pitfall); bound such waits with ``timeout``.
         """
-        return self._core.alloc(gfp, timeout=timeout)  # type: ignore[no-any-return]
+        return self._core.alloc(gfp, timeout=timeout)
 
     def free(self, handle: int | None) -> None:
         """Return an element; None is ignored (as the kernel ignores NULL).
@@ -221,20 +222,20 @@ class Mempool:
         """A writable memoryview of the element's ``slot_size`` bytes, no
         copy; it keeps the mapping alive after close(). The element must be
         held (the handle's errors as for free)."""
-        return self._core.buffer(handle)  # type: ignore[no-any-return]
+        return self._core.buffer(handle)
 
     def ndarray(self, handle: int, dtype: Any = None, shape: Any = None) -> np.ndarray:
         """A numpy array over the element's bytes, no copy: ``dtype`` (default
         uint8) and ``shape`` (default: as many as fit; an int or a tuple;
         ValueError if more than the slot). It keeps the mapping alive after
         close(); the handle's errors as for free."""
-        return self._core.ndarray(handle, dtype, shape)  # type: ignore[no-any-return]
+        return self._core.ndarray(handle, dtype, shape)
 
     def alloc_preallocated(self) -> int | None:
         """Take an element from the reserve only, never the arena, never
         sleeping (the kernel's mempool_alloc_preallocated): None if it is
         empty, or if the lock does not come within ATOMIC_LOCK_WAIT_SECONDS."""
-        return self._core.alloc_preallocated()  # type: ignore[no-any-return]
+        return self._core.alloc_preallocated()
 
     @overload
     async def alloc_async(self, gfp: SleepingMask = ..., *, timeout: float | None = None) -> int: ...
@@ -267,7 +268,7 @@ class Mempool:
         bulk callers). Then a ``gfp`` that may not sleep returns None; one
         that may sleeps and retries, never failing (``timeout``:
         TimeoutError). KERNEL.md compares it with linux-next's."""
-        return self._core.alloc_bulk(n, gfp, timeout=timeout)  # type: ignore[no-any-return]
+        return self._core.alloc_bulk(n, gfp, timeout=timeout)
 
     def free_bulk(self, handles: Any) -> None:
         """Free many elements (a sequence or an integer array of handles).
@@ -292,7 +293,7 @@ class Mempool:
         process outside a queue is its sender's until the receiver adopts it.
         A held slot that names no process ever attached is damage:
         PoolFormatError, nothing changed."""
-        return self._core.reclaim()  # type: ignore[no-any-return]
+        return self._core.reclaim()
 
     # ------------------------------------------------------------------
     # Queues, resize, destroy
@@ -379,7 +380,7 @@ class Mempool:
     def is_saturated(self) -> bool:
         """True if the reserve is full (``curr_nr >= min_nr``), read without
         the lock as the kernel's mempool_is_saturated reads it."""
-        return self._core.saturated  # type: ignore[no-any-return]
+        return self._core.saturated
 
     def set_fail_rate(self, fail_rate: float, *, seed: int | None = None) -> None:
         """Change the arena's injected failure rate for every process; a
@@ -409,12 +410,12 @@ class Mempool:
     @property
     def recoveries(self) -> int:
         """How many times this object took the lock over from a dead holder."""
-        return self._core.recoveries  # type: ignore[no-any-return]
+        return self._core.recoveries
 
     @property
     def min_nr(self) -> int:
         """The reserve's target size now (``resize`` changes it; one load)."""
-        return self._core.min_nr  # type: ignore[no-any-return]
+        return self._core.min_nr
 
     @property
     def name(self) -> str:

@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 import pytest
-from helpers import wait_for
+from helpers import read_word, wait_for
 
 from shmpool import _layout
 from shmpool.testing import segment_path
@@ -164,9 +164,7 @@ def start_child(popen: Callable[..., subprocess.Popen[str]], name: str) -> Child
 # C path over a segment it damages)
 
 
-def read_u64(name: str, offset: int) -> int:
-    with open(segment_path(name), "rb") as f:
-        return int(struct.unpack("=Q", os.pread(f.fileno(), 8, offset))[0])
+read_u64 = read_word
 
 
 def write_bytes(name: str, offset: int, data: bytes) -> None:

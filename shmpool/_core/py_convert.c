@@ -163,10 +163,16 @@ static int int_format(const char *fmt, int *is_signed) {
     return strchr("bBhHiIlLqQnN", fmt[0]) != NULL;
 }
 
-static int64_t *from_buffer(Core *f, Py_buffer *b, int64_t *n, int64_t *dst) {
+static int64_t *from_buffer(Core *f, PyObject *o, Py_buffer *b, int64_t *n, int64_t *dst) {
     int is_signed = 0;
     if (!int_format(b->format, &is_signed)) {
-        PyErr_Format(PyExc_TypeError, "handles must be integers, not %s", b->format ? b->format : "?");
+        PyObject *dtype = PyObject_GetAttrString(o, "dtype"); /* a numpy array says what it holds */
+        if (dtype) PyErr_Format(PyExc_TypeError, "handles must be integers, not %S", dtype);
+        else {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "handles must be integers, not items of format %s", b->format ? b->format : "?");
+        }
+        Py_XDECREF(dtype);
         return NULL;
     }
     Py_ssize_t item = b->itemsize;
@@ -220,7 +226,7 @@ int64_t *conv_handles(Core *f, PyObject *o, int64_t *n, int64_t *stack, int64_t 
         goto done;
     }
     if (b.obj) {
-        if (!from_buffer(f, &b, n, dst)) goto done;
+        if (!from_buffer(f, o, &b, n, dst)) goto done;
     } else {
         for (int64_t i = 0; i < *n; i++)
             if (handle_value(f, PySequence_Fast_GET_ITEM(seq, i), &dst[i]) < 0) goto done;

@@ -70,10 +70,12 @@ PyObject *raise_busy(Core *f, const char *call) {
     uint64_t now = now_ns();
     if (tok && o >= 1 && o <= p->max_procs) {
         unsigned long long pid = ld(&ENTRY(p, o - 1)[P_PID]);
+        char held[32]; /* (PyErr_Format has no %f) */
+        snprintf(held, sizeof held, "%.3f", since && now > since ? (double)(now - since) / 1e9 : 0.0);
         PyErr_Format(PyExc_TimeoutError,
-                     "pool '%s': %s gave up waiting for the pool lock, held by pid %llu for %.3f s (a stopped, traced "
+                     "pool '%s': %s gave up waiting for the pool lock, held by pid %llu for %s s (a stopped, traced "
                      "or starved process; it is taken over only once that process is dead)",
-                     p->name, call, pid, since && now > since ? (double)(now - since) / 1e9 : 0.0);
+                     p->name, call, pid, held);
     } else {
         PyErr_Format(PyExc_TimeoutError, "pool '%s': %s gave up waiting for the pool lock (busy)", p->name, call);
     }
