@@ -86,7 +86,8 @@ import queue as _stdqueue
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from . import _segment
 from ._core import retry as _retry

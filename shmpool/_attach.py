@@ -30,8 +30,9 @@ import atexit
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ._core import after_fork_in_child as _core_after_fork
 from ._procs import self_identity

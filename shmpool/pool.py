@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from typing import Any, Callable, Optional, overload
+from collections.abc import Callable, Iterator
+from typing import Any, overload
 
 import numpy as np
 
 from . import _aio, _attach, _lifecycle, _segment
-from ._core import LAYOUT_HASH, Core, set_classes
 from ._args import check_fail_rate, check_queue_name, check_range, check_seed
+from ._core import LAYOUT_HASH, Core, set_classes
 from ._errors import (
     InvalidHandleError,
     PoisonWarning,
@@ -66,7 +66,7 @@ from .stats import PoolStats
 
 __all__ = ["Mempool", "Trace"]
 
-Trace = Callable[[str, Optional[int], int], None]
+Trace = Callable[[str, int | None, int], None]
 
 #: How long a sleeping allocation sleeps before it retries the arena even if
 #: nothing woke it (the kernel's ``io_schedule_timeout(5*HZ)``).
@@ -80,7 +80,7 @@ ATOMIC_LOCK_WAIT_SECONDS = ATOMIC_WAIT_NS / 1e9
 ADMIN_LOCK_WAIT_SECONDS = ADMIN_WAIT_NS / 1e9
 OPEN_WAIT_SECONDS = _lifecycle.OPEN_WAIT_SECONDS
 
-if LAYOUT_HASH != layout_hash():
+if layout_hash() != LAYOUT_HASH:
     raise ImportError("shmpool._core was built for another layout (shmpool/_layout.py changed): rebuild it "
                       "(pip install -e .)")
 set_classes(PoolFormatError, PoolDestroyedError, InvalidHandleError, PoolClosedError, PoisonWarning, GFPWarning)

@@ -13,10 +13,10 @@ import ast
 import os
 import select
 import signal
-import struct
 import subprocess
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from helpers import read_word, wait_for

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import check_whole, wait_for

@@ -71,8 +71,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -1001,7 +1001,7 @@ def bench_floor(reps: int) -> dict[str, Any]:
                 pong.acquire(WAIT_S)
                 one_way.append((stamp.value - t0) / 1e3)
     finally:
-        for sem, name in zip((ping, pong), names):
+        for sem, name in zip((ping, pong), names, strict=True):
             sem.close()
             posix_ipc.unlink_semaphore(name)
     round_trips.sort()
@@ -1053,7 +1053,7 @@ def bench_churn(reps: int) -> dict[str, Any]:
         pool.free_bulk(rng.permutation(held))
         held_list: list[int] = []
         ops = 20_000 * reps // 4
-        for coin, pick in zip(rng.random(ops).tolist(), rng.integers(0, 1 << 30, ops).tolist()):
+        for coin, pick in zip(rng.random(ops).tolist(), rng.integers(0, 1 << 30, ops).tolist(), strict=True):
             if coin < 0.5 or not held_list:  # a random walk of single allocs and frees
                 held_list.append(pool.alloc(GFP_ATOMIC))
             else:

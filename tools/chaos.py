@@ -192,7 +192,7 @@ class Workers:
         return failure
 
     def close(self) -> None:
-        for p, r in zip(self.procs, self.pipes):
+        for p, r in zip(self.procs, self.pipes, strict=True):
             if p is not None and p.is_alive():
                 p.kill()
                 p.join()
