@@ -11,7 +11,8 @@ a module: ``snapshot`` (the copy and the lock holder), ``numbers`` (the
 pool's numbers, by the C code ``stats()`` runs, so the two never disagree;
 the slot map, holders, queues), ``audit`` (``--check``), ``render`` (the
 text). This module parses the arguments and runs the commands; only
-``--reclaim-dead`` and ``--destroy`` attach to the pool, and so write.
+``--reclaim-dead`` and ``--destroy`` write (they attach to the pool, or
+unlink a stale one).
 
 ``--check`` audits three copies, a little apart (0.05 s, then 0.2 s), and
 reports a finding only if it shows in all three: a busy pool's passing
@@ -112,9 +113,10 @@ Since layout v6 (schema still 1): new ``parked`` and
 ``slot_counts.parked`` (the slot map's ``P``); ``queues[].getters`` and
 ``putters`` (``waiters`` stays their sum); a held or cached slot naming no
 process ever attached counts as ``invalid`` (``?``), no longer as
-``held_dead`` (``X``), and its holders row (entry null) no longer includes
-held slots of dead processes' entries; there are no semaphores (the lock
-and the wait channels are words of the segment).
+``held_dead`` (``X``), and held slots naming a vacant or never used entry
+count in the holders row with entry null (that entry's row no longer shows
+them); there are no semaphores (the lock and the wait channels are words
+of the segment).
 
 From a script: ``list_pools()``, ``take_copy(name)``, ``describe(copy)``,
 ``render(document)``, ``render_list(pools)``, ``check_pool(name)`` and the

@@ -761,7 +761,7 @@ _held_by_a_vacant_entry = _owned(ST_HELD, 2)
 _held_beyond_the_entries_used = _owned(ST_HELD, 201)
 _held_beyond_the_registry = _owned(ST_HELD, OWNER_MASK)
 _cached_by_a_vacant_entry = _owned(ST_CACHED, 2)
-NOBODY = "name no process ever attached, first slot"
+NOBODY = "whose owner names no process ever attached, first slot"
 NAMES_NOBODY = (_held_by_nobody, _held_by_a_vacant_entry, _held_beyond_the_entries_used, _held_beyond_the_registry,
                 _cached_by_a_vacant_entry)
 

@@ -161,8 +161,8 @@ def _audit_owners(v: Views, states: np.ndarray, owners: np.ndarray) -> list[str]
     owner = int(owners[slot])
     why = ("owner field 0" if owner == 0 else f"registry entry {owner - 1}, beyond the {used} entries ever used"
            if owner > used else f"registry entry {owner - 1}, vacant")
-    return [f"{bad.size} held or cached slot(s) name no process ever attached, first slot {slot} ({why}): "
-            "damage, not a dead process's elements (reclaim_dead refuses the pool)"]
+    return [f"{bad.size} held or cached slot(s) whose owner names no process ever attached, first slot {slot} "
+            f"({why}): damage, not a dead process's elements (reclaim_dead refuses the pool)"]
 
 
 def _audit_caches(v: Views, states: np.ndarray, owners: np.ndarray) -> list[str]:
