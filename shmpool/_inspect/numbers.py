@@ -95,7 +95,7 @@ STACK_SHOWN = 16  # reserve stack entries shown without --all
 MAP_WIDTH = 64  # slot map characters per row
 MAP_ROWS = 8  # at most this many rows: bigger pools are grouped
 CREATE_TIME_SLACK_S = 1.0  # psutil's start times are derived from a boot time in whole seconds
-SLEEPERS_MAX = 1 << 20  # the core's bound: a sleeper count beyond it is damage (derive counts it as 0)
+SLEEPERS_MAX = 1 << 20  # the core's bound: more sleepers is damage (derive counts a queue side from it on as 0)
 
 # Slot map codes, in the order of their symbols: 0-5 are normal states
 # (ranked for ties: the higher code wins), 6-7 problems (shown if present
@@ -467,4 +467,4 @@ def header_damaged(v: Views, n: dict[str, int]) -> bool:
     queued = sum(map(int, queue_table(v)[live_queues(v), Q_COUNT]))  # no uint64 wrap
     parts = (n["curr_nr"], n["arena_shared"], n["arena_cached"], queued, n["min_nr"])
     return (any(not 0 <= x <= cap for x in parts) or sum(parts[:4]) > cap
-            or int(v.hdr[H_NR_WAITERS]) >= SLEEPERS_MAX)
+            or int(v.hdr[H_NR_WAITERS]) > SLEEPERS_MAX)
