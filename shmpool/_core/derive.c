@@ -13,7 +13,7 @@
  *                 the capacity whenever the parts fit in it
  *   parked        PARKED slots, counted when the hint says there may be some
  *   nr_waiters    the sleeping allocations plus every live queue's sleepers
- *                 (a queue's count beyond SLEEPERS_MAX is damage: 0)
+ *                 (a count beyond SLEEPERS_MAX is damage: 0)
  *   counters      the header's plus every entry's (COUNTERS' order)
  *
  * It only reads, and every value read is bounded, so a damaged or torn copy
@@ -40,13 +40,14 @@ void derive(const struct pool *p, struct numbers *n) {
     }
     n->queued = 0;
     n->nr_waiters = ld(&h[H_NR_WAITERS]);
+    if (n->nr_waiters > SLEEPERS_MAX) n->nr_waiters = 0; /* damage (the next holder recounts it) */
     for (uint64_t q = 0; q < p->max_queues; q++) {
         const uint64_t *Q = QUEUE(p, q);
         if (ld(&Q[Q_STATE]) != QUEUE_LIVE) continue;
         n->queued += at_most(ld(&Q[Q_COUNT]), cap);
         for (int k = 0; k < 2; k++) {
             uint64_t w = ld(&Q[k ? Q_PUTTERS : Q_GETTERS]);
-            n->nr_waiters += w < SLEEPERS_MAX ? w : 0;
+            n->nr_waiters += w <= SLEEPERS_MAX ? w : 0; /* beyond it: damage, as everywhere */
         }
     }
     uint64_t free_ = at_most(n->curr_nr, cap) + at_most(n->arena_shared, cap) + at_most(n->arena_cached, cap) +

@@ -95,7 +95,7 @@ STACK_SHOWN = 16  # reserve stack entries shown without --all
 MAP_WIDTH = 64  # slot map characters per row
 MAP_ROWS = 8  # at most this many rows: bigger pools are grouped
 CREATE_TIME_SLACK_S = 1.0  # psutil's start times are derived from a boot time in whole seconds
-SLEEPERS_MAX = 1 << 20  # the core's bound: more sleepers is damage (derive counts a queue side from it on as 0)
+SLEEPERS_MAX = 1 << 20  # the core's bound: more sleepers is damage (derive counts such a count as 0)
 
 # Slot map codes, in the order of their symbols: 0-5 are normal states
 # (ranked for ties: the higher code wins), 6-7 problems (shown if present

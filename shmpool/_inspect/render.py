@@ -65,7 +65,7 @@ def _summary_lines(d: dict[str, Any]) -> list[str]:
     short = d["min_nr"] - d["curr_nr"]
     dead = d["slot_counts"]["held_dead"]
     # as derive counts them: a side's count beyond the core's bound is damage, not sleepers
-    on_queues = sum(n for q in d["queues"] for n in (q["getters"], q["putters"]) if n < SLEEPERS_MAX)
+    on_queues = sum(n for q in d["queues"] for n in (q["getters"], q["putters"]) if n <= SLEEPERS_MAX)
     out = [f"{d['parked']} parked"] if d["parked"] else []
     out += [f"{dead} held by dead processes"] if dead else []
     rows = [
