@@ -24,6 +24,7 @@ import struct
 import numpy as np
 
 from ._layout import P_EPOCH, P_PID, P_START, PROC_WORDS, Geometry
+from ._typing import Array
 
 #: fcntl's F_OFD_GETLK (Linux; the fcntl module has it from Python 3.9 on
 #: some builds only).
@@ -74,7 +75,7 @@ def entry_alive(fd: int, geo: Geometry, entry: int) -> bool:
     return bool(struct.unpack("hhqqi4x", got)[0] != fcntl.F_UNLCK)
 
 
-def live_entries(fd: int, geo: Geometry, procs: np.ndarray) -> list[int]:
+def live_entries(fd: int, geo: Geometry, procs: Array) -> list[int]:
     """The registry entries (rows of ``procs``, a (max_procs, PROC_WORDS)
     array) that belong to live processes."""
     return [int(e) for e in np.flatnonzero(procs[:, P_EPOCH]) if entry_alive(fd, geo, int(e))]

@@ -39,7 +39,8 @@ it).
 from __future__ import annotations
 
 import enum
-from typing import Final, Literal
+from collections.abc import Iterator
+from typing import Any, Final, Literal
 
 from ._core import may_sleep as _may_sleep
 from ._core import set_gfp as _set_gfp
@@ -50,7 +51,19 @@ class GFPWarning(UserWarning):
     ``__GFP_ZERO`` (elements are not zeroed). Issued once per process."""
 
 
-class GFP(enum.IntFlag):
+class _BitsOnly(enum.EnumMeta):
+    """Iterating the flag class gives its single bits only, on every Python
+    (3.11 and later do so by themselves; 3.10 would give the named masks too)."""
+
+    def __iter__(cls) -> Iterator[Any]:
+        members: Iterator[Any] = super().__iter__()
+        return (m for m in members if m.value and not m.value & (m.value - 1))
+
+    def __len__(cls) -> int:
+        return sum(1 for _ in cls)
+
+
+class GFP(enum.IntFlag, metaclass=_BitsOnly):
     """The v3.2 GFP bits (``GFP.WAIT`` is ``__GFP_WAIT``, and so on)."""
 
     DMA = 0x01

@@ -36,8 +36,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, overload
 
-import numpy as np
-
 from . import _aio, _attach, _lifecycle, _segment
 from ._args import check_fail_rate, check_queue_name, check_range, check_seed
 from ._core import LAYOUT_HASH, Core, set_classes
@@ -60,6 +58,7 @@ from ._layout import (
     Geometry,
     layout_hash,
 )
+from ._typing import Array, Handles
 from .gfp import GFP_KERNEL, GFPWarning, SleepingMask
 from .queues import Queue
 from .stats import PoolStats
@@ -224,7 +223,7 @@ class Mempool:
         held (the handle's errors as for free)."""
         return self._core.buffer(handle)
 
-    def ndarray(self, handle: int, dtype: Any = None, shape: Any = None) -> np.ndarray:
+    def ndarray(self, handle: int, dtype: Any = None, shape: Any = None) -> Array:
         """A numpy array over the element's bytes, no copy: ``dtype`` (default
         uint8) and ``shape`` (default: as many as fit; an int or a tuple;
         ValueError if more than the slot). It keeps the mapping alive after
@@ -255,11 +254,11 @@ class Mempool:
         return await _aio.alloc(self._member, gfp, timeout)
 
     @overload
-    def alloc_bulk(self, n: int, gfp: SleepingMask = ..., *, timeout: float | None = None) -> np.ndarray: ...
+    def alloc_bulk(self, n: int, gfp: SleepingMask = ..., *, timeout: float | None = None) -> Handles: ...
     @overload
-    def alloc_bulk(self, n: int, gfp: int, *, timeout: float | None = None) -> np.ndarray | None: ...
+    def alloc_bulk(self, n: int, gfp: int, *, timeout: float | None = None) -> Handles | None: ...
 
-    def alloc_bulk(self, n: int, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> np.ndarray | None:
+    def alloc_bulk(self, n: int, gfp: int = GFP_KERNEL, *, timeout: float | None = None) -> Handles | None:
         """Allocate ``n`` elements (0 to the capacity) at once: their handles
         as an int64 array. Each is an arena attempt first (its own fault
         draw); what the arena does not give comes from the reserve, all or

@@ -35,10 +35,9 @@ from __future__ import annotations
 import queue as _stdqueue
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import _aio
 from ._errors import PoolClosedError
+from ._typing import Handles
 
 if TYPE_CHECKING:
     from ._attach import Membership
@@ -112,7 +111,7 @@ class Queue:
         """get(block=False): queue.Empty at once when empty."""
         return self.get(False)
 
-    def get_many(self, max_n: int, block: bool = True, timeout: float | None = None) -> np.ndarray:
+    def get_many(self, max_n: int, block: bool = True, timeout: float | None = None) -> Handles:
         """Take 1 to ``max_n`` of the oldest elements at once (an int64 array
         of handles, oldest first); blocks like get() until there is at least
         one."""
