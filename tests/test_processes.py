@@ -139,7 +139,11 @@ def test_several_sleepers_are_each_woken(name: str, spawn) -> None:
 
 @pytest.mark.timeout(60)
 def test_handles_passed_between_processes(name: str, spawn) -> None:
-    with Mempool.create(name, min_nr=2, slot_size=16, capacity=4, fail_rate=0.3, seed=4) as pool:
+    # Seed 3 makes the first draw a fault: the producer's first allocation is
+    # the first arena attempt whatever the timing (how many more there are
+    # depends on it: with these 2 arena slots, maybe none), so a fault is
+    # injected in every run.
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=4, fail_rate=0.3, seed=3) as pool:
         q, results = ctx.Queue(), ctx.Queue()
         prod = spawn(children.producer, name, 200, q)
         spawn(children.consumer, name, q, results)
