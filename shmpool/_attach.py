@@ -87,8 +87,9 @@ class Membership:
             _attachments[self.key] = _Attachment(fd, index, epoch, 1)
         self.core.enabled = True
 
-    def leave(self, destroyed: bool) -> None:
-        """The object lets go of the entry. The last one to do so vacates it,
+    def leave(self, destroyed: bool, detach: bool = True) -> None:
+        """The object lets go of the entry. The last one to do so vacates it
+        (if ``detach``: the caller may know that the lock will not come),
         unless the process still holds elements; after destroy the
         description goes whatever is held."""
         with _lock:
@@ -99,7 +100,7 @@ class Membership:
             if att.refs > 0:
                 return
             try:
-                vacated = self.core.detach()
+                vacated = detach and self.core.detach()
             except Exception:  # a damaged pool, or a signal: keep the entry
                 vacated = False
             if not (vacated or destroyed):

@@ -449,13 +449,14 @@ class Mempool:
             return
         self._open = False
         core = self._core
+        lock_came = True
         if core.enabled:
             core.enabled = False
-            try:
-                core.drain_cache()  # our cached slots back to the arena, if the lock comes soon
+            try:  # our cached slots back to the arena, if the lock comes within its bound
+                lock_came = core.drain_cache()
             except Exception:  # a damaged pool, or a signal: left to the audit and reclaim
                 pass
-        self._member.leave(destroyed)
+        self._member.leave(destroyed, detach=lock_came)  # (a lock that did not come: not waited for twice)
         core.close()
         try:
             os.close(self._fd)

@@ -265,7 +265,7 @@ def test_text_shows_the_same_numbers_in_80_columns(pool: Mempool, name: str, pop
     assert rows["reserve"].split()[1] == f"{s.curr_nr}/{s.min_nr}"
     assert rows["in use"].split()[0] == str(s.in_use)
     assert rows["arena"].split()[0] == str(s.arena_free)
-    assert rows["waiters"] == f"{s.nr_waiters} sleeping" and rows["lock"] == "free"
+    assert rows["waiters"] == f"{s.nr_waiters} sleeping" and rows["lock"].startswith("free")  # (maybe after a wait)
     assert rows["faults"] == "fail_rate 0.25, seed 7" and rows["poison"] == "off"
     lines = out.stdout.splitlines()
     names = [counter for counter, _ in COUNTERS]
