@@ -176,6 +176,24 @@ def watching(*args: str) -> Iterator[subprocess.Popen[str]]:
         p.stderr.close()
 
 
+def process_state(pid: int) -> str:
+    """What /proc says of a process that does not end: its signal masks,
+    and each thread's state and kernel wait channel (for a failure's
+    message)."""
+    out = []
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()
+        out += [line for line in status if line.startswith(("State", "Threads", "SigPnd", "ShdPnd", "SigBlk",
+                                                             "SigIgn", "SigCgt"))]
+        for task in sorted(pathlib.Path(f"/proc/{pid}/task").iterdir()):
+            stat = (task / "stat").read_text().rpartition(")")[2].split()
+            out.append(f"task {task.name}: {stat[0]} wchan={(task / 'wchan').read_text()} "
+                       f"syscall={(task / 'syscall').read_text().split()[0]}")
+    except OSError as exc:
+        out.append(f"({exc})")
+    return "; ".join(out)
+
+
 def lock_holder(popen: Callable[..., subprocess.Popen[str]], name: str) -> subprocess.Popen[str]:
     """A separate interpreter that holds the pool lock (recorded as its own,
     in C) until it is killed; returns it once it does."""
@@ -706,7 +724,11 @@ def test_ctrl_c_gets_through_a_long_wait_for_a_stuck_lock(
         assert mapped and all("w" not in perms for perms in mapped), mapped  # read-only, every mapping
         t0 = time.monotonic()
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=20) == status
+        try:
+            code = p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the CLI did not end after SIGINT: {process_state(p.pid)}")
+        assert code == status
         assert time.monotonic() - t0 < 5  # not the 30 s of the wait
         assert "Traceback" not in p.stderr.read()
 
