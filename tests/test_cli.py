@@ -164,8 +164,16 @@ def _readline_within(p: subprocess.Popen[str], deadline: float) -> str:
 
 
 @contextlib.contextmanager
+def as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT as a terminal's foreground command
+    has it (a test run from a non-interactive shell's background job would
+    otherwise hand it on ignored, and no Ctrl-C could reach the CLI)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def watching(*args: str) -> Iterator[subprocess.Popen[str]]:
-    p = subprocess.Popen([INSPECT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([INSPECT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=as_in_a_terminal)
     try:
         yield p
     finally:
