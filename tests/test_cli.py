@@ -163,7 +163,6 @@ def _readline_within(p: subprocess.Popen[str], deadline: float) -> str:
     return line
 
 
-@contextlib.contextmanager
 def as_in_a_terminal() -> None:
     """In the child before exec: SIGINT as a terminal's foreground command
     has it (a test run from a non-interactive shell's background job would
@@ -171,6 +170,7 @@ def as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@contextlib.contextmanager
 def watching(*args: str) -> Iterator[subprocess.Popen[str]]:
     p = subprocess.Popen([INSPECT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=as_in_a_terminal)
