@@ -228,15 +228,19 @@ def take_copy(
         return _copy(name, mm, fd, geo, lock_timeout, scan_poison and not summary, summary)
     finally:
         os.close(fd)
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:  # an interrupt came while a view of it lived: it goes with the view
+            pass
 
 
 def _copy(
     name: str, mm: mmap.mmap, fd: int, geo: Geometry, lock_timeout: float, scan_poison: bool, summary: bool
 ) -> Copy:
-    base = memoryview(mm)
-    hdr = base[:HEADER_BYTES].cast("Q")  # live: aligned 8-byte loads of the lock's words
+    base = hdr = None
     try:
+        base = memoryview(mm)
+        hdr = base[:HEADER_BYTES].cast("Q")  # live: aligned 8-byte loads of the lock's words
         started = time.monotonic()
         deadline = started + lock_timeout
         first = (hdr[H_LOCK_OWNER], hdr[H_LOCK_SEQ])
@@ -255,9 +259,10 @@ def _copy(
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))  # Ctrl-C gets in here
             pause = min(2 * pause, RETRY_MAX_S)
         waited = time.monotonic() - started
-    finally:
-        hdr.release()
-        base.release()
+    finally:  # (an interrupt may come anywhere: a Ctrl-C ends the wait with KeyboardInterrupt, never BufferError)
+        for view in (hdr, base):
+            if view is not None:
+                view.release()
     views = Views(meta, geo)  # any buffer will do
     procs = procs_table(views)
     alive = np.zeros(geo.max_procs, dtype=bool)
