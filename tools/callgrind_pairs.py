@@ -51,7 +51,7 @@ finally:
 def instructions(kind: str, n: int) -> int:
     with tempfile.TemporaryDirectory(prefix="shmpool-cg-") as tmp:
         out = os.path.join(tmp, "callgrind.out")
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONHASHSEED="0")  # (hashes decide dict probes)
         run = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", CHILD, kind, str(n)],
             capture_output=True, text=True, env=env, timeout=1800, check=False,
