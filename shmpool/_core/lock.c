@@ -67,7 +67,9 @@ static int token_alive(const struct pool *p, uint64_t tok) {
 }
 
 static inline void note_locked(struct pool *p) {
-    st(&p->hdr[H_LOCK_SINCE_NS], now_ns());
+    struct timespec ts; /* for people (how long a holder has held it): the coarse clock is enough and cheaper */
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    st(&p->hdr[H_LOCK_SINCE_NS], (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec);
     p->hdr[H_LOCK_SEQ]++;
 }
 

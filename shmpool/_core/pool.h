@@ -230,7 +230,11 @@ void chan_async_prepare(struct pool *p);                  /* lock held: count in
 void chan_async_done(struct pool *p);                     /* lock-free: count it out */
 int chan_sleep(struct pool *p, int ch, uint32_t seen, uint64_t until); /* lock-free: wait, count out */
 void chan_wake(struct pool *p, int ch);                   /* after unlock */
-void wake_pending(struct pool *p);                        /* after unlock: what the section left to wake */
+void wake_pending_now(struct pool *p);
+/* After unlock: what the section left to wake (nothing, mostly). */
+static inline void wake_pending(struct pool *p) {
+    if (p->wake | (p->wake_get != 0) | (p->wake_put != 0)) wake_pending_now(p);
+}
 void wake_everyone(struct pool *p);                       /* close and destroy: every channel, every sleeper */
 void drop_sleepers(struct pool *p, uint64_t *ent);        /* a dead entry's sleepers, counted out */
 void uncount_dead_sleepers(struct pool *p);

@@ -46,9 +46,19 @@ extern int64_t retry_alloc_ns, retry_queue_ns; /* SLEEP_RETRY_NS, QUEUE_RETRY_NS
 /* Entering and leaving a call: a closed object refuses, and its mapping
  * lives until the last call under way returns. */
 PyObject *closed_error(Core *f);
-int enter(Core *f);
-PyObject *leave_with(Core *f, PyObject *result);
 void release_view(Core *f);
+static inline int enter(Core *f) {
+    if (f->unusable || !f->p.hdr || f->p.closing) {
+        closed_error(f);
+        return -1;
+    }
+    f->busy++;
+    return 0;
+}
+static inline PyObject *leave_with(Core *f, PyObject *result) {
+    if (--f->busy == 0 && f->p.closing) release_view(f);
+    return result;
+}
 
 /* The Python exception for a result code (no lock held). `what` names the
  * call for a timeout ("no element within 2 s", ...). */

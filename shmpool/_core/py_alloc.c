@@ -78,7 +78,7 @@ PyObject *handles_array(const int64_t *src, int64_t n) {
 /* ------------------------------------------------------------------ */
 /* alloc                                                               */
 
-static int parse_alloc(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *fname, int first,
+static inline __attribute__((always_inline)) int parse_alloc(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *fname, int first,
                        PyObject **gfp, PyObject **timeout) {
     if (nargs > first + 1) {
         PyErr_Format(PyExc_TypeError, "%s() takes at most %d positional arguments", fname, first + 1);

@@ -22,19 +22,6 @@ PyObject *closed_error(Core *f) {
     return NULL;
 }
 
-int enter(Core *f) {
-    if (f->unusable || !f->p.hdr || f->p.closing) {
-        closed_error(f);
-        return -1;
-    }
-    f->busy++;
-    return 0;
-}
-
-PyObject *leave_with(Core *f, PyObject *result) {
-    if (--f->busy == 0 && f->p.closing) release_view(f);
-    return result;
-}
 
 PyObject *raise_for(Core *f, int r, const char *what) {
     switch (r) {

@@ -217,7 +217,7 @@ void chan_wake(struct pool *p, int ch) {
     if (n) futex_wake32(futex_word(seq), INT_MAX);
 }
 
-void wake_pending(struct pool *p) {
+void wake_pending_now(struct pool *p) {
     if (p->wake) {
         p->wake = 0;
         chan_wake(p, CH_ALLOC);
