@@ -8,10 +8,15 @@
 
 Sections:
   pipeline  4 KiB messages from a producer process to 1 and to 2 consumer
-            processes through a pool queue (alloc, write, put; get_many,
-            check, free_bulk): messages/s, and p50/p99 latency from put to
-            get with the producer paced at 10,000 messages/s; beside it the
-            README's old idiom (alloc + a multiprocessing.Queue of handles),
+            processes through a pool queue (depth 256, capacity 512, min_nr
+            8): the README's idiom, one element at a time (alloc, write
+            through pool.ndarray, q.put(h); q.get(), read, pool.free(h)),
+            and the batched form (get_many, free_bulk); messages/s of every
+            repetition (min, median, max; 5 rounds, the contenders in turn),
+            voluntary context switches per message (a sleep and a wake-up
+            each), and p50/p99 latency from put to get with the producer
+            paced at 10,000 messages/s; beside them the README's old idiom
+            (alloc + a multiprocessing.Queue of handles),
             multiprocessing.Pipe copying the 4 KiB, and iceoryx2's Python
             binding (loaned samples + an event), installed for the benchmark
             only (never in --quick) or reported as "peer unavailable: why"
@@ -222,6 +227,7 @@ WORDS = PAYLOAD // 8
 STOP = (1 << 64) - 1  # the counter word of the producer's "no more"
 BATCH = 64  # get_many's max_n, and the most a consumer takes at once from any contender
 DEPTH = 256  # the pool queue's depth, and iceoryx2's subscriber buffer
+CAPACITY = 512  # the pipeline pool's slots (min_nr 8)
 PACED_RATE = 10_000  # messages/s of the paced (latency) runs
 ICEORYX2 = "iceoryx2>=0.10,<0.11"
 _now = time.monotonic_ns  # CLOCK_MONOTONIC: one clock in every process
@@ -318,7 +324,7 @@ def _shmpool_producer(spec: dict[str, Any]) -> tuple[Callable[[int], None], Call
     pool = Mempool.attach(spec["pool"])
     alloc, view = pool.alloc, pool.ndarray
     # the pool's queue, or the README's old idiom: a multiprocessing.Queue of handles
-    put = pool.queue(spec["queue"]).put if spec["kind"] == "shmpool" else spec["mpq"].put
+    put = pool.queue(spec["queue"]).put if spec["kind"] in ("idiom", "batched") else spec["mpq"].put
 
     def send(i: int) -> None:
         h = alloc()
@@ -331,7 +337,19 @@ def _shmpool_producer(spec: dict[str, Any]) -> tuple[Callable[[int], None], Call
 def _shmpool_consumer(spec: dict[str, Any]) -> tuple[Any, Any, Any, Callable[[], None]]:
     pool = Mempool.attach(spec["pool"])
     ndarray, free, u64 = pool.ndarray, pool.free, np.uint64
-    if spec["kind"] == "shmpool":
+    if spec["kind"] == "idiom":  # the README's: one element at a time
+        q = pool.queue(spec["queue"])
+        get, put = q.get, q.put
+
+        def take() -> list[Any]:
+            return [get(timeout=WAIT_S)]
+
+        def release(items: list[Any], back: list[Any]) -> None:
+            if back:
+                put(items[0])
+            else:
+                free(items[0])
+    elif spec["kind"] == "batched":
         q = pool.queue(spec["queue"])
         get_many, put, free_bulk = q.get_many, q.put, pool.free_bulk
 
@@ -465,11 +483,23 @@ def _iceoryx2_consumer(spec: dict[str, Any]) -> tuple[Any, Any, Any, Callable[[]
 
 
 PRODUCERS = {
-    "shmpool": _shmpool_producer, "idiom": _shmpool_producer, "pipe": _pipe_producer, "iceoryx2": _iceoryx2_producer,
+    "idiom": _shmpool_producer, "batched": _shmpool_producer, "mpqueue": _shmpool_producer, "pipe": _pipe_producer,
+    "iceoryx2": _iceoryx2_producer,
 }
 CONSUMERS = {
-    "shmpool": _shmpool_consumer, "idiom": _shmpool_consumer, "pipe": _pipe_consumer, "iceoryx2": _iceoryx2_consumer,
+    "idiom": _shmpool_consumer, "batched": _shmpool_consumer, "mpqueue": _shmpool_consumer, "pipe": _pipe_consumer,
+    "iceoryx2": _iceoryx2_consumer,
 }
+
+
+def _voluntary_switches() -> int:
+    """This process's voluntary context switches so far: each is a sleep
+    (and the wake-up that ended it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _pipeline_worker(role: str, spec: dict[str, Any], go: Any, finish: Any, results: Any) -> None:
@@ -480,7 +510,9 @@ def _pipeline_worker(role: str, spec: dict[str, Any], go: Any, finish: Any, resu
             results.put(("ready", role, None))
             if not go.wait(WAIT_S):
                 raise TimeoutError("never told to start")
-            results.put(("done", role, _produce(send, spec["n"], spec["rate"], spec["consumers"], spec["budget_s"])))
+            switches = _voluntary_switches()
+            produced = _produce(send, spec["n"], spec["rate"], spec["consumers"], spec["budget_s"])
+            results.put(("done", role, (*produced, _voluntary_switches() - switches)))
             finish.wait(WAIT_S * 2)  # everything taken: the producer's ports may go
         else:
             take, view, release, close = CONSUMERS[spec["kind"]](spec)
@@ -488,10 +520,12 @@ def _pipeline_worker(role: str, spec: dict[str, Any], go: Any, finish: Any, resu
             results.put(("ready", role, None))
             if not go.wait(WAIT_S):
                 raise TimeoutError("never told to start")
+            switches = _voluntary_switches()
             _consume(take, view, release, reader)
             end = _now()
             lat = reader.latencies if spec["rate"] else []
-            results.put(("done", role, (end, reader.count, reader.total, lat, reader.longest)))
+            switches = _voluntary_switches() - switches
+            results.put(("done", role, (end, reader.count, reader.total, lat, reader.longest, switches)))
     except BaseException:
         results.put(("error", f"{spec['kind']} {role}", traceback.format_exc()))
     finally:
@@ -504,11 +538,11 @@ def _contender(kind: str, peer_path: str) -> Iterator[dict[str, Any]]:
     """The parent's side of one run: makes what the children open, and
     removes it after, whatever happened."""
     spec: dict[str, Any] = {"kind": kind}
-    if kind in ("shmpool", "idiom"):
-        pool = Mempool.create(f"bench-pipeline-{TAG}", min_nr=16, slot_size=PAYLOAD, capacity=1024)
+    if kind in ("idiom", "batched", "mpqueue"):
+        pool = Mempool.create(f"bench-pipeline-{TAG}", min_nr=8, slot_size=PAYLOAD, capacity=CAPACITY)
         mpq = None
         try:
-            if kind == "shmpool":
+            if kind != "mpqueue":
                 pool.queue("frames", depth=DEPTH)
                 spec.update(pool=pool.name, queue="frames")
             else:
@@ -565,7 +599,7 @@ def run_pipeline(kind: str, consumers: int, n: int, rate: int = 0, peer_path: st
                 finish.set()
     finally:
         results.close()
-    t0, sent, longest = next(payload for role, payload in done if role == "producer")
+    t0, sent, longest, producer_switches = next(payload for role, payload in done if role == "producer")
     ends = [payload for role, payload in done if role == "consumer"]
     count, total = sum(e[1] for e in ends), sum(e[2] for e in ends)
     if sent == 0 or count != sent or total != sent * (sent - 1) // 2:
@@ -575,6 +609,7 @@ def run_pipeline(kind: str, consumers: int, n: int, rate: int = 0, peer_path: st
         "msgs_per_s": sent / ((max(e[0] for e in ends) - t0) / 1e9),
         "sent": sent,
         "longest_wait_ms": max(longest, *(e[4] for e in ends)) / 1e6,  # one send or take
+        "switches_per_msg": (producer_switches + sum(e[5] for e in ends)) / sent,
     }
     if rate:
         lat = sorted(x / 1e3 for e in ends for x in e[3])
@@ -621,18 +656,19 @@ def iceoryx2_peer(quick: bool) -> tuple[str | None, str]:
 
 def bench_pipeline(reps: int) -> dict[str, Any]:
     quick = reps < 10
-    n, n_paced, rounds, budget_s = (2_000, 500, 1, 3.0) if quick else (50_000, 20_000, 3, 15.0)
+    n, n_paced, rounds, budget_s = (2_000, 500, 1, 3.0) if quick else (50_000, 20_000, 5, 15.0)
     peer_path, iceoryx2_note = iceoryx2_peer(quick)
-    runs = [("shmpool_1to1", "shmpool", 1), ("shmpool_1to2", "shmpool", 2), ("idiom_1to1", "idiom", 1),
-            ("pipe_1to1", "pipe", 1)]
+    runs = [("idiom_1to1", "idiom", 1), ("idiom_1to2", "idiom", 2), ("batched_1to1", "batched", 1),
+            ("batched_1to2", "batched", 2), ("mpqueue_1to1", "mpqueue", 1), ("pipe_1to1", "pipe", 1)]
     if peer_path is not None:
         runs.append(("iceoryx2_1to1", "iceoryx2", 1))
-    best: dict[str, float] = {}
+    rates: dict[str, list[float]] = {}
+    switches: dict[str, list[float]] = {}
     cut: dict[str, int] = {}
     longest: dict[str, float] = {}
     paced: dict[str, dict[str, float]] = {}
 
-    def attempt(key: str, kind: str, consumers: int, count: int, rate: int) -> dict[str, Any] | None:
+    def attempt(kind: str, consumers: int, count: int, rate: int) -> dict[str, Any] | None:
         nonlocal iceoryx2_note
         if kind == "iceoryx2" and iceoryx2_note.startswith("peer unavailable"):
             return None
@@ -644,36 +680,44 @@ def bench_pipeline(reps: int) -> dict[str, Any]:
             iceoryx2_note = f"peer unavailable: {iceoryx2_note}, but it failed here: {type(exc).__name__}: {exc}"
             return None
 
-    for _ in range(rounds):  # contenders in turn, round after round: the best of each
+    for _ in range(rounds):  # the contenders in turn, round after round: every repetition kept
         for key, kind, consumers in runs:
-            got = attempt(key, kind, consumers, n, 0)
+            got = attempt(kind, consumers, n, 0)
             if got is not None:
-                best[key] = max(best.get(key, 0.0), got["msgs_per_s"])
+                rates.setdefault(key, []).append(got["msgs_per_s"])
+                switches.setdefault(key, []).append(got["switches_per_msg"])
                 longest[key] = max(longest.get(key, 0.0), got["longest_wait_ms"])
                 if got["sent"] < n:
                     cut[key] = max(cut.get(key, 0), got["sent"])
     for key, kind, consumers in runs:
-        if consumers == 1 and (got := attempt(key, kind, 1, n_paced, PACED_RATE)) is not None:
+        if consumers == 1 and kind != "batched" and (got := attempt(kind, 1, n_paced, PACED_RATE)) is not None:
             paced[key] = got
-    out: dict[str, Any] = {"messages": n, "rounds": rounds, "payload_bytes": PAYLOAD, "get_many": BATCH,
-                           "queue_depth": DEPTH, "iceoryx2": iceoryx2_note}
+    out: dict[str, Any] = {"messages": n, "rounds": rounds, "payload_bytes": PAYLOAD, "queue_depth": DEPTH,
+                           "pool_capacity": CAPACITY, "get_many": BATCH, "iceoryx2": iceoryx2_note}
+    median = {key: statistics.median(v) for key, v in rates.items()}
     for key, _, _ in runs:
-        if key in best:
-            out[f"{key}_msgs_per_s"] = round(best[key])
+        if key in rates:
+            runs_of = rates[key]
+            out[f"{key}_msgs_per_s"] = round(median[key])  # the median of the rounds
+            out[f"{key}_min_max"] = [round(min(runs_of)), round(max(runs_of))]
+            out[f"{key}_runs"] = [round(x) for x in runs_of]
+            out[f"{key}_switches_per_msg"] = round(statistics.median(switches[key]), 3)
             out[f"{key}_longest_wait_ms"] = round(longest[key], 1)  # over its rounds: one send or take
-        if key in cut:  # never the whole n within the budget, in any round
+        if key in cut:  # never the whole n within the budget, in some round
             out[f"{key}_cut_short"] = f"{cut[key]} of {n} messages in the {budget_s:.0f} s budget"
     out.update(paced_msgs_per_s=PACED_RATE, paced_messages=n_paced)
     for key, lat in paced.items():
         out[f"{key}_paced_p50_us"] = round(lat["p50_us"], 1)
         out[f"{key}_paced_p99_us"] = round(lat["p99_us"], 1)
-    mine = best["shmpool_1to1"]
-    out["1to2_vs_1to1"] = ratio(best["shmpool_1to2"], mine)
-    for peer in ("iceoryx2", "pipe", "idiom"):
-        if f"{peer}_1to1" in best:
-            out[f"shmpool_vs_{peer}"] = ratio(mine, best[f"{peer}_1to1"])
+    for form in ("idiom", "batched"):
+        out[f"{form}_1to2_vs_1to1"] = ratio(median[f"{form}_1to2"], median[f"{form}_1to1"])
+    out["batched_vs_idiom"] = ratio(median["batched_1to1"], median["idiom_1to1"])
+    for peer in ("iceoryx2", "pipe", "mpqueue"):
+        if f"{peer}_1to1" in median:
+            out[f"idiom_vs_{peer}"] = ratio(median["idiom_1to1"], median[f"{peer}_1to1"])
+            out[f"idiom_worst_vs_{peer}"] = ratio(min(rates["idiom_1to1"]), median[f"{peer}_1to1"])
         if f"{peer}_1to1" in paced:
-            out[f"p50_vs_{peer}"] = ratio(paced["shmpool_1to1"]["p50_us"], paced[f"{peer}_1to1"]["p50_us"])
+            out[f"idiom_p50_vs_{peer}"] = ratio(paced["idiom_1to1"]["p50_us"], paced[f"{peer}_1to1"]["p50_us"])
     return out
 
 
