@@ -75,7 +75,7 @@ import mmap
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 6  # 6: futex wait channels (no semaphores), PARKED frees, queue channels per side
+LAYOUT_VERSION = 7  # 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
 
 HEADER_WORDS = 64
 HEADER_BYTES = HEADER_WORDS * 8
@@ -98,43 +98,50 @@ H_MAX_PROCS = 12
 H_OFF_QUEUES = 13
 H_MAX_QUEUES = 14
 H_OFF_SLOTS = 15
+# Cold: written at create or rarely.
 H_FLAGS = 16
 H_CREATOR_PID = 17
 H_CREATOR_START = 18  # the creator's start time (see _procs); 0 if unknown
 H_CREATED_NS = 19  # wall clock, time.time_ns()
-# Pool state, under the pool lock.
-H_STATUS = 20  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
-H_MIN_NR = 21
-H_CURR_NR = 22
-H_ARENA_FREE = 23
-H_EPOCH = 24  # the last epoch handed to a registry entry (atomic add)
-H_ENTRIES_USED = 25  # one past the highest registry entry ever taken: how far scans look
-H_PARKED = 26  # slots PARKED (freed without the lock) that the next lock holder returns
-# Fault injection.
-H_FAIL_RATE = 27  # (f64) probability that an arena attempt fails on purpose
-H_FAIL_THRESHOLD = 28  # fail_rate scaled to 2**53: fail when the draw is below it
-H_SEED = 29
-H_RNG = 30  # splitmix64 state of the fault injector (atomic add)
-# The pool lock.
-H_LOCK_OWNER = 31  # 0, or the holder's token (entry + 1) | epoch << 16; contenders wait on its low 32 bits
-H_LOCK_SINCE_NS = 32  # CLOCK_MONOTONIC ns when it was taken (written by the holder)
-H_LOCK_WAITERS = 33  # contenders asleep on the lock
-H_LOCK_SEQ = 34  # bumped by every acquisition
-# The wait channel of sleeping allocations.
-H_NR_WAITERS = 35  # sleeping allocations, counted in and out with atomic adds
-H_ASYNC_WAITERS = 36  # of them, the asyncio ones (woken through their process's FIFO)
-H_WAIT_SEQ = 37  # futex word: bumped by every wake-up of the channel
+H_EPOCH = 20  # the last epoch handed to a registry entry (atomic add)
+H_FAIL_RATE = 21  # (f64) probability that an arena attempt fails on purpose
+H_SEED = 22
+# The words below are grouped by cache line (8 words each), by who writes
+# them and when, so that a critical section moves as few lines between
+# cores as it can (tools/bench.py reserve2 measures it).
+#
+# The lock's line: the lock word and the pool state that every critical
+# section reads and writes under it (H_PARKED, also raised lock-free by a
+# parked free). Taking the lock brings the line to the taker's core; the
+# section then finds its state there.
+H_LOCK_OWNER = 24  # 0, or the holder's token (entry + 1) | epoch << 16; contenders wait on its low 32 bits
+H_STATUS = 25  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
+H_MIN_NR = 26
+H_CURR_NR = 27
+H_ARENA_FREE = 28
+H_PARKED = 29  # slots PARKED (freed without the lock) that the next lock holder returns
+H_LOCK_SINCE_NS = 30  # CLOCK_MONOTONIC ns when the lock was taken (written by the holder)
+H_LOCK_SEQ = 31  # bumped by every acquisition
+# The wait line: read by every critical section, written by sleepers and
+# lock contenders (atomic adds), wakers and the fault injector.
+H_LOCK_WAITERS = 32  # contenders asleep on the lock
+H_NR_WAITERS = 33  # sleeping allocations, counted in and out with atomic adds
+H_ASYNC_WAITERS = 34  # of them, the asyncio ones (woken through their process's FIFO)
+H_WAIT_SEQ = 35  # futex word: bumped by every wake-up of the channel
+H_FAIL_THRESHOLD = 36  # fail_rate scaled to 2**53: fail when the draw is below it
+H_RNG = 37  # splitmix64 state of the fault injector (atomic add)
+H_ENTRIES_USED = 38  # one past the highest registry entry ever taken: how far scans look
 # Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
-H_ALLOC_ARENA = 40
-H_ALLOC_RESERVE = 41
-H_ALLOC_FAILED = 42
-H_FREE_RESERVE = 43
-H_FREE_ARENA = 44
-H_SLEEPS = 45
-H_FAULTS = 46  # arena attempts failed on purpose
-H_POISON_ERRORS = 47
-H_RECOVERIES = 48  # times the lock was taken over from a dead holder
-H_RECLAIMED = 49  # elements taken back from dead holders
+H_ALLOC_ARENA = 48
+H_ALLOC_RESERVE = 49
+H_ALLOC_FAILED = 50
+H_FREE_RESERVE = 51
+H_FREE_ARENA = 52
+H_SLEEPS = 53
+H_FAULTS = 54  # arena attempts failed on purpose
+H_POISON_ERRORS = 55
+H_RECOVERIES = 56  # times the lock was taken over from a dead holder
+H_RECLAIMED = 57  # elements taken back from dead holders
 COUNTERS = (
     ("alloc_arena", H_ALLOC_ARENA),
     ("alloc_reserve", H_ALLOC_RESERVE),
@@ -180,21 +187,25 @@ HGEN_SHIFT = 24
 MAX_CAPACITY = INDEX_MASK  # 16,777,215 slots
 MAX_SLOT_SIZE = 1 << 30
 
-# Process registry entries: PROC_WORDS u64 each.
+# Process registry entries: PROC_WORDS u64 each, a whole number of cache
+# lines. The first line is what other processes read (liveness, sleepers,
+# the cache's length for a thief); the counters, written by the owner on
+# every call, have a line of their own, so that a thief's or a waker's read
+# never takes the line the owner is writing.
 P_PID = 0
 P_START = 1
 P_EPOCH = 2  # 0: the entry is vacant
 P_SLEEPING = 3  # this process's threads asleep in a sleeping alloc (async ones included)
 P_ASYNC = 4  # of P_SLEEPING, the asyncio ones
 P_CACHE_N = 5  # entries in the cache array (some may be blank: taken by thieves)
-P_COUNTERS = 6  # the first N_PROC_COUNTERS of COUNTERS, in that order
+P_COUNTERS = 8  # the first N_PROC_COUNTERS of COUNTERS, in that order
 N_PROC_COUNTERS = 8
 CACHE_MAX = 64
 P_CACHE = P_COUNTERS + N_PROC_COUNTERS  # CACHE_MAX u32 slot indexes
 MAX_QUEUES = 64
 P_QGET = P_CACHE + CACHE_MAX // 2  # MAX_QUEUES u8: this process's threads asleep in a get, per queue
 P_QPUT = P_QGET + MAX_QUEUES // 8  # MAX_QUEUES u8: the same in a put
-PROC_WORDS = P_QPUT + MAX_QUEUES // 8
+PROC_WORDS = P_QPUT + MAX_QUEUES // 8  # 64: eight lines
 MAX_PROCS = 256  # the default max_processes
 MAX_MAX_PROCS = OWNER_MASK - 1  # an owner field holds entry + 1
 CACHE_BLANK = 0xFFFFFFFF  # a cache entry taken by another process
@@ -213,16 +224,17 @@ Q_NAME = 0  # QUEUE_NAME_BYTES, NUL-padded
 QUEUE_NAME_BYTES = 48
 Q_STATE = 6  # 0 vacant, QUEUE_LIVE in use
 Q_DEPTH = 7
-Q_COUNT = 8
+Q_COUNT = 8  # the second line: what put and get change, under the lock
 Q_HEAD = 9  # slot index, or NO_SLOT
 Q_TAIL = 10
 Q_PUTS = 11
 Q_GETS = 12
-Q_GETTERS = 13  # threads asleep in a blocked get
-Q_PUTTERS = 14  # threads asleep in a blocked put
-Q_GET_SEQ = 15  # futex word of the getters' channel: bumped when elements arrive
-Q_PUT_SEQ = 16  # futex word of the putters' channel: bumped when room is made
-QUEUE_WORDS = 20  # 17-19 reserved
+Q_GETTERS = 16  # the third line, the sleepers': threads asleep in a blocked get
+Q_PUTTERS = 17  # threads asleep in a blocked put
+Q_GET_SEQ = 18  # futex word of the getters' channel: bumped when elements arrive
+Q_PUT_SEQ = 19  # futex word of the putters' channel: bumped when room is made
+Q_PUT_NEED = 20  # the most room a sleeping putter waits for (a hint: getters wake putters once there is this much)
+QUEUE_WORDS = 24  # three cache lines; 13-15 and 21-23 reserved
 QUEUE_LIVE = 1
 NO_SLOT = 0xFFFFFFFF
 
@@ -231,6 +243,8 @@ ATOMIC_WAIT_NS = 50_000_000  # a call that may not wait (GFP_ATOMIC, *_nowait, a
 ADMIN_WAIT_NS = 500_000_000  # an administrative call (stats, reclaim_dead, resize, destroy, attach, ...)
 SLEEP_RETRY_NS = 5_000_000_000  # a sleeping alloc retries this often unwoken (io_schedule_timeout(5*HZ))
 QUEUE_RETRY_NS = 1_000_000_000  # a blocked put or get re-checks this often unwoken
+QUEUE_BATCH = 64  # a full queue's putters are woken once a quarter of it, at most this many, is free
+PUT_NAP_NS = 1_000_000  # ... and look again after this (doubling up to QUEUE_RETRY_NS) if nobody woke them
 LOCK_SLICE_NS = 20_000_000  # a lock contender looks at the holder's liveness this often
 MAX_WAIT_NS = 1 << 62  # a longer timeout is clamped to this (about 146 years)
 
@@ -250,9 +264,9 @@ _C_SECTIONS = (
     ("registry entries", tuple(n for n in globals() if n.startswith(("P_", "C_")))
      + ("N_PROC_COUNTERS", "CACHE_MAX", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
     ("queue table", tuple(n for n in globals() if n.startswith("Q_"))
-     + ("QUEUE_NAME_BYTES", "QUEUE_WORDS", "QUEUE_LIVE", "MAX_QUEUES", "NO_SLOT")),
-    ("bounds (ns)", ("ATOMIC_WAIT_NS", "ADMIN_WAIT_NS", "SLEEP_RETRY_NS", "QUEUE_RETRY_NS", "LOCK_SLICE_NS",
-                     "MAX_WAIT_NS")),
+     + ("QUEUE_NAME_BYTES", "QUEUE_WORDS", "QUEUE_LIVE", "MAX_QUEUES", "NO_SLOT", "QUEUE_BATCH")),
+    ("bounds (ns)", ("ATOMIC_WAIT_NS", "ADMIN_WAIT_NS", "SLEEP_RETRY_NS", "QUEUE_RETRY_NS", "PUT_NAP_NS",
+                     "LOCK_SLICE_NS", "MAX_WAIT_NS")),
     ("poisoning", ("POISON_FREE", "POISON_END", "POISON_INUSE")),
 )
 
@@ -282,6 +296,13 @@ def layout_hash() -> str:
     return c_header().split('LAYOUT_HASH "', 1)[1].split('"', 1)[0]
 
 
+LINE = 64  # bytes in a cache line
+
+
+def _line(offset: int) -> int:
+    return -(-offset // LINE) * LINE
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where things are in a segment of this shape (all in bytes)."""
@@ -309,10 +330,10 @@ class Geometry:
     def of(cls, slot_size: int, capacity: int, max_procs: int = MAX_PROCS) -> Geometry:
         stride = (slot_size + 7) & ~7
         off_words = HEADER_BYTES
-        off_stack = off_words + 8 * capacity
-        off_arena = off_stack + 4 * capacity
-        off_next = off_arena + 4 * capacity
-        off_procs = (off_next + 4 * capacity + 7) & ~7
+        off_stack = _line(off_words + 8 * capacity)  # every table starts a cache line
+        off_arena = _line(off_stack + 4 * capacity)
+        off_next = _line(off_arena + 4 * capacity)
+        off_procs = _line(off_next + 4 * capacity)
         off_queues = off_procs + 8 * PROC_WORDS * max_procs
         off_slots = -(-(off_queues + 8 * QUEUE_WORDS * MAX_QUEUES) // PAGE) * PAGE
         total = off_slots + stride * capacity

@@ -84,8 +84,8 @@ class Views:
         self.geo = geo
         self.hdr = base[:HEADER_BYTES].cast("Q")
         self.fhdr = base[:HEADER_BYTES].cast("d")
-        self.words = base[geo.off_words : geo.off_stack].cast("Q")
-        self.stack = base[geo.off_stack : geo.off_arena].cast("I")
+        self.words = base[geo.off_words : geo.off_words + 8 * geo.capacity].cast("Q")
+        self.stack = base[geo.off_stack : geo.off_stack + 4 * geo.capacity].cast("I")
         self.arena = base[geo.off_arena : geo.off_arena + 4 * geo.capacity].cast("I")
         self.next = base[geo.off_next : geo.off_next + 4 * geo.capacity].cast("I")
         self.procs = base[geo.off_procs : geo.off_procs + 8 * PROC_WORDS * geo.max_procs].cast("Q")

@@ -84,7 +84,8 @@ class Queue:
         longer belongs to the caller. Blocks while the queue is full (up to
         ``timeout`` seconds): queue.Full if it stays full, or at once if not
         ``block``."""
-        if not self._core.put(self._q(), handle, block, timeout):
+        q = self._index  # (self._q() inlined: put and get are the idiom's per-message calls)
+        if not self._core.put(q if q >= 0 else self._q(), handle, block, timeout):
             raise _stdqueue.Full
 
     def put_nowait(self, handle: int) -> None:
@@ -102,7 +103,8 @@ class Queue:
         """Take the oldest element: the caller is now its holder. Blocks
         while the queue is empty (up to ``timeout`` seconds): queue.Empty if
         it stays empty, or at once if not ``block``."""
-        handle = self._core.get(self._q(), block, timeout)
+        q = self._index
+        handle = self._core.get(q if q >= 0 else self._q(), block, timeout)
         if handle is None:
             raise _stdqueue.Empty
         return handle  # type: ignore[no-any-return]

@@ -226,7 +226,7 @@ def damaged(pool: Mempool, harm: Callable[[Views], None]) -> Iterator[None]:
     words, stacks, registry or slots, under the lock); every byte but the
     lock's own words is put back after."""
     v = views(pool)
-    lock_words = slice(header_word_offset("H_LOCK_OWNER"), header_word_offset("H_LOCK_SEQ") + 8)
+    lock_words = [header_word_offset(w) for w in ("H_LOCK_OWNER", "H_LOCK_SINCE_NS", "H_LOCK_WAITERS", "H_LOCK_SEQ")]
     with hold_lock(pool):
         saved = bytes(v.mm[:])
         harm(v)
@@ -234,8 +234,10 @@ def damaged(pool: Mempool, harm: Callable[[Views], None]) -> Iterator[None]:
         yield
     finally:
         with hold_lock(pool):
-            v.mm[: lock_words.start] = saved[: lock_words.start]
-            v.mm[lock_words.stop :] = saved[lock_words.stop :]
+            restored = bytearray(saved)
+            for at in lock_words:  # these say who holds the lock now
+                restored[at : at + 8] = v.mm[at : at + 8]
+            v.mm[:] = bytes(restored)
 
 
 @pytest.fixture

@@ -230,11 +230,13 @@ def test_bench_runs_and_reports_every_section() -> None:
     positive("pipeline", "idiom_1to1_msgs_per_s", "idiom_1to2_msgs_per_s", "batched_1to1_msgs_per_s",
              "batched_1to2_msgs_per_s", "mpqueue_1to1_msgs_per_s", "pipe_1to1_msgs_per_s", "idiom_1to2_vs_1to1",
              "batched_1to2_vs_1to1", "batched_vs_idiom", "idiom_vs_pipe", "idiom_vs_mpqueue", "idiom_worst_vs_pipe",
-             "idiom_p50_vs_pipe", "idiom_p50_vs_mpqueue")
+             "idiom_p50_vs_pipe", "idiom_p50_vs_mpqueue", "busy_1to1_msgs_per_s", "busy_1to2_msgs_per_s",
+             "busy_1to2_vs_1to1")
     for who in ("idiom", "mpqueue", "pipe"):
         assert 0 < pipe[f"{who}_1to1_paced_p50_us"] <= pipe[f"{who}_1to1_paced_p99_us"]
         assert pipe[f"{who}_1to1_longest_wait_ms"] >= 0
-    for who in ("idiom_1to1", "idiom_1to2", "batched_1to1", "batched_1to2", "mpqueue_1to1", "pipe_1to1"):
+    for who in ("idiom_1to1", "idiom_1to2", "batched_1to1", "batched_1to2", "mpqueue_1to1", "pipe_1to1", "busy_1to1",
+                "busy_1to2"):
         low, high = pipe[f"{who}_min_max"]
         assert len(pipe[f"{who}_runs"]) == pipe["rounds"] and low <= pipe[f"{who}_msgs_per_s"] <= high
         assert pipe[f"{who}_switches_per_msg"] >= 0
@@ -243,7 +245,8 @@ def test_bench_runs_and_reports_every_section() -> None:
     else:
         positive("pipeline", "iceoryx2_1to1_msgs_per_s", "idiom_vs_iceoryx2", "idiom_p50_vs_iceoryx2",
                  "iceoryx2_1to1_paced_p50_us")
-    positive("reserve2", "1proc_pairs_per_s", "2procs_pairs_per_s", "2procs_vs_1", "reserve_pops")
+    positive("reserve2", "1proc_pairs_per_s", "2procs_pairs_per_s", "2procs_vs_1", "4procs_pairs_per_s", "4procs_vs_1",
+             "reserve_pops")
     positive("views", "pair_us", "buffer_us", "ndarray_us", "ndarray_f32_32x32_us", "buffer_vs_pair",
              "ndarray_vs_pair", "ndarray_f32_32x32_vs_pair")
     positive("churn", "alloc_bulk_M_per_s", "free_bulk_M_per_s", "churn_ops")

@@ -81,6 +81,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# One BLAS thread in this process and its children (they inherit the
+# environment): OpenBLAS's idle worker threads otherwise spin for a while
+# after numpy starts, and on a 2-core machine they take CPU from every
+# contender alike. Nothing measured here calls BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 import posix_ipc
 
@@ -229,6 +235,12 @@ BATCH = 64  # get_many's max_n, and the most a consumer takes at once from any c
 DEPTH = 256  # the pool queue's depth, and iceoryx2's subscriber buffer
 CAPACITY = 512  # the pipeline pool's slots (min_nr 8)
 PACED_RATE = 10_000  # messages/s of the paced (latency) runs
+#: The "busy" runs: each consumer spends this much CPU on every message (as a
+#: consumer that computes something from it does), so that the consumers, not
+#: the hand-off, are the bottleneck: a second consumer should then add nearly
+#: a core's worth, unless the hand-off wastes CPU (a producer spinning or
+#: woken for every message).
+BUSY_US = 20
 ICEORYX2 = "iceoryx2>=0.10,<0.11"
 _now = time.monotonic_ns  # CLOCK_MONOTONIC: one clock in every process
 
@@ -248,10 +260,11 @@ class Reader:
     exactly once: checked by the parent from counts and sums), latency from
     the producer's stamp to the take."""
 
-    __slots__ = ("ordered", "last", "count", "total", "latencies", "stopped", "longest")
+    __slots__ = ("ordered", "busy_ns", "last", "count", "total", "latencies", "stopped", "longest")
 
-    def __init__(self, ordered: bool) -> None:
+    def __init__(self, ordered: bool, busy_ns: int = 0) -> None:
         self.ordered = ordered
+        self.busy_ns = busy_ns
         self.last = -1
         self.count = self.total = 0
         self.latencies: list[int] = []
@@ -269,6 +282,10 @@ class Reader:
         self.count += 1
         self.total += i
         self.latencies.append(taken_ns - int(a[1]))
+        if self.busy_ns:  # the consumer's own work on the message: CPU, as computing would take
+            until = _now() + self.busy_ns
+            while _now() < until:
+                pass
         return True
 
 
@@ -516,7 +533,7 @@ def _pipeline_worker(role: str, spec: dict[str, Any], go: Any, finish: Any, resu
             finish.wait(WAIT_S * 2)  # everything taken: the producer's ports may go
         else:
             take, view, release, close = CONSUMERS[spec["kind"]](spec)
-            reader = Reader(ordered=spec["consumers"] == 1)
+            reader = Reader(ordered=spec["consumers"] == 1, busy_ns=spec["busy_us"] * 1000)
             results.put(("ready", role, None))
             if not go.wait(WAIT_S):
                 raise TimeoutError("never told to start")
@@ -580,7 +597,7 @@ def _contender(kind: str, peer_path: str) -> Iterator[dict[str, Any]]:
 
 
 def run_pipeline(kind: str, consumers: int, n: int, rate: int = 0, peer_path: str = "",
-                 budget_s: float = 10.0) -> dict[str, Any]:
+                 budget_s: float = 10.0, busy_us: int = 0) -> dict[str, Any]:
     """One run: 1 producer and ``consumers`` consumer processes, started
     together once all are ready; up to n messages, the producer stopping
     after ``budget_s`` seconds. Messages/s from the producer's first send
@@ -589,7 +606,7 @@ def run_pipeline(kind: str, consumers: int, n: int, rate: int = 0, peer_path: st
     go, finish, results = CTX.Event(), CTX.Event(), CTX.Queue()
     try:
         with _contender(kind, peer_path) as spec:
-            spec.update(n=n, rate=rate, consumers=consumers, budget_s=budget_s)
+            spec.update(n=n, rate=rate, consumers=consumers, budget_s=budget_s, busy_us=busy_us)
             with Kids() as kids:
                 for role in ["producer"] + ["consumer"] * consumers:
                     kids.start(_pipeline_worker, role, spec, go, finish, results)
@@ -658,22 +675,24 @@ def bench_pipeline(reps: int) -> dict[str, Any]:
     quick = reps < 10
     n, n_paced, rounds, budget_s = (2_000, 500, 1, 3.0) if quick else (50_000, 20_000, 5, 15.0)
     peer_path, iceoryx2_note = iceoryx2_peer(quick)
-    runs = [("idiom_1to1", "idiom", 1), ("idiom_1to2", "idiom", 2), ("batched_1to1", "batched", 1),
-            ("batched_1to2", "batched", 2), ("mpqueue_1to1", "mpqueue", 1), ("pipe_1to1", "pipe", 1)]
+    n_busy = n // 2  # at BUSY_US a message, half a second for one consumer
+    runs = [("idiom_1to1", "idiom", 1, 0), ("idiom_1to2", "idiom", 2, 0), ("batched_1to1", "batched", 1, 0),
+            ("batched_1to2", "batched", 2, 0), ("mpqueue_1to1", "mpqueue", 1, 0), ("pipe_1to1", "pipe", 1, 0),
+            ("busy_1to1", "idiom", 1, BUSY_US), ("busy_1to2", "idiom", 2, BUSY_US)]
     if peer_path is not None:
-        runs.append(("iceoryx2_1to1", "iceoryx2", 1))
+        runs.append(("iceoryx2_1to1", "iceoryx2", 1, 0))
     rates: dict[str, list[float]] = {}
     switches: dict[str, list[float]] = {}
     cut: dict[str, int] = {}
     longest: dict[str, float] = {}
     paced: dict[str, dict[str, float]] = {}
 
-    def attempt(kind: str, consumers: int, count: int, rate: int) -> dict[str, Any] | None:
+    def attempt(kind: str, consumers: int, count: int, rate: int, busy_us: int = 0) -> dict[str, Any] | None:
         nonlocal iceoryx2_note
         if kind == "iceoryx2" and iceoryx2_note.startswith("peer unavailable"):
             return None
         try:
-            return run_pipeline(kind, consumers, count, rate, peer_path or "", budget_s)
+            return run_pipeline(kind, consumers, count, rate, peer_path or "", budget_s, busy_us)
         except Exception as exc:
             if kind != "iceoryx2":
                 raise
@@ -681,21 +700,23 @@ def bench_pipeline(reps: int) -> dict[str, Any]:
             return None
 
     for _ in range(rounds):  # the contenders in turn, round after round: every repetition kept
-        for key, kind, consumers in runs:
-            got = attempt(kind, consumers, n, 0)
+        for key, kind, consumers, busy_us in runs:
+            want = n_busy if busy_us else n
+            got = attempt(kind, consumers, want, 0, busy_us)
             if got is not None:
                 rates.setdefault(key, []).append(got["msgs_per_s"])
                 switches.setdefault(key, []).append(got["switches_per_msg"])
                 longest[key] = max(longest.get(key, 0.0), got["longest_wait_ms"])
-                if got["sent"] < n:
+                if got["sent"] < want:
                     cut[key] = max(cut.get(key, 0), got["sent"])
-    for key, kind, consumers in runs:
-        if consumers == 1 and kind != "batched" and (got := attempt(kind, 1, n_paced, PACED_RATE)) is not None:
+    for key, kind, consumers, busy_us in runs:
+        if consumers == 1 and kind != "batched" and not busy_us and (got := attempt(kind, 1, n_paced, PACED_RATE)) is not None:
             paced[key] = got
     out: dict[str, Any] = {"messages": n, "rounds": rounds, "payload_bytes": PAYLOAD, "queue_depth": DEPTH,
-                           "pool_capacity": CAPACITY, "get_many": BATCH, "iceoryx2": iceoryx2_note}
+                           "pool_capacity": CAPACITY, "get_many": BATCH, "busy_us_per_msg": BUSY_US,
+                           "busy_messages": n_busy, "iceoryx2": iceoryx2_note}
     median = {key: statistics.median(v) for key, v in rates.items()}
-    for key, _, _ in runs:
+    for key, _, _, busy_us in runs:
         if key in rates:
             runs_of = rates[key]
             out[f"{key}_msgs_per_s"] = round(median[key])  # the median of the rounds
@@ -704,12 +725,12 @@ def bench_pipeline(reps: int) -> dict[str, Any]:
             out[f"{key}_switches_per_msg"] = round(statistics.median(switches[key]), 3)
             out[f"{key}_longest_wait_ms"] = round(longest[key], 1)  # over its rounds: one send or take
         if key in cut:  # never the whole n within the budget, in some round
-            out[f"{key}_cut_short"] = f"{cut[key]} of {n} messages in the {budget_s:.0f} s budget"
+            out[f"{key}_cut_short"] = f"{cut[key]} of {n_busy if busy_us else n} messages in the {budget_s:.0f} s budget"
     out.update(paced_msgs_per_s=PACED_RATE, paced_messages=n_paced)
     for key, lat in paced.items():
         out[f"{key}_paced_p50_us"] = round(lat["p50_us"], 1)
         out[f"{key}_paced_p99_us"] = round(lat["p99_us"], 1)
-    for form in ("idiom", "batched"):
+    for form in ("idiom", "batched", "busy"):
         out[f"{form}_1to2_vs_1to1"] = ratio(median[f"{form}_1to2"], median[f"{form}_1to1"])
     out["batched_vs_idiom"] = ratio(median["batched_1to1"], median["idiom_1to1"])
     for peer in ("iceoryx2", "pipe", "mpqueue"):
@@ -848,17 +869,18 @@ def bench_procs(reps: int) -> dict[str, Any]:
 
 
 def bench_reserve2(reps: int) -> dict[str, Any]:
-    """Two processes on the reserve path: min_nr == capacity leaves the
-    arena dry, so every alloc pops the reserve and every free pushes it
-    (under the pool lock). Best of a few rounds, one and two in turn."""
+    """Two (and four) processes on the reserve path at once: min_nr ==
+    capacity leaves the arena dry, so every alloc pops the reserve and every
+    free pushes it (under the pool lock). Best of a few rounds, one, two and
+    four in turn."""
     seconds = 0.25 * reps / 4
     rounds = 1 if reps < 10 else 3
     pool = Mempool.create(f"bench-reserve2-{TAG}", min_nr=1024, slot_size=64, capacity=1024)
     try:
-        best = {1: 0.0, 2: 0.0}
+        best = {1: 0.0, 2: 0.0, 4: 0.0}
         pairs = 0
         for _ in range(rounds):
-            for nprocs in (1, 2):
+            for nprocs in best:
                 rate, count = pairs_per_second("shmpool", pool.name, nprocs, seconds)
                 best[nprocs] = max(best[nprocs], rate)
                 pairs += count
@@ -874,6 +896,8 @@ def bench_reserve2(reps: int) -> dict[str, Any]:
         "1proc_pairs_per_s": round(best[1]),
         "2procs_pairs_per_s": round(best[2]),
         "2procs_vs_1": ratio(best[2], best[1]),
+        "4procs_pairs_per_s": round(best[4]),
+        "4procs_vs_1": ratio(best[4], best[1]),
         "reserve_pops": s.alloc_reserve,
     }
 

@@ -67,9 +67,16 @@ int cache_pop(struct pool *p, uint64_t *handle) {
 int cache_push(struct pool *p, uint64_t idx, uint64_t w) {
     uint64_t n = p->entry[P_CACHE_N];
     if (n >= CACHE_MAX) return 0;
-    if (!set_word(p, idx, w, mkword(ST_CACHED, p->me, W_GEN(w)))) return 0;
+    /* The entry first, then the word: the word's CAS (a full barrier) is
+     * what makes the slot findable by a thief, before free_fast looks for
+     * sleepers (see there). A thief meanwhile skips the entry: its slot is
+     * not CACHED yet. */
     __atomic_store_n(&p->cache[n], (uint32_t)idx, __ATOMIC_RELEASE);
     st(&p->entry[P_CACHE_N], n + 1);
+    if (!set_word(p, idx, w, mkword(ST_CACHED, p->me, W_GEN(w)))) {
+        st(&p->entry[P_CACHE_N], n);
+        return 0;
+    }
     return 1;
 }
 

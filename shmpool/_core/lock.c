@@ -111,11 +111,11 @@ static int take_over(struct pool *p, uint64_t tok) {
  * RC_CLOSED if the object was closed meanwhile, RC_TIMEOUT at the deadline. */
 int lock_acquire(struct pool *p, uint64_t deadline, int64_t bound_ns) {
     if (lock_try(p)) return RC_OK;
-    if (bound_ns >= 0) deadline = earlier(deadline, deadline_in(bound_ns));
-    for (int i = 0; i < LOCK_SPINS; i++) {
-        cpu_relax();
+    for (int spun = 0, gap = 1; spun < LOCK_SPINS; spun += gap, gap = gap < LOCK_GAP_MAX ? 2 * gap : gap) {
+        for (int k = 0; k < gap; k++) cpu_relax();
         if (__atomic_load_n(&p->hdr[H_LOCK_OWNER], __ATOMIC_RELAXED) == 0 && lock_try(p)) return RC_OK;
     }
+    if (bound_ns >= 0) deadline = earlier(deadline, deadline_in(bound_ns)); /* (the spin is microseconds) */
     uint64_t watched = 0, since = 0; /* the holder we have waited on, and since when */
     for (;;) {
         __atomic_add_fetch(&p->hdr[H_LOCK_WAITERS], 1, __ATOMIC_SEQ_CST);

@@ -52,6 +52,7 @@
  * the retry period or the deadline, then tries again. Past the deadline it
  * makes one last attempt that does not register.
  */
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -108,6 +109,7 @@ void call_init(struct call *c, step_fn step, int bound, int64_t timeout_ns) {
     c->deadline = deadline_in(timeout_ns);
     c->bound_ns = bound == BOUND_ATOMIC ? (int64_t)ATOMIC_WAIT_NS : bound == BOUND_ADMIN ? (int64_t)ADMIN_WAIT_NS : -1;
     c->retry_ns = SLEEP_RETRY_NS;
+    c->nap_ns = PUT_NAP_NS;
     c->q = c->a = c->b = 0;
     c->src = NULL;
     c->dst = NULL;
@@ -171,7 +173,12 @@ int run(struct pool *p, struct call *c) {
         }
         if (r != RC_SLEEP || c->sleep_outside) return r;
         c->slept = 1;
-        r = chan_sleep(p, c->channel, c->seen, earlier(now_ns() + c->retry_ns, c->deadline));
+        uint64_t nap = c->retry_ns;
+        if (c->step == step_put && c->nap_ns < nap) { /* below the low-water mark nobody wakes it: look again */
+            nap = c->nap_ns;
+            c->nap_ns *= 2;
+        }
+        r = chan_sleep(p, c->channel, c->seen, earlier(now_ns() + nap, c->deadline), nap < c->retry_ns);
         if (r != RC_OK) return r;
     }
 }
@@ -179,12 +186,51 @@ int run(struct pool *p, struct call *c) {
 /* ------------------------------------------------------------------ */
 /* mempool_alloc and mempool_free                                      */
 
+/* Just counted in as a sleeper of the allocation channel (lock held):
+ * look at every other cache once more. A free without the lock (free_fast)
+ * may have put a slot there after our first look and, looking for sleepers
+ * before we counted in, woken nobody. RC_AGAIN if it did (the slots are on
+ * the shared list now: try again), RC_OK to sleep. */
+typedef int (*attempt_fn)(struct pool *p, struct call *c, int mode);
+
+/* Just counted in as a sleeper of the allocation channel (lock held):
+ * look at every other cache once more. A free without the lock (free_fast)
+ * may have put a slot there after our first look and, looking for sleepers
+ * before we counted in, woken nobody. RC_AGAIN if it did (the slots are on
+ * the shared list now: try again), RC_OK to sleep. */
+static int recheck_caches(struct pool *p) {
+    uint64_t taken = 0;
+    store_load_fence(); /* (chan_prepare's atomic add is one on x86) */
+    int r = steal(p, &taken);
+    return r != RC_OK ? r : taken ? RC_AGAIN : RC_OK;
+}
+
+/* An attempt (lock held) that registers as a sleeper of the allocation
+ * channel when it finds nothing looks at the caches once more, and makes
+ * one more attempt if they held slots (count out first). */
+static int attempt_or_sleep(struct pool *p, struct call *c, int mode, attempt_fn attempt) {
+    for (int again = 0;; again++) {
+        int r = attempt(p, c, mode);
+        if (r != RC_SLEEP || again) return r;
+        if ((r = recheck_caches(p)) == RC_OK) return RC_SLEEP;
+        if (mode == MODE_ASYNC) chan_async_done(p);
+        else chan_cancel(p, CH_ALLOC);
+        if (r != RC_AGAIN) return r;
+    }
+}
+
+static int alloc_attempt(struct pool *p, struct call *c, int mode);
+
 /* One attempt (lock held): the arena (unless skip_arena), then the
  * reserve's top; with nothing, register (MODE_SLEEP, MODE_ASYNC) or fail.
  * The handle goes to c->a. */
 int step_alloc(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
-    if (r != RC_OK) return r;
+    return r != RC_OK ? r : attempt_or_sleep(p, c, mode, alloc_attempt);
+}
+
+static int alloc_attempt(struct pool *p, struct call *c, int mode) {
+    int r;
     if (!c->skip_arena) {
         r = arena_take(p, 1, ST_HELD, &c->a);
         if (r == RC_OK) {
@@ -241,7 +287,7 @@ int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache) {
         CRASH(CP_FREE_RESERVE);
         add_element(p, idx);
         count(p, C_FREE_RESERVE, 1);
-        p->wake = 1;
+        p->wake |= ld(&h[H_NR_WAITERS]) != 0; /* sleepers count in under the lock: none can be missed */
         p->last_event = EV_FREE_RESERVE;
         return RC_OK;
     }
@@ -258,6 +304,7 @@ int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache) {
         arena_push(p, idx);
     }
     count(p, C_FREE_ARENA, 1);
+    p->wake |= ld(&h[H_NR_WAITERS]) != 0; /* a bulk sleeper may need more than the reserve holds */
     p->last_event = EV_FREE_ARENA;
     return RC_OK;
 }
@@ -287,6 +334,12 @@ int free_fast(struct pool *p, uint64_t idx, uint64_t gen) {
     if (ld(&h[H_CURR_NR]) < ld(&h[H_MIN_NR])) return 0; /* the reserve first: under the lock */
     if (!cache_push(p, idx, w)) return 0;
     count(p, C_FREE_ARENA, 1);
+    /* A sleeper (a bulk allocation needing more than the reserve holds)
+     * counts itself in, then looks at every cache (under the lock); we
+     * published the slot, then look for sleepers: one of the two sees the
+     * other. */
+    store_load_fence();
+    if (__atomic_load_n(&h[H_NR_WAITERS], __ATOMIC_SEQ_CST)) chan_wake(p, CH_ALLOC, INT_MAX);
     return 1;
 }
 
@@ -330,8 +383,8 @@ int step_adopt(struct pool *p, struct call *c, int mode) {
  * order is the single locked stack's), the rest from the reserve, all or
  * nothing: when the reserve cannot cover them, the arena's go back too and
  * nothing is held while waiting. */
-int step_alloc_bulk(struct pool *p, struct call *c, int mode) {
-    int r = check_header(p);
+static int bulk_attempt(struct pool *p, struct call *c, int mode) {
+    int r = RC_OK;
     int64_t got = 0, n = c->n;
     if (r == RC_OK && p->enabled && p->entry && p->entry[P_CACHE_N]) r = drain(p, 0);
     for (int64_t i = 0; r == RC_OK && i < n; i++) {
@@ -370,6 +423,11 @@ int step_alloc_bulk(struct pool *p, struct call *c, int mode) {
     }
     count(p, C_ALLOC_FAILED, 1);
     return RC_FAIL;
+}
+
+int step_alloc_bulk(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    return r != RC_OK ? r : attempt_or_sleep(p, c, mode, bulk_attempt);
 }
 
 /* Free c->n handles of c->src (in range, no slot twice: checked by the

@@ -55,6 +55,7 @@ enum {
     RC_FAIL = 1,      /* nothing to give, and the call may not sleep */
     RC_SLEEP = 2,     /* registered as a sleeper on the call's channel */
     RC_DRY = 3,       /* the arena has no free slot */
+    RC_AGAIN = 4,     /* (inside a step) something changed: attempt once more */
     RC_TIMEOUT = -1,  /* the deadline passed (for the lock, or for the whole call) */
     RC_SIGNAL = -2,   /* a signal handler raised, or a callback failed: its exception is set */
     RC_DESTROYED = -3,
@@ -81,7 +82,10 @@ enum { EV_NONE = 0, EV_ALLOC_ARENA, EV_ALLOC_RESERVE, EV_ALLOC_FAILED, EV_SLEEP,
 
 #define CACHE_BATCH (CACHE_MAX / 2)
 #define LOCK_SPINS 256           /* pauses a lock contender spins before it sleeps */
-#define QUEUE_SPIN_NS 50000ull   /* a blocked put or get polls this long before it sleeps */
+#define LOCK_GAP_MAX 16          /* at most this many pauses between two looks at the lock word */
+#define QUEUE_SPIN_NS 50000ull   /* a blocked put or get polls at most this long before it sleeps */
+#define SPIN_MIN_NS 2000u        /* below this budget it does not spin ... */
+#define SPIN_PROBE 8             /* ... but for one sleep in this many */
 #define SLEEPERS_MAX (1ull << 20) /* more sleepers than this: a damaged count */
 #define FIFO_CACHE 16            /* other processes' FIFOs kept open for writing */
 #define NO_DEADLINE 0ull
@@ -108,6 +112,7 @@ struct pool {
     /* Left by a critical section, done once the lock is released. */
     int wake;                    /* wake the sleeping allocations */
     uint64_t wake_get, wake_put; /* queues (bit q) whose getters / putters to wake */
+    int64_t wake_get_n;          /* how many getters (the elements just put; queues change one per call) */
     int recount;                 /* a nap ended unwoken: count out dead sleepers next time */
     int64_t poisoned;            /* a slot found written after free (warned after unlock), or -1 */
     int last_event;              /* what the last step did (trace) */
@@ -116,6 +121,8 @@ struct pool {
     char msg[240];               /* why a call found the pool damaged or a handle invalid */
     char name[256];              /* the pool's name, for messages */
     char fifo_prefix[320];       /* an entry's asyncio FIFO is this + its number ("": none) */
+    uint32_t spin_ns[MAX_QUEUES][2]; /* this object's spin budget per queue, get [0] and put [1] (queue_spin) */
+    uint8_t spin_skips[MAX_QUEUES][2]; /* sleeps without a spin since the budget ran out (a probe every SPIN_PROBE) */
     struct fifo_slot fifo_w[FIFO_CACHE];
 };
 
@@ -141,6 +148,15 @@ static inline uint64_t ld(const uint64_t *p) { return __atomic_load_n(p, __ATOMI
 static inline void st(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline int cas(uint64_t *p, uint64_t expected, uint64_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+/* Between a store and a later load of another word, where both sides of a
+ * wake-up (the sleeper counting itself in, then looking; the waker storing,
+ * then looking for sleepers) must not both miss the other. On x86 the
+ * locked compare-and-swap that precedes it is a full barrier already. */
+static inline void store_load_fence(void) {
+#if !defined(__x86_64__) && !defined(__i386__)
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
 }
 static inline uint64_t mkword(uint64_t state, uint64_t owner, uint64_t gen) {
     return state | (owner & OWNER_MASK) << OWNER_SHIFT | (gen & GEN_MASK) << GEN_SHIFT;
@@ -228,8 +244,8 @@ uint32_t chan_prepare(struct pool *p, int ch);           /* lock held: count in,
 void chan_cancel(struct pool *p, int ch);                 /* count out a sleeper that will not sleep */
 void chan_async_prepare(struct pool *p);                  /* lock held: count in an asyncio sleeper */
 void chan_async_done(struct pool *p);                     /* lock-free: count it out */
-int chan_sleep(struct pool *p, int ch, uint32_t seen, uint64_t until); /* lock-free: wait, count out */
-void chan_wake(struct pool *p, int ch);                   /* after unlock */
+int chan_sleep(struct pool *p, int ch, uint32_t seen, uint64_t until, int nap); /* lock-free: wait, count out */
+void chan_wake(struct pool *p, int ch, int n);            /* after unlock: n of its sleepers (INT_MAX: all) */
 void wake_pending_now(struct pool *p);
 /* After unlock: what the section left to wake (nothing, mostly). */
 static inline void wake_pending(struct pool *p) {
@@ -269,6 +285,7 @@ struct call {
     uint64_t deadline;         /* of the whole call (0: none) */
     int64_t bound_ns;          /* a wait for the lock by a call that may not sleep: at most this (-1: none) */
     uint64_t retry_ns;         /* a sleeper retries this often unwoken */
+    uint64_t nap_ns;           /* a blocked put looks again after this (doubling up to retry_ns) */
     int channel;               /* set by a step that registered */
     uint32_t seen;             /* the channel's sequence when it registered */
     int slept;                 /* it has slept at least once */

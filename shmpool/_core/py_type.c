@@ -133,6 +133,7 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     p->off_procs = (uint64_t)off_procs;
     p->poison = poison;
     p->fd = -1;
+    for (int q = 0; q < (int)MAX_QUEUES; q++) p->spin_ns[q][0] = p->spin_ns[q][1] = (uint32_t)QUEUE_SPIN_NS;
     p->poisoned = -1;
     snprintf(p->name, sizeof p->name, "%s", name);
     snprintf(p->fifo_prefix, sizeof p->fifo_prefix, "%s", fifo);

@@ -67,6 +67,20 @@ static int queue_unlink(struct pool *p, uint64_t q, uint64_t *out) {
     return RC_OK;
 }
 
+/* The room a full queue's sleeping putters are woken for (its low-water
+ * mark): a quarter of the queue, at most QUEUE_BATCH, or more if a sleeping
+ * putter needs more; never more than the depth. A producer that outruns
+ * its consumers then sleeps once per batch, not once per element (the
+ * convoy where every get wakes the producer, which puts one element and
+ * sleeps again); a putter left waiting below the mark looks again after a
+ * nap (run). */
+static uint64_t put_room(const uint64_t *Q) {
+    uint64_t depth = Q[Q_DEPTH], need = ld(&Q[Q_PUT_NEED]), low = depth / 4;
+    if (low > QUEUE_BATCH) low = QUEUE_BATCH;
+    if (low < need) low = need;
+    return low < 1 ? 1 : low > depth ? depth : low;
+}
+
 /* put of c->n handles of c->src into queue c->q (lock held): all checked
  * first (held by this process under their generation; c->bad names the one
  * refused), then all or nothing: room for every one, else register or fail. */
@@ -94,6 +108,8 @@ int step_put(struct pool *p, struct call *c, int mode) {
     uint64_t *Q = QUEUE(p, c->q);
     if (Q[Q_COUNT] + (uint64_t)c->n > Q[Q_DEPTH]) {
         if (mode != MODE_SLEEP) return RC_FAIL;
+        uint64_t need = ld(&Q[Q_PUTTERS]) ? ld(&Q[Q_PUT_NEED]) : 0; /* the others' (none: a stale hint) */
+        st(&Q[Q_PUT_NEED], need > (uint64_t)c->n ? need : (uint64_t)c->n);
         c->channel = CH_PUT(c->q);
         c->seen = chan_prepare(p, c->channel);
         return RC_SLEEP;
@@ -110,7 +126,10 @@ int step_put(struct pool *p, struct call *c, int mode) {
     }
     Q[Q_PUTS] += (uint64_t)c->n;
     c->moved = c->n;
-    if (ld(&Q[Q_GETTERS])) p->wake_get |= 1ull << c->q;
+    if (ld(&Q[Q_GETTERS])) {
+        p->wake_get |= 1ull << c->q;
+        p->wake_get_n = c->n;
+    }
     return RC_OK;
 }
 
@@ -137,27 +156,56 @@ int step_get(struct pool *p, struct call *c, int mode) {
     }
     Q[Q_GETS] += (uint64_t)k;
     c->moved = k;
-    if (k && ld(&Q[Q_PUTTERS])) p->wake_put |= 1ull << c->q;
+    if (k && ld(&Q[Q_PUTTERS]) && Q[Q_DEPTH] - Q[Q_COUNT] >= put_room(Q)) {
+        p->wake_put |= 1ull << c->q;
+        st(&Q[Q_PUT_NEED], 0); /* the woken that still lack room say so again */
+    }
     return k ? RC_OK : r;
 }
 
-/* Before a blocked put (get) registers and sleeps, poll the queue's count
- * for up to QUEUE_SPIN_NS without the lock or the GIL. */
+/* Before a blocked put (get) registers and sleeps: poll the queue's count
+ * without the lock or the GIL, while this object's budget for that queue and
+ * side lasts. The budget follows what spinning buys on this machine, as
+ * glibc's adaptive mutexes do: a spin that saw the other side act keeps it
+ * (at least twice what it took), one that ran out halves it, down to no
+ * spin, with a probe for one sleep in SPIN_PROBE so that a change of pace
+ * is seen. Where the other side cannot act meanwhile (it sleeps between
+ * messages, as a paced producer does, or waits for a CPU), a spin only
+ * delays the sleep and burns a CPU the others need: there it stops. A put
+ * spins for the room it would be woken for (put_room), not for one slot. */
 void queue_spin(struct pool *p, struct call *c, int put) {
     if (c->q >= p->max_queues) return;
-    uint64_t *count = &QUEUE(p, c->q)[Q_COUNT], depth = ld(&QUEUE(p, c->q)[Q_DEPTH]), n = (uint64_t)c->n;
+    uint64_t *Q = QUEUE(p, c->q), *count = &Q[Q_COUNT], depth = ld(&Q[Q_DEPTH]), n = (uint64_t)c->n;
     if (put ? ld(count) + n <= depth : ld(count) > 0) return;
-    uint64_t until = earlier(now_ns() + QUEUE_SPIN_NS, c->deadline);
+    uint64_t want = put ? put_room(Q) : 1;
+    if (put && want < n) want = n;
+    uint32_t *budget = &p->spin_ns[c->q][put];
+    if (*budget < SPIN_MIN_NS) {
+        if (++p->spin_skips[c->q][put] % SPIN_PROBE) return;
+        *budget = QUEUE_SPIN_NS / 4; /* the probe */
+    }
+    uint64_t t0 = now_ns(), until = earlier(t0 + *budget, c->deadline);
+    int seen = 0;
     void *token = host.unblock();
     for (int i = 1;; i++) {
         cpu_relax();
-        if (put ? ld(count) + n <= depth : ld(count) > 0) break;
+        uint64_t k = ld(count);
+        if (put ? k <= depth && depth - k >= want : k > 0) {
+            seen = 1;
+            break;
+        }
         if (i % 64 == 0) {
             if (now_ns() >= until) break;
             sched_yield(); /* on a busy machine, let the other side run */
         }
     }
     host.block(token);
+    if (!seen) {
+        *budget /= 2;
+        return;
+    }
+    uint64_t took = 2 * (now_ns() - t0);
+    if (took > *budget) *budget = took < QUEUE_SPIN_NS ? (uint32_t)took : (uint32_t)QUEUE_SPIN_NS;
 }
 
 /* Open queue c->arg (QUEUE_NAME_BYTES, NUL-padded), creating it with depth

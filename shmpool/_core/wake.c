@@ -133,7 +133,7 @@ void chan_async_done(struct pool *p) {
     sleeper_add(p, CH_ALLOC, -1);
 }
 
-int chan_sleep(struct pool *p, int ch, uint32_t seen, uint64_t until) {
+int chan_sleep(struct pool *p, int ch, uint32_t seen, uint64_t until, int nap) {
     int r = RC_OK, woken = 0;
     uint32_t *word = futex_word(chan_seq(p, ch));
     for (;;) {
@@ -145,7 +145,7 @@ int chan_sleep(struct pool *p, int ch, uint32_t seen, uint64_t until) {
         if (err == EINTR && host.signals() < 0) { r = RC_SIGNAL; break; }
         if (err == ETIMEDOUT || (until != NO_DEADLINE && now_ns() >= until)) break;
     }
-    if (!woken) p->recount = 1; /* nobody woke us: some sleepers may have died */
+    if (!woken && !nap) p->recount = 1; /* nobody woke us in a whole retry: some sleepers may have died */
     sleeper_add(p, ch, -1);     /* finish_wait */
     if (r == RC_OK && p->closing) r = RC_CLOSED;
     return r;
@@ -205,7 +205,7 @@ void release_fifos(struct pool *p) {
     }
 }
 
-void chan_wake(struct pool *p, int ch) {
+void chan_wake(struct pool *p, int ch, int wake_n) {
     uint64_t *seq = chan_seq(p, ch);
     __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
     uint64_t n = __atomic_load_n(chan_count(p, ch), __ATOMIC_SEQ_CST);
@@ -214,17 +214,22 @@ void chan_wake(struct pool *p, int ch) {
         if (a) poke_async(p);
         n = n > a ? n - a : 0;
     }
-    if (n) futex_wake32(futex_word(seq), INT_MAX);
+    if (n) futex_wake32(futex_word(seq), wake_n);
 }
 
 void wake_pending_now(struct pool *p) {
     if (p->wake) {
         p->wake = 0;
-        chan_wake(p, CH_ALLOC);
+        chan_wake(p, CH_ALLOC, INT_MAX); /* as the kernel's wake_up: each retries (a bulk sleeper may need many) */
     }
-    for (uint64_t bits = p->wake_get; bits; bits &= bits - 1) chan_wake(p, CH_GET(__builtin_ctzll(bits)));
-    for (uint64_t bits = p->wake_put; bits; bits &= bits - 1) chan_wake(p, CH_PUT(__builtin_ctzll(bits)));
+    /* A getter takes one element: as many as were put (a woken getter that
+     * does not take one, closing, leaves it for the others: close wakes
+     * them all). Putters, all: each needs its own room. */
+    int n = p->wake_get_n > 0 && p->wake_get_n < INT_MAX ? (int)p->wake_get_n : INT_MAX;
+    for (uint64_t bits = p->wake_get; bits; bits &= bits - 1) chan_wake(p, CH_GET(__builtin_ctzll(bits)), n);
+    for (uint64_t bits = p->wake_put; bits; bits &= bits - 1) chan_wake(p, CH_PUT(__builtin_ctzll(bits)), INT_MAX);
     p->wake_get = p->wake_put = 0;
+    p->wake_get_n = 0;
 }
 
 /* Every channel's sleepers and the lock's waiters, whatever the counts say

@@ -300,7 +300,7 @@ def _summary_bytes(mm: mmap.mmap, geo: Geometry) -> np.ndarray:
                          geo.capacity)
     live = np.frombuffer(mm, dtype=np.uint64, count=geo.capacity, offset=geo.off_words)
     try:
-        meta[geo.off_words : geo.off_stack].view(np.uint64)[idx] = live[idx]
+        meta[geo.off_words : geo.off_words + 8 * geo.capacity].view(np.uint64)[idx] = live[idx]
     finally:
         del live  # the mapping cannot be closed while a view of it lives
     return meta
