@@ -5,13 +5,16 @@ which are in linux-next, not in a release)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 
 import children
 import numpy as np
 import pytest
 from helpers import check_whole, snapshot, wait_for
+from procs import start_child
 
 from shmpool import GFP_ATOMIC, GFP_KERNEL, InvalidHandleError, Mempool, handle_slot
+from shmpool.testing import sleep_retry
 
 ctx = mp.get_context("spawn")
 
@@ -176,3 +179,80 @@ def test_bulk_waits_holding_nothing_and_free_bulk_takes_everything(name: str, po
         assert (s.in_use, s.curr_nr, s.arena_free) == (0, 3, 3)
         check_whole(pool)
         pool.destroy()
+
+
+@pytest.fixture
+def no_retries():
+    """Unwoken sleeping allocations in this process retry only after a
+    minute: a bulk alloc that returns sooner was woken."""
+    before = sleep_retry(alloc=60.0)
+    yield
+    sleep_retry(*before)
+
+
+def bulk_in_thread(pool: Mempool, n: int) -> tuple[threading.Event, list]:
+    done, out = threading.Event(), []
+
+    def body() -> None:
+        try:
+            out.append(pool.alloc_bulk(n, GFP_KERNEL, timeout=50))
+        except BaseException as exc:  # the test reads it
+            out.append(exc)
+        done.set()
+
+    threading.Thread(target=body, daemon=True).start()
+    wait_for(lambda: pool.stats().nr_waiters == 1, what="alloc_bulk to sleep")
+    return done, out
+
+
+def slept_again(pool: Mempool, free) -> None:
+    """free() one element and wait until the sleeping alloc_bulk has been
+    woken, found too little, and sleeps again."""
+    sleeps = pool.stats().sleeps
+    free()
+    wait_for(lambda: pool.stats().sleeps == sleeps + 1 and pool.stats().nr_waiters == 1,
+             what="alloc_bulk to wake and sleep again")
+
+
+@pytest.mark.timeout(60)
+def test_a_sleeping_bulk_alloc_is_woken_by_frees_to_the_arena(name: str, no_retries) -> None:
+    """alloc_bulk(3) with min_nr 2 needs an element beyond the reserve: the
+    free that finds the reserve full (and goes to the arena) must wake it,
+    not only the frees that refill the reserve."""
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=4) as pool:
+        held = [pool.alloc(GFP_ATOMIC) for _ in range(4)]
+        done, out = bulk_in_thread(pool, 3)
+        for h in held[:2]:  # each refills the reserve, wakes it, and it sleeps again (2 < 3)
+            slept_again(pool, lambda h=h: pool.free(h))
+        pool.free(held[2])  # the reserve is full: to the arena
+        assert done.wait(10), "alloc_bulk slept on while the pool had the 3 elements it asked for"
+        got = out[0].tolist()
+        assert len(set(got)) == 3 and pool.stats().in_use == 4 and pool.stats().nr_waiters == 0
+        pool.free_bulk(got + held[3:])
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(60)
+def test_a_sleeping_bulk_alloc_is_woken_by_another_process_freeing_to_its_cache(name: str, popen) -> None:
+    """The same, with the frees made by another process: the last goes to
+    that process's cache without the lock, and the sleeper, woken, takes it
+    from there."""
+    before = sleep_retry(alloc=60.0)
+    try:
+        with Mempool.create(name, min_nr=2, slot_size=16, capacity=4) as pool:
+            other = start_child(popen, name)
+            other.call("hs = [pool.alloc(GFP_ATOMIC) for _ in range(4)]")
+            done, out = bulk_in_thread(pool, 3)
+            for i in range(2):
+                slept_again(pool, lambda i=i: other.call(f"pool.free(hs[{i}])"))
+            other.call("pool.free(hs[2])")  # the reserve is full: to its cache, without the lock
+            assert done.wait(10), "alloc_bulk slept on while another process's cache held what it needed"
+            assert len(set(out[0].tolist())) == 3
+            pool.free_bulk(out[0])
+            other.call("pool.free(hs[3])")
+            other.finish()
+            check_whole(pool)
+            pool.destroy()
+    finally:
+        sleep_retry(*before)

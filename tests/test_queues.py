@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import signal
+import threading
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ from helpers import check_whole, queue_sleepers, snapshot, wait_for
 
 from shmpool import GFP_ATOMIC, InvalidHandleError, Mempool, PoolBusyError, PoolClosedError
 from shmpool._layout import MAX_QUEUES
+from shmpool.testing import sleep_retry
 
 ATTACH = "import sys, time, numpy as np, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
 
@@ -379,4 +381,89 @@ def test_senders_and_receivers_killed_at_random_points_lose_nothing(name: str, p
             pool.free_bulk(q.get_many(16))
         s = pool.stats()
         assert (s.in_use, s.queued, s.curr_nr + s.arena_free) == (0, 0, 64)
+        pool.destroy()
+
+
+@pytest.fixture
+def no_retries():
+    """Unwoken sleepers in this process retry only after a minute: a call
+    that returns sooner was woken (or, a blocked put, looked again after its
+    nap), never rescued by the retry."""
+    before = sleep_retry(alloc=60.0, queue=60.0)
+    yield
+    sleep_retry(*before)
+
+
+def in_thread(fn):
+    """Run fn in a thread; (done event, result list)."""
+    done, out = threading.Event(), []
+
+    def body() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # the test reads it
+            out.append(exc)
+        done.set()
+
+    threading.Thread(target=body, daemon=True).start()
+    return done, out
+
+
+@pytest.mark.timeout(60)
+def test_a_putter_of_a_full_deep_queue_goes_on_after_one_get(name: str, no_retries) -> None:
+    """A full queue wakes its putters once a batch is free (its low-water
+    mark, a quarter of the depth here), not at every get; a putter left
+    below the mark looks again after a nap of milliseconds, so one get is
+    still enough, long before any retry."""
+    with Mempool.create(name, min_nr=2, slot_size=8, capacity=300) as pool:
+        q = pool.queue("deep", depth=256)
+        q.put_many(pool.alloc_bulk(256))
+        h = pool.alloc()
+        done, out = in_thread(lambda: q.put(h, timeout=50))
+        wait_for(lambda: queue_sleepers(pool, q) == (0, 1), what="the put to sleep")
+        first = q.get()
+        assert done.wait(10), "the put slept on with room in the queue"
+        assert out == [None] and q.qsize() == 256 and queue_sleepers(pool, q) == (0, 0)
+        pool.free(first)
+        pool.free_bulk(q.get_many(256))
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(60)
+def test_a_sleeping_put_many_is_woken_when_its_room_is_there(name: str, no_retries) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=8, capacity=40) as pool:
+        q = pool.queue("q", depth=8)
+        first = pool.alloc_bulk(8).tolist()
+        q.put_many(first)
+        mine = pool.alloc_bulk(6).tolist()
+        done, out = in_thread(lambda: q.put_many(mine, timeout=50))
+        wait_for(lambda: queue_sleepers(pool, q) == (0, 1), what="put_many to sleep")
+        taken = [q.get() for _ in range(5)]
+        assert not done.is_set()  # room for 5 of its 6: all or nothing
+        taken.append(q.get())
+        assert done.wait(10), "put_many slept on with room for all it puts"
+        assert out == [None] and taken == first[:6]
+        assert q.get_many(8).tolist() == first[6:] + mine
+        pool.free_bulk(first + mine)
+        check_whole(pool)
+        pool.destroy()
+
+
+@pytest.mark.timeout(60)
+def test_each_put_wakes_one_getter_and_none_is_left_asleep(name: str, no_retries) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=8, capacity=8) as pool:
+        q = pool.queue("q", depth=4)
+        waits = [in_thread(lambda: q.get(timeout=50)) for _ in range(2)]
+        wait_for(lambda: queue_sleepers(pool, q) == (2, 0), what="both getters to sleep")
+        first = pool.alloc()
+        q.put(first)
+        wait_for(lambda: sum(done.is_set() for done, _ in waits) == 1, what="one getter to return")
+        wait_for(lambda: queue_sleepers(pool, q) == (1, 0), what="the other to sleep on")
+        second = pool.alloc()
+        q.put(second)
+        assert all(done.wait(10) for done, _ in waits), "a getter slept on with an element in the queue"
+        assert sorted(out[0] for _, out in waits) == sorted([first, second])
+        pool.free_bulk([first, second])
+        check_whole(pool)
         pool.destroy()
