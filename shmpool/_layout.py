@@ -131,6 +131,7 @@ H_WAIT_SEQ = 35  # futex word: bumped by every wake-up of the channel
 H_FAIL_THRESHOLD = 36  # fail_rate scaled to 2**53: fail when the draw is below it
 H_RNG = 37  # splitmix64 state of the fault injector (atomic add)
 H_ENTRIES_USED = 38  # one past the highest registry entry ever taken: how far scans look
+H_LOCK_WAKING = 39  # 1: a releaser woke a lock contender that has not run yet (no other is woken meanwhile)
 # Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
 H_ALLOC_ARENA = 48
 H_ALLOC_RESERVE = 49

@@ -26,7 +26,7 @@ def snapshot(pool: Mempool) -> bytes:
     changes them)."""
     with hold_lock(pool), open(segment_path(pool), "rb") as f:
         raw = bytearray(f.read())
-    for word in ("H_LOCK_OWNER", "H_LOCK_SINCE_NS", "H_LOCK_WAITERS", "H_LOCK_SEQ"):
+    for word in ("H_LOCK_OWNER", "H_LOCK_SINCE_NS", "H_LOCK_WAITERS", "H_LOCK_SEQ", "H_LOCK_WAKING"):
         at = header_word_offset(word)
         raw[at : at + 8] = bytes(8)
     return bytes(raw)

@@ -226,7 +226,8 @@ def damaged(pool: Mempool, harm: Callable[[Views], None]) -> Iterator[None]:
     words, stacks, registry or slots, under the lock); every byte but the
     lock's own words is put back after."""
     v = views(pool)
-    lock_words = [header_word_offset(w) for w in ("H_LOCK_OWNER", "H_LOCK_SINCE_NS", "H_LOCK_WAITERS", "H_LOCK_SEQ")]
+    lock_words = [header_word_offset(w)
+                  for w in ("H_LOCK_OWNER", "H_LOCK_SINCE_NS", "H_LOCK_WAITERS", "H_LOCK_SEQ", "H_LOCK_WAKING")]
     with hold_lock(pool):
         saved = bytes(v.mm[:])
         harm(v)

@@ -14,11 +14,17 @@
  * process's own cache moves without it (arena.c), sleeper counts are atomic.
  *
  * Contenders spin briefly (critical sections last some hundred nanoseconds),
- * then count themselves in H_LOCK_WAITERS, look once more, and wait on the
- * word as a futex (its low 32 bits) in slices of LOCK_SLICE_NS. A releaser
- * stores 0 and, if it sees a waiter, wakes one. Both sides use sequentially
- * consistent operations, so either the releaser sees the waiter or the
- * waiter sees the lock free: no wake-up is lost.
+ * looking at the word less often the longer they spin, then count
+ * themselves in H_LOCK_WAITERS, look once more, and wait on the word as a
+ * futex (its low 32 bits) in slices of LOCK_SLICE_NS. A releaser stores 0
+ * and, if it sees a waiter, wakes one, unless one it woke has not run yet
+ * (H_LOCK_WAKING, cleared by a waiter as it leaves its wait): on a machine
+ * with more processes than CPUs, waking another at every release while the
+ * first waits for a CPU is a system call per critical section for nothing.
+ * Both sides use sequentially consistent operations, so either the
+ * releaser sees the waiter or the waiter sees the lock free: no wake-up is
+ * lost (a woken waiter that dies before it clears the flag leaves the others
+ * to their slice).
  *
  * Takeover: a contender whose slice ran out on the same holder looks at it:
  * the lock is taken over (by CAS from that exact token, so one contender
@@ -88,7 +94,8 @@ int lock_held_by_us(const struct pool *p) {
 
 void lock_release(struct pool *p) {
     __atomic_store_n(&p->hdr[H_LOCK_OWNER], 0, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&p->hdr[H_LOCK_WAITERS], __ATOMIC_SEQ_CST) != 0)
+    if (__atomic_load_n(&p->hdr[H_LOCK_WAITERS], __ATOMIC_SEQ_CST) != 0 &&
+        !__atomic_exchange_n(&p->hdr[H_LOCK_WAKING], 1, __ATOMIC_SEQ_CST))
         futex_wake32(futex_word(&p->hdr[H_LOCK_OWNER]), 1);
 }
 
@@ -128,6 +135,8 @@ int lock_acquire(struct pool *p, uint64_t deadline, int64_t bound_ns) {
             p->waiting--;
         }
         __atomic_sub_fetch(&p->hdr[H_LOCK_WAITERS], 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&p->hdr[H_LOCK_WAKING], __ATOMIC_RELAXED)) /* woken (or not): the next release wakes again */
+            __atomic_store_n(&p->hdr[H_LOCK_WAKING], 0, __ATOMIC_SEQ_CST);
         if (p->closing) return RC_CLOSED;
         if (lock_try(p)) return RC_OK;
         if (host.signals() < 0) return RC_SIGNAL;
