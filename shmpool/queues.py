@@ -23,8 +23,16 @@ producers and many consumers may use one queue. A blocked ``put`` sleeps on
 the queue's putters' channel, a blocked ``get`` on its getters' (each a
 futex word of the segment), registered in the critical section that found
 the queue full (empty), woken after the lock is released by the ``get``
-(``put``) that changes that. A non-blocking call waits for the pool lock at
-most ``ATOMIC_LOCK_WAIT_SECONDS`` and then says the queue is full (empty).
+(``put``) that changes that. A ``put`` wakes one getter per element it
+adds. A full queue's putters are woken once a batch is free (a quarter of
+the depth, at most 64, or what a sleeping ``put_many`` needs), not at every
+``get``: a producer that outruns its consumers then sleeps once a batch
+instead of once a message (the wake-up convoy); a putter left below that
+mark looks again after a nap of a millisecond, doubling. Before it sleeps,
+a blocked call polls the queue for a few microseconds, as long as that has
+been paying off for it (``_core/queue.c``, ``queue_spin``). A non-blocking
+call waits for the pool lock at most ``ATOMIC_LOCK_WAIT_SECONDS`` and then
+says the queue is full (empty).
 
 The interface is ``multiprocessing.Queue``'s, with the standard library's
 ``queue.Full`` and ``queue.Empty``.

@@ -154,6 +154,35 @@ static int cmp_u64(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* The index of a handle of h[0:n] whose slot an earlier one names, -1 if
+ * none, -2 without memory. A bitmap of the slots when it is small beside
+ * the batch (a bit per slot, O(n)), else a sort of the batch's slots. */
+static int64_t slot_twice(const int64_t *h, int64_t n, uint64_t capacity) {
+    int64_t twice = -1;
+    if (capacity / 8 <= 64 * (uint64_t)n) {
+        uint8_t *seen = PyMem_Calloc(capacity / 8 + 1, 1);
+        if (!seen) return -2;
+        for (int64_t i = 0; i < n && twice < 0; i++) {
+            uint64_t ix = (uint64_t)h[i] & INDEX_MASK;
+            if (ix >= capacity) continue; /* refused by the step */
+            if (seen[ix >> 3] & (1u << (ix & 7))) twice = i;
+            seen[ix >> 3] |= (uint8_t)(1u << (ix & 7));
+        }
+        PyMem_Free(seen);
+        return twice;
+    }
+    uint64_t *ix = PyMem_Malloc((size_t)n * sizeof *ix);
+    if (!ix) return -2;
+    for (int64_t i = 0; i < n; i++) ix[i] = (uint64_t)h[i] & INDEX_MASK;
+    qsort(ix, (size_t)n, sizeof *ix, cmp_u64);
+    for (int64_t i = 1; i < n && twice < 0; i++)
+        if (ix[i] == ix[i - 1])
+            for (int64_t j = n; j-- > 0;)
+                if (((uint64_t)h[j] & INDEX_MASK) == ix[i]) { twice = j; break; }
+    PyMem_Free(ix);
+    return twice;
+}
+
 /* Integer buffer formats, by struct code: their size and signedness. */
 static int int_format(const char *fmt, int *is_signed) {
     if (!fmt) return 1; /* "B" */
@@ -231,20 +260,12 @@ int64_t *conv_handles(Core *f, PyObject *o, int64_t *n, int64_t *stack, int64_t 
         for (int64_t i = 0; i < *n; i++)
             if (handle_value(f, PySequence_Fast_GET_ITEM(seq, i), &dst[i]) < 0) goto done;
     }
-    if (*n > 1) { /* no slot twice: a sort of the batch's slots */
-        uint64_t *ix = PyMem_Malloc((size_t)*n * sizeof *ix);
-        if (!ix) {
+    if (*n > 1) { /* no slot twice */
+        int64_t twice = slot_twice(dst, *n, f->p.capacity);
+        if (twice == -2) {
             PyErr_NoMemory();
             goto done;
         }
-        for (int64_t i = 0; i < *n; i++) ix[i] = (uint64_t)dst[i] & INDEX_MASK;
-        qsort(ix, (size_t)*n, sizeof *ix, cmp_u64);
-        int64_t twice = -1;
-        for (int64_t i = 1; i < *n && twice < 0; i++)
-            if (ix[i] == ix[i - 1])
-                for (int64_t j = *n; j-- > 0;)
-                    if (((uint64_t)dst[j] & INDEX_MASK) == ix[i]) { twice = j; break; }
-        PyMem_Free(ix);
         if (twice >= 0) {
             snprintf(f->p.msg, sizeof f->p.msg, "given twice in one call");
             raise_invalid(f, (uint64_t)dst[twice]);

@@ -13,9 +13,11 @@
  * Blocked puts and gets sleep like a sleeping alloc (wake.c): registered in
  * the critical section that found the queue full (or empty), on the queue's
  * putters' (getters') channel, woken after the lock is released by the get
- * (put) that changes that. Before registering, a blocked call polls the
- * count for a short while without the lock or the GIL (queue_spin): in a
- * busy pipeline the other side usually acts well within it.
+ * (put) that changes that: one getter per element put; the putters once
+ * there is room for a batch (put_room), so that a producer faster than its
+ * consumers does not sleep and wake once per message. Before registering, a
+ * blocked call polls the count for a while without the lock or the GIL
+ * (queue_spin), as long as spinning has been paying off for it.
  */
 #include <sched.h>
 #include <stdio.h>
