@@ -834,7 +834,9 @@ def test_write_after_free_into_a_reserved_element_is_reported(name: str) -> None
         with pytest.warns(PoisonWarning, match=f"slot {handle_slot(h)}.*written after"):
             again = p.alloc()
         assert handle_slot(again) == handle_slot(h)  # still handed out, as the kernel does
-        assert bytes(p.buffer(again)) == bytes([POISON_INUSE]) * 16
+        evidence = bytearray([POISON_FREE] * 15 + [POISON_END])
+        evidence[3] = 0
+        assert bytes(p.buffer(again)) == bytes(evidence)  # left as found (the kernel's __check_element)
         assert p.stats().poison_errors == 1
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -843,6 +845,32 @@ def test_write_after_free_into_a_reserved_element_is_reported(name: str) -> None
         p.free(other)
         check_whole(p)
         p.destroy()
+
+
+def test_destroy_checks_every_reserved_elements_poison(name: str) -> None:
+    """mempool_exit empties the reserve through remove_element, which checks
+    each element: destroy warns for every one written after its free."""
+    with Mempool.create(name, min_nr=3, slot_size=16, capacity=3, poison=True) as p:
+        hs = [p.alloc() for _ in range(3)]
+        views = [p.buffer(h) for h in hs]
+        p.free_bulk(hs)
+        views[0][0] = 1
+        views[2][15] = 1
+        del views
+        with pytest.warns(PoisonWarning) as caught:
+            p.destroy()
+        said = sorted(str(w.message) for w in caught if issubclass(w.category, PoisonWarning))
+        assert len(said) == 2 and all("destroyed" in s for s in said)
+        assert {f"slot {handle_slot(hs[i])} " in " ".join(said) for i in (0, 2)} == {True}
+        assert f"slot {handle_slot(hs[1])} " not in " ".join(said)
+
+
+def test_destroying_a_whole_poisoned_pool_warns_nothing(name: str) -> None:
+    with Mempool.create(name, min_nr=3, slot_size=16, capacity=6, poison=True) as p:
+        p.free_bulk([p.alloc() for _ in range(6)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            p.destroy()
 
 
 def test_poison_warning_escalated_to_an_exception_gives_the_element_back(name: str) -> None:

@@ -65,7 +65,20 @@ int step_destroy(struct pool *p, struct call *c, int mode) {
     c->out[1] = n.curr_nr;
     c->out[2] = n.min_nr;
     c->out[3] = c->out[0] && !c->a;
-    if (!c->out[3]) st(&p->hdr[H_STATUS], STATUS_DESTROYED);
+    if (c->out[3]) return RC_OK;
+    st(&p->hdr[H_STATUS], STATUS_DESTROYED);
+    /* mempool_exit empties the reserve through remove_element, which checks
+     * each element's poison: every reserved element written after its free
+     * is counted, and its slot listed (c->dst, up to c->n) for a warning. */
+    uint64_t curr = p->hdr[H_CURR_NR];
+    c->moved = 0;
+    for (uint64_t i = 0; p->poison && i < curr && i < p->capacity; i++) {
+        uint64_t idx = p->stack[i];
+        if (idx >= p->capacity || W_STATE(ld(&p->words[idx])) != ST_RESERVE || poison_intact(p, idx)) continue;
+        count(p, C_POISON, 1);
+        if (c->moved < c->n) c->dst[c->moved] = (int64_t)idx;
+        c->moved++;
+    }
     return RC_OK;
 }
 

@@ -209,6 +209,7 @@ int set_word(struct pool *p, uint64_t idx, uint64_t old, uint64_t new_);
 int hand_out(struct pool *p, uint64_t idx, uint64_t old, uint64_t *handle);
 void add_element(struct pool *p, uint64_t idx);
 int remove_element(struct pool *p, uint64_t *out);
+int poison_intact(const struct pool *p, uint64_t idx);   /* a reserved element's pattern is whole */
 int arena_push(struct pool *p, uint64_t idx);
 int arena_pop(struct pool *p, uint64_t *out);
 int arena_peek(struct pool *p, uint64_t depth, uint64_t *out); /* entry `depth` from the top, checked */

@@ -83,7 +83,10 @@ static PyObject *Core_destroy(Core *f, PyObject *arg) {
     int force = PyObject_IsTrue(arg);
     if (force < 0 || enter(f) < 0) return NULL;
     ADMIN_CALL(c, step_destroy);
+    int64_t bad[64];
     c.a = (uint64_t)force;
+    c.dst = bad;
+    c.n = 64;
     int r = run_call(f, &c);
     if (r == RC_DESTROYED) {
         PyErr_Format(ErrDestroyed, "pool '%s' was destroyed already", f->p.name);
@@ -92,6 +95,13 @@ static PyObject *Core_destroy(Core *f, PyObject *arg) {
     if (r != RC_OK) return leave_with(f, raise_for(f, r, "destroy"));
     if (c.out[3]) return leave_with(f, Py_BuildValue("KKK", c.out[0], c.out[1], c.out[2]));
     wake_everyone(&f->p);
+    for (int64_t i = 0; i < c.moved && i < c.n; i++) /* destroyed: a warning that raises is the caller's to see */
+        if (PyErr_WarnFormat(WarnPoison, 1, "pool '%s': reserved element in slot %lld was written after it was freed "
+                             "(found when the pool was destroyed)", f->p.name, (long long)bad[i]) < 0)
+            return leave_with(f, NULL);
+    if (c.moved > c.n && PyErr_WarnFormat(WarnPoison, 1, "pool '%s': %lld more reserved elements were written after "
+                                          "they were freed", f->p.name, (long long)(c.moved - c.n)) < 0)
+        return leave_with(f, NULL);
     return leave_with(f, Py_NewRef(Py_None));
 }
 

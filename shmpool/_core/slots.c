@@ -50,18 +50,26 @@ static void poison_fill(struct pool *p, uint64_t idx) {
     e[p->slot_size - 1] = POISON_END;
 }
 
-/* The kernel's check_element: the pattern must be whole; then POISON_INUSE. */
-static void poison_check(struct pool *p, uint64_t idx) {
-    unsigned char *e = p->data + idx * p->stride;
+/* Whether reserved slot idx still holds its poison pattern whole. */
+int poison_intact(const struct pool *p, uint64_t idx) {
+    const unsigned char *e = p->data + idx * p->stride;
     uint64_t n = p->slot_size;
-    for (uint64_t i = 0; i < n; i++) {
-        if (e[i] != (i + 1 < n ? POISON_FREE : POISON_END)) {
-            count(p, C_POISON, 1);
-            p->poisoned = (int64_t)idx;
-            break;
-        }
+    for (uint64_t i = 0; i + 1 < n; i++)
+        if (e[i] != POISON_FREE) return 0;
+    return e[n - 1] == POISON_END;
+}
+
+/* The kernel's check_element: the pattern must be whole; then
+ * POISON_INUSE. A mismatch is counted and warned (after the lock is
+ * released) and, as the kernel's __check_element does, the bytes are left
+ * as they were found: they are the evidence. */
+static void poison_check(struct pool *p, uint64_t idx) {
+    if (!poison_intact(p, idx)) {
+        count(p, C_POISON, 1);
+        p->poisoned = (int64_t)idx;
+        return;
     }
-    memset(e, POISON_INUSE, n);
+    memset(p->data + idx * p->stride, POISON_INUSE, p->slot_size);
 }
 
 /* Push slot idx onto the reserve stack (reserve) or the shared free list,
