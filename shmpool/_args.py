@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ._layout import MAX_CAPACITY, MAX_MAX_PROCS, MAX_SLOT_SIZE, QUEUE_NAME_BYTES
+from ._layout import MAX_CAPACITY, MAX_MAX_PROCS, MAX_SLOT_SIZE, QUEUE_NAME_BYTES, RNG_GLIBC, RNG_NAMES
 
 
 def check_int(value: object, what: str) -> int:
@@ -36,6 +36,18 @@ def check_fail_rate(fail_rate: object) -> float:
     if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
         raise ValueError(f"fail_rate must be a finite number from 0 to 1, not {fail_rate!r}")
     return rate
+
+
+def check_rng(rng: object, seed: int | None) -> int:
+    """The fault injector's generator by name (``_layout.RNG_NAMES``); a
+    seed of glibc's srand() is an unsigned int."""
+    if not isinstance(rng, str):
+        raise TypeError(f"rng must be a str, not {type(rng).__name__}")
+    if rng not in RNG_NAMES:
+        raise ValueError(f"rng must be one of {', '.join(map(repr, RNG_NAMES))}, not {rng!r}")
+    if RNG_NAMES[rng] == RNG_GLIBC and seed is not None and seed >= 1 << 32:
+        raise ValueError(f"a seed of glibc's rand() is an unsigned int (0 to 2**32-1), not {seed}")
+    return RNG_NAMES[rng]
 
 
 def check_seed(seed: object) -> int | None:

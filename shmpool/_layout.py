@@ -77,7 +77,7 @@ from dataclasses import dataclass
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
 LAYOUT_VERSION = 7  # 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
 
-HEADER_WORDS = 64
+HEADER_WORDS = 96
 HEADER_BYTES = HEADER_WORDS * 8
 PAGE = mmap.PAGESIZE
 
@@ -106,6 +106,7 @@ H_CREATED_NS = 19  # wall clock, time.time_ns()
 H_EPOCH = 20  # the last epoch handed to a registry entry (atomic add)
 H_FAIL_RATE = 21  # (f64) probability that an arena attempt fails on purpose
 H_SEED = 22
+H_RNG_KIND = 23  # the fault injector's generator: RNG_SPLITMIX or RNG_GLIBC
 # The words below are grouped by cache line (8 words each), by who writes
 # them and when, so that a critical section moves as few lines between
 # cores as it can (tools/bench.py reserve2 measures it).
@@ -129,7 +130,7 @@ H_NR_WAITERS = 33  # sleeping allocations, counted in and out with atomic adds
 H_ASYNC_WAITERS = 34  # of them, the asyncio ones (woken through their process's FIFO)
 H_WAIT_SEQ = 35  # futex word: bumped by every wake-up of the channel
 H_FAIL_THRESHOLD = 36  # fail_rate scaled to 2**53: fail when the draw is below it
-H_RNG = 37  # splitmix64 state of the fault injector (atomic add)
+H_RNG = 37  # splitmix64 state of the fault injector (atomic add; RNG_SPLITMIX)
 H_ENTRIES_USED = 38  # one past the highest registry entry ever taken: how far scans look
 H_LOCK_WAKING = 39  # 1: a releaser woke a lock contender that has not run yet (no other is woken meanwhile)
 # Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
@@ -143,6 +144,11 @@ H_FAULTS = 54  # arena attempts failed on purpose
 H_POISON_ERRORS = 55
 H_RECOVERIES = 56  # times the lock was taken over from a dead holder
 H_RECLAIMED = 57  # elements taken back from dead holders
+# glibc's rand() (RNG_GLIBC), under the pool lock: random_r's TYPE_3 table,
+# 31 int32 in 16 words, and the index of its front pointer (the rear one is
+# three behind, as srandom_r leaves them).
+H_GLIBC_TABLE = 64
+H_GLIBC_FRONT = 80
 COUNTERS = (
     ("alloc_arena", H_ALLOC_ARENA),
     ("alloc_reserve", H_ALLOC_RESERVE),
@@ -159,6 +165,9 @@ COUNTERS = (
 STATUS_LIVE = 1
 STATUS_DESTROYED = 2
 FLAG_POISON = 1
+RNG_SPLITMIX = 0  # splitmix64 over a counter: lock-free draws (the default)
+RNG_GLIBC = 1  # glibc's rand(), seeded by srand(seed): the seed program's draws, one per arena attempt
+RNG_NAMES = {"splitmix64": RNG_SPLITMIX, "glibc": RNG_GLIBC}
 
 # Slot words.
 ST_ARENA = 1
@@ -258,7 +267,7 @@ POISON_INUSE = 0x5A
 _C_SECTIONS = (
     ("identity", ("MAGIC", "LAYOUT_VERSION", "HEADER_WORDS")),
     ("header words", tuple(n for n in globals() if n.startswith("H_"))),
-    ("header values", ("STATUS_LIVE", "STATUS_DESTROYED", "FLAG_POISON")),
+    ("header values", ("STATUS_LIVE", "STATUS_DESTROYED", "FLAG_POISON", "RNG_SPLITMIX", "RNG_GLIBC")),
     ("slot words", ("ST_ARENA", "ST_RESERVE", "ST_HELD", "ST_CACHED", "ST_QUEUED", "ST_PARKED", "STATE_MASK",
                     "OWNER_SHIFT", "OWNER_MASK", "GEN_SHIFT", "GEN_MASK")),
     ("handles", ("INDEX_MASK", "HGEN_SHIFT", "MAX_CAPACITY", "MAX_SLOT_SIZE")),

@@ -23,12 +23,12 @@ import errno
 import os
 import random
 import time
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
 from . import _procs, _segment
-from ._args import check_create, check_fail_rate, check_int, check_seed
+from ._args import check_create, check_fail_rate, check_int, check_rng, check_seed
 from ._errors import PoolFormatError
 from ._layout import (
     FLAG_POISON,
@@ -43,10 +43,12 @@ from ._layout import (
     H_FLAGS,
     H_MAGIC,
     H_RNG,
+    H_RNG_KIND,
     H_SEED,
     H_STATUS,
     HEADER_BYTES,
     MAGIC,
+    RNG_GLIBC,
     ST_ARENA,
     STATUS_LIVE,
     Geometry,
@@ -68,13 +70,15 @@ class _NotReady(Exception):
 
 
 def create(cls: type[P], name: str, *, min_nr: object, slot_size: object, capacity: object, fail_rate: object = 0.0,
-           seed: object = None, mode: object = 0o600, poison: bool = False, max_processes: object = 256) -> P:
+           seed: object = None, mode: object = 0o600, poison: bool = False, max_processes: object = 256,
+           rng: object = "splitmix64") -> P:
     _segment.check_name(name)
     min_nr, slot_size, capacity, mode, max_processes = check_create(min_nr, slot_size, capacity, mode, max_processes)
     rate = check_fail_rate(fail_rate)
     seed = check_seed(seed)
+    kind = check_rng(rng, seed)
     if seed is None:
-        seed = random.SystemRandom().getrandbits(64)
+        seed = random.SystemRandom().getrandbits(32 if kind == RNG_GLIBC else 64)
     geo = Geometry.of(slot_size, capacity, max_processes)
     try:
         seg = _segment.create(name, geo.total, mode)
@@ -91,6 +95,7 @@ def create(cls: type[P], name: str, *, min_nr: object, slot_size: object, capaci
         v.fhdr[H_FAIL_RATE] = rate
         hdr[H_FAIL_THRESHOLD] = round(rate * (1 << _FAULT_BITS))
         hdr[H_SEED] = hdr[H_RNG] = seed
+        hdr[H_RNG_KIND] = kind
         # Every slot in the arena, generations random, the lowest slots handed out first.
         gens = np.random.default_rng(random.SystemRandom().getrandbits(64)).integers(
             0, GEN_MASK, size=capacity, dtype=np.uint64, endpoint=True
@@ -99,6 +104,8 @@ def create(cls: type[P], name: str, *, min_nr: object, slot_size: object, capaci
         np.frombuffer(v.arena, dtype=np.uint32)[:] = np.arange(capacity - 1, -1, -1, dtype=np.uint32)
         hdr[H_ARENA_FREE] = capacity
         pool = cls(name, seg, geo, min_nr=min_nr)  # type: ignore[call-arg]  # fills the reserve, registers
+        if kind == RNG_GLIBC:  # srand(seed): the table is the core's to write
+            cast(Any, pool)._core.set_faults(rate, seed)
         hdr[H_MAGIC] = MAGIC  # last: from here on the pool is whole
         del v, hdr
     except BaseException:

@@ -26,7 +26,7 @@ import time
 import zlib
 from typing import Any
 
-from . import GFP_KERNEL, Mempool
+from . import GFP_KERNEL, Mempool, _seedrun
 from .testing import audit
 
 _HEADER = 8  # bytes of CRC-32 + payload length at the start of each element
@@ -165,6 +165,11 @@ def _parser() -> argparse.ArgumentParser:
         help="milliseconds a consumer keeps an element (default: %(default)s)")
     add("--hold", action="store_true",
         help="after the run, keep the traffic going until Ctrl-C, to inspect the pool (default: off)")
+    add("--seed-run", action="store_true",
+        help="instead: the seed's C simulation (min_nr 3, 64 B, rand() %% 100 < 30 after srand(SEED)) run on a real "
+             "pool, printing its decisions in the program's words; then the same spread over --processes")
+    add("--processes", type=int, default=3, metavar="N",
+        help="processes of --seed-run's second run (default: %(default)s)")
     return parser
 
 
@@ -181,6 +186,10 @@ def _await_quiet(quiet: Any, procs: list[Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.seed_run:
+        if not 0 <= args.seed < 1 << 32 or args.processes < 1:
+            parser.error("--seed-run takes a --seed from 0 to 2**32-1 (srand's unsigned int) and --processes >= 1")
+        return _seedrun.main(args.name, args.seed, args.processes)
     if args.slot_size <= _HEADER:
         parser.error(f"--slot-size must be more than {_HEADER} (a CRC and a length head each element)")
     if args.producers < 1 or args.consumers < 1 or args.iterations < 0:

@@ -124,14 +124,20 @@ class Mempool:
     @classmethod
     def create(cls, name: str, *, min_nr: int, slot_size: int, capacity: int, fail_rate: float = 0.0,
                seed: int | None = None, mode: int = 0o600, poison: bool = False,
-               max_processes: int = MAX_PROCS) -> Mempool:
+               max_processes: int = MAX_PROCS, rng: str = "splitmix64") -> Mempool:
         """Create pool ``name`` with ``capacity`` slots of ``slot_size``
         bytes and pre-allocate ``min_nr`` of them into the reserve (exempt
         from fault injection: it never fails).
 
         ``fail_rate`` makes the arena fail on purpose with that probability,
         drawn from a generator seeded with ``seed`` (random if None; see
-        ``stats().seed``). ``mode`` sets the segment's permissions.
+        ``stats().seed``): ``rng="splitmix64"`` (the default, lock-free), or
+        ``rng="glibc"``, glibc's ``rand()`` as ``srand(seed)`` starts it,
+        each arena attempt failing when ``rand() % 100 < fail_rate * 100``,
+        drawn in the order the attempts of every process ask the arena: the
+        decisions of a C program that tests ``rand()`` so (the seed's
+        simulation: ``shmpool-demo --seed-run``). ``mode`` sets the
+        segment's permissions.
         ``poison`` turns on poisoning of reserve elements (PoisonWarning).
         ``max_processes`` is how many processes may be attached at once (a
         process beyond it gets OSError with errno EUSERS).
@@ -142,7 +148,8 @@ class Mempool:
         back the segment. On any error nothing is left behind.
         """
         return _lifecycle.create(cls, name, min_nr=min_nr, slot_size=slot_size, capacity=capacity,
-                                 fail_rate=fail_rate, seed=seed, mode=mode, poison=poison, max_processes=max_processes)
+                                 fail_rate=fail_rate, seed=seed, mode=mode, poison=poison, max_processes=max_processes,
+                                 rng=rng)
 
     @classmethod
     def attach(cls, name: str) -> Mempool:
@@ -159,7 +166,7 @@ class Mempool:
     @classmethod
     def open(cls, name: str, *, create: bool = True, min_nr: int | None = None, slot_size: int | None = None,
              capacity: int | None = None, fail_rate: float = 0.0, seed: int | None = None, mode: int = 0o600,
-             poison: bool = False, max_processes: int = MAX_PROCS) -> Mempool:
+             poison: bool = False, max_processes: int = MAX_PROCS, rng: str = "splitmix64") -> Mempool:
         """Attach to pool ``name``, creating it first if there is none and
         ``create`` is true: for processes that start in any order.
 
@@ -174,7 +181,8 @@ class Mempool:
         :meth:`destroying`.
         """
         return _lifecycle.open_(cls, name, create_=create, min_nr=min_nr, slot_size=slot_size, capacity=capacity,
-                                fail_rate=fail_rate, seed=seed, mode=mode, poison=poison, max_processes=max_processes)
+                                fail_rate=fail_rate, seed=seed, mode=mode, poison=poison, max_processes=max_processes,
+                                rng=rng)
 
     # ------------------------------------------------------------------
     # Allocation and free. alloc, free, buffer and ndarray are the core's C
@@ -383,7 +391,8 @@ class Mempool:
 
     def set_fail_rate(self, fail_rate: float, *, seed: int | None = None) -> None:
         """Change the arena's injected failure rate for every process; a
-        ``seed`` also restarts the failure sequence."""
+        ``seed`` also restarts the failure sequence (with ``rng="glibc"``,
+        as ``srand(seed)``: an unsigned int)."""
         self._core.set_faults(check_fail_rate(fail_rate), check_seed(seed))
 
     @property
@@ -415,6 +424,11 @@ class Mempool:
     def min_nr(self) -> int:
         """The reserve's target size now (``resize`` changes it; one load)."""
         return self._core.min_nr
+
+    @property
+    def rng(self) -> str:
+        """The fault injector's generator: "splitmix64" or "glibc" (create's ``rng``)."""
+        return self._core.rng
 
     @property
     def name(self) -> str:

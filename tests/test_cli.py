@@ -62,8 +62,8 @@ Views = Any
 #: Keys of the JSON documents (shmpool/cli.py): tested so that none is lost.
 POOL_KEYS = {
     "name", "layout_version", "path", "status", "consistent", "geometry", "min_nr", "curr_nr", "arena_free",
-    "arena_shared", "arena_cached", "in_use", "parked", "nr_waiters", "fail_rate", "seed", "poison", "counters",
-    "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator", "queued", "queues",
+    "arena_shared", "arena_cached", "in_use", "parked", "nr_waiters", "fail_rate", "seed", "rng", "poison",
+    "counters", "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator", "queued", "queues",
     "schema",
 }
 LIST_KEYS = {"schema", "name", "slot_size", "capacity", "min_nr", "curr_nr", "in_use", "nr_waiters", "creator_pid",
@@ -263,7 +263,7 @@ def test_json_agrees_with_stats_and_attributes_holders(pool: Mempool, name: str,
     assert all(set(h) == HOLDER_KEYS for h in d["holders"]) and d["queues"] == [] and d["queued"] == 0
     for key in ("min_nr", "curr_nr", "arena_free", "in_use", "queued", "nr_waiters", "fail_rate", "seed", "poison"):
         assert d[key] == getattr(s, key), key
-    assert d["counters"] == {k: getattr(s, k) for k in d["counters"]}
+    assert d["counters"] == {k: getattr(s, k) for k in d["counters"]} and d["rng"] == pool.rng == "splitmix64"
     assert d["geometry"] == {"slot_size": 64, "capacity": 16, "stride": 64, "total_bytes": len(raw(name))}
     assert d["consistent"] is True and d["lock"]["held"] is False and d["status"] == "live"
     assert d["lock"]["pid"] is None and d["lock"]["error"] is None and d["lock"]["held_throughout"] is False
@@ -295,7 +295,7 @@ def test_text_shows_the_same_numbers_in_80_columns(pool: Mempool, name: str, pop
     assert rows["in use"].split()[0] == str(s.in_use)
     assert rows["arena"].split()[0] == str(s.arena_free)
     assert rows["waiters"] == f"{s.nr_waiters} sleeping" and rows["lock"].startswith("free")  # (maybe after a wait)
-    assert rows["faults"] == "fail_rate 0.25, seed 7" and rows["poison"] == "off"
+    assert rows["faults"] == "fail_rate 0.25, seed 7 (splitmix64)" and rows["poison"] == "off"
     lines = out.stdout.splitlines()
     names = [counter for counter, _ in COUNTERS]
     counters = {line.split()[0]: int(line.split()[1]) for line in lines if line.split()[:1] in ([n] for n in names)}

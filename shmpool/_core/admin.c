@@ -92,6 +92,7 @@ int step_set_faults(struct pool *p, struct call *c, int mode) {
     if (c->out[0]) {
         st(&p->hdr[H_SEED], c->out[1]);
         st(&p->hdr[H_RNG], c->out[1]);
+        if (ld(&p->hdr[H_RNG_KIND]) == RNG_GLIBC) glibc_srand(p, (uint32_t)c->out[1]);
     }
     return RC_OK;
 }

@@ -18,9 +18,13 @@
  *
  * When the shared list runs dry, arena_take steals every other process's
  * cache before it reports the arena dry, so free slots are never stranded in
- * an idle process's cache. Fault injection (fail_rate) draws from a
- * splitmix64 counter in the header (an atomic add: lock-free), once per
- * arena attempt that could have been served.
+ * an idle process's cache. Fault injection (fail_rate) draws once per
+ * arena attempt that could have been served, from one of two generators
+ * chosen at create: a splitmix64 counter in the header (an atomic add:
+ * lock-free, the default), or glibc's rand() (random_r's additive feedback
+ * generator, TYPE_3, as srand() seeds it), drawn under the pool lock, so
+ * that the attempts of every process draw in the order they ask the arena,
+ * and a run reproduces a C program's `rand() % 100 < rate` decisions.
  */
 #include <string.h>
 
@@ -28,19 +32,51 @@
 
 #define GOLDEN 0x9E3779B97F4A7C15ull
 
-/* 1 if this arena attempt fails on purpose (counted). */
+/* glibc's srand(seed) into the header's table (lock held, or nobody else
+ * sees the pool yet): srandom_r for TYPE_3, then its 310 discarded draws. */
+void glibc_srand(struct pool *p, uint32_t seed) {
+    int32_t *r = (int32_t *)&p->hdr[H_GLIBC_TABLE];
+    r[0] = (int32_t)(seed ? seed : 1);
+    for (int i = 1; i < 31; i++) {
+        long hi = r[i - 1] / 127773, lo = r[i - 1] % 127773; /* 16807 * r mod (2**31 - 1), without overflow */
+        long word = 16807 * lo - 2836 * hi;
+        if (word < 0) word += 2147483647;
+        r[i] = (int32_t)word;
+    }
+    st(&p->hdr[H_GLIBC_FRONT], 3);
+    for (int i = 0; i < 310; i++) glibc_rand(p);
+}
+
+/* glibc's rand() (random_r, TYPE_3) from the header's table (lock held). */
+uint32_t glibc_rand(struct pool *p) {
+    uint32_t *r = (uint32_t *)&p->hdr[H_GLIBC_TABLE];
+    uint64_t front = ld(&p->hdr[H_GLIBC_FRONT]) % 31, rear = (front + 28) % 31; /* (bounded: damage) */
+    uint32_t val = r[front] + r[rear];
+    r[front] = val;
+    st(&p->hdr[H_GLIBC_FRONT], (front + 1) % 31);
+    return val >> 1;
+}
+
+/* 1 if this arena attempt fails on purpose (counted). With RNG_GLIBC the
+ * caller holds the lock (alloc's lock-free path does not draw). */
 int fault(struct pool *p) {
     uint64_t thr = ld(&p->hdr[H_FAIL_THRESHOLD]);
     if (!thr) return 0;
-    uint64_t z = __atomic_add_fetch(&p->hdr[H_RNG], GOLDEN, __ATOMIC_RELAXED);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    if ((z >> 11) < thr) {
-        count(p, C_FAULTS, 1);
-        return 1;
+    int hit;
+    if (ld(&p->hdr[H_RNG_KIND]) == RNG_GLIBC) {
+        double rate; /* the seed's test, exactly: rand() % 100 < fail_rate * 100 */
+        uint64_t bits = ld(&p->hdr[H_FAIL_RATE]);
+        memcpy(&rate, &bits, sizeof rate);
+        hit = (double)(glibc_rand(p) % 100) < rate * 100.0;
+    } else {
+        uint64_t z = __atomic_add_fetch(&p->hdr[H_RNG], GOLDEN, __ATOMIC_RELAXED);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        hit = (z >> 11) < thr;
     }
-    return 0;
+    if (hit) count(p, C_FAULTS, 1);
+    return hit;
 }
 
 /* Pop our cache's top and hand it out (lock-free): 1 with *handle, 0 if the

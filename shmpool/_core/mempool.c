@@ -105,7 +105,7 @@ void call_init(struct call *c, step_fn step, int bound, int64_t timeout_ns) {
     c->after = NULL;
     c->ctx = NULL;
     c->arg = NULL;
-    c->may_sleep = c->sleep_outside = c->slept = c->skip_arena = c->channel = 0;
+    c->may_sleep = c->sleep_outside = c->slept = c->skip_arena = c->drawn = c->channel = 0;
     c->deadline = deadline_in(timeout_ns);
     c->bound_ns = bound == BOUND_ATOMIC ? (int64_t)ATOMIC_WAIT_NS : bound == BOUND_ADMIN ? (int64_t)ADMIN_WAIT_NS : -1;
     c->retry_ns = SLEEP_RETRY_NS;
@@ -232,7 +232,8 @@ int step_alloc(struct pool *p, struct call *c, int mode) {
 static int alloc_attempt(struct pool *p, struct call *c, int mode) {
     int r;
     if (!c->skip_arena) {
-        r = arena_take(p, 1, ST_HELD, &c->a);
+        r = arena_take(p, !c->drawn, ST_HELD, &c->a); /* one draw per attempt */
+        c->drawn = 0;
         if (r == RC_OK) {
             p->last_event = EV_ALLOC_ARENA;
             return RC_OK;

@@ -209,6 +209,8 @@ int set_word(struct pool *p, uint64_t idx, uint64_t old, uint64_t new_);
 int hand_out(struct pool *p, uint64_t idx, uint64_t old, uint64_t *handle);
 void add_element(struct pool *p, uint64_t idx);
 int remove_element(struct pool *p, uint64_t *out);
+void glibc_srand(struct pool *p, uint32_t seed);         /* the glibc generator's table, seeded */
+uint32_t glibc_rand(struct pool *p);
 int poison_intact(const struct pool *p, uint64_t idx);   /* a reserved element's pattern is whole */
 int arena_push(struct pool *p, uint64_t idx);
 int arena_pop(struct pool *p, uint64_t *out);
@@ -291,6 +293,7 @@ struct call {
     uint32_t seen;             /* the channel's sequence when it registered */
     int slept;                 /* it has slept at least once */
     int skip_arena;            /* the first attempt goes straight to the reserve */
+    int drawn;                 /* the first attempt's fault draw was made (lock-free): not again */
     /* Arguments and results of the steps. */
     uint64_t q;
     const int64_t *src;

@@ -106,20 +106,22 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
     PyObject *gfp = GFP_KERNEL_OBJ, *timeout = Py_None;
     if (parse_alloc(args, nargs, kwnames, "alloc", 0, &gfp, &timeout) < 0) return NULL;
     struct pool *p = &f->p;
-    int skip = 0, sleeps = -1;
+    int skip = 0, drawn = 0, sleeps = -1;
     if (PyLong_Check(gfp) && !PyBool_Check(gfp)) { /* the common masks: checked here, without the warning */
         long g = PyLong_AsLong(gfp);
         if (g >= 0 && ((uint64_t)g & ~(gfp_valid & ~gfp_zero)) == 0) sleeps = ((uint64_t)g & gfp_wait) != 0;
         PyErr_Clear();
     }
     if (sleeps >= 0 && timeout == Py_None && p->enabled && p->entry[P_CACHE_N] > 0 &&
-        ld(&p->hdr[H_STATUS]) == STATUS_LIVE) {
+        ld(&p->hdr[H_STATUS]) == STATUS_LIVE &&
+        (ld(&p->hdr[H_RNG_KIND]) != RNG_GLIBC || !ld(&p->hdr[H_FAIL_THRESHOLD]))) { /* glibc's draws: locked */
         uint64_t h;
         if (fault(p)) skip = 1; /* the arena failed: the locked attempt goes to the reserve */
         else if (cache_pop(p, &h)) {
             count(p, C_ALLOC_ARENA, 1);
             return PyLong_FromUnsignedLongLong(h);
-        }
+        } else
+            drawn = 1; /* (a thief took our cache meanwhile: this attempt has drawn already) */
     }
     int64_t timeout_ns = -1;
     if ((sleeps < 0 && conv_gfp(gfp, &sleeps) < 0) || (timeout != Py_None && conv_timeout(timeout, &timeout_ns) < 0) ||
@@ -129,6 +131,7 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
     call_init(&c, step_alloc, sleeps ? BOUND_CALLER : BOUND_ATOMIC, timeout_ns);
     c.may_sleep = sleeps;
     c.skip_arena = skip;
+    c.drawn = drawn;
     c.retry_ns = (uint64_t)retry_alloc_ns;
     int r = run_call(f, &c);
     if (r == RC_OK) return leave_with(f, PyLong_FromUnsignedLongLong(c.a));

@@ -192,6 +192,10 @@ static PyObject *get_min_nr(Core *f, void *c) {
     if (!f->p.hdr) return closed_error(f);
     return PyLong_FromUnsignedLongLong(ld(&f->p.hdr[H_MIN_NR]));
 }
+static PyObject *get_rng(Core *f, void *c) {
+    if (!f->p.hdr) return closed_error(f);
+    return PyUnicode_FromString(ld(&f->p.hdr[H_RNG_KIND]) == RNG_GLIBC ? "glibc" : "splitmix64");
+}
 static PyObject *get_saturated(Core *f, void *c) {
     if (!f->p.hdr) return closed_error(f);
     return PyBool_FromLong(ld(&f->p.hdr[H_CURR_NR]) >= ld(&f->p.hdr[H_MIN_NR]));
@@ -205,6 +209,7 @@ static PyGetSetDef Core_getset[] = {
     {"trace", (getter)get_trace, (setter)set_trace, "the trace callback, called outside the lock", NULL},
     {"min_nr", (getter)get_min_nr, NULL, "min_nr now (one load)", NULL},
     {"saturated", (getter)get_saturated, NULL, "curr_nr >= min_nr now (two loads)", NULL},
+    {"rng", (getter)get_rng, NULL, "the fault injector's generator", NULL},
     {NULL},
 };
 

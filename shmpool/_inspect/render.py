@@ -78,7 +78,7 @@ def _summary_lines(d: dict[str, Any]) -> list[str]:
         ("queued", f"{d['queued']} in {len(d['queues'])} queue(s)" if d["queues"] else f"{d['queued']} (no queues)"),
         ("waiters", f"{d['nr_waiters']} sleeping" + (
             f" ({d['nr_waiters'] - on_queues} in alloc, {on_queues} on queues)" if on_queues else "")),
-        ("faults", f"fail_rate {d['fail_rate']:g}, seed {d['seed']}"),
+        ("faults", f"fail_rate {d['fail_rate']:g}, seed {d['seed']} ({d['rng']})"),
         ("poison", "on" if d["poison"] else "off"),
         ("lock", lock_text(d["lock"])),
         ("creator", f"pid {creator['pid']} ({'alive' if creator['alive'] else 'gone'}), created {created}"),
