@@ -41,6 +41,7 @@ from .kernel import (
     mempool_resize,
 )
 from .pool import Mempool
+from .queues import Queue
 from .stats import PoolStats
 
 __version__ = "0.1.0"
@@ -61,6 +62,7 @@ __all__ = [
     "PoolDestroyedError",
     "PoolFormatError",
     "PoolStats",
+    "Queue",
     "ShmpoolError",
     "handle_slot",
     "mempool_alloc",

@@ -87,6 +87,13 @@ class Queue:
             raise PoolClosedError(f"queue {self.name!r} is closed in this object; open it again with pool.queue()")
         return self._index
 
+    def _count(self) -> int:
+        """qsize(), with multiprocessing.Queue's error once closed: OSError."""
+        try:
+            return self._core.queue_count(self._q())  # type: ignore[no-any-return]
+        except PoolClosedError as exc:
+            raise OSError(f"queue {self.name!r} is closed ({exc})") from None
+
     def put(self, handle: int, block: bool = True, timeout: float | None = None) -> None:
         """Hand element ``handle`` (held by this process) to the queue; it no
         longer belongs to the caller. Blocks while the queue is full (up to
@@ -153,8 +160,10 @@ class Queue:
         await _aio.put(self, handle, timeout)
 
     def qsize(self) -> int:
-        """How many elements the queue holds now."""
-        return self._core.queue_count(self._q())  # type: ignore[no-any-return]
+        """How many elements the queue holds now. On a closed queue (or
+        pool) object, OSError, as multiprocessing.Queue's once closed;
+        put and get raise PoolClosedError, a ValueError, as its do."""
+        return self._count()
 
     def __len__(self) -> int:
         return self.qsize()
@@ -167,8 +176,18 @@ class Queue:
 
     def close(self) -> None:
         """Let go of this handle on the queue (the queue and its elements
-        stay in the pool). Further calls raise PoolClosedError."""
+        stay in the pool). Further calls raise PoolClosedError (put, get)
+        or OSError (qsize, empty, full), as multiprocessing.Queue's do."""
         self._index = -1
+
+    def join_thread(self) -> None:
+        """Nothing to do: multiprocessing.Queue's, kept so that shutdown
+        code written for it runs unchanged. There is no feeder thread: a
+        put has moved its element into the queue before it returns."""
+
+    def cancel_join_thread(self) -> None:
+        """Nothing to do (see join_thread): no put is ever left in a
+        buffer of this process, so none can be lost or waited for."""
 
     def __repr__(self) -> str:
         return f"<shmpool Queue {self.name!r} of pool {self._member.name!r}, depth {self.depth}>"

@@ -467,3 +467,38 @@ def test_each_put_wakes_one_getter_and_none_is_left_asleep(name: str, no_retries
         pool.free_bulk([first, second])
         check_whole(pool)
         pool.destroy()
+
+
+def test_multiprocessing_queues_surface(name: str) -> None:
+    """What shutdown code written for multiprocessing.Queue calls: a closed
+    queue's put/get raise ValueError and qsize/empty/full OSError, each
+    saying it is closed; join_thread and cancel_join_thread do nothing."""
+    import shmpool
+
+    with Mempool.create(name, min_nr=1, slot_size=8, capacity=4) as pool:
+        q = pool.queue("q", depth=2)
+        assert isinstance(q, shmpool.Queue) and "Queue" in shmpool.__all__
+        h = pool.alloc()
+        q.put(h)
+        assert q.join_thread() is None and q.cancel_join_thread() is None and q.qsize() == 1
+        q.close()
+        for call in (lambda: q.put(h), lambda: q.get(), lambda: q.get_nowait(), lambda: q.put_nowait(h)):
+            with pytest.raises(ValueError, match="is closed"):
+                call()
+        for call in (q.qsize, q.empty, q.full):
+            with pytest.raises(OSError, match="is closed"):
+                call()
+        q.join_thread()
+        q.cancel_join_thread()
+        again = pool.queue("q")
+        assert again.get_nowait() == h  # closing the object changed nothing in the pool
+        again.put(h)
+        pool.close()
+        for call in (again.qsize, again.empty, again.full):
+            with pytest.raises(OSError, match="is closed"):
+                call()
+        with pytest.raises(ValueError, match="closed"):
+            again.get_nowait()
+    with Mempool.attach(name) as pool:
+        pool.free(pool.queue("q").get_nowait())
+        pool.destroy()
