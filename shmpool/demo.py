@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 _await_quiet(quiet, procs + consumers)
                 _say(banner + " (start-up over: no more trace)")  # the first scrolled away
-                signal.pause()
+                while True:  # not signal.pause(): a signal that comes just before it would be waited for forever
+                    time.sleep(0.25)  # (a signal interrupts the sleep, and its handler raises at once)
             except KeyboardInterrupt:
                 _say("\nstopping")
             hold.clear()
