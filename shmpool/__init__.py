@@ -9,6 +9,7 @@ attaches by name can allocate, write, pass the integer handle on, and free.
 
 from __future__ import annotations
 
+from ._core import owner_handle as _owner_handle
 from ._errors import (
     InvalidHandleError,
     PoisonWarning,
@@ -64,6 +65,7 @@ __all__ = [
     "PoolStats",
     "Queue",
     "ShmpoolError",
+    "handle_of",
     "handle_slot",
     "mempool_alloc",
     "mempool_alloc_preallocated",
@@ -84,6 +86,15 @@ __all__ = [
     "mempool_is_saturated",
     "mempool_resize",
 ]
+
+
+def handle_of(a: object) -> int:
+    """The handle of the element an owning array (``pool.array(h)``) or any
+    view of one is over; ValueError for any other object."""
+    handle = _owner_handle(a)
+    if handle is None:
+        raise ValueError(f"not an owning array of a pool (pool.array(handle)), but {type(a).__name__}")
+    return handle
 
 
 def handle_slot(handle: int) -> int:

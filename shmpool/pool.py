@@ -104,7 +104,8 @@ class Mempool:
             _segment.fifo_prefix(name),
         )
         # The hot paths: the core's C methods, found before the documented ones below.
-        self.__dict__.update(alloc=core.alloc, free=core.free, buffer=core.buffer, ndarray=core.ndarray)
+        self.__dict__.update(alloc=core.alloc, free=core.free, buffer=core.buffer, ndarray=core.ndarray,
+                             array=core.array)
         self._name, self._mm, self._fd, self._geo = name, seg.mm, seg.fd, geo
         self._trace: Trace | None = None
         self._open = True
@@ -237,6 +238,18 @@ class Mempool:
         ValueError if more than the slot). It keeps the mapping alive after
         close(); the handle's errors as for free."""
         return self._core.ndarray(handle, dtype, shape)
+
+    def array(self, handle: int, dtype: Any = None, shape: Any = None) -> Array:
+        """ndarray(handle, dtype, shape), owning its element: when the last
+        reference to it and to every view made from it is gone, the element
+        is freed if this process still holds it (not put on a queue, not
+        freed, not adopted elsewhere since). ``free(a)`` and ``q.put(a)``
+        take an owning array as they take its handle (and it then frees
+        nothing); ``shmpool.handle_of(a)`` gives the handle. The finalizer
+        may run in any thread at any moment the collector runs: it frees as
+        ``free`` does, never raises, and parks the element if the lock does
+        not come within ``ATOMIC_LOCK_WAIT_SECONDS``."""
+        return self._core.array(handle, dtype, shape)
 
     def alloc_preallocated(self) -> int | None:
         """Take an element from the reserve only, never the arena, never

@@ -111,6 +111,7 @@ void call_init(struct call *c, step_fn step, int bound, int64_t timeout_ns) {
     c->retry_ns = SLEEP_RETRY_NS;
     c->nap_ns = PUT_NAP_NS;
     c->q = c->a = c->b = 0;
+    c->out[0] = 0;
     c->src = NULL;
     c->dst = NULL;
     c->n = c->moved = 0;
@@ -310,12 +311,20 @@ int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache) {
     return RC_OK;
 }
 
-/* The free of handle (c->a = slot, c->b = generation), lock held. */
+/* Whether word w is the element of generation gen held by `owner` (0:
+ * by anybody; an owning array's finalizer frees only what its process
+ * still holds). */
+static inline int held_as(uint64_t w, uint64_t gen, uint64_t owner) {
+    return W_STATE(w) == ST_HELD && W_GEN(w) == gen && (!owner || W_OWNER(w) == owner);
+}
+
+/* The free of handle (c->a = slot, c->b = generation), held by c->out[0]
+ * (0: anybody), lock held. */
 int step_free(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     if (r != RC_OK) return r;
     uint64_t w = ld(&p->words[c->a]);
-    if (W_STATE(w) != ST_HELD || W_GEN(w) != c->b) {
+    if (!held_as(w, c->b, c->out[0])) {
         describe(p, w, c->b);
         return RC_INVALID;
     }
@@ -327,11 +336,11 @@ int step_free(struct pool *p, struct call *c, int mode) {
 /* The free without the lock, when the reserve is full (the kernel's
  * unlocked peek, checked again by any locked free): onto our cache. 1 if
  * done. */
-int free_fast(struct pool *p, uint64_t idx, uint64_t gen) {
+int free_fast(struct pool *p, uint64_t idx, uint64_t gen, uint64_t owner) {
     if (!p->enabled || !p->entry) return 0;
     uint64_t *h = p->hdr;
     uint64_t w = ld(&p->words[idx]);
-    if (W_STATE(w) != ST_HELD || W_GEN(w) != gen || ld(&h[H_STATUS]) != STATUS_LIVE) return 0;
+    if (!held_as(w, gen, owner) || ld(&h[H_STATUS]) != STATUS_LIVE) return 0;
     if (ld(&h[H_CURR_NR]) < ld(&h[H_MIN_NR])) return 0; /* the reserve first: under the lock */
     if (!cache_push(p, idx, w)) return 0;
     count(p, C_FREE_ARENA, 1);
@@ -345,9 +354,9 @@ int free_fast(struct pool *p, uint64_t idx, uint64_t gen) {
 }
 
 /* A free whose lock did not come: park the element (see "Parked frees"). */
-int park_free(struct pool *p, uint64_t idx, uint64_t gen) {
+int park_free(struct pool *p, uint64_t idx, uint64_t gen, uint64_t owner) {
     uint64_t w = ld(&p->words[idx]);
-    if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+    if (!held_as(w, gen, owner)) {
         describe(p, w, gen);
         return RC_INVALID;
     }
@@ -473,7 +482,7 @@ int park_bulk(struct pool *p, struct call *c) {
     }
     for (int64_t i = 0; i < c->n; i++) {
         uint64_t h = (uint64_t)c->src[i];
-        if (park_free(p, h & INDEX_MASK, h >> HGEN_SHIFT) != RC_OK) c->moved++;
+        if (park_free(p, h & INDEX_MASK, h >> HGEN_SHIFT, 0) != RC_OK) c->moved++;
     }
     return RC_OK;
 }

@@ -325,9 +325,9 @@ int step_drain_cache(struct pool *p, struct call *c, int mode);
 int step_detach(struct pool *p, struct call *c, int mode);
 int step_resize_grow(struct pool *p, struct call *c, int mode);
 int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache);
-int park_free(struct pool *p, uint64_t idx, uint64_t gen);
+int park_free(struct pool *p, uint64_t idx, uint64_t gen, uint64_t owner);
 int park_bulk(struct pool *p, struct call *c);
-int free_fast(struct pool *p, uint64_t idx, uint64_t gen);
+int free_fast(struct pool *p, uint64_t idx, uint64_t gen, uint64_t owner);
 int format_reserve(struct pool *p, uint64_t min_nr);
 
 /* ------------------------------------------------------------------ */

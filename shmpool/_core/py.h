@@ -78,12 +78,23 @@ int decode_fast(Core *f, PyObject *o, uint64_t *idx, uint64_t *gen); /* an exact
  * warnings, trace), and the elements a failed call gives back */
 int run_call(Core *f, struct call *c);
 void give_back(Core *f, const int64_t *handles, int64_t n);
+void free_owned(Core *f, uint64_t handle);                   /* an owning array's finalizer */
 PyObject *handles_array(const int64_t *src, int64_t n);
 void forget_zero_warning(void);
 
 /* py_views.c */
+typedef struct {
+    PyObject_HEAD
+    Core *core;                /* the pool object that frees it */
+    PyObject *mv;              /* the slots' memoryview: keeps the mapping alive */
+    uint64_t handle;
+    int given;                 /* freed or put through the array: its finalizer frees nothing */
+} Owner;
 PyObject *Core_buffer(Core *f, PyObject *handle);
 PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-int views_init(void);
+PyObject *Core_array(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
+PyObject *mod_owner_handle(PyObject *m, PyObject *o);
+Owner *owner_of(PyObject *o);
+int views_init(PyObject *module);
 
 #endif

@@ -229,7 +229,12 @@ static PyObject *Core_free(Core *f, PyObject *handle) {
     uint64_t idx, gen;
     if (!f->p.hdr || !decode_fast(f, handle, &idx, &gen)) {
         if (conv_handle(f, handle, &idx, &gen) < 0) return NULL;
-    } else if (f->trace == NULL && free_fast(&f->p, idx, gen)) {
+        Owner *ow = owner_of(handle);
+        if (ow) { /* an owning array: freed now, so its finalizer frees nothing (even if this raises) */
+            ow->given = 1;
+            if (f->trace == NULL && f->p.hdr && free_fast(&f->p, idx, gen, 0)) Py_RETURN_NONE;
+        }
+    } else if (f->trace == NULL && free_fast(&f->p, idx, gen, 0)) {
         Py_RETURN_NONE;
     }
     if (enter(f) < 0) return NULL;
@@ -238,10 +243,37 @@ static PyObject *Core_free(Core *f, PyObject *handle) {
     c.a = idx;
     c.b = gen;
     int r = run_call(f, &c);
-    if (r == RC_BUSY) r = park_free(&f->p, idx, gen);
+    if (r == RC_BUSY) r = park_free(&f->p, idx, gen, 0);
     if (r == RC_OK) return leave_with(f, Py_NewRef(Py_None));
     if (r == RC_INVALID) return leave_with(f, raise_invalid(f, idx | gen << HGEN_SHIFT));
     return leave_with(f, raise_for(f, r, "free"));
+}
+
+/* An owning array's finalizer: free its element if this process still
+ * holds it under its generation (not put on a queue, sent or freed since;
+ * checked by the same compare-and-swap that frees it). It may run at any
+ * moment the collector runs, in any thread, but never under the pool lock
+ * (only C runs there): no trace, no warning, never an exception (the one
+ * set, if any, is kept); a lock that does not come within the atomic bound
+ * parks the element, as free does. */
+void free_owned(Core *f, uint64_t handle) {
+    uint64_t idx = handle & INDEX_MASK, gen = handle >> HGEN_SHIFT;
+    if (f->unusable || !f->p.hdr || f->p.closing || !f->p.me || idx >= f->p.capacity) return;
+    if (f->trace == NULL && free_fast(&f->p, idx, gen, f->p.me)) return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (enter(f) == 0) {
+        struct call c;
+        call_init(&c, step_free, BOUND_ATOMIC, -1);
+        c.a = idx;
+        c.b = gen;
+        c.out[0] = f->p.me;
+        c.ctx = f;
+        if (run(&f->p, &c) == RC_BUSY) park_free(&f->p, idx, gen, f->p.me);
+        leave_with(f, NULL);
+    }
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
 }
 
 /* free_bulk(handles): every handle checked first (an invalid one frees

@@ -122,8 +122,10 @@ static int handle_value(Core *f, PyObject *o, int64_t *out) {
 /* A handle of this pool (any int; its slot within the capacity). */
 int conv_handle(Core *f, PyObject *o, uint64_t *idx, uint64_t *gen) {
     if (decode_fast(f, o, idx, gen)) return 0;
+    Owner *ow = owner_of(o); /* an owning array stands for its element */
     int64_t h;
-    if (handle_value(f, o, &h) < 0) return -1;
+    if (ow) h = (int64_t)ow->handle;
+    else if (handle_value(f, o, &h) < 0) return -1;
     *idx = (uint64_t)h & INDEX_MASK;
     *gen = (uint64_t)h >> HGEN_SHIFT;
     return 0;

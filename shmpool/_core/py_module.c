@@ -151,6 +151,7 @@ static PyMethodDef module_methods[] = {
     {"set_retry", mod_set_retry, METH_VARARGS, "(alloc_ns, queue_ns): retry periods of unwoken sleepers (tests)"},
     {"retry", mod_retry, METH_NOARGS, "() -> (alloc_ns, queue_ns)"},
     {"derive", mod_derive, METH_VARARGS, "(meta, capacity, max_procs, max_queues, off_words, off_procs, off_queues)"},
+    {"owner_handle", mod_owner_handle, METH_O, "(a) -> the handle an owning array is over, or None"},
     {NULL},
 };
 
@@ -164,6 +165,10 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyObject *type = PyType_FromSpec(&CoreSpec);
     if (!type || PyModule_AddObject(m, "Core", type) < 0 || PyModule_AddStringConstant(m, "LAYOUT_HASH", LAYOUT_HASH) < 0) {
         Py_XDECREF(type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (views_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -55,6 +55,8 @@ static PyObject *Core_put(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     c.src = &one;
     c.n = 1;
     int r = run_call(f, &c);
+    Owner *ow = r == RC_OK ? owner_of(x) : NULL;
+    if (ow) ow->given = 1; /* an owning array: its element is the queue's now */
     if (r == RC_OK || r == RC_FAIL || r == RC_TIMEOUT || r == RC_BUSY) return leave_with(f, PyBool_FromLong(r == RC_OK));
     return leave_with(f, moved_error(f, &c, r));
 }

@@ -220,6 +220,8 @@ static PyMethodDef own_methods[] = {
     M("buffer", Core_buffer, METH_O, "buffer($self, handle, /)\n--\n\nA writable memoryview of the element."),
     M("ndarray", Core_ndarray, METH_FASTCALL | METH_KEYWORDS,
       "ndarray($self, handle, /, dtype=None, shape=None)\n--\n\nA zero-copy numpy view of the element."),
+    M("array", Core_array, METH_FASTCALL | METH_KEYWORDS,
+      "array($self, handle, /, dtype=None, shape=None)\n--\n\nAn owning numpy view of the element."),
     M("close", Core_close, METH_NOARGS, "let go of the mapping; wake this object's sleepers"),
     {NULL},
 };

@@ -5,6 +5,14 @@
  * keeps the mapping alive after close(). The handle is checked with one load
  * of its slot word without the lock: the caller holds it, so nobody else may
  * change that word (a stale or freed handle is refused, as by free).
+ *
+ * array(h, dtype, shape) is the same view, owning: its base is an Owner,
+ * which holds the pool object and the memoryview, and whose deallocation
+ * (when the last array or view over the element is gone) frees the element
+ * if this process still holds it (free_owned). An owning array handed to
+ * free() or a queue's put() is marked given: its finalizer then frees
+ * nothing. numpy points every view's base at the Owner, so owner_of finds
+ * it in one step.
  */
 #include "py.h"
 
@@ -103,7 +111,62 @@ static int dims_of(Core *f, PyObject *shape, Py_ssize_t item, npy_intp *dims) {
     return (int)nd;
 }
 
+/* ------------------------------------------------------------------ */
+/* Owners                                                              */
+
+static PyTypeObject *OwnerType;
+
+static void Owner_dealloc(PyObject *self) {
+    Owner *o = (Owner *)self;
+    if (!o->given && o->core) free_owned(o->core, o->handle);
+    Py_XDECREF(o->core);
+    Py_XDECREF(o->mv);
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyType_Slot Owner_slots[] = {
+    {Py_tp_dealloc, (void *)Owner_dealloc},
+    {Py_tp_doc, "the element behind an owning array: freed when the last array over it goes, if still held"},
+    {0, NULL},
+};
+static PyType_Spec OwnerSpec = {"shmpool._core.Owner", sizeof(Owner), 0, Py_TPFLAGS_DEFAULT, Owner_slots};
+
+int views_init(PyObject *module) {
+    OwnerType = (PyTypeObject *)PyType_FromSpec(&OwnerSpec);
+    if (!OwnerType) return -1;
+    Py_INCREF(OwnerType);
+    return PyModule_AddObject(module, "Owner", (PyObject *)OwnerType);
+}
+
+/* The Owner behind array o (borrowed), or NULL (no error set). */
+Owner *owner_of(PyObject *o) {
+    if (!OwnerType || !PyArray_Check(o)) return NULL;
+    PyObject *base = PyArray_BASE((PyArrayObject *)o);
+    while (base && PyArray_Check(base)) base = PyArray_BASE((PyArrayObject *)base);
+    return base && Py_TYPE(base) == OwnerType ? (Owner *)base : NULL;
+}
+
+/* owner_handle(a) -> the handle of the element an owning array (or any view
+ * of one) is over, or None. */
+PyObject *mod_owner_handle(PyObject *m, PyObject *o) {
+    Owner *ow = owner_of(o);
+    if (!ow) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(ow->handle);
+}
+
+static PyObject *make_view(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int own);
+
 PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    return make_view(f, args, nargs, kwnames, 0);
+}
+
+PyObject *Core_array(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    return make_view(f, args, nargs, kwnames, 1);
+}
+
+static PyObject *make_view(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int own) {
     PyObject *handle = nargs >= 1 ? args[0] : NULL, *dtype = nargs >= 2 ? args[1] : Py_None;
     PyObject *shape = nargs >= 3 ? args[2] : Py_None;
     if (nargs > 3) {
@@ -134,9 +197,27 @@ PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObjec
         return NULL;
     }
     char *ptr = (char *)f->p.data + (uint64_t)idx * f->p.stride;
+    PyObject *base = Py_NewRef(f->data_mv);
+    if (own) {
+        Owner *o = PyObject_New(Owner, OwnerType);
+        if (!o) {
+            Py_DECREF(base);
+            Py_DECREF(descr);
+            return NULL;
+        }
+        o->core = (Core *)Py_NewRef((PyObject *)f);
+        o->mv = base;
+        o->handle = (uint64_t)idx | (ld(&f->p.words[idx]) >> GEN_SHIFT & GEN_MASK) << HGEN_SHIFT;
+        o->given = 0;
+        base = (PyObject *)o;
+    }
     PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr, NPY_ARRAY_CARRAY, NULL);
-    if (!arr) return NULL;
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(f->data_mv)) < 0) {
+    if (!arr) {
+        if (own) ((Owner *)base)->given = 1; /* its element stays held: the caller still has the handle */
+        Py_DECREF(base);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, base) < 0) {
         Py_DECREF(arr);
         return NULL;
     }
