@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ._layout import MAX_CAPACITY, MAX_MAX_PROCS, MAX_SLOT_SIZE, QUEUE_NAME_BYTES, RNG_GLIBC, RNG_NAMES
+from ._layout import DESC_MAX_DIMS, MAX_CAPACITY, MAX_MAX_PROCS, MAX_SLOT_SIZE, QUEUE_NAME_BYTES, RNG_GLIBC, RNG_NAMES
 
 
 def check_int(value: object, what: str) -> int:
@@ -48,6 +48,29 @@ def check_rng(rng: object, seed: int | None) -> int:
     if RNG_NAMES[rng] == RNG_GLIBC and seed is not None and seed >= 1 << 32:
         raise ValueError(f"a seed of glibc's rand() is an unsigned int (0 to 2**32-1), not {seed}")
     return RNG_NAMES[rng]
+
+
+def check_array(shape: object, dtype: object, slot_size: int) -> tuple[bytes, tuple[int, ...]]:
+    """alloc_array's shape and dtype: (the dtype's code, the dimensions).
+    ValueError if they do not fit a slot or a descriptor; TypeError for an
+    object dtype or a shape that is no int or sequence of ints."""
+    dims = (shape,) if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool) else shape
+    if not isinstance(dims, (tuple, list)) or any(isinstance(d, bool) or not isinstance(d, (int, np.integer))
+                                                  for d in dims):
+        raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r}")
+    dims = tuple(int(d) for d in dims)
+    dt = np.dtype(dtype)  # type: ignore[call-overload]
+    code = dt.str.encode("ascii")
+    if dt.hasobject:
+        raise TypeError("a slot cannot hold Python objects (dtype has object fields)")
+    if dt.fields is not None or len(code) > 8 or dt.itemsize < 1:
+        raise ValueError(f"dtype {dt} cannot be recorded with an element (a plain dtype of 8 or fewer code bytes)")
+    if len(dims) > DESC_MAX_DIMS or any(d < 0 for d in dims):
+        raise ValueError(f"shape {dims}: at most {DESC_MAX_DIMS} dimensions, none negative")
+    if math.prod(dims) * dt.itemsize > slot_size:
+        raise ValueError(f"shape {dims} of {dt} needs {math.prod(dims) * dt.itemsize} bytes, more than a slot's "
+                         f"{slot_size}")
+    return code, dims
 
 
 def check_seed(seed: object) -> int | None:

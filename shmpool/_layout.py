@@ -13,12 +13,13 @@ One POSIX shared-memory segment holds one pool::
     off_stack           reserve stack: capacity x u32 slot indexes (elements[])
     off_arena           arena free list: capacity x u32 slot indexes (a stack)
     off_next            queue links: capacity x u32, the next slot in a queue
+    off_desc            element descriptors: capacity x DESC_WORDS u64 (D_*)
     off_procs           process registry: max_procs x PROC_WORDS u64 (P_*)
     off_queues          queue table: MAX_QUEUES x QUEUE_WORDS u64 (Q_*)
     off_slots           slots: capacity x stride bytes, page-aligned start
     total               end of the segment
 
-That is 20 bytes of metadata per slot beyond the fixed part. The stack has
+That is 52 bytes of metadata per slot beyond the fixed part. The stack has
 room for ``capacity`` entries, so ``resize`` can grow ``min_nr`` up to the
 capacity without moving anything. ``stride`` is ``slot_size`` rounded up to
 8, so every slot is 8-byte aligned.
@@ -133,6 +134,7 @@ H_FAIL_THRESHOLD = 36  # fail_rate scaled to 2**53: fail when the draw is below 
 H_RNG = 37  # splitmix64 state of the fault injector (atomic add; RNG_SPLITMIX)
 H_ENTRIES_USED = 38  # one past the highest registry entry ever taken: how far scans look
 H_LOCK_WAKING = 39  # 1: a releaser woke a lock contender that has not run yet (no other is woken meanwhile)
+H_OFF_DESC = 40  # (geometry) the element descriptors' table
 # Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
 H_ALLOC_ARENA = 48
 H_ALLOC_RESERVE = 49
@@ -229,6 +231,18 @@ C_SLEEPS = 5
 C_FAULTS = 6
 C_POISON = 7
 
+# Element descriptors (alloc_array): DESC_WORDS u64 per slot, written by
+# the element's holder (no lock: nobody else may touch a held element),
+# D_GEN last. A descriptor is the element's only while D_GEN names the
+# generation its slot word has: a free and a new allocation make it stale
+# without a write, and a put, get or adopt keep it.
+D_GEN = 0  # generation << 8 | DESC_SET | ndim; 0: none
+D_DTYPE = 1  # numpy's dtype.str, NUL-padded (8 bytes)
+D_DIMS = 2  # up to DESC_MAX_DIMS u32 dimensions (two words)
+DESC_WORDS = 4
+DESC_SET = 0x80
+DESC_MAX_DIMS = 4
+
 # Queue table entries: QUEUE_WORDS u64 each.
 Q_NAME = 0  # QUEUE_NAME_BYTES, NUL-padded
 QUEUE_NAME_BYTES = 48
@@ -271,6 +285,7 @@ _C_SECTIONS = (
     ("slot words", ("ST_ARENA", "ST_RESERVE", "ST_HELD", "ST_CACHED", "ST_QUEUED", "ST_PARKED", "STATE_MASK",
                     "OWNER_SHIFT", "OWNER_MASK", "GEN_SHIFT", "GEN_MASK")),
     ("handles", ("INDEX_MASK", "HGEN_SHIFT", "MAX_CAPACITY", "MAX_SLOT_SIZE")),
+    ("descriptors", ("D_GEN", "D_DTYPE", "D_DIMS", "DESC_WORDS", "DESC_SET", "DESC_MAX_DIMS")),
     ("registry entries", tuple(n for n in globals() if n.startswith(("P_", "C_")))
      + ("N_PROC_COUNTERS", "CACHE_MAX", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
     ("queue table", tuple(n for n in globals() if n.startswith("Q_"))
@@ -324,6 +339,7 @@ class Geometry:
     off_stack: int
     off_arena: int
     off_next: int
+    off_desc: int
     off_procs: int
     max_procs: int
     off_queues: int
@@ -343,12 +359,14 @@ class Geometry:
         off_stack = _line(off_words + 8 * capacity)  # every table starts a cache line
         off_arena = _line(off_stack + 4 * capacity)
         off_next = _line(off_arena + 4 * capacity)
-        off_procs = _line(off_next + 4 * capacity)
+        off_desc = _line(off_next + 4 * capacity)
+        off_procs = _line(off_desc + 8 * DESC_WORDS * capacity)
         off_queues = off_procs + 8 * PROC_WORDS * max_procs
         off_slots = -(-(off_queues + 8 * QUEUE_WORDS * MAX_QUEUES) // PAGE) * PAGE
         total = off_slots + stride * capacity
         return cls(
-            slot_size, capacity, stride, off_words, off_stack, off_arena, off_next, off_procs, max_procs, off_queues,
+            slot_size, capacity, stride, off_words, off_stack, off_arena, off_next, off_desc, off_procs, max_procs,
+            off_queues,
             MAX_QUEUES, off_slots, total,
         )
 
@@ -359,6 +377,7 @@ class Geometry:
             H_VERSION: LAYOUT_VERSION, H_HEADER_BYTES: HEADER_BYTES, H_TOTAL: self.total,
             H_SLOT_SIZE: self.slot_size, H_CAPACITY: self.capacity, H_STRIDE: self.stride,
             H_OFF_WORDS: self.off_words, H_OFF_STACK: self.off_stack, H_OFF_ARENA: self.off_arena,
-            H_OFF_NEXT: self.off_next, H_OFF_PROCS: self.off_procs, H_MAX_PROCS: self.max_procs,
+            H_OFF_NEXT: self.off_next, H_OFF_DESC: self.off_desc, H_OFF_PROCS: self.off_procs,
+            H_MAX_PROCS: self.max_procs,
             H_OFF_QUEUES: self.off_queues, H_MAX_QUEUES: self.max_queues, H_OFF_SLOTS: self.off_slots,
         }

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, overload
 
 from . import _aio, _attach, _lifecycle, _segment
-from ._args import check_fail_rate, check_queue_name, check_range, check_seed
+from ._args import check_array, check_fail_rate, check_queue_name, check_range, check_seed
 from ._core import LAYOUT_HASH, Core, set_classes
 from ._errors import (
     InvalidHandleError,
@@ -99,7 +99,8 @@ class Mempool:
     def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, min_nr: int | None = None) -> None:
         poison = bool(int.from_bytes(seg.mm[8 * H_FLAGS : 8 * H_FLAGS + 8], "little") & FLAG_POISON)
         self._core = core = Core(
-            seg.mm, name, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_procs, geo.off_queues,
+            seg.mm, name, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_desc, geo.off_procs,
+            geo.off_queues,
             geo.max_queues, geo.off_slots, geo.max_procs, geo.capacity, geo.stride, geo.slot_size, poison,
             _segment.fifo_prefix(name),
         )
@@ -235,9 +236,35 @@ class Mempool:
     def ndarray(self, handle: int, dtype: Any = None, shape: Any = None) -> Array:
         """A numpy array over the element's bytes, no copy: ``dtype`` (default
         uint8) and ``shape`` (default: as many as fit; an int or a tuple;
-        ValueError if more than the slot). It keeps the mapping alive after
+        ValueError if more than the slot). With neither, an element made by
+        ``alloc_array`` gives the view recorded with it. It keeps the mapping alive after
         close(); the handle's errors as for free."""
         return self._core.ndarray(handle, dtype, shape)
+
+    @overload
+    def alloc_array(self, shape: Any, dtype: Any, gfp: SleepingMask = ..., *, timeout: float | None = None) -> Array: ...
+    @overload
+    def alloc_array(self, shape: Any, dtype: Any, gfp: int, *, timeout: float | None = None) -> Array | None: ...
+
+    def alloc_array(self, shape: Any, dtype: Any, gfp: int = GFP_KERNEL, *,
+                    timeout: float | None = None) -> Array | None:
+        """alloc(gfp, timeout=timeout), its element's dtype and shape
+        recorded with it: an owning array (see ``array``), or None where
+        alloc would return None. ValueError if they do not fit in a slot
+        (or in a descriptor: a plain dtype, at most 4 dimensions). The
+        record travels with the element (a queue, adopt): ``ndarray(h)``
+        and ``array(h)`` without dtype and shape give this view in any
+        process; a free forgets it."""
+        code, dims = check_array(shape, dtype, self.slot_size)
+        h = self._core.alloc(gfp, timeout=timeout)
+        if h is None:
+            return None
+        try:
+            self._core.describe(h, code, dims)
+            return self._core.array(h)
+        except BaseException:
+            self._core.free(h)
+            raise
 
     def array(self, handle: int, dtype: Any = None, shape: Any = None) -> Array:
         """ndarray(handle, dtype, shape), owning its element: when the last

@@ -11,8 +11,8 @@ import pytest
 from helpers import check_whole, wait_for
 from procs import start_child
 
-from shmpool import InvalidHandleError, Mempool, handle_of
-from shmpool.testing import hold_lock
+from shmpool import GFP_ATOMIC, InvalidHandleError, Mempool, PoolFormatError, handle_of
+from shmpool.testing import hold_lock, views
 
 
 @pytest.fixture
@@ -115,3 +115,58 @@ def test_a_finalizer_behind_a_held_lock_parks_the_element(pool: Mempool) -> None
         del a  # the lock does not come within the atomic bound: parked, no exception, no hang
     wait_for(lambda: pool.stats().in_use == 0, what="the parked element to be returned")
     check_whole(pool)
+
+
+def test_dtype_and_shape_travel_with_the_element(pool: Mempool, name: str, popen) -> None:
+    q = pool.queue("q", depth=2)
+    a = pool.alloc_array((2, 3), np.float32)
+    a[:] = np.arange(6, dtype=np.float32).reshape(2, 3)
+    q.put(a)
+    del a
+    consumer = start_child(popen, name)
+    got = consumer.call("(lambda a: (str(a.dtype), a.shape, a.tolist()))(pool.array(pool.queue('q').get()))")
+    assert got == ("float32", (2, 3), [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    assert pool.stats().in_use == 0  # the consumer's array went with its last reference
+    consumer.finish()
+
+
+def test_a_descriptor_is_its_generations_only(pool: Mempool) -> None:
+    a = pool.alloc_array(4, np.int16)
+    h = handle_of(a)
+    assert pool.ndarray(h).dtype == np.int16 and pool.ndarray(h, np.uint8).shape == (64,)  # given: as asked
+    pool.free(a)
+    again = [pool.alloc() for _ in range(8)]  # every slot, its own among them, under a new generation
+    assert all(pool.ndarray(x).dtype == np.uint8 and pool.ndarray(x).shape == (64,) for x in again)
+    pool.free_bulk(again)
+
+
+def test_alloc_array_refuses_what_does_not_fit(pool: Mempool) -> None:
+    for shape, dtype in (((9,), np.float64), ((1, 1, 1, 1, 1), np.uint8), ((-1,), np.uint8), (8, "S9"),
+                         (1, [("a", "i4"), ("b", "f4")])):
+        with pytest.raises(ValueError):
+            pool.alloc_array(shape, dtype)
+    with pytest.raises(TypeError):
+        pool.alloc_array(2, object)
+    with pytest.raises(TypeError):
+        pool.alloc_array("2", np.uint8)
+    assert pool.stats().in_use == 0  # refused before anything was allocated
+    held = [pool.alloc_array(8, np.uint8, GFP_ATOMIC) for _ in range(8)]
+    assert pool.alloc_array(8, np.uint8, GFP_ATOMIC) is None  # where alloc returns None
+    del held
+    assert pool.stats().in_use == 0
+
+
+def test_a_damaged_descriptor_is_a_format_error(pool: Mempool) -> None:
+    a = pool.alloc_array(4, np.int32)
+    h = handle_of(a)
+    slot = h & 0xFFFFFF
+    desc = views(pool).desc
+    desc[4 * slot + 1] = int.from_bytes(b"<q9\x00\x00\x00\x00\x00", "little")  # no dtype
+    with pytest.raises(PoolFormatError, match="descriptor"):
+        pool.ndarray(h)
+    desc[4 * slot + 1] = int.from_bytes(b"<f8\x00\x00\x00\x00\x00", "little")
+    desc[4 * slot + 2] = 10**6  # a million float64: beyond the slot
+    with pytest.raises(PoolFormatError, match="descriptor"):
+        pool.array(h)
+    assert pool.ndarray(h, np.int32, 4).shape == (4,)  # asked for explicitly: as ever
+    pool.free(a)

@@ -96,6 +96,7 @@ struct pool {
     /* The segment. */
     uint64_t *hdr, *words, *registry, *queues;
     uint32_t *stack, *arena, *next;
+    uint64_t *desc;              /* element descriptors: DESC_WORDS per slot (py_views.c) */
     unsigned char *data;
     uint64_t capacity, stride, slot_size, max_procs, off_procs, max_queues;
     int fd;                      /* the segment file, for OFD liveness (not owned) */

@@ -85,11 +85,12 @@ void release_view(Core *f) {
 static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     PyObject *buf;
     const char *name, *fifo;
-    Py_ssize_t off_words, off_stack, off_arena, off_next, off_procs, off_queues, max_queues, off_slots, max_procs;
+    Py_ssize_t off_words, off_stack, off_arena, off_next, off_desc, off_procs, off_queues, max_queues, off_slots,
+        max_procs;
     unsigned long long capacity, stride, slot_size;
     int poison;
-    if (!PyArg_ParseTuple(args, "OsnnnnnnnnnKKKps", &buf, &name, &off_words, &off_stack, &off_arena, &off_next,
-                          &off_procs, &off_queues, &max_queues, &off_slots, &max_procs, &capacity, &stride,
+    if (!PyArg_ParseTuple(args, "OsnnnnnnnnnnKKKps", &buf, &name, &off_words, &off_stack, &off_arena, &off_next,
+                          &off_desc, &off_procs, &off_queues, &max_queues, &off_slots, &max_procs, &capacity, &stride,
                           &slot_size, &poison, &fifo))
         return -1;
     if (f->have_view) {
@@ -108,6 +109,7 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
         off_words < (Py_ssize_t)(8 * HEADER_WORDS) || off_words + (Py_ssize_t)(8 * capacity) > len || off_stack < 0 ||
         off_stack + (Py_ssize_t)(4 * capacity) > len || off_arena < 0 || off_arena + (Py_ssize_t)(4 * capacity) > len ||
         off_next < 0 || off_next + (Py_ssize_t)(4 * capacity) > len || off_queues < 0 || off_queues % 8 ||
+        off_desc < 0 || off_desc % 8 || off_desc + (Py_ssize_t)(8 * DESC_WORDS * capacity) > len ||
         max_queues < 0 || max_queues > (Py_ssize_t)MAX_QUEUES ||
         off_queues + max_queues * (Py_ssize_t)QUEUE_WORDS * 8 > len || off_procs < 0 || off_procs % 8 ||
         off_procs + max_procs * (Py_ssize_t)PROC_WORDS * 8 > len || off_slots < 0 ||
@@ -122,6 +124,7 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     p->stack = (uint32_t *)(base + off_stack);
     p->arena = (uint32_t *)(base + off_arena);
     p->next = (uint32_t *)(base + off_next);
+    p->desc = (uint64_t *)(base + off_desc);
     p->queues = (uint64_t *)(base + off_queues);
     p->registry = (uint64_t *)(base + off_procs);
     p->data = (unsigned char *)(base + off_slots);
@@ -222,6 +225,7 @@ static PyMethodDef own_methods[] = {
       "ndarray($self, handle, /, dtype=None, shape=None)\n--\n\nA zero-copy numpy view of the element."),
     M("array", Core_array, METH_FASTCALL | METH_KEYWORDS,
       "array($self, handle, /, dtype=None, shape=None)\n--\n\nAn owning numpy view of the element."),
+    M("describe", Core_describe_, METH_FASTCALL, "(handle, code, dims): record an element's dtype and shape"),
     M("close", Core_close, METH_NOARGS, "let go of the mapping; wake this object's sleepers"),
     {NULL},
 };

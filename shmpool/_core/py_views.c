@@ -14,6 +14,8 @@
  * nothing. numpy points every view's base at the Owner, so owner_of finds
  * it in one step.
  */
+#include <string.h>
+
 #include "py.h"
 
 /* The slot of a handle this object may view, or -1 with the error. */
@@ -157,13 +159,88 @@ PyObject *mod_owner_handle(PyObject *m, PyObject *o) {
 }
 
 static PyObject *make_view(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int own);
+static PyObject *Core_describe(Core *f, PyObject *const *args, Py_ssize_t nargs);
 
 PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     return make_view(f, args, nargs, kwnames, 0);
 }
 
+PyObject *Core_describe_(Core *f, PyObject *const *args, Py_ssize_t nargs) { return Core_describe(f, args, nargs); }
+
 PyObject *Core_array(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     return make_view(f, args, nargs, kwnames, 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* Descriptors: the dtype and shape alloc_array records with an element  */
+
+/* describe(handle, code, dims): record dtype code (numpy's dtype.str, 1 to
+ * 8 bytes) and dims (up to DESC_MAX_DIMS ints) for an element this process
+ * holds (checked by the caller to fit the slot). */
+static PyObject *Core_describe(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyBytes_Check(args[1]) || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "describe(handle, code: bytes, dims: tuple)");
+        return NULL;
+    }
+    Py_ssize_t clen = PyBytes_GET_SIZE(args[1]), nd = PyTuple_GET_SIZE(args[2]);
+    if (clen < 1 || clen > 8 || nd > (Py_ssize_t)DESC_MAX_DIMS) {
+        PyErr_SetString(PyExc_ValueError, "a descriptor holds a dtype code of 1 to 8 bytes and at most 4 dimensions");
+        return NULL;
+    }
+    uint32_t dims[DESC_MAX_DIMS] = {0};
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args[2], i));
+        if (PyErr_Occurred()) return NULL;
+        if (v > 0xFFFFFFFFull) {
+            PyErr_SetString(PyExc_ValueError, "a dimension beyond 2**32-1");
+            return NULL;
+        }
+        dims[i] = (uint32_t)v;
+    }
+    int64_t idx = viewable(f, args[0]);
+    if (idx < 0) return NULL;
+    uint64_t w = ld(&f->p.words[idx]), *d = f->p.desc + (uint64_t)idx * DESC_WORDS, code = 0;
+    if (W_OWNER(w) != f->p.me) {
+        PyErr_SetString(PyExc_ValueError, "the element is held by another process");
+        return NULL;
+    }
+    memcpy(&code, PyBytes_AS_STRING(args[1]), (size_t)clen);
+    st(&d[D_DTYPE], code);
+    memcpy(&d[D_DIMS], dims, sizeof dims);
+    __atomic_store_n(&d[D_GEN], W_GEN(w) << 8 | DESC_SET | (uint64_t)nd, __ATOMIC_RELEASE); /* last */
+    Py_RETURN_NONE;
+}
+
+/* The recorded dtype and dims of slot idx (its word w), if it has a
+ * descriptor of its current generation: 1 (*descr new), 0 if none, -1 with
+ * PoolFormatError for one that is damaged. */
+static int recorded(Core *f, uint64_t idx, uint64_t w, PyArray_Descr **descr, npy_intp *dims, int *nd) {
+    const uint64_t *d = f->p.desc + idx * DESC_WORDS;
+    uint64_t g = __atomic_load_n(&d[D_GEN], __ATOMIC_ACQUIRE);
+    if (!(g & DESC_SET) || g >> 8 != W_GEN(w)) return 0;
+    uint64_t code = ld(&d[D_DTYPE]);
+    char text[9] = {0};
+    memcpy(text, &code, 8);
+    uint32_t u[DESC_MAX_DIMS];
+    memcpy(u, &d[D_DIMS], sizeof u);
+    *nd = (int)(g & 0x7F);
+    uint64_t total = 1;
+    PyObject *s = *nd <= (int)DESC_MAX_DIMS ? PyUnicode_DecodeASCII(text, (Py_ssize_t)strlen(text), "strict") : NULL;
+    PyErr_Clear();
+    *descr = NULL;
+    if (s && !PyArray_DescrConverter(s, descr)) PyErr_Clear();
+    Py_XDECREF(s);
+    for (int i = 0; *descr && i < *nd; i++) {
+        dims[i] = (npy_intp)u[i];
+        total = u[i] && total > f->p.slot_size / u[i] ? f->p.slot_size + 1 : total * u[i];
+    }
+    if (!*descr || PyDataType_REFCHK(*descr) || PyDataType_ELSIZE(*descr) < 1 ||
+        total > f->p.slot_size / (uint64_t)PyDataType_ELSIZE(*descr)) {
+        Py_XDECREF(*descr);
+        PyErr_Format(ErrFormat, "pool '%s': the descriptor of slot %llu is damaged", f->p.name, (unsigned long long)idx);
+        return -1;
+    }
+    return 1;
 }
 
 static PyObject *make_view(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int own) {
@@ -187,14 +264,23 @@ static PyObject *make_view(Core *f, PyObject *const *args, Py_ssize_t nargs, PyO
         PyErr_SetString(PyExc_TypeError, "ndarray() needs a handle");
         return NULL;
     }
-    PyArray_Descr *descr = descr_of(f, dtype);
-    if (!descr) return NULL;
+    PyArray_Descr *descr = NULL;
     npy_intp dims[NPY_MAXDIMS];
-    int nd = dims_of(f, shape, PyDataType_ELSIZE(descr), dims);
-    int64_t idx = nd < 0 ? -1 : viewable(f, handle);
-    if (idx < 0) {
-        Py_DECREF(descr);
-        return NULL;
+    int nd = 0, found = 0;
+    int64_t idx;
+    if (dtype == Py_None && shape == Py_None) { /* the view alloc_array recorded, if any */
+        if ((idx = viewable(f, handle)) < 0) return NULL;
+        found = recorded(f, (uint64_t)idx, ld(&f->p.words[idx]), &descr, dims, &nd);
+        if (found < 0) return NULL;
+    }
+    if (!found) {
+        if (!(descr = descr_of(f, dtype))) return NULL;
+        nd = dims_of(f, shape, PyDataType_ELSIZE(descr), dims);
+        idx = nd < 0 ? -1 : viewable(f, handle);
+        if (idx < 0) {
+            Py_DECREF(descr);
+            return NULL;
+        }
     }
     char *ptr = (char *)f->p.data + (uint64_t)idx * f->p.stride;
     PyObject *base = Py_NewRef(f->data_mv);
