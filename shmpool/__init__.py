@@ -9,6 +9,7 @@ attaches by name can allocate, write, pass the integer handle on, and free.
 
 from __future__ import annotations
 
+from . import _reduction
 from ._core import owner_handle as _owner_handle
 from ._errors import (
     InvalidHandleError,
@@ -44,6 +45,8 @@ from .kernel import (
 from .pool import Mempool
 from .queues import Queue
 from .stats import PoolStats
+
+_reduction.register()  # pool-backed arrays through multiprocessing: by reference
 
 __version__ = "0.1.0"
 

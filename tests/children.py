@@ -400,3 +400,26 @@ def gil_hog(name: str, seconds: float, results: Any) -> None:
         stop.set()
         t.join(60)
     results.put((calls[0], sorts, errors))
+
+
+def receive_array(channel: Any, back: Any, go: Any) -> None:
+    """Get a pool-backed array through a multiprocessing channel, say what
+    arrived, write into it, and drop it when told."""
+    import shmpool
+
+    a = channel.get(timeout=60)
+    back.put((a.dtype.str, a.shape, a.tolist(), shmpool.handle_of(a)))
+    a[0] = 42
+    back.put("written")
+    if not go.wait(60):
+        raise TimeoutError("never told to drop it")
+    del a
+    gc.collect()
+    back.put("dropped")
+
+
+def scale_in_place(a: Any, by: int = 2) -> Any:
+    """A task that writes into the array it was given and returns it (both
+    ways by reference)."""
+    a *= by
+    return a

@@ -369,12 +369,13 @@ int park_free(struct pool *p, uint64_t idx, uint64_t gen, uint64_t owner) {
     return RC_OK;
 }
 
-/* make this process the holder of a held element (c->a, c->b). */
+/* make this process the holder of a held element (c->a, c->b), held by
+ * c->out[0] (0: by anybody; a reference that travelled names its sender). */
 int step_adopt(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     if (r != RC_OK) return r;
     uint64_t w = ld(&p->words[c->a]);
-    if (W_STATE(w) != ST_HELD || W_GEN(w) != c->b) {
+    if (!held_as(w, c->b, c->out[0])) {
         describe(p, w, c->b);
         return RC_INVALID;
     }

@@ -305,13 +305,22 @@ out:
 }
 
 /* adopt(handle): make this process the holder of a held element. */
-static PyObject *Core_adopt(Core *f, PyObject *handle) {
+static PyObject *Core_adopt(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t idx, gen;
+    unsigned long long from = 0; /* adopt(handle, from_owner=0): only from that holder (0: any) */
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "adopt(handle, from_owner=0)");
+        return NULL;
+    }
+    if (nargs == 2 && (from = PyLong_AsUnsignedLongLong(args[1])) == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *handle = args[0];
     if (conv_handle(f, handle, &idx, &gen) < 0 || enter(f) < 0) return NULL;
     struct call c;
     call_init(&c, step_adopt, BOUND_ADMIN, -1);
     c.a = idx;
     c.b = gen;
+    c.out[0] = from;
     int r = run_call(f, &c);
     if (r == RC_OK) return leave_with(f, Py_NewRef(Py_None));
     if (r == RC_INVALID) return leave_with(f, raise_invalid(f, idx | gen << HGEN_SHIFT));
@@ -326,7 +335,7 @@ PyMethodDef Core_alloc_methods[] = {
     M("alloc_preallocated", Core_alloc_preallocated, METH_NOARGS, "the reserve only, never waiting"),
     M("alloc_bulk", Core_alloc_bulk, METH_FASTCALL | METH_KEYWORDS, "(n, gfp=GFP_KERNEL, *, timeout=None)"),
     M("free_bulk", Core_free_bulk, METH_O, "(handles)"),
-    M("adopt", Core_adopt, METH_O, "(handle)"),
+    M("adopt", Core_adopt, METH_FASTCALL, "(handle, from_owner=0)"),
     M("alloc_async_try", Core_alloc_async_try, METH_NOARGS, "() -> handle, None (registered), False (lock busy)"),
     M("async_done", Core_async_done, METH_NOARGS, "count out an async sleeper"),
     {NULL},

@@ -150,6 +150,23 @@ Owner *owner_of(PyObject *o) {
     return base && Py_TYPE(base) == OwnerType ? (Owner *)base : NULL;
 }
 
+/* send_reference(a) -> (pool name, handle, holder, offset) of the element
+ * an owning array (or a view of one) is over, if this process holds it,
+ * and marks it given (its finalizer frees nothing: the element is its
+ * sender's until a receiver adopts it from this holder); or None. */
+PyObject *mod_send_reference(PyObject *m, PyObject *o) {
+    Owner *ow = owner_of(o);
+    if (!ow || !ow->core || !ow->core->p.hdr || ow->core->p.closing) Py_RETURN_NONE;
+    Core *f = ow->core;
+    uint64_t idx = ow->handle & INDEX_MASK, w = ld(&f->p.words[idx]);
+    if (W_STATE(w) != ST_HELD || W_GEN(w) != ow->handle >> HGEN_SHIFT || W_OWNER(w) != f->p.me)
+        Py_RETURN_NONE; /* not ours to send: it pickles as any array */
+    char *start = (char *)f->p.data + idx * f->p.stride, *at = PyArray_BYTES((PyArrayObject *)o);
+    ow->given = 1;
+    return Py_BuildValue("sKKn", f->p.name, (unsigned long long)ow->handle, (unsigned long long)f->p.me,
+                         (Py_ssize_t)(at - start));
+}
+
 /* owner_handle(a) -> the handle of the element an owning array (or any view
  * of one) is over, or None. */
 PyObject *mod_owner_handle(PyObject *m, PyObject *o) {
