@@ -1295,8 +1295,63 @@ def bench_recovery(reps: int) -> dict[str, Any]:
 #: Every section's figures so far in this run (a section may use another's).
 RESULTS: dict[str, Any] = {}
 
+def _byref_receiver(channel: Any, n: int, done: Any) -> None:
+    """Take n arrays from a multiprocessing queue and drop each (an owning
+    array's element goes back to the pool as it goes)."""
+    try:
+        for _ in range(n):
+            a = channel.get(timeout=WAIT_S)
+            del a
+        done.put(("done", "receiver", None))
+    except BaseException:
+        done.put(("error", "byref receiver", traceback.format_exc()))
+
+
+def bench_byref(reps: int) -> dict[str, Any]:
+    """Arrays through a multiprocessing.Queue (bounded at 16), as users send
+    them: pool-backed owning arrays (alloc_array) go by reference, so 1 MiB
+    should cost what 64 bytes do; plain arrays are pickled and copied."""
+    n, rounds = (200, 1) if reps < 10 else (1000, 3)
+    pool = Mempool.create(f"bench-byref-{TAG}", min_nr=2, slot_size=1 << 20, capacity=24)
+    makers: dict[str, Callable[[], Any]] = {
+        "pool_64B": lambda: pool.alloc_array(64, np.uint8),
+        "pool_1MiB": lambda: pool.alloc_array(1 << 20, np.uint8),
+        "plain_64B": lambda: np.zeros(64, np.uint8),
+        "plain_1MiB": lambda: np.zeros(1 << 20, np.uint8),
+    }
+    per_msg: dict[str, list[float]] = {}
+    try:
+        for _ in range(rounds):
+            for kind, make in makers.items():
+                channel, done = CTX.Queue(16), CTX.Queue()
+                with Kids() as kids:
+                    kids.start(_byref_receiver, channel, n, done)
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        channel.put(make())
+                    collect(done, "done", 1, WAIT_S * 2)
+                    per_msg.setdefault(kind, []).append((time.perf_counter() - t0) / n * 1e6)
+                channel.close()
+                done.close()
+        s = pool.stats()
+        if s.in_use or s.alloc_arena + s.alloc_reserve < 2 * n * rounds:
+            raise RuntimeError(f"byref: {s.in_use} elements left held, {s.alloc_arena + s.alloc_reserve} allocated")
+    finally:
+        pool.destroy(force=True)
+    med = {k: statistics.median(v) for k, v in per_msg.items()}
+    out: dict[str, Any] = {"messages": n, "rounds": rounds}
+    for kind in makers:
+        out[f"{kind}_us_per_msg"] = round(med[kind], 2)
+        out[f"{kind}_runs_us"] = [round(x, 2) for x in per_msg[kind]]
+    out["pool_1MiB_vs_pool_64B"] = ratio(med["pool_1MiB"], med["pool_64B"])
+    out["plain_1MiB_vs_pool_1MiB"] = ratio(med["plain_1MiB"], med["pool_1MiB"])
+    out["pool_64B_vs_plain_64B"] = ratio(med["pool_64B"], med["plain_64B"])
+    return out
+
+
 SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "pipeline": bench_pipeline,
+    "byref": bench_byref,
     "pairs": bench_pairs,
     "views": bench_views,
     "procs": bench_procs,
