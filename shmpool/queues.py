@@ -63,7 +63,7 @@ class Queue:
     calling process are refused with the pool's errors, changing nothing.
     """
 
-    __slots__ = ("_member", "_core", "_name", "_depth", "_index")
+    __slots__ = ("_member", "_core", "_name", "_depth", "_index", "_used", "_unused_index")
 
     def __init__(self, member: Membership, name: str, index: int, depth: int) -> None:
         self._member = member
@@ -71,6 +71,8 @@ class Queue:
         self._name = name
         self._depth = depth
         self._index = index
+        self._used = False  # moved an element through this object (see close)
+        self._unused_index = -1
 
     @property
     def name(self) -> str:
@@ -88,9 +90,11 @@ class Queue:
         return self._index
 
     def _count(self) -> int:
-        """qsize(), with multiprocessing.Queue's error once closed: OSError."""
+        """qsize(), with multiprocessing.Queue's error once closed: OSError
+        (unless it was closed before it was used, as multiprocessing's)."""
         try:
-            return self._core.queue_count(self._q())  # type: ignore[no-any-return]
+            q = self._unused_index if self._index < 0 <= self._unused_index else self._q()
+            return self._core.queue_count(q)  # type: ignore[no-any-return]
         except PoolClosedError as exc:
             raise OSError(f"queue {self.name!r} is closed ({exc})") from None
 
@@ -100,6 +104,7 @@ class Queue:
         ``timeout`` seconds): queue.Full if it stays full, or at once if not
         ``block``."""
         q = self._index  # (self._q() inlined: put and get are the idiom's per-message calls)
+        self._used = True
         if not self._core.put(q if q >= 0 else self._q(), handle, block, timeout):
             raise _stdqueue.Full
 
@@ -111,6 +116,7 @@ class Queue:
         """Hand many elements to the queue, all or nothing: blocks until there
         is room for all of them (queue.Full after ``timeout``, or at once if
         not ``block``). More handles than the depth: ValueError."""
+        self._used = True
         if not self._core.put_many(self._q(), handles, block, timeout):
             raise _stdqueue.Full
 
@@ -119,6 +125,7 @@ class Queue:
         while the queue is empty (up to ``timeout`` seconds): queue.Empty if
         it stays empty, or at once if not ``block``."""
         q = self._index
+        self._used = True
         handle = self._core.get(q if q >= 0 else self._q(), block, timeout)
         if handle is None:
             raise _stdqueue.Empty
@@ -132,6 +139,7 @@ class Queue:
         """Take 1 to ``max_n`` of the oldest elements at once (an int64 array
         of handles, oldest first); blocks like get() until there is at least
         one."""
+        self._used = True
         handles = self._core.get_many(self._q(), max_n, block, timeout)
         if handles is None:
             raise _stdqueue.Empty
@@ -177,7 +185,11 @@ class Queue:
     def close(self) -> None:
         """Let go of this handle on the queue (the queue and its elements
         stay in the pool). Further calls raise PoolClosedError (put, get)
-        or OSError (qsize, empty, full), as multiprocessing.Queue's do."""
+        or OSError (qsize, empty, full), as multiprocessing.Queue's do; as
+        there, qsize, empty and full still answer on an object closed before
+        it moved any element."""
+        if not self._used and self._index >= 0:
+            self._unused_index = self._index
         self._index = -1
 
     def join_thread(self) -> None:

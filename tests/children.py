@@ -423,3 +423,30 @@ def scale_in_place(a: Any, by: int = 2) -> Any:
     ways by reference)."""
     a *= by
     return a
+
+
+def queue_taker(name: str, queue: str, n: int, can_start: Any, can_continue: Any, out: Any) -> None:
+    """CPython's _TestQueue._test_put: once told, take n elements and free them."""
+    with Mempool.attach(name) as pool:
+        q = pool.queue(queue)
+        if not can_start.wait(60):
+            raise TimeoutError("never told to start")
+        taken = [q.get(timeout=60) for _ in range(n)]
+        out.put(taken)
+        pool.free_bulk(taken)
+        can_continue.set()
+
+
+def queue_giver(name: str, queue: str, n: int, can_start: Any, can_continue: Any, out: Any) -> None:
+    """CPython's _TestQueue._test_get (and _test_fork): put n new elements,
+    saying which."""
+    with Mempool.attach(name) as pool:
+        q = pool.queue(queue)
+        if can_start is not None and not can_start.wait(60):
+            raise TimeoutError("never told to start")
+        given = [pool.alloc() for _ in range(n)]
+        for h in given:
+            q.put(h)
+        out.put(given)
+        if can_continue is not None:
+            can_continue.set()
