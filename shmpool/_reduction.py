@@ -31,12 +31,13 @@ import numpy as np
 
 from ._core import send_reference
 from ._errors import PoolDestroyedError
+from ._typing import Array
 
 _pools: dict[str, Any] = {}
 _pools_lock = threading.Lock()
 
 
-def _reduce(a: np.ndarray) -> Any:
+def _reduce(a: Array) -> Any:
     ref = send_reference(a)
     if ref is None:
         return a.__reduce_ex__(pickle.DEFAULT_PROTOCOL)  # numpy's own, as without us
@@ -58,7 +59,7 @@ def _pool(name: str, stale: Any = None) -> Any:
 
 
 def _rebuild(name: str, handle: int, holder: int, dtype: np.dtype[Any], shape: tuple[int, ...],
-             strides: tuple[int, ...], offset: int) -> np.ndarray:
+             strides: tuple[int, ...], offset: int) -> Array:
     pool = _pool(name)
     try:
         pool._core.adopt(handle, holder)  # InvalidHandleError: freed, or adopted by another receiver
