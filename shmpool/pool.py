@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, overload
 
 from . import _aio, _attach, _lifecycle, _segment
-from ._args import check_array, check_fail_rate, check_queue_name, check_range, check_seed
+from ._args import check_array, check_fail_rate, check_queue_name, check_range, check_rng, check_seed
 from ._core import LAYOUT_HASH, Core, set_classes
 from ._errors import (
     InvalidHandleError,
@@ -433,7 +433,9 @@ class Mempool:
         """Change the arena's injected failure rate for every process; a
         ``seed`` also restarts the failure sequence (with ``rng="glibc"``,
         as ``srand(seed)``: an unsigned int)."""
-        self._core.set_faults(check_fail_rate(fail_rate), check_seed(seed))
+        seed = check_seed(seed)
+        check_rng(self.rng, seed)  # (glibc's srand takes an unsigned int)
+        self._core.set_faults(check_fail_rate(fail_rate), seed)
 
     @property
     def trace(self) -> Trace | None:

@@ -187,11 +187,6 @@ int run(struct pool *p, struct call *c) {
 /* ------------------------------------------------------------------ */
 /* mempool_alloc and mempool_free                                      */
 
-/* Just counted in as a sleeper of the allocation channel (lock held):
- * look at every other cache once more. A free without the lock (free_fast)
- * may have put a slot there after our first look and, looking for sleepers
- * before we counted in, woken nobody. RC_AGAIN if it did (the slots are on
- * the shared list now: try again), RC_OK to sleep. */
 typedef int (*attempt_fn)(struct pool *p, struct call *c, int mode);
 
 /* Just counted in as a sleeper of the allocation channel (lock held):
@@ -309,13 +304,6 @@ int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache) {
     p->wake |= ld(&h[H_NR_WAITERS]) != 0; /* a bulk sleeper may need more than the reserve holds */
     p->last_event = EV_FREE_ARENA;
     return RC_OK;
-}
-
-/* Whether word w is the element of generation gen held by `owner` (0:
- * by anybody; an owning array's finalizer frees only what its process
- * still holds). */
-static inline int held_as(uint64_t w, uint64_t gen, uint64_t owner) {
-    return W_STATE(w) == ST_HELD && W_GEN(w) == gen && (!owner || W_OWNER(w) == owner);
 }
 
 /* The free of handle (c->a = slot, c->b = generation), held by c->out[0]

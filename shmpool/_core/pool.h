@@ -165,6 +165,12 @@ static inline uint64_t mkword(uint64_t state, uint64_t owner, uint64_t gen) {
 #define W_STATE(w) ((w) & STATE_MASK)
 #define W_OWNER(w) (((w) >> OWNER_SHIFT) & OWNER_MASK)
 #define W_GEN(w) (((w) >> GEN_SHIFT) & GEN_MASK)
+/* Whether word w is the element of generation gen held by `owner` (0: by
+ * anybody; an owning array's finalizer, and a reference that travelled,
+ * deal only with what that process holds). */
+static inline int held_as(uint64_t w, uint64_t gen, uint64_t owner) {
+    return W_STATE(w) == ST_HELD && W_GEN(w) == gen && (!owner || W_OWNER(w) == owner);
+}
 #define ENTRY(p, e) ((p)->registry + (uint64_t)(e) * PROC_WORDS)
 #define CACHE_OF(ent) ((uint32_t *)((ent) + P_CACHE))
 #define QUEUE(p, q) ((p)->queues + (uint64_t)(q) * QUEUE_WORDS)

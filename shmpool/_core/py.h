@@ -93,7 +93,7 @@ typedef struct {
 PyObject *Core_buffer(Core *f, PyObject *handle);
 PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
 PyObject *Core_array(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
-PyObject *Core_describe_(Core *f, PyObject *const *args, Py_ssize_t nargs);
+PyObject *Core_describe(Core *f, PyObject *const *args, Py_ssize_t nargs);
 PyObject *mod_owner_handle(PyObject *m, PyObject *o);
 PyObject *mod_send_reference(PyObject *m, PyObject *o);
 Owner *owner_of(PyObject *o);

@@ -114,12 +114,7 @@ static PyObject *Core_set_faults(Core *f, PyObject *const *args, Py_ssize_t narg
     }
     double rate = PyFloat_AsDouble(args[0]);
     unsigned long long seed = args[1] == Py_None ? 0 : PyLong_AsUnsignedLongLong(args[1]);
-    if (PyErr_Occurred()) return NULL;
-    if (args[1] != Py_None && f->p.hdr && ld(&f->p.hdr[H_RNG_KIND]) == RNG_GLIBC && seed > 0xFFFFFFFFull) {
-        PyErr_Format(PyExc_ValueError, "a seed of glibc's rand() is an unsigned int (0 to 2**32-1), not %llu", seed);
-        return NULL;
-    }
-    if (enter(f) < 0) return NULL;
+    if (PyErr_Occurred() || enter(f) < 0) return NULL;
     ADMIN_CALL(c, step_set_faults);
     memcpy(&c.a, &rate, 8);
     c.b = (uint64_t)llround(rate * 9007199254740992.0); /* 2**53: draws are 53-bit fractions */

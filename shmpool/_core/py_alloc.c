@@ -224,26 +224,31 @@ static PyObject *Core_async_done(Core *f, PyObject *unused) {
 /* free(handle): see Mempool.free. The common case is our cache, without
  * the lock; a free whose lock does not come within the atomic bound parks
  * the element for the next holder of the lock. */
+/* The free of slot idx under generation gen, held by `owner` (0: by
+ * anybody), once entered: under the lock within the atomic bound, else
+ * parked. `quiet` (a finalizer): no trace, no warning (no `after`). */
+static int free_locked(Core *f, uint64_t idx, uint64_t gen, uint64_t owner, int quiet) {
+    struct call c;
+    call_init(&c, step_free, BOUND_ATOMIC, -1);
+    c.a = idx;
+    c.b = gen;
+    c.out[0] = owner;
+    c.ctx = f;
+    int r = quiet ? run(&f->p, &c) : run_call(f, &c);
+    return r == RC_BUSY ? park_free(&f->p, idx, gen, owner) : r;
+}
+
 static PyObject *Core_free(Core *f, PyObject *handle) {
     if (handle == Py_None) Py_RETURN_NONE;
     uint64_t idx, gen;
     if (!f->p.hdr || !decode_fast(f, handle, &idx, &gen)) {
         if (conv_handle(f, handle, &idx, &gen) < 0) return NULL;
         Owner *ow = owner_of(handle);
-        if (ow) { /* an owning array: freed now, so its finalizer frees nothing (even if this raises) */
-            ow->given = 1;
-            if (f->trace == NULL && f->p.hdr && free_fast(&f->p, idx, gen, 0)) Py_RETURN_NONE;
-        }
-    } else if (f->trace == NULL && free_fast(&f->p, idx, gen, 0)) {
-        Py_RETURN_NONE;
+        if (ow) ow->given = 1; /* an owning array: freed now, so its finalizer frees nothing (even if this raises) */
     }
+    if (f->trace == NULL && f->p.hdr && free_fast(&f->p, idx, gen, 0)) Py_RETURN_NONE;
     if (enter(f) < 0) return NULL;
-    struct call c;
-    call_init(&c, step_free, BOUND_ATOMIC, -1);
-    c.a = idx;
-    c.b = gen;
-    int r = run_call(f, &c);
-    if (r == RC_BUSY) r = park_free(&f->p, idx, gen, 0);
+    int r = free_locked(f, idx, gen, 0, 0);
     if (r == RC_OK) return leave_with(f, Py_NewRef(Py_None));
     if (r == RC_INVALID) return leave_with(f, raise_invalid(f, idx | gen << HGEN_SHIFT));
     return leave_with(f, raise_for(f, r, "free"));
@@ -263,13 +268,7 @@ void free_owned(Core *f, uint64_t handle) {
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     if (enter(f) == 0) {
-        struct call c;
-        call_init(&c, step_free, BOUND_ATOMIC, -1);
-        c.a = idx;
-        c.b = gen;
-        c.out[0] = f->p.me;
-        c.ctx = f;
-        if (run(&f->p, &c) == RC_BUSY) park_free(&f->p, idx, gen, f->p.me);
+        free_locked(f, idx, gen, f->p.me, 1);
         leave_with(f, NULL);
     }
     PyErr_Clear();

@@ -225,7 +225,7 @@ static PyMethodDef own_methods[] = {
       "ndarray($self, handle, /, dtype=None, shape=None)\n--\n\nA zero-copy numpy view of the element."),
     M("array", Core_array, METH_FASTCALL | METH_KEYWORDS,
       "array($self, handle, /, dtype=None, shape=None)\n--\n\nAn owning numpy view of the element."),
-    M("describe", Core_describe_, METH_FASTCALL, "(handle, code, dims): record an element's dtype and shape"),
+    M("describe", Core_describe, METH_FASTCALL, "(handle, code, dims): record an element's dtype and shape"),
     M("close", Core_close, METH_NOARGS, "let go of the mapping; wake this object's sleepers"),
     {NULL},
 };

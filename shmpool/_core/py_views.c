@@ -158,8 +158,8 @@ PyObject *mod_send_reference(PyObject *m, PyObject *o) {
     Owner *ow = owner_of(o);
     if (!ow || !ow->core || !ow->core->p.hdr || ow->core->p.closing) Py_RETURN_NONE;
     Core *f = ow->core;
-    uint64_t idx = ow->handle & INDEX_MASK, w = ld(&f->p.words[idx]);
-    if (W_STATE(w) != ST_HELD || W_GEN(w) != ow->handle >> HGEN_SHIFT || W_OWNER(w) != f->p.me)
+    uint64_t idx = ow->handle & INDEX_MASK;
+    if (!held_as(ld(&f->p.words[idx]), ow->handle >> HGEN_SHIFT, f->p.me))
         Py_RETURN_NONE; /* not ours to send: it pickles as any array */
     char *start = (char *)f->p.data + idx * f->p.stride, *at = PyArray_BYTES((PyArrayObject *)o);
     ow->given = 1;
@@ -176,13 +176,10 @@ PyObject *mod_owner_handle(PyObject *m, PyObject *o) {
 }
 
 static PyObject *make_view(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int own);
-static PyObject *Core_describe(Core *f, PyObject *const *args, Py_ssize_t nargs);
 
 PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     return make_view(f, args, nargs, kwnames, 0);
 }
-
-PyObject *Core_describe_(Core *f, PyObject *const *args, Py_ssize_t nargs) { return Core_describe(f, args, nargs); }
 
 PyObject *Core_array(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     return make_view(f, args, nargs, kwnames, 1);
@@ -194,7 +191,7 @@ PyObject *Core_array(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject 
 /* describe(handle, code, dims): record dtype code (numpy's dtype.str, 1 to
  * 8 bytes) and dims (up to DESC_MAX_DIMS ints) for an element this process
  * holds (checked by the caller to fit the slot). */
-static PyObject *Core_describe(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *Core_describe(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3 || !PyBytes_Check(args[1]) || !PyTuple_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError, "describe(handle, code: bytes, dims: tuple)");
         return NULL;
@@ -217,7 +214,7 @@ static PyObject *Core_describe(Core *f, PyObject *const *args, Py_ssize_t nargs)
     int64_t idx = viewable(f, args[0]);
     if (idx < 0) return NULL;
     uint64_t w = ld(&f->p.words[idx]), *d = f->p.desc + (uint64_t)idx * DESC_WORDS, code = 0;
-    if (W_OWNER(w) != f->p.me) {
+    if (!held_as(w, W_GEN(w), f->p.me)) {
         PyErr_SetString(PyExc_ValueError, "the element is held by another process");
         return NULL;
     }
