@@ -104,3 +104,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if left:
         print(f"\nLEAK: the suite left these in {SHM}: {left}", file=sys.stderr)
         session.exitstatus = 1
+
+
+@pytest.fixture
+def no_retries() -> Iterator[None]:
+    """Unwoken sleepers of this process (allocations, blocked puts and
+    gets) retry only after a minute: a call that returns sooner was woken
+    (or, a blocked put, looked again after its nap), never rescued by the
+    retry."""
+    from shmpool.testing import sleep_retry
+
+    before = sleep_retry(alloc=60.0, queue=60.0)
+    yield
+    sleep_retry(*before)

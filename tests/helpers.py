@@ -6,8 +6,10 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from shmpool import Mempool
 from shmpool._layout import H_CURR_NR, Q_GETTERS, Q_PUTTERS, QUEUE_WORDS
@@ -94,3 +96,19 @@ def queue_sleepers(pool: Mempool, q: Queue) -> tuple[int, int]:
     without the lock)."""
     words = views(pool).queues[QUEUE_WORDS * queue_index(q) :]
     return int(words[Q_GETTERS]), int(words[Q_PUTTERS])
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Event, list[Any]]:
+    """Run fn in a daemon thread: (an event set when it returned or raised,
+    a list that then holds its result or its exception)."""
+    done, out = threading.Event(), []
+
+    def body() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # the test reads it
+            out.append(exc)
+        done.set()
+
+    threading.Thread(target=body, daemon=True).start()
+    return done, out

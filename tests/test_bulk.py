@@ -10,11 +10,10 @@ import threading
 import children
 import numpy as np
 import pytest
-from helpers import check_whole, snapshot, wait_for
+from helpers import check_whole, in_thread, snapshot, wait_for
 from procs import start_child
 
 from shmpool import GFP_ATOMIC, GFP_KERNEL, InvalidHandleError, Mempool, handle_slot
-from shmpool.testing import sleep_retry
 
 ctx = mp.get_context("spawn")
 
@@ -181,26 +180,8 @@ def test_bulk_waits_holding_nothing_and_free_bulk_takes_everything(name: str, po
         pool.destroy()
 
 
-@pytest.fixture
-def no_retries():
-    """Unwoken sleeping allocations in this process retry only after a
-    minute: a bulk alloc that returns sooner was woken."""
-    before = sleep_retry(alloc=60.0)
-    yield
-    sleep_retry(*before)
-
-
 def bulk_in_thread(pool: Mempool, n: int) -> tuple[threading.Event, list]:
-    done, out = threading.Event(), []
-
-    def body() -> None:
-        try:
-            out.append(pool.alloc_bulk(n, GFP_KERNEL, timeout=50))
-        except BaseException as exc:  # the test reads it
-            out.append(exc)
-        done.set()
-
-    threading.Thread(target=body, daemon=True).start()
+    done, out = in_thread(lambda: pool.alloc_bulk(n, GFP_KERNEL, timeout=50))
     wait_for(lambda: pool.stats().nr_waiters == 1, what="alloc_bulk to sleep")
     return done, out
 
@@ -234,25 +215,22 @@ def test_a_sleeping_bulk_alloc_is_woken_by_frees_to_the_arena(name: str, no_retr
 
 
 @pytest.mark.timeout(60)
-def test_a_sleeping_bulk_alloc_is_woken_by_another_process_freeing_to_its_cache(name: str, popen) -> None:
+def test_a_sleeping_bulk_alloc_is_woken_by_another_process_freeing_to_its_cache(name: str, popen,
+                                                                                   no_retries) -> None:
     """The same, with the frees made by another process: the last goes to
     that process's cache without the lock, and the sleeper, woken, takes it
     from there."""
-    before = sleep_retry(alloc=60.0)
-    try:
-        with Mempool.create(name, min_nr=2, slot_size=16, capacity=4) as pool:
-            other = start_child(popen, name)
-            other.call("hs = [pool.alloc(GFP_ATOMIC) for _ in range(4)]")
-            done, out = bulk_in_thread(pool, 3)
-            for i in range(2):
-                slept_again(pool, lambda i=i: other.call(f"pool.free(hs[{i}])"))
-            other.call("pool.free(hs[2])")  # the reserve is full: to its cache, without the lock
-            assert done.wait(10), "alloc_bulk slept on while another process's cache held what it needed"
-            assert len(set(out[0].tolist())) == 3
-            pool.free_bulk(out[0])
-            other.call("pool.free(hs[3])")
-            other.finish()
-            check_whole(pool)
-            pool.destroy()
-    finally:
-        sleep_retry(*before)
+    with Mempool.create(name, min_nr=2, slot_size=16, capacity=4) as pool:
+        other = start_child(popen, name)
+        other.call("hs = [pool.alloc(GFP_ATOMIC) for _ in range(4)]")
+        done, out = bulk_in_thread(pool, 3)
+        for i in range(2):
+            slept_again(pool, lambda i=i: other.call(f"pool.free(hs[{i}])"))
+        other.call("pool.free(hs[2])")  # the reserve is full: to its cache, without the lock
+        assert done.wait(10), "alloc_bulk slept on while another process's cache held what it needed"
+        assert len(set(out[0].tolist())) == 3
+        pool.free_bulk(out[0])
+        other.call("pool.free(hs[3])")
+        other.finish()
+        check_whole(pool)
+        pool.destroy()

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import queue
 import signal
-import threading
 import time
 
 import numpy as np
 import pytest
-from helpers import check_whole, queue_sleepers, snapshot, wait_for
+from helpers import check_whole, in_thread, queue_sleepers, snapshot, wait_for
 
 from shmpool import GFP_ATOMIC, InvalidHandleError, Mempool, PoolBusyError, PoolClosedError
 from shmpool._layout import MAX_QUEUES
-from shmpool.testing import sleep_retry
 
 ATTACH = "import sys, time, numpy as np, shmpool\npool = shmpool.Mempool.attach(sys.argv[1])\n"
 
@@ -384,28 +382,11 @@ def test_senders_and_receivers_killed_at_random_points_lose_nothing(name: str, p
         pool.destroy()
 
 
-@pytest.fixture
-def no_retries():
-    """Unwoken sleepers in this process retry only after a minute: a call
-    that returns sooner was woken (or, a blocked put, looked again after its
-    nap), never rescued by the retry."""
-    before = sleep_retry(alloc=60.0, queue=60.0)
-    yield
-    sleep_retry(*before)
-
-
-def in_thread(fn):
-    """Run fn in a thread; (done event, result list)."""
-    done, out = threading.Event(), []
-
-    def body() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:  # the test reads it
-            out.append(exc)
-        done.set()
-
-    threading.Thread(target=body, daemon=True).start()
+def put_asleep(pool: Mempool, q, put):
+    """Run put (a blocking put or put_many on full queue q) in a thread, once
+    it sleeps: (done event, result list)."""
+    done, out = in_thread(put)
+    wait_for(lambda: queue_sleepers(pool, q) == (0, 1), what="the put to sleep")
     return done, out
 
 
@@ -419,8 +400,7 @@ def test_a_putter_of_a_full_deep_queue_goes_on_after_one_get(name: str, no_retri
         q = pool.queue("deep", depth=256)
         q.put_many(pool.alloc_bulk(256))
         h = pool.alloc()
-        done, out = in_thread(lambda: q.put(h, timeout=50))
-        wait_for(lambda: queue_sleepers(pool, q) == (0, 1), what="the put to sleep")
+        done, out = put_asleep(pool, q, lambda: q.put(h, timeout=50))
         first = q.get()
         assert done.wait(10), "the put slept on with room in the queue"
         assert out == [None] and q.qsize() == 256 and queue_sleepers(pool, q) == (0, 0)
@@ -437,8 +417,7 @@ def test_a_sleeping_put_many_is_woken_when_its_room_is_there(name: str, no_retri
         first = pool.alloc_bulk(8).tolist()
         q.put_many(first)
         mine = pool.alloc_bulk(6).tolist()
-        done, out = in_thread(lambda: q.put_many(mine, timeout=50))
-        wait_for(lambda: queue_sleepers(pool, q) == (0, 1), what="put_many to sleep")
+        done, out = put_asleep(pool, q, lambda: q.put_many(mine, timeout=50))
         taken = [q.get() for _ in range(5)]
         assert not done.is_set()  # room for 5 of its 6: all or nothing
         taken.append(q.get())
