@@ -449,15 +449,34 @@ async def alloc(member: Membership, gfp: int, timeout: float | None) -> int | No
     if fifo is None:
         return await _alloc_in_thread(member, gfp, timeout, start, seconds)
     deadline = None if seconds is None else start + seconds
+    asleep: list[float] = []  # when it first registered: its sleep goes into the pool's sleep totals
+    try:
+        return await _alloc_async_loop(member, core, loop, fifo, nowait, deadline, timeout, asleep)
+    finally:
+        if asleep:
+            core.note_sleep(_monotonic() - asleep[0])
+
+
+async def _alloc_async_loop(member: Membership, core: Any, loop: asyncio.AbstractEventLoop, fifo: _Fifo, nowait: int,
+                            deadline: float | None, timeout: float | None, asleep: list[float]) -> int | None:
+    reported = False
     while True:
         got = core.alloc_async_try()  # the handle; None: counted in as an async sleeper; False: lock busy
         if type(got) is int:
             return got
+        long_sleep = core.long_sleep
+        if got is None and not asleep:
+            asleep.append(_monotonic())
+        elif asleep and not reported and long_sleep is not None and _monotonic() - asleep[0] >= long_sleep:
+            reported = True
+            core.report_long_sleep(_monotonic() - asleep[0])
         # Listening only now is no race: a byte written since the attempt
         # waits in the FIFO until this loop runs its callbacks, after the await.
         fut = loop.create_future()
         fifo.waiters.add(fut)
         wait = _retry()[0] / 1e9 if got is None else LOCK_BUSY_RETRY_SECONDS
+        if asleep and not reported and long_sleep is not None:  # wake to say it (the logger)
+            wait = max(0.0, min(wait, asleep[0] + long_sleep - _monotonic()))
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - _monotonic()))
         timer = loop.call_later(wait, _wake, fut)

@@ -87,11 +87,19 @@ class Membership:
             _attachments[self.key] = _Attachment(fd, index, epoch, 1)
         self.core.enabled = True
 
-    def leave(self, destroyed: bool, detach: bool = True) -> None:
-        """The object lets go of the entry. The last one to do so vacates it
-        (if ``detach``: the caller may know that the lock will not come),
-        unless the process still holds elements; after destroy the
+    def leave(self, destroyed: bool) -> None:
+        """The object lets go of the entry: first its cached slots go back
+        to the arena (if the lock comes within its bound). The last object
+        to leave vacates the entry (if that lock came: it is not waited for
+        twice), unless the process still holds elements; after destroy the
         description goes whatever is held."""
+        detach = True
+        if self.core.enabled:
+            self.core.enabled = False
+            try:
+                detach = self.core.drain_cache()
+            except Exception:  # a damaged pool, or a signal: left to the audit and reclaim
+                pass
         with _lock:
             att = _attachments.get(self.key)
             if att is None or self.core.entry != att.index:

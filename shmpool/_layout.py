@@ -14,12 +14,13 @@ One POSIX shared-memory segment holds one pool::
     off_arena           arena free list: capacity x u32 slot indexes (a stack)
     off_next            queue links: capacity x u32, the next slot in a queue
     off_desc            element descriptors: capacity x DESC_WORDS u64 (D_*)
+    off_since           hand-out times: capacity x u64, CLOCK_MONOTONIC ns
     off_procs           process registry: max_procs x PROC_WORDS u64 (P_*)
     off_queues          queue table: MAX_QUEUES x QUEUE_WORDS u64 (Q_*)
     off_slots           slots: capacity x stride bytes, page-aligned start
     total               end of the segment
 
-That is 52 bytes of metadata per slot beyond the fixed part. The stack has
+That is 60 bytes of metadata per slot beyond the fixed part. The stack has
 room for ``capacity`` entries, so ``resize`` can grow ``min_nr`` up to the
 capacity without moving anything. ``stride`` is ``slot_size`` rounded up to
 8, so every slot is 8-byte aligned.
@@ -49,6 +50,15 @@ value per slot, so another pool's handle names the right generation with
 odds of 2**-39; a slot reused every 50 ns takes about 7.6 hours to come back
 to a generation.
 
+Hand-out times
+--------------
+``since[idx]`` is when slot ``idx`` was last handed out (an allocation; a
+put, get or adopt keeps it), CLOCK_MONOTONIC_COARSE ns, written by the one
+code that hands a slot out (``hand_out``) after its word's CAS, so that
+only the allocating process writes it and no other core pays for the line.
+It is for people (shmpool-inspect's ages): a process killed between the two
+stores leaves the previous time, which nothing depends on.
+
 The registry and the queues
 ---------------------------
 One registry entry per attached process: its pid and start time (for
@@ -76,7 +86,7 @@ import mmap
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 7  # 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
+LAYOUT_VERSION = 8  # 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
 
 HEADER_WORDS = 96
 HEADER_BYTES = HEADER_WORDS * 8
@@ -135,6 +145,10 @@ H_RNG = 37  # splitmix64 state of the fault injector (atomic add; RNG_SPLITMIX)
 H_ENTRIES_USED = 38  # one past the highest registry entry ever taken: how far scans look
 H_LOCK_WAKING = 39  # 1: a releaser woke a lock contender that has not run yet (no other is woken meanwhile)
 H_OFF_DESC = 40  # (geometry) the element descriptors' table
+H_OFF_SINCE = 41  # (geometry) the hand-out times' table
+# For sizing the reserve (shmpool-inspect's verdict on min_nr): written
+# rarely, so they share no line with the hot words above.
+H_LOW_WATER = 42  # the lowest curr_nr seen since create (remove_element lowers it, under the lock)
 # Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
 H_ALLOC_ARENA = 48
 H_ALLOC_RESERVE = 49
@@ -146,6 +160,11 @@ H_FAULTS = 54  # arena attempts failed on purpose
 H_POISON_ERRORS = 55
 H_RECOVERIES = 56  # times the lock was taken over from a dead holder
 H_RECLAIMED = 57  # elements taken back from dead holders
+# Sleeping allocations' time asleep (ns), added by each when it returns
+# (atomic add; the longest by compare-and-swap): not counters of COUNTERS,
+# which count events.
+H_LONGEST_SLEEP_NS = 58
+H_TOTAL_SLEEP_NS = 59
 # glibc's rand() (RNG_GLIBC), under the pool lock: random_r's TYPE_3 table,
 # 31 int32 in 16 words, and the index of its front pointer (the rear one is
 # three behind, as srandom_r leaves them).
@@ -266,6 +285,7 @@ NO_SLOT = 0xFFFFFFFF
 ATOMIC_WAIT_NS = 50_000_000  # a call that may not wait (GFP_ATOMIC, *_nowait, alloc_preallocated, free)
 ADMIN_WAIT_NS = 500_000_000  # an administrative call (stats, reclaim_dead, resize, destroy, attach, ...)
 SLEEP_RETRY_NS = 5_000_000_000  # a sleeping alloc retries this often unwoken (io_schedule_timeout(5*HZ))
+LONG_SLEEP_NS = 5_000_000_000  # a sleeping alloc asleep this long is said to the `shmpool` logger (the default)
 QUEUE_RETRY_NS = 1_000_000_000  # a blocked put or get re-checks this often unwoken
 QUEUE_BATCH = 64  # a full queue's putters are woken once a quarter of it, at most this many, is free
 PUT_NAP_NS = 1_000_000  # ... and look again after this (doubling up to QUEUE_RETRY_NS) if nobody woke them
@@ -290,7 +310,7 @@ _C_SECTIONS = (
      + ("N_PROC_COUNTERS", "CACHE_MAX", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
     ("queue table", tuple(n for n in globals() if n.startswith("Q_"))
      + ("QUEUE_NAME_BYTES", "QUEUE_WORDS", "QUEUE_LIVE", "MAX_QUEUES", "NO_SLOT", "QUEUE_BATCH")),
-    ("bounds (ns)", ("ATOMIC_WAIT_NS", "ADMIN_WAIT_NS", "SLEEP_RETRY_NS", "QUEUE_RETRY_NS", "PUT_NAP_NS",
+    ("bounds (ns)", ("ATOMIC_WAIT_NS", "ADMIN_WAIT_NS", "SLEEP_RETRY_NS", "LONG_SLEEP_NS", "QUEUE_RETRY_NS", "PUT_NAP_NS",
                      "LOCK_SLICE_NS", "MAX_WAIT_NS")),
     ("poisoning", ("POISON_FREE", "POISON_END", "POISON_INUSE")),
 )
@@ -340,6 +360,7 @@ class Geometry:
     off_arena: int
     off_next: int
     off_desc: int
+    off_since: int
     off_procs: int
     max_procs: int
     off_queues: int
@@ -360,12 +381,14 @@ class Geometry:
         off_arena = _line(off_stack + 4 * capacity)
         off_next = _line(off_arena + 4 * capacity)
         off_desc = _line(off_next + 4 * capacity)
-        off_procs = _line(off_desc + 8 * DESC_WORDS * capacity)
+        off_since = _line(off_desc + 8 * DESC_WORDS * capacity)
+        off_procs = _line(off_since + 8 * capacity)
         off_queues = off_procs + 8 * PROC_WORDS * max_procs
         off_slots = -(-(off_queues + 8 * QUEUE_WORDS * MAX_QUEUES) // PAGE) * PAGE
         total = off_slots + stride * capacity
         return cls(
-            slot_size, capacity, stride, off_words, off_stack, off_arena, off_next, off_desc, off_procs, max_procs,
+            slot_size, capacity, stride, off_words, off_stack, off_arena, off_next, off_desc, off_since, off_procs,
+            max_procs,
             off_queues,
             MAX_QUEUES, off_slots, total,
         )
@@ -377,7 +400,8 @@ class Geometry:
             H_VERSION: LAYOUT_VERSION, H_HEADER_BYTES: HEADER_BYTES, H_TOTAL: self.total,
             H_SLOT_SIZE: self.slot_size, H_CAPACITY: self.capacity, H_STRIDE: self.stride,
             H_OFF_WORDS: self.off_words, H_OFF_STACK: self.off_stack, H_OFF_ARENA: self.off_arena,
-            H_OFF_NEXT: self.off_next, H_OFF_DESC: self.off_desc, H_OFF_PROCS: self.off_procs,
+            H_OFF_NEXT: self.off_next, H_OFF_DESC: self.off_desc, H_OFF_SINCE: self.off_since,
+            H_OFF_PROCS: self.off_procs,
             H_MAX_PROCS: self.max_procs,
             H_OFF_QUEUES: self.off_queues, H_MAX_QUEUES: self.max_queues, H_OFF_SLOTS: self.off_slots,
         }

@@ -77,7 +77,7 @@ class Views:
     (then ``data`` is empty). Holding a Views keeps the mapping alive (each
     view is an export of it); dropping the last one unmaps."""
 
-    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "next", "desc", "procs", "queues", "data")
+    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "next", "desc", "since", "procs", "queues", "data")
 
     def __init__(self, mm: Any, geo: Geometry) -> None:
         base = memoryview(mm).cast("B")
@@ -90,6 +90,7 @@ class Views:
         self.arena = base[geo.off_arena : geo.off_arena + 4 * geo.capacity].cast("I")
         self.next = base[geo.off_next : geo.off_next + 4 * geo.capacity].cast("I")
         self.desc = base[geo.off_desc : geo.off_desc + 8 * DESC_WORDS * geo.capacity].cast("Q")
+        self.since = base[geo.off_since : geo.off_since + 8 * geo.capacity].cast("Q")
         self.procs = base[geo.off_procs : geo.off_procs + 8 * PROC_WORDS * geo.max_procs].cast("Q")
         self.queues = base[geo.off_queues : geo.off_queues + 8 * QUEUE_WORDS * geo.max_queues].cast("Q")
         self.data = base[geo.off_slots : geo.total]

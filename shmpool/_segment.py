@@ -109,6 +109,18 @@ class Segment:
     size: int
     fd: int  # kept open: liveness is OFD locks on the segment file (see _procs)
 
+    def close(self) -> None:
+        """Close the descriptor and the mapping (views of elements that are
+        still alive keep the mapping: it goes with the last of them)."""
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+
 
 def _translate(exc: posix_ipc.Error, what: str, creating: bool, path: str = "") -> OSError:
     if isinstance(exc, posix_ipc.ExistentialError):

@@ -55,18 +55,23 @@ JSON keys (``--json``; stable: keys may be added, never renamed)
 ----------------------------------------------------------------
 One pool (``NAME --json``; one document per line with ``--watch``)::
 
-    schema (1), name, layout_version, path, status ("live" | "destroyed"),
+    schema (2), name, layout_version, path, status ("live" | "destroyed"),
     consistent (bool: a quiet copy, see above),
     geometry {slot_size, capacity, stride, total_bytes},
     min_nr, curr_nr, arena_free, arena_shared, arena_cached, in_use,
     parked, queued, nr_waiters, fail_rate, seed, poison (bool),
+    reserve_low_water, longest_sleep, total_sleep (seconds), attached,
     counters {alloc_arena, alloc_reserve, alloc_failed, free_reserve,
               free_arena, sleeps, faults_injected, poison_errors,
               lock_recoveries, reclaimed},
+    sizing {min_nr, reserve_low_water, alloc_reserve, allocations, sleeps,
+            longest_sleep, total_sleep, verdict (the line on min_nr)},
+    oldest_held [{slot, handle, age (seconds), pid, entry, alive}]
+        (held elements, oldest first; the first 16 unless --all),
     rates {the counters' keys: per second; --watch only, from frame 2},
     reserve_stack [slot, ...]  (top first; the first 16 unless --all),
     holders [{pid, name, command, alive, held, cached, sleeping, entry,
-              epoch, queue_sleeping}]
+              epoch, queue_sleeping, oldest_age}]
         (one per registry entry whose process is alive, or that holds,
         caches or sleeps; then one with entry null for held slots that
         name no process ever attached (damage); sleeping: its threads in a
@@ -117,6 +122,17 @@ process ever attached counts as ``invalid`` (``?``), no longer as
 count in the holders row with entry null (that entry's row no longer shows
 them); there are no semaphores (the lock and the wait channels are words
 of the segment).
+
+Schema 2 (layout v8): new ``reserve_low_water`` (the lowest ``curr_nr``
+since create), ``longest_sleep`` and ``total_sleep`` (sleeping
+allocations' time asleep), ``attached`` (processes attached now, by their
+OFD locks), all as ``stats()`` has them; ``sizing`` (the same numbers with
+the allocations the reserve served, and the verdict on ``min_nr`` the text
+page shows); ``oldest_held`` and ``holders[].oldest_age``: how long each
+held element has been out since it was allocated (its hand-out time in the
+segment; a put or get does not reset it). Nothing was renamed.
+``NAME --prometheus`` prints the numbers in the Prometheus text format
+(``shmpool.metrics``), no JSON.
 
 From a script: ``list_pools()``, ``take_copy(name)``, ``describe(copy)``,
 ``render(document)``, ``render_list(pools)``, ``check_pool(name)`` and the
@@ -171,6 +187,7 @@ from ._inspect import (
     take_copy,
 )
 from ._procs import live_pids
+from .metrics import exposition
 from .pool import Mempool
 
 __all__ = [
@@ -207,6 +224,7 @@ examples:
   shmpool-inspect demo --json         the same, as JSON for a script
   shmpool-inspect demo --watch 0.5    redraw twice a second, with rates
   shmpool-inspect demo --check        audit it: exit 1, one line a problem
+  shmpool-inspect demo --prometheus   its metrics, in the Prometheus text format
   shmpool-inspect demo --reclaim-dead take back dead processes' elements
 
 slot map: R reserve, . arena free, c free in a process's cache,
@@ -385,6 +403,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
                         help="redraw every SECONDS (default 1) with rates, until Ctrl-C or the pool is gone")
     parser.add_argument("--check", action="store_true", help="audit the pool: exit 1 with one line per problem")
+    parser.add_argument("--prometheus", action="store_true",
+                        help="print the pool's metrics in the Prometheus text format (shmpool.metrics)")
     parser.add_argument("--reclaim-dead", action="store_true",
                         help="take back elements held by dead processes (writes to the pool)")
     parser.add_argument("--destroy", action="store_true",
@@ -399,6 +419,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     modes = [flag for flag, on in (("--watch", args.watch is not None), ("--check", args.check),
+                                   ("--prometheus", args.prometheus),
                                    ("--reclaim-dead", args.reclaim_dead), ("--destroy", args.destroy)) if on]
     if modes and not args.name:
         parser.error(f"{modes[0]} needs a pool name")
@@ -406,6 +427,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"{' and '.join(modes)} cannot be combined")
     if args.watch is not None and not 0 < args.watch < math.inf:
         parser.error("--watch needs a positive number of seconds")
+    if args.prometheus and (args.json or args.all):
+        parser.error("--prometheus prints the Prometheus text format: no --json or --all")
     if args.force and not args.destroy:
         parser.error("--force goes with --destroy only")
     if not 0 <= args.lock_timeout <= 3600:
@@ -433,6 +456,9 @@ def _run(args: argparse.Namespace) -> int:
                   f"pool {args.name!r}: all checks pass ({copy.views.geo.capacity} slots)")
         return 1 if findings else 0
     d = describe(take_copy(args.name, args.lock_timeout, scan_poison=False), show_all=args.all)
+    if args.prometheus:
+        sys.stdout.write(exposition(args.name, d))
+        return 0
     _emit(json.dumps(d, indent=2) if args.json else render(d))
     return 0
 

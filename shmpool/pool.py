@@ -32,13 +32,12 @@ process outside a queue does not move it: the receiver calls ``adopt``.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, overload
 
-from . import _aio, _attach, _lifecycle, _segment
+from . import _aio, _attach, _lifecycle, _log, _segment
 from ._args import check_array, check_fail_rate, check_queue_name, check_range, check_rng, check_seed
-from ._core import LAYOUT_HASH, Core, set_classes
+from ._core import LAYOUT_HASH, Core, set_classes, set_logger
 from ._errors import (
     InvalidHandleError,
     PoisonWarning,
@@ -83,6 +82,7 @@ if layout_hash() != LAYOUT_HASH:
     raise ImportError("shmpool._core was built for another layout (shmpool/_layout.py changed): rebuild it "
                       "(pip install -e .)")
 set_classes(PoolFormatError, PoolDestroyedError, InvalidHandleError, PoolClosedError, PoisonWarning, GFPWarning)
+set_logger(_log.logger)
 
 
 class Mempool:
@@ -94,12 +94,12 @@ class Mempool:
     manager that closes on exit.
     """
 
-    __slots__ = ("_name", "_core", "_member", "_mm", "_fd", "_geo", "_trace", "_open", "__weakref__", "__dict__")
+    __slots__ = ("_name", "_core", "_member", "_seg", "_geo", "_trace", "_open", "__weakref__", "__dict__")
 
     def __init__(self, name: str, seg: _segment.Segment, geo: Geometry, *, min_nr: int | None = None) -> None:
         poison = bool(int.from_bytes(seg.mm[8 * H_FLAGS : 8 * H_FLAGS + 8], "little") & FLAG_POISON)
         self._core = core = Core(
-            seg.mm, name, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_desc, geo.off_procs,
+            seg.mm, name, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_desc, geo.off_since, geo.off_procs,
             geo.off_queues,
             geo.max_queues, geo.off_slots, geo.max_procs, geo.capacity, geo.stride, geo.slot_size, poison,
             _segment.fifo_prefix(name),
@@ -107,7 +107,7 @@ class Mempool:
         # The hot paths: the core's C methods, found before the documented ones below.
         self.__dict__.update(alloc=core.alloc, free=core.free, buffer=core.buffer, ndarray=core.ndarray,
                              array=core.array)
-        self._name, self._mm, self._fd, self._geo = name, seg.mm, seg.fd, geo
+        self._name, self._seg, self._geo = name, seg, geo
         self._trace: Trace | None = None
         self._open = True
         if min_nr is not None:
@@ -424,6 +424,17 @@ class Mempool:
         return PoolStats(name=self._name, slot_size=self._geo.slot_size, capacity=self._geo.capacity,
                          **self._core.stats())
 
+    @property
+    def long_sleep(self) -> float | None:
+        """Seconds after which an allocation of this object that is still
+        asleep is said to the ``shmpool`` logger, once, with who holds the
+        elements (5.0; None: never). Settable."""
+        return self._core.long_sleep
+
+    @long_sleep.setter
+    def long_sleep(self, seconds: float | None) -> None:
+        self._core.long_sleep = seconds
+
     def is_saturated(self) -> bool:
         """True if the reserve is full (``curr_nr >= min_nr``), read without
         the lock as the kernel's mempool_is_saturated reads it."""
@@ -504,24 +515,9 @@ class Mempool:
         if not self._open:
             return
         self._open = False
-        core = self._core
-        lock_came = True
-        if core.enabled:
-            core.enabled = False
-            try:  # our cached slots back to the arena, if the lock comes within its bound
-                lock_came = core.drain_cache()
-            except Exception:  # a damaged pool, or a signal: left to the audit and reclaim
-                pass
-        self._member.leave(destroyed, detach=lock_came)  # (a lock that did not come: not waited for twice)
-        core.close()
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # views are alive: the mapping goes with the last of them
+        self._member.leave(destroyed)
+        self._core.close()
+        self._seg.close()
 
     def __enter__(self) -> Mempool:
         return self

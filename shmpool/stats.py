@@ -21,6 +21,14 @@ class PoolStats:
     purpose, ``poison_errors`` poisoned elements found written after free,
     ``lock_recoveries`` times the lock was taken over from a dead holder,
     ``reclaimed`` elements taken back from dead holders.
+
+    For sizing the reserve (``shmpool-inspect`` gives a verdict from them):
+    ``reserve_low_water`` is the lowest ``curr_nr`` seen since create (0:
+    the reserve ran dry at least once; ``min_nr``: it was never drawn on),
+    ``longest_sleep`` and ``total_sleep`` the longest sleep of one sleeping
+    allocation and all their sleeps together, in seconds (each is added when
+    its allocation returns). ``attached`` is how many processes are attached
+    now (registry entries of live processes).
     """
 
     name: str
@@ -45,6 +53,10 @@ class PoolStats:
     poison_errors: int
     lock_recoveries: int
     reclaimed: int
+    reserve_low_water: int
+    longest_sleep: float
+    total_sleep: float
+    attached: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -123,7 +123,7 @@ def views(pool: Mempool) -> Views:
     """Typed views of the whole segment (header, slot words, stacks,
     registry, queue table, slots): read them under ``hold_lock`` for a
     consistent picture."""
-    return Views(pool._mm, pool._geo)
+    return Views(pool._seg.mm, pool._geo)
 
 
 def audit(pool: Mempool) -> list[str]:

@@ -64,14 +64,15 @@ POOL_KEYS = {
     "name", "layout_version", "path", "status", "consistent", "geometry", "min_nr", "curr_nr", "arena_free",
     "arena_shared", "arena_cached", "in_use", "parked", "nr_waiters", "fail_rate", "seed", "rng", "poison",
     "counters", "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator", "queued", "queues",
-    "schema",
+    "schema", "reserve_low_water", "longest_sleep", "total_sleep", "attached", "sizing", "oldest_held",
 }
 LIST_KEYS = {"schema", "name", "slot_size", "capacity", "min_nr", "curr_nr", "in_use", "nr_waiters", "creator_pid",
              "creator_alive", "consistent", "queued", "stale", "damaged"}
 CHECK_KEYS = {"schema", "name", "consistent", "ok", "findings"}
 LOCK_KEYS = {"held", "pid", "alive", "held_for_s", "waited_s", "error", "entry", "epoch", "seq", "waiters",
              "held_throughout"}
-HOLDER_KEYS = {"pid", "name", "command", "alive", "held", "cached", "sleeping", "entry", "epoch", "queue_sleeping"}
+HOLDER_KEYS = {"pid", "name", "command", "alive", "held", "cached", "sleeping", "entry", "epoch", "queue_sleeping",
+               "oldest_age"}
 QUEUE_KEYS = {"name", "index", "depth", "count", "waiters", "getters", "putters", "puts", "gets"}
 SLOT_COUNT_KEYS = {"reserve", "arena", "cached", "queued", "held", "parked", "held_dead", "invalid"}
 NO_PID = (1 << 22) + 12345  # beyond PID_MAX_LIMIT: no process has it, in any pid namespace
@@ -261,7 +262,8 @@ def test_json_agrees_with_stats_and_attributes_holders(pool: Mempool, name: str,
     s = pool.stats()
     assert set(d) == POOL_KEYS and set(d["lock"]) == LOCK_KEYS and set(d["slot_counts"]) == SLOT_COUNT_KEYS
     assert all(set(h) == HOLDER_KEYS for h in d["holders"]) and d["queues"] == [] and d["queued"] == 0
-    for key in ("min_nr", "curr_nr", "arena_free", "in_use", "queued", "nr_waiters", "fail_rate", "seed", "poison"):
+    for key in ("min_nr", "curr_nr", "arena_free", "in_use", "queued", "nr_waiters", "fail_rate", "seed", "poison",
+                "reserve_low_water", "longest_sleep", "total_sleep", "attached"):
         assert d[key] == getattr(s, key), key
     assert d["counters"] == {k: getattr(s, k) for k in d["counters"]} and d["rng"] == pool.rng == "splitmix64"
     assert d["geometry"] == {"slot_size": 64, "capacity": 16, "stride": 64, "total_bytes": len(raw(name))}
@@ -763,7 +765,7 @@ def test_check_passes_on_a_healthy_pool_in_use(pool: Mempool, name: str, spawn) 
         assert out.returncode == 0, out.stdout
     # A quiet copy comes soon even now (the bound is only a bound).
     d = json.loads(inspect(name, "--check", "--json", "--lock-timeout", "10").stdout)
-    assert d == {"schema": 1, "name": name, "consistent": True, "ok": True, "findings": []}
+    assert d == {"schema": cli.SCHEMA, "name": name, "consistent": True, "ok": True, "findings": []}
 
 
 def _curr_nr_beyond_min_nr(v: Views) -> None:
@@ -941,7 +943,7 @@ def test_the_listing_finds_pools_by_magic(pool: Mempool, name: str, popen) -> No
     assert mine == [{
         "name": name, "slot_size": 64, "capacity": 16, "min_nr": s.min_nr, "curr_nr": s.curr_nr, "in_use": 2,
         "nr_waiters": 0, "creator_pid": os.getpid(), "creator_alive": True, "consistent": True, "queued": 0,
-        "schema": 1, "stale": False, "damaged": False,
+        "schema": cli.SCHEMA, "stale": False, "damaged": False,
     }]
     text = inspect().stdout
     line = next(line for line in text.splitlines() if line.startswith(name))
@@ -962,7 +964,7 @@ def test_a_pool_this_user_may_not_read_is_listed_as_such(pool: Mempool, name: st
 
     monkeypatch.setattr(os, "open", denying_open)
     pools = cli.list_pools()
-    assert {"schema": 1, "name": name, "error": "no permission"} in pools
+    assert {"schema": cli.SCHEMA, "name": name, "error": "no permission"} in pools
     assert f"{name} (no permission)" in " ".join(cli.render_list(pools).split())
 
 
@@ -1115,11 +1117,11 @@ def test_bench_inspect_runs_and_cleans_up() -> None:
 @pytest.mark.timeout(60)
 def test_every_json_document_carries_the_schema_and_its_keys_are_pinned(pool: Mempool, name: str) -> None:
     d = shown(name)
-    assert d["schema"] == cli.SCHEMA == 1 and set(d) == POOL_KEYS
+    assert d["schema"] == cli.SCHEMA == 2 and set(d) == POOL_KEYS
     listing = [p for p in json.loads(inspect("--json").stdout) if p["name"] == name]
-    assert len(listing) == 1 and set(listing[0]) == LIST_KEYS and listing[0]["schema"] == 1
+    assert len(listing) == 1 and set(listing[0]) == LIST_KEYS and listing[0]["schema"] == 2
     check = json.loads(inspect(name, "--check", "--json").stdout)
-    assert set(check) == CHECK_KEYS and check["schema"] == 1
+    assert set(check) == CHECK_KEYS and check["schema"] == 2
 
 
 def _absurd_reserve(v: Views) -> None:

@@ -123,6 +123,7 @@ class KernelModel:
         for _ in range(min_nr):  # create's pre-fill: no fault draws
             self.reserve.append(arena.pop())
         self.arena = arena
+        self.low_water = min_nr  # the lowest len(reserve) seen (the pool's H_LOW_WATER)
         self.held: dict[int, int] = {}  # handle -> slot
         self.counters = dict.fromkeys(self.COUNTERS, 0)
         self.set_fail_rate(fail_rate, seed)  # the generator starts at the seed
@@ -165,7 +166,9 @@ class KernelModel:
             return "arena", None
         if self.reserve:
             self.counters["alloc_reserve"] += 1
-            return "reserve", self.reserve.pop()
+            slot = self.reserve.pop()
+            self.low_water = min(self.low_water, len(self.reserve))
+            return "reserve", slot
         self.counters["alloc_failed"] += 1
         return "failed", None
 
@@ -188,6 +191,7 @@ class KernelModel:
         if new_min_nr <= self.min_nr:
             while len(self.reserve) > new_min_nr:
                 self.arena.append(self.reserve.pop())
+                self.low_water = min(self.low_water, len(self.reserve))
             self.min_nr = new_min_nr
             assert refilled == [], f"a shrink refilled the reserve with {refilled}"
             return
@@ -398,6 +402,7 @@ class PoolMachine(RuleBasedStateMachine):
             name=self.pool.name, slot_size=24, capacity=m.capacity, min_nr=m.min_nr, curr_nr=len(m.reserve),
             arena_free=len(m.arena), in_use=len(m.held), queued=0, nr_waiters=0, fail_rate=m.fail_rate, seed=m.seed,
             poison=self.poison, poison_errors=0, lock_recoveries=0, reclaimed=0, **m.counters,
+            reserve_low_water=m.low_water, longest_sleep=0.0, total_sleep=0.0, attached=1,
         )
         got: dict[str, Any] = dataclasses.asdict(s)
         diff = {k: (got[k], v) for k, v in dataclasses.asdict(want).items() if got[k] != v}

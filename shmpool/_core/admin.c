@@ -152,5 +152,6 @@ int format_reserve(struct pool *p, uint64_t min_nr) {
         set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)));
         add_element(p, idx);
     }
+    st(&p->hdr[H_LOW_WATER], min_nr);
     return RC_OK;
 }

@@ -15,10 +15,16 @@
  *   nr_waiters    the sleeping allocations plus every live queue's sleepers
  *                 (a count beyond SLEEPERS_MAX is damage: 0)
  *   counters      the header's plus every entry's (COUNTERS' order)
+ *   low_water, longest_sleep_ns, total_sleep_ns   the header's (low_water
+ *                 at most min_nr)
+ *   attached      entries in use (epoch not 0) whose process lives (its OFD
+ *                 lock; a copy has no descriptor to ask: every entry in use)
  *
  * It only reads, and every value read is bounded, so a damaged or torn copy
  * gives clamped numbers, never an out-of-bounds read.
  */
+#include <string.h>
+
 #include "pool.h"
 
 static uint64_t at_most(uint64_t x, uint64_t cap) { return x < cap ? x : cap; }
@@ -33,10 +39,14 @@ void derive(const struct pool *p, struct numbers *n) {
     n->arena_shared = ld(&h[H_ARENA_FREE]);
     n->fail_rate_bits = ld(&h[H_FAIL_RATE]);
     n->seed = ld(&h[H_SEED]);
-    n->arena_cached = 0;
+    n->low_water = at_most(ld(&h[H_LOW_WATER]), n->min_nr);
+    n->longest_sleep_ns = ld(&h[H_LONGEST_SLEEP_NS]);
+    n->total_sleep_ns = ld(&h[H_TOTAL_SLEEP_NS]);
+    n->arena_cached = n->attached = 0;
     for (uint64_t e = 0; e < used; e++) {
         const uint64_t *ent = ENTRY(p, e);
         if (ld(&ent[P_EPOCH]) != 0 || ld(&ent[P_CACHE_N]) != 0) n->arena_cached += cached_by(p, e);
+        if (ld(&ent[P_EPOCH]) != 0) n->attached += e + 1 == p->me || entry_locked(p, e);
     }
     n->queued = 0;
     n->nr_waiters = ld(&h[H_NR_WAITERS]);
@@ -61,5 +71,16 @@ void derive(const struct pool *p, struct numbers *n) {
         n->counters[c] = ld(&h[header_counter[c]]);
         if (c < (int)N_PROC_COUNTERS)
             for (uint64_t e = 0; e < used; e++) n->counters[c] += ld(&ENTRY(p, e)[P_COUNTERS + c]);
+    }
+}
+
+/* How many slots each owner field holds (HELD): counts[o] for o in
+ * 0..max_procs (o is an entry + 1; 0 and fields beyond the registry count
+ * in counts[0]), from the words as they are (no lock: for a message). */
+void held_by(const struct pool *p, uint32_t *counts) {
+    memset(counts, 0, sizeof *counts * (p->max_procs + 1));
+    for (uint64_t idx = 0; idx < p->capacity; idx++) {
+        uint64_t w = ld(&p->words[idx]), o = W_OWNER(w);
+        if (W_STATE(w) == ST_HELD) counts[o <= p->max_procs ? o : 0]++;
     }
 }

@@ -106,6 +106,8 @@ static int take_over(struct pool *p, uint64_t tok) {
                                      __ATOMIC_RELAXED))
         return 0;
     note_locked(p);
+    uint64_t o = tok & OWNER_MASK;
+    p->taken_from_pid = o >= 1 && o <= p->max_procs ? ld(&ENTRY(p, o - 1)[P_PID]) : 0;
     p->hdr[H_RECOVERIES]++;
     p->recoveries++;
     repair(p);

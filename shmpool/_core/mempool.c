@@ -105,7 +105,8 @@ void call_init(struct call *c, step_fn step, int bound, int64_t timeout_ns) {
     c->after = NULL;
     c->ctx = NULL;
     c->arg = NULL;
-    c->may_sleep = c->sleep_outside = c->slept = c->skip_arena = c->drawn = c->channel = 0;
+    c->may_sleep = c->sleep_outside = c->slept = c->reported = c->skip_arena = c->drawn = c->channel = 0;
+    c->slept_since = 0;
     c->deadline = deadline_in(timeout_ns);
     c->bound_ns = bound == BOUND_ATOMIC ? (int64_t)ATOMIC_WAIT_NS : bound == BOUND_ADMIN ? (int64_t)ADMIN_WAIT_NS : -1;
     c->retry_ns = SLEEP_RETRY_NS;
@@ -142,10 +143,30 @@ void leave(struct pool *p) {
     lock_release(p);
 }
 
+int is_allocation(const struct call *c) { return c->step == step_alloc || c->step == step_alloc_bulk; }
+
+/* An allocation that slept `ns` in all returns: the sleep totals (lock-free:
+ * one word each, so a kill at any instruction leaves them whole). */
+void note_sleep(struct pool *p, uint64_t ns) {
+    __atomic_add_fetch(&p->hdr[H_TOTAL_SLEEP_NS], ns, __ATOMIC_RELAXED);
+    uint64_t longest = __atomic_load_n(&p->hdr[H_LONGEST_SLEEP_NS], __ATOMIC_RELAXED);
+    while (ns > longest && !__atomic_compare_exchange_n(&p->hdr[H_LONGEST_SLEEP_NS], &longest, ns, 0,
+                                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+}
+
+static int run_loop(struct pool *p, struct call *c);
+
 int run(struct pool *p, struct call *c) {
+    int r = run_loop(p, c);
+    if (c->slept && is_allocation(c)) note_sleep(p, now_ns() - c->slept_since);
+    return r;
+}
+
+static int run_loop(struct pool *p, struct call *c) {
     for (;;) {
         int mode = c->sleep_outside ? MODE_ASYNC : c->may_sleep && !passed(c->deadline) ? MODE_SLEEP : MODE_FAIL;
         if (mode == MODE_SLEEP && (c->step == step_put || c->step == step_get)) queue_spin(p, c, c->step == step_put);
+        uint64_t tried = mode == MODE_SLEEP && !c->slept && is_allocation(c) ? now_ns() : 0; /* a sleep starts here */
         int r = lock_acquire(p, c->deadline, c->may_sleep ? -1 : c->bound_ns);
         p->last_event = EV_NONE; /* (after the wait: another thread's call may have run meanwhile) */
         if (r == RC_TIMEOUT && !c->may_sleep && c->bound_ns >= 0) r = RC_BUSY;
@@ -173,13 +194,18 @@ int run(struct pool *p, struct call *c) {
             return RC_SIGNAL;
         }
         if (r != RC_SLEEP || c->sleep_outside) return r;
-        c->slept = 1;
-        uint64_t nap = c->retry_ns;
-        if (c->step == step_put && c->nap_ns < nap) { /* below the low-water mark nobody wakes it: look again */
+        uint64_t now = now_ns(), nap = c->retry_ns;
+        if (!c->slept) c->slept = 1, c->slept_since = tried ? tried : now;
+        if (p->long_sleep_ns >= 0 && !c->reported && is_allocation(c)) { /* wake to report it (`after`) */
+            uint64_t at = c->slept_since + (uint64_t)p->long_sleep_ns;
+            if (at > now && at - now < nap) nap = at - now;
+        }
+        int put_nap = c->step == step_put && c->nap_ns < nap;
+        if (put_nap) { /* below the low-water mark nobody wakes it: look again */
             nap = c->nap_ns;
             c->nap_ns *= 2;
         }
-        r = chan_sleep(p, c->channel, c->seen, earlier(now_ns() + nap, c->deadline), nap < c->retry_ns);
+        r = chan_sleep(p, c->channel, c->seen, earlier(now + nap, c->deadline), put_nap);
         if (r != RC_OK) return r;
     }
 }

@@ -97,6 +97,7 @@ struct pool {
     uint64_t *hdr, *words, *registry, *queues;
     uint32_t *stack, *arena, *next;
     uint64_t *desc;              /* element descriptors: DESC_WORDS per slot (py_views.c) */
+    uint64_t *since;             /* hand-out times: one per slot (hand_out writes them) */
     unsigned char *data;
     uint64_t capacity, stride, slot_size, max_procs, off_procs, max_queues;
     int fd;                      /* the segment file, for OFD liveness (not owned) */
@@ -119,6 +120,8 @@ struct pool {
     int last_event;              /* what the last step did (trace) */
     uint64_t last_curr;          /* curr_nr just after it */
     uint64_t recoveries;         /* times this object took the lock over from a dead owner */
+    uint64_t taken_from_pid;     /* the dead holder of the last takeover (for the log) */
+    int64_t long_sleep_ns;       /* an allocation asleep this long is reported once (`after`); -1: never */
     char msg[240];               /* why a call found the pool damaged or a handle invalid */
     char name[256];              /* the pool's name, for messages */
     char fifo_prefix[320];       /* an entry's asyncio FIFO is this + its number ("": none) */
@@ -299,6 +302,8 @@ struct call {
     int channel;               /* set by a step that registered */
     uint32_t seen;             /* the channel's sequence when it registered */
     int slept;                 /* it has slept at least once */
+    int reported;              /* its long sleep was reported (the `after` hook, once per call) */
+    uint64_t slept_since;      /* when it first slept (monotonic ns) */
     int skip_arena;            /* the first attempt goes straight to the reserve */
     int drawn;                 /* the first attempt's fault draw was made (lock-free): not again */
     /* Arguments and results of the steps. */
@@ -311,6 +316,8 @@ struct call {
 };
 
 enum { BOUND_CALLER = 0, BOUND_ATOMIC = 1, BOUND_ADMIN = 2 };
+int is_allocation(const struct call *c);   /* alloc or alloc_bulk: its sleep counts in the sleep totals */
+void note_sleep(struct pool *p, uint64_t ns); /* the one writer of H_LONGEST_SLEEP_NS and H_TOTAL_SLEEP_NS */
 void call_init(struct call *c, step_fn step, int bound, int64_t timeout_ns);
 int run(struct pool *p, struct call *c);
 void leave(struct pool *p);                 /* complete parked frees, release the lock */
@@ -369,8 +376,11 @@ void repair(struct pool *p);
 struct numbers {
     uint64_t status, flags, min_nr, curr_nr, arena_shared, arena_cached, in_use, queued, parked, nr_waiters;
     uint64_t fail_rate_bits, seed;
+    uint64_t low_water, longest_sleep_ns, total_sleep_ns; /* for sizing the reserve */
+    uint64_t attached;         /* entries in use whose process lives (with no fd to ask: in use) */
     uint64_t counters[16]; /* COUNTERS' order: the header's plus every entry's */
 };
 void derive(const struct pool *p, struct numbers *n);
+void held_by(const struct pool *p, uint32_t *counts); /* HELD slots per owner field (a message's numbers) */
 
 #endif

@@ -35,6 +35,7 @@ typedef struct {
     PyObject *data_mv;        /* a memoryview of the slots: views are cut from it and keep the mapping */
     PyObject *last_dtype;     /* the dtype ndarray() saw last, and its descr */
     PyObject *last_descr;
+    uint64_t logged_recoveries; /* takeovers already said to the logger */
 } Core;
 
 extern PyObject *ErrFormat, *ErrDestroyed, *ErrInvalid, *ErrClosed, *WarnPoison, *WarnGFP;
@@ -55,7 +56,12 @@ static inline int enter(Core *f) {
     f->busy++;
     return 0;
 }
+/* The `shmpool` logger (py_module.c): logging's levels, a message. */
+enum { LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };
+int log_msg(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void log_takeovers(Core *f);
 static inline PyObject *leave_with(Core *f, PyObject *result) {
+    if (f->p.recoveries != f->logged_recoveries) log_takeovers(f);
     if (--f->busy == 0 && f->p.closing) release_view(f);
     return result;
 }

@@ -9,6 +9,13 @@
 
 #include "py.h"
 
+/* Elements taken back from dead processes: said to the logger. */
+static void log_reclaimed(Core *f, uint64_t n, const char *by) {
+    if (n && log_msg(LOG_WARNING, "pool '%s': %s took back %llu element%s held by processes that died", f->p.name, by,
+                     (unsigned long long)n, n == 1 ? "" : "s") < 0)
+        PyErr_WriteUnraisable(NULL);
+}
+
 static PyObject *run_admin(Core *f, struct call *c, const char *what) {
     int r = run_call(f, c);
     if (r == RC_OK) return Py_NewRef(Py_None);
@@ -31,12 +38,14 @@ static PyObject *Core_stats(Core *f, PyObject *unused) {
     double rate;
     memcpy(&rate, &n.fail_rate_bits, 8);
     return leave_with(f, Py_BuildValue(
-        "{sKsKsKsKsKsKsdsKsOsKsKsKsKsKsKsKsKsKsK}", "min_nr", n.min_nr, "curr_nr", n.curr_nr, "arena_free",
+        "{sKsKsKsKsKsKsdsKsOsKsKsKsKsKsKsKsKsKsKsKsdsdsK}", "min_nr", n.min_nr, "curr_nr", n.curr_nr, "arena_free",
         n.arena_shared + n.arena_cached, "in_use", n.in_use, "queued", n.queued, "nr_waiters", n.nr_waiters,
         "fail_rate", rate, "seed", n.seed, "poison", (n.flags & FLAG_POISON) ? Py_True : Py_False,
         "alloc_arena", n.counters[0], "alloc_reserve", n.counters[1], "alloc_failed", n.counters[2], "free_reserve",
         n.counters[3], "free_arena", n.counters[4], "sleeps", n.counters[5], "faults_injected", n.counters[6],
-        "poison_errors", n.counters[7], "lock_recoveries", n.counters[8], "reclaimed", n.counters[9]));
+        "poison_errors", n.counters[7], "lock_recoveries", n.counters[8], "reclaimed", n.counters[9], "reserve_low_water", n.low_water,
+        "longest_sleep", (double)n.longest_sleep_ns / 1e9, "total_sleep", (double)n.total_sleep_ns / 1e9, "attached",
+        n.attached));
 }
 
 /* reclaim() -> how many held elements came back from dead processes. */
@@ -46,6 +55,7 @@ static PyObject *Core_reclaim(Core *f, PyObject *unused) {
     PyObject *res = run_admin(f, &c, "reclaim_dead");
     if (!res) return leave_with(f, NULL);
     Py_DECREF(res);
+    log_reclaimed(f, c.a, "reclaim_dead");
     return leave_with(f, PyLong_FromUnsignedLongLong(c.a));
 }
 
@@ -160,6 +170,7 @@ static PyObject *Core_register(Core *f, PyObject *args) {
         return leave_with(f, NULL);
     }
     Py_DECREF(res);
+    log_reclaimed(f, (uint64_t)c.n, "attach");
     return leave_with(f, Py_BuildValue("LK", (long long)index, (unsigned long long)(f->p.token >> 16)));
 }
 

@@ -6,6 +6,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <unistd.h>
 
 #include "py.h"
 
@@ -17,15 +18,65 @@ static const char *const EVENT_NAMES[] = {NULL, "alloc-arena", "alloc-reserve", 
 
 static int is_alloc(const struct call *c) { return c->step == step_alloc; }
 
+/* An allocation asleep longer than the object's long_sleep: said once to
+ * the `shmpool` logger, with who holds the elements, and plainly when this
+ * process holds every one of them (nobody else can free one: a likely
+ * self-deadlock). -1 if the logger raised. */
+static int report_long_sleep(Core *f, uint64_t slept_ns) {
+    struct pool *p = &f->p;
+    uint32_t *held = PyMem_Calloc(p->max_procs + 1, sizeof *held);
+    if (!held) return log_msg(LOG_WARNING, "pool '%s': an allocation in pid %ld has slept %.1f s", p->name,
+                              (long)getpid(), (double)slept_ns / 1e9);
+    held_by(p, held);
+    uint64_t total = 0, mine = p->me && p->me <= p->max_procs ? held[p->me] : 0, queued = 0;
+    for (uint64_t o = 0; o <= p->max_procs; o++) total += held[o];
+    for (uint64_t q = 0; q < p->max_queues; q++)
+        if (ld(&QUEUE(p, q)[Q_STATE]) == QUEUE_LIVE) queued += ld(&QUEUE(p, q)[Q_COUNT]);
+    char who[600];
+    size_t at = 0;
+    who[0] = 0;
+    for (int shown = 0; shown < 8; shown++) { /* the biggest holders first */
+        uint64_t best = 0;
+        for (uint64_t o = 1; o <= p->max_procs; o++)
+            if (held[o] > (best ? held[best] : 0)) best = o;
+        if (!best) break;
+        unsigned long long pid = ld(&ENTRY(p, best - 1)[P_PID]);
+        int k = snprintf(who + at, sizeof who - at, "%spid %llu%s holds %u", shown ? ", " : "", pid,
+                         best == p->me ? " (this process)" : "", held[best]);
+        if (k < 0 || (size_t)k >= sizeof who - at) break;
+        at += (size_t)k;
+        held[best] = 0;
+    }
+    PyMem_Free(held);
+    double s = (double)slept_ns / 1e9;
+    if (total && mine == total && !queued)
+        return log_msg(LOG_WARNING, "pool '%s': an allocation in pid %ld has slept %.1f s, and this process itself "
+                       "holds every element that is out of the pool (%llu of %llu): only a free by another of its "
+                       "threads can wake it (a likely self-deadlock: free what it holds, or give alloc a timeout)",
+                       p->name, (long)getpid(), s, (unsigned long long)total, (unsigned long long)p->capacity);
+    return log_msg(LOG_WARNING, "pool '%s': an allocation in pid %ld has slept %.1f s waiting for an element to "
+                   "come back: %s; %llu in queues", p->name, (long)getpid(), s, at ? who : "no process holds any",
+                   (unsigned long long)queued);
+}
+
 /* After each attempt, the lock released: the poison warning, then the
  * trace of an alloc or free. -1 if either raised; an element the attempt
  * got is then given back (nothing is lost). */
 static int after_unlock(struct pool *p, struct call *c, int r) {
     Core *f = c->ctx;
     int failed = 0;
-    if (p->poisoned >= 0) {
+    if (r == RC_SLEEP && c->slept && !c->reported && p->long_sleep_ns >= 0 && is_allocation(c)) {
+        uint64_t slept = now_ns() - c->slept_since;
+        if (slept >= (uint64_t)p->long_sleep_ns) {
+            c->reported = 1;
+            failed = report_long_sleep(f, slept) < 0;
+        }
+    }
+    if (!failed && p->poisoned >= 0) {
         long long idx = (long long)p->poisoned;
         p->poisoned = -1;
+        log_msg(LOG_WARNING, "pool '%s': reserved element in slot %lld was written after it was freed (poison "
+                "mismatch; its bytes are left as found)", p->name, idx);
         failed = PyErr_WarnFormat(WarnPoison, 1, "pool '%s': reserved element in slot %lld was written after it was "
                                   "freed", p->name, idx) < 0;
     }
@@ -49,7 +100,8 @@ static int after_unlock(struct pool *p, struct call *c, int r) {
 
 int run_call(Core *f, struct call *c) {
     c->ctx = f;
-    c->after = f->trace || f->p.poison ? after_unlock : NULL; /* nothing to say otherwise */
+    c->after = f->trace || f->p.poison || (c->may_sleep && is_allocation(c) && f->p.long_sleep_ns >= 0)
+                   ? after_unlock : NULL; /* nothing to say otherwise */
     return run(&f->p, c);
 }
 
@@ -208,6 +260,29 @@ static PyObject *Core_alloc_async_try(Core *f, PyObject *unused) {
     return leave_with(f, raise_for(f, r, "alloc_async"));
 }
 
+/* note_sleep(seconds): an alloc_async that slept that long returns (the
+ * sleep totals, as run() keeps them for the others). */
+static PyObject *Core_note_sleep(Core *f, PyObject *arg) {
+    double s = PyFloat_AsDouble(arg);
+    if (s == -1.0 && PyErr_Occurred()) return NULL;
+    if (!(s >= 0 && s < 1e9)) {
+        PyErr_SetString(PyExc_ValueError, "seconds out of range");
+        return NULL;
+    }
+    if (enter(f) < 0) return NULL;
+    note_sleep(&f->p, (uint64_t)(s * 1e9));
+    return leave_with(f, Py_NewRef(Py_None));
+}
+
+/* report_long_sleep(seconds): an alloc_async asleep that long says so. */
+static PyObject *Core_report_long_sleep(Core *f, PyObject *arg) {
+    double s = PyFloat_AsDouble(arg);
+    if (s == -1.0 && PyErr_Occurred()) return NULL;
+    if (enter(f) < 0) return NULL;
+    if (report_long_sleep(f, s > 0 && s < 1e9 ? (uint64_t)(s * 1e9) : 0) < 0) return leave_with(f, NULL);
+    return leave_with(f, Py_NewRef(Py_None));
+}
+
 /* async_done(): count out a sleeper that alloc_async_try registered (a
  * close() since has counted it out already). */
 static PyObject *Core_async_done(Core *f, PyObject *unused) {
@@ -337,6 +412,8 @@ PyMethodDef Core_alloc_methods[] = {
     M("adopt", Core_adopt, METH_FASTCALL, "(handle, from_owner=0)"),
     M("alloc_async_try", Core_alloc_async_try, METH_NOARGS, "() -> handle, None (registered), False (lock busy)"),
     M("async_done", Core_async_done, METH_NOARGS, "count out an async sleeper"),
+    M("note_sleep", Core_note_sleep, METH_O, "(seconds): an alloc_async slept that long"),
+    M("report_long_sleep", Core_report_long_sleep, METH_O, "(seconds): an alloc_async asleep that long says so"),
     {NULL},
 };
 

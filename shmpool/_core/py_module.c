@@ -6,12 +6,14 @@
  */
 #define SHMPOOL_MODULE_C
 #include <signal.h>
+#include <stdarg.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "py.h"
 
 PyObject *ErrFormat, *ErrDestroyed, *ErrInvalid, *ErrClosed, *WarnPoison, *WarnGFP;
+static PyObject *Logger; /* logging.getLogger("shmpool") (shmpool/_log.py), from set_logger */
 int64_t retry_alloc_ns = (int64_t)SLEEP_RETRY_NS, retry_queue_ns = (int64_t)QUEUE_RETRY_NS;
 int crash_point = CP_NONE;
 const char *const CRASH_POINTS[CP_N] = {"", "alloc-reserve", "free-reserve", "retire", "steal", "refill", "drain",
@@ -39,6 +41,52 @@ static PyObject *mod_set_classes(PyObject *m, PyObject *args) {
     Py_XSETREF(WarnPoison, Py_NewRef(e));
     Py_XSETREF(WarnGFP, Py_NewRef(g));
     Py_RETURN_NONE;
+}
+
+/* set_logger(logger): the `shmpool` logger (shmpool/_log.py). */
+static PyObject *mod_set_logger(PyObject *m, PyObject *logger) {
+    Py_XSETREF(Logger, Py_NewRef(logger));
+    Py_RETURN_NONE;
+}
+
+/* Say something to the `shmpool` logger at `level` (logging's numbers),
+ * if it listens at that level. An exception already set is kept (and 0
+ * returned); else -1 if the logger itself raised (its handlers' errors are
+ * its own: logging reports them). */
+int log_msg(int level, const char *fmt, ...) {
+    if (!Logger) return 0;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    int r = 0;
+    PyObject *on = PyObject_CallMethod(Logger, "isEnabledFor", "i", level);
+    if (!on) r = -1;
+    else if (PyObject_IsTrue(on)) {
+        char text[1024];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(text, sizeof text, fmt, ap);
+        va_end(ap);
+        PyObject *res = PyObject_CallMethod(Logger, "log", "is", level, text);
+        if (!res) r = -1;
+        Py_XDECREF(res);
+    }
+    Py_XDECREF(on);
+    if (et) {
+        PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+        r = 0;
+    }
+    return r;
+}
+
+/* A takeover of the lock by this object since the last call: said once. */
+void log_takeovers(Core *f) {
+    uint64_t n = f->p.recoveries - f->logged_recoveries;
+    f->logged_recoveries = f->p.recoveries;
+    if (log_msg(LOG_WARNING, "pool '%s': took the pool lock over from pid %llu, which died holding it (%llu time%s), "
+                "and repaired the pool", f->p.name, (unsigned long long)f->p.taken_from_pid, (unsigned long long)n,
+                n == 1 ? "" : "s") < 0)
+        PyErr_WriteUnraisable(Logger);
 }
 
 /* set_gfp(valid_mask, wait_bit, zero_bit): gfp.py's table. */
@@ -136,13 +184,16 @@ static PyObject *mod_derive(PyObject *m, PyObject *args) {
     struct numbers n;
     derive(&p, &n);
     PyBuffer_Release(&b);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "min_nr", n.min_nr, "curr_nr", n.curr_nr, "arena_shared",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsdsdsK}", "min_nr", n.min_nr, "curr_nr", n.curr_nr, "arena_shared",
                          n.arena_shared, "arena_cached", n.arena_cached, "in_use", n.in_use, "queued", n.queued,
-                         "parked", n.parked, "nr_waiters", n.nr_waiters, "status", n.status);
+                         "parked", n.parked, "nr_waiters", n.nr_waiters, "status", n.status, "reserve_low_water",
+                         n.low_water, "longest_sleep", (double)n.longest_sleep_ns / 1e9, "total_sleep",
+                         (double)n.total_sleep_ns / 1e9, "attached", n.attached);
 }
 
 static PyMethodDef module_methods[] = {
     {"set_classes", mod_set_classes, METH_VARARGS, "(format, destroyed, invalid, closed, poison_warning, gfp_warning)"},
+    {"set_logger", mod_set_logger, METH_O, "(logger): where the core says what operators should know"},
     {"set_gfp", mod_set_gfp, METH_VARARGS, "(valid_mask, wait_bit, zero_bit)"},
     {"may_sleep", mod_may_sleep, METH_O, "may_sleep(gfp) -> bool"},
     {"seconds", mod_seconds, METH_O, "seconds(timeout) -> float or None: the timeout checked"},

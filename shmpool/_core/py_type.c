@@ -33,6 +33,8 @@ PyObject *raise_for(Core *f, int r, const char *what) {
     case RC_NOMEM: return PyErr_NoMemory();
     case RC_INVALID: PyErr_SetString(PyExc_ValueError, f->p.msg); return NULL;
     case RC_CORRUPT:
+        log_msg(LOG_ERROR, "pool '%s' is corrupt: %s (found by %s; shmpool-inspect --check %s audits it)", f->p.name,
+                f->p.msg, what, f->p.name);
         PyErr_Format(ErrFormat, "pool '%s' is corrupt: %s (shmpool-inspect --check %s audits it)", f->p.name, f->p.msg,
                      f->p.name);
         return NULL;
@@ -85,12 +87,12 @@ void release_view(Core *f) {
 static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     PyObject *buf;
     const char *name, *fifo;
-    Py_ssize_t off_words, off_stack, off_arena, off_next, off_desc, off_procs, off_queues, max_queues, off_slots,
+    Py_ssize_t off_words, off_stack, off_arena, off_next, off_desc, off_since, off_procs, off_queues, max_queues, off_slots,
         max_procs;
     unsigned long long capacity, stride, slot_size;
     int poison;
-    if (!PyArg_ParseTuple(args, "OsnnnnnnnnnnKKKps", &buf, &name, &off_words, &off_stack, &off_arena, &off_next,
-                          &off_desc, &off_procs, &off_queues, &max_queues, &off_slots, &max_procs, &capacity, &stride,
+    if (!PyArg_ParseTuple(args, "OsnnnnnnnnnnnKKKps", &buf, &name, &off_words, &off_stack, &off_arena, &off_next,
+                          &off_desc, &off_since, &off_procs, &off_queues, &max_queues, &off_slots, &max_procs, &capacity, &stride,
                           &slot_size, &poison, &fifo))
         return -1;
     if (f->have_view) {
@@ -110,6 +112,7 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
         off_stack + (Py_ssize_t)(4 * capacity) > len || off_arena < 0 || off_arena + (Py_ssize_t)(4 * capacity) > len ||
         off_next < 0 || off_next + (Py_ssize_t)(4 * capacity) > len || off_queues < 0 || off_queues % 8 ||
         off_desc < 0 || off_desc % 8 || off_desc + (Py_ssize_t)(8 * DESC_WORDS * capacity) > len ||
+        off_since < 0 || off_since % 8 || off_since + (Py_ssize_t)(8 * capacity) > len ||
         max_queues < 0 || max_queues > (Py_ssize_t)MAX_QUEUES ||
         off_queues + max_queues * (Py_ssize_t)QUEUE_WORDS * 8 > len || off_procs < 0 || off_procs % 8 ||
         off_procs + max_procs * (Py_ssize_t)PROC_WORDS * 8 > len || off_slots < 0 ||
@@ -125,6 +128,7 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     p->arena = (uint32_t *)(base + off_arena);
     p->next = (uint32_t *)(base + off_next);
     p->desc = (uint64_t *)(base + off_desc);
+    p->since = (uint64_t *)(base + off_since);
     p->queues = (uint64_t *)(base + off_queues);
     p->registry = (uint64_t *)(base + off_procs);
     p->data = (unsigned char *)(base + off_slots);
@@ -136,6 +140,7 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     p->off_procs = (uint64_t)off_procs;
     p->poison = poison;
     p->fd = -1;
+    p->long_sleep_ns = (int64_t)LONG_SLEEP_NS;
     for (int q = 0; q < (int)MAX_QUEUES; q++) p->spin_ns[q][0] = p->spin_ns[q][1] = (uint32_t)QUEUE_SPIN_NS;
     p->poisoned = -1;
     snprintf(p->name, sizeof p->name, "%s", name);
@@ -182,6 +187,22 @@ static PyObject *get_cache_n(Core *f, void *c) {
     return PyLong_FromUnsignedLongLong(cached_by(&f->p, f->p.me - 1));
 }
 static PyObject *get_recoveries(Core *f, void *c) { return PyLong_FromUnsignedLongLong(f->p.recoveries); }
+/* long_sleep: seconds after which a sleeping allocation is said to the
+ * logger (None: never). */
+static PyObject *get_long_sleep(Core *f, void *c) {
+    if (f->p.long_sleep_ns < 0) Py_RETURN_NONE;
+    return PyFloat_FromDouble((double)f->p.long_sleep_ns / 1e9);
+}
+static int set_long_sleep(Core *f, PyObject *v, void *c) {
+    if (v == NULL || v == Py_None) {
+        f->p.long_sleep_ns = -1;
+        return 0;
+    }
+    int64_t ns;
+    if (conv_timeout(v, &ns) < 0) return -1;
+    f->p.long_sleep_ns = ns;
+    return 0;
+}
 static PyObject *get_entry(Core *f, void *c) { return PyLong_FromLongLong((long long)f->p.me - 1); }
 static PyObject *get_trace(Core *f, void *c) { return Py_NewRef(f->trace ? f->trace : Py_None); }
 static int set_trace(Core *f, PyObject *v, void *c) {
@@ -208,6 +229,7 @@ static PyGetSetDef Core_getset[] = {
     {"enabled", (getter)get_enabled, (setter)set_enabled, "whether this object uses its process's cache", NULL},
     {"cache_n", (getter)get_cache_n, NULL, "slots in this process's cache", NULL},
     {"recoveries", (getter)get_recoveries, NULL, "times this object took the lock over from a dead owner", NULL},
+    {"long_sleep", (getter)get_long_sleep, (setter)set_long_sleep, "a sleeping allocation is logged after this", NULL},
     {"entry", (getter)get_entry, NULL, "this process's registry entry (-1: none)", NULL},
     {"trace", (getter)get_trace, (setter)set_trace, "the trace callback, called outside the lock", NULL},
     {"min_nr", (getter)get_min_nr, NULL, "min_nr now (one load)", NULL},

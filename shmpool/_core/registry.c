@@ -197,6 +197,7 @@ int step_register(struct pool *p, struct call *c, int mode) {
     uncount_dead_sleepers(p);
     st(&p->entry[P_PID], c->a);
     st(&p->entry[P_START], c->b);
+    c->n = t; /* (for the log) */
     st(&p->entry[P_CACHE_N], 0);
     drop_sleepers(p, p->entry); /* our predecessor's */
     p->wake = 1;

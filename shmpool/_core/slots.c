@@ -8,9 +8,11 @@
  *   set_word        a slot word, by compare-and-swap from the word the caller
  *                   read (the hot path moves a slot of its cache without the
  *                   lock, and a thief under the lock may move it too)
- *   hand_out        a slot to HELD by us under its next generation
+ *   hand_out        a slot to HELD by us under its next generation, and its
+ *                   hand-out time (since[]: the only writer)
  *   add_element     push onto the reserve stack (curr_nr + 1)
- *   remove_element  pop the reserve's top (curr_nr - 1), checking its poison
+ *   remove_element  pop the reserve's top (curr_nr - 1), checking its poison;
+ *                   the only code that lowers H_LOW_WATER
  *   arena_push/pop  the shared free list of the arena (arena_free)
  *   list_push       the push under both (repair pushes the lists again
  *                   with it, after list_reset empties them)
@@ -40,6 +42,9 @@ int set_word(struct pool *p, uint64_t idx, uint64_t old, uint64_t new_) {
 int hand_out(struct pool *p, uint64_t idx, uint64_t old, uint64_t *handle) {
     uint64_t gen = (W_GEN(old) + 1) & GEN_MASK;
     if (!set_word(p, idx, old, mkword(ST_HELD, p->me, gen))) return 0;
+    struct timespec ts; /* for people (ages in shmpool-inspect): the coarse clock is enough and costs a load */
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    st(&p->since[idx], (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec);
     *handle = idx | gen << HGEN_SHIFT;
     return 1;
 }
@@ -96,6 +101,7 @@ int remove_element(struct pool *p, uint64_t *out) {
     if (idx >= p->capacity || W_STATE(ld(&p->words[idx])) != ST_RESERVE)
         return corrupt(p, "reserve stack entry %llu names slot %llu, which is not in the reserve", n - 1, idx);
     st(&p->hdr[H_CURR_NR], n - 1);
+    if (n - 1 < ld(&p->hdr[H_LOW_WATER])) st(&p->hdr[H_LOW_WATER], n - 1); /* (a line written rarely) */
     if (p->poison) poison_check(p, idx);
     *out = idx;
     return RC_OK;

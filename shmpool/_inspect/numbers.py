@@ -88,11 +88,12 @@ from .._layout import (
 )
 from .._mapping import Views
 from .._procs import is_alive, start_ticks
+from .sizing import oldest_age_per_entry, oldest_held, sizing
 from .snapshot import Copy, cache_slots, fields, procs_table
 
 #: Version of the --json documents' keys (every document carries it as
 #: "schema"): raised when a key is renamed or changes meaning.
-SCHEMA = 1
+SCHEMA = 2  # 2: the reserve's record (sizing), ages, attached
 STACK_SHOWN = 16  # reserve stack entries shown without --all
 MAP_WIDTH = 64  # slot map characters per row
 MAP_ROWS = 8  # at most this many rows: bigger pools are grouped
@@ -109,13 +110,17 @@ SLOT_COUNT_KEYS = ("arena", "cached", "reserve", "queued", "held", "parked", "he
 V_NONE, V_ALIVE, V_DEAD = 0, 1, 2
 
 
-def derived(copy: Copy) -> dict[str, int]:
+def derived(copy: Copy) -> dict[str, Any]:
     """The pool's numbers, by the code ``stats()`` runs (see the module doc):
     min_nr, curr_nr, arena_shared, arena_cached, in_use, queued, parked,
-    nr_waiters, status."""
+    nr_waiters, status, reserve_low_water, longest_sleep, total_sleep,
+    attached (the registry entries in use whose process lived just after
+    the copy: a copy has no descriptor for derive to ask)."""
     geo = copy.views.geo
-    return derive(copy.views.mm, geo.capacity, geo.max_procs, geo.max_queues, geo.off_words, geo.off_procs,
-                  geo.off_queues)
+    n: dict[str, Any] = derive(copy.views.mm, geo.capacity, geo.max_procs, geo.max_queues, geo.off_words,
+                               geo.off_procs, geo.off_queues)
+    n["attached"] = int((copy.alive & in_use_entries(copy.views)).sum())
+    return n
 
 
 def entries_used(v: Views) -> int:
@@ -317,6 +322,7 @@ def holders(copy: Copy) -> list[dict[str, Any]]:
     get, put = queue_sleepers(v)
     on_queues = (get + put).sum(axis=1)
     rows = []
+    oldest = oldest_age_per_entry(copy)
     busy = (mine > 0) | (cached > 0) | (procs[:, P_SLEEPING] > 0) | (on_queues > 0)
     for e in np.flatnonzero(alive | busy).tolist():
         pid, start = int(procs[e, P_PID]), int(procs[e, P_START])
@@ -331,11 +337,12 @@ def holders(copy: Copy) -> list[dict[str, Any]]:
             "entry": e,
             "epoch": int(procs[e, P_EPOCH]),
             "queue_sleeping": int(on_queues[e]),
+            "oldest_age": oldest.get(e) if mine[e] else None,
         })
     orphans = int(held.sum() - mine.sum())
     if orphans:
         rows.append({"pid": 0, "name": "", "command": "", "alive": False, "held": orphans, "cached": 0, "sleeping": 0,
-                     "entry": None, "epoch": 0, "queue_sleeping": 0})
+                     "entry": None, "epoch": 0, "queue_sleeping": 0, "oldest_age": None})
     return rows
 
 
@@ -410,6 +417,7 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
     smap, group = slot_map(codes)
     n = derived(copy)
     stack = np.frombuffer(v.stack, dtype=np.uint32)[: min(n["curr_nr"], geo.capacity)][::-1]
+    rows, counted = holders(copy), counters(v)
     return {
         "schema": SCHEMA,
         "name": copy.name,
@@ -432,9 +440,15 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
         "seed": int(hdr[H_SEED]),
         "rng": "glibc" if hdr[H_RNG_KIND] == RNG_GLIBC else "splitmix64",
         "poison": bool(hdr[H_FLAGS] & FLAG_POISON),
-        "counters": counters(v),
+        "reserve_low_water": n["reserve_low_water"],
+        "longest_sleep": n["longest_sleep"],
+        "total_sleep": n["total_sleep"],
+        "attached": n["attached"],
+        "counters": counted,
+        "sizing": sizing(n["min_nr"], n, counted),
         "reserve_stack": (stack if show_all else stack[:STACK_SHOWN]).tolist(),
-        "holders": holders(copy),
+        "holders": rows,
+        "oldest_held": oldest_held(copy, rows, show_all),
         "queues": queues(v),
         "slot_counts": dict(zip(SLOT_COUNT_KEYS, np.bincount(codes, minlength=len(MAP_SYMBOLS)).tolist(), strict=True)),
         "slot_map": smap,

@@ -78,6 +78,8 @@ def _summary_lines(d: dict[str, Any]) -> list[str]:
         ("queued", f"{d['queued']} in {len(d['queues'])} queue(s)" if d["queues"] else f"{d['queued']} (no queues)"),
         ("waiters", f"{d['nr_waiters']} sleeping" + (
             f" ({d['nr_waiters'] - on_queues} in alloc, {on_queues} on queues)" if on_queues else "")),
+        ("sizing", d["sizing"]["verdict"]),
+        ("attached", f"{d['attached']} process(es)"),
         ("faults", f"fail_rate {d['fail_rate']:g}, seed {d['seed']} ({d['rng']})"),
         ("poison", "on" if d["poison"] else "off"),
         ("lock", lock_text(d["lock"])),
@@ -114,6 +116,17 @@ def _holder_lines(d: dict[str, Any]) -> list[str]:
         )
     if not d["holders"]:
         lines.append(f"{'':>8}  (no process holds or waits)")
+    return lines
+
+
+def _oldest_lines(d: dict[str, Any]) -> list[str]:
+    """The held elements that have been out longest, and who holds them."""
+    rows, held = d["oldest_held"], d["in_use"] - d["parked"]
+    head = "oldest held elements" + (f" ({len(rows)} of {held} shown):" if len(rows) < held else ":")
+    lines = [head, f"  {'AGE (s)':>10}  {'SLOT':>8}  {'HANDLE':<18}  {'PID':>8}  STATE"]
+    for r in rows:
+        state = "-" if r["entry"] is None else ("alive" if r["alive"] else "DEAD")
+        lines.append(f"  {r['age']:>10.3f}  {r['slot']:>8}  {r['handle']:#018x}  {r['pid']:>8}  {state}")
     return lines
 
 
@@ -161,6 +174,8 @@ def render(d: dict[str, Any], when: str = "") -> str:
         lines += [f"  WARNING: the pool lock was not free for a whole copy within {d['lock']['waited_s']:.2f} s,",
                   "  so this snapshot may be inconsistent"]
     sections = [_summary_lines(d), _stack_lines(d), _holder_lines(d)]
+    if d["oldest_held"]:
+        sections.append(_oldest_lines(d))
     if d["queues"]:
         sections.append(_queue_lines(d))
     sections += [_counter_lines(d), _map_lines(d)]
