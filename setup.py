@@ -6,6 +6,11 @@ that the segment's layout is written once. Everything else about the package is
 in pyproject.toml.
 """
 
+import sys
+
+if not sys.platform.startswith("linux"):
+    sys.exit(f"shmpool runs on Linux only: it needs POSIX shared memory and futexes (this is {sys.platform}).")
+
 import glob
 import importlib.util
 import os
