@@ -45,6 +45,7 @@ from .kernel import (
 from .pool import Mempool
 from .queues import Queue
 from .stats import PoolStats
+from .topics import Subscription, Topic
 
 _reduction.register()  # pool-backed arrays through multiprocessing: by reference
 
@@ -67,6 +68,8 @@ __all__ = [
     "PoolFormatError",
     "PoolStats",
     "Queue",
+    "Subscription",
+    "Topic",
     "ShmpoolError",
     "handle_of",
     "handle_slot",

@@ -97,6 +97,7 @@ from .gfp import __GFP_WAIT, may_sleep
 if TYPE_CHECKING:
     from ._attach import Membership
     from .queues import Queue
+    from .topics import Subscription
 
 #: How long a waiting alloc_async's thread sleeps per slice: it stops within
 #: this after a cancellation, and each slice counts as a sleep and a failed
@@ -530,16 +531,23 @@ def _requeue_now(q: Queue, handle: int) -> None:
 
 
 async def get(q: Queue, timeout: float | None) -> int:
+    return await _take(q.get, timeout, lambda h: _requeue(q, h), lambda h: _requeue_now(q, h))
+
+
+async def _take(get: Callable[[bool, float | None], int], timeout: float | None,
+                undo: Callable[[Any], None], undo_now: Callable[[Any], None]) -> int:
+    """A queue's or a subscription's get for asyncio: a non-blocking get
+    (it waits for the lock at most the atomic bound, as GFP_ATOMIC), then
+    blocking ones in a thread, a slice at a time; ``undo`` (``undo_now`` in
+    the loop's thread) what a thread took after a cancellation."""
     seconds = _seconds(timeout)
     start = _monotonic()
     try:
-        return q.get_nowait()  # waits for the lock at most the atomic bound, as GFP_ATOMIC
+        return get(False, None)
     except _stdqueue.Empty:
         pass
-    h = await _wait(
-        start, seconds, _slices(lambda s: q.get(True, s), _stdqueue.Empty), QUEUE_SLICE_SECONDS,
-        lambda h: _requeue(q, h), lambda h: _requeue_now(q, h),
-    )
+    h = await _wait(start, seconds, _slices(lambda s: get(True, s), _stdqueue.Empty), QUEUE_SLICE_SECONDS, undo,
+                    undo_now)
     if h is _NOTHING:
         raise _stdqueue.Empty
     return h  # type: ignore[no-any-return]
@@ -561,3 +569,17 @@ async def put(q: Queue, handle: int, timeout: float | None) -> None:
     # No undo: a put that happened stays (the caller learns of it).
     if await _wait(start, seconds, _slices(put_one, _stdqueue.Full), QUEUE_SLICE_SECONDS) is _NOTHING:
         raise _stdqueue.Full
+
+
+def _release_quietly(sub: Subscription, handle: int) -> None:
+    try:
+        sub.release(handle)
+    except Exception:  # the subscription or pool closed meanwhile: released with it
+        pass
+
+
+async def receive(sub: Subscription, timeout: float | None) -> int:
+    """A subscription's get for asyncio, as ``get``; an element its thread
+    received after a cancellation is released (the subscription misses it:
+    it cannot be pending again)."""
+    return await _take(sub.get, timeout, lambda h: _release_quietly(sub, h), lambda h: _release_quietly(sub, h))

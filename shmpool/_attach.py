@@ -55,7 +55,7 @@ _members: weakref.WeakSet[Membership] = weakref.WeakSet()
 class Membership:
     """One Mempool object's membership of its process's registry entry."""
 
-    __slots__ = ("core", "name", "key", "seg_fd", "close", "__weakref__")
+    __slots__ = ("core", "name", "key", "seg_fd", "close", "subscriptions", "__weakref__")
 
     def __init__(self, core: Any, name: str, seg_fd: int, close: Callable[[], None]) -> None:
         self.core = core
@@ -64,6 +64,7 @@ class Membership:
         st = os.fstat(seg_fd)
         self.key = (st.st_dev, st.st_ino)
         self.close = weakref.WeakMethod(close)
+        self.subscriptions: weakref.WeakSet[Any] = weakref.WeakSet()  # made through this object: closed with it
         _members.add(self)
 
     def join(self) -> None:
@@ -92,7 +93,10 @@ class Membership:
         to the arena (if the lock comes within its bound). The last object
         to leave vacates the entry (if that lock came: it is not waited for
         twice), unless the process still holds elements; after destroy the
-        description goes whatever is held."""
+        description goes whatever is held. Its topic subscriptions are
+        closed first (what they received or have pending released)."""
+        for sub in list(self.subscriptions):
+            sub.close()
         detach = True
         if self.core.enabled:
             self.core.enabled = False

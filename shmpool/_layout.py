@@ -17,10 +17,15 @@ One POSIX shared-memory segment holds one pool::
     off_since           hand-out times: capacity x u64, CLOCK_MONOTONIC ns
     off_procs           process registry: max_procs x PROC_WORDS u64 (P_*)
     off_queues          queue table: MAX_QUEUES x QUEUE_WORDS u64 (Q_*)
+    off_refs            references: capacity x u64, for SHARED slots (REF_*)
+    off_topics          topic table: MAX_TOPICS x TOPIC_WORDS u64 (T_*), then
+                        subscriptions: MAX_TOPICS x MAX_SUBS x SUB_WORDS u64
+                        (S_*), then their rings: MAX_TOPICS x MAX_SUBS x
+                        TOPIC_MAX_DEPTH u32 slot indexes
     off_slots           slots: capacity x stride bytes, page-aligned start
     total               end of the segment
 
-That is 60 bytes of metadata per slot beyond the fixed part. The stack has
+That is 68 bytes of metadata per slot beyond the fixed part. The stack has
 room for ``capacity`` entries, so ``resize`` can grow ``min_nr`` up to the
 capacity without moving anything. ``stride`` is ``slot_size`` rounded up to
 8, so every slot is 8-byte aligned.
@@ -86,7 +91,7 @@ import mmap
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 8  # 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
+LAYOUT_VERSION = 9  # 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
 
 HEADER_WORDS = 96
 HEADER_BYTES = HEADER_WORDS * 8
@@ -149,6 +154,8 @@ H_OFF_SINCE = 41  # (geometry) the hand-out times' table
 # For sizing the reserve (shmpool-inspect's verdict on min_nr): written
 # rarely, so they share no line with the hot words above.
 H_LOW_WATER = 42  # the lowest curr_nr seen since create (remove_element lowers it, under the lock)
+H_OFF_REFS = 43  # (geometry) the references' table (topics)
+H_OFF_TOPICS = 44  # (geometry) the topic table, its subscriptions and their rings
 # Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
 H_ALLOC_ARENA = 48
 H_ALLOC_RESERVE = 49
@@ -197,6 +204,7 @@ ST_HELD = 3
 ST_CACHED = 4
 ST_QUEUED = 5
 ST_PARKED = 6
+ST_SHARED = 7  # published to a topic (owner: the topic + 1): read by its subscribers, freed by the last
 STATE_NAMES = {
     ST_ARENA: "in the arena",
     ST_RESERVE: "in the reserve",
@@ -204,6 +212,7 @@ STATE_NAMES = {
     ST_CACHED: "in the arena (a process's cache)",
     ST_QUEUED: "in a queue",
     ST_PARKED: "being freed (parked until the pool lock is free)",
+    ST_SHARED: "published to a topic",
 }
 STATE_MASK = 0xFF
 OWNER_SHIFT = 8
@@ -262,6 +271,38 @@ DESC_WORDS = 4
 DESC_SET = 0x80
 DESC_MAX_DIMS = 4
 
+# Topics (publish/subscribe). A SHARED slot's reference word (refs[idx])
+# says which subscriptions of its topic reference it: bit j of the low half
+# (REF_PENDING..) for each subscription j that still has it, pending or
+# received; bit j of the high half for those that have received it (got it
+# and not yet released it). The element goes back to the pool when the low
+# half is 0.
+REF_RECEIVED_SHIFT = 32
+MAX_TOPICS = 8
+MAX_SUBS = 16  # subscriptions per topic (bits of a reference word's halves)
+TOPIC_MAX_DEPTH = 256  # a subscription's ring: at most this many pending elements
+T_NAME = 0  # QUEUE_NAME_BYTES, NUL-padded
+T_STATE = 6  # 0 vacant, QUEUE_LIVE in use
+T_DEPTH = 7
+T_OVERFLOW = 8  # OVERFLOW_BLOCK or OVERFLOW_DROP_OLDEST
+T_SUBS = 9  # bit j: subscription j is live
+T_PUBLISHED = 10  # elements published (counter)
+T_DROPPED = 11  # pending elements dropped by drop_oldest (counter, every subscription)
+T_ROOM_SEQ = 12  # futex word of the publishers' channel: bumped when a full ring gets room
+T_PUBLISHERS = 13  # publishers asleep, waiting for room
+TOPIC_WORDS = 16
+OVERFLOW_BLOCK = 0
+OVERFLOW_DROP_OLDEST = 1
+OVERFLOW_NAMES = {"block": OVERFLOW_BLOCK, "drop_oldest": OVERFLOW_DROP_OLDEST}
+S_OWNER = 0  # the subscribing process's registry entry + 1 (0: vacant)
+S_EPOCH = 1  # that entry's epoch when it subscribed (another: the subscriber is gone)
+S_HEAD = 2  # elements taken from the ring so far (the next to take: ring[head % depth])
+S_TAIL = 3  # elements put into the ring so far
+S_SEQ = 4  # futex word of its getters' channel: bumped when an element arrives
+S_GETTERS = 5  # its threads asleep in a get
+S_DROPPED = 6  # its pending elements dropped by drop_oldest
+SUB_WORDS = 8
+
 # Queue table entries: QUEUE_WORDS u64 each.
 Q_NAME = 0  # QUEUE_NAME_BYTES, NUL-padded
 QUEUE_NAME_BYTES = 48
@@ -302,7 +343,8 @@ _C_SECTIONS = (
     ("identity", ("MAGIC", "LAYOUT_VERSION", "HEADER_WORDS")),
     ("header words", tuple(n for n in globals() if n.startswith("H_"))),
     ("header values", ("STATUS_LIVE", "STATUS_DESTROYED", "FLAG_POISON", "RNG_SPLITMIX", "RNG_GLIBC")),
-    ("slot words", ("ST_ARENA", "ST_RESERVE", "ST_HELD", "ST_CACHED", "ST_QUEUED", "ST_PARKED", "STATE_MASK",
+    ("slot words", ("ST_ARENA", "ST_RESERVE", "ST_HELD", "ST_CACHED", "ST_QUEUED", "ST_PARKED", "ST_SHARED",
+                    "STATE_MASK",
                     "OWNER_SHIFT", "OWNER_MASK", "GEN_SHIFT", "GEN_MASK")),
     ("handles", ("INDEX_MASK", "HGEN_SHIFT", "MAX_CAPACITY", "MAX_SLOT_SIZE")),
     ("descriptors", ("D_GEN", "D_DTYPE", "D_DIMS", "DESC_WORDS", "DESC_SET", "DESC_MAX_DIMS")),
@@ -310,6 +352,10 @@ _C_SECTIONS = (
      + ("N_PROC_COUNTERS", "CACHE_MAX", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
     ("queue table", tuple(n for n in globals() if n.startswith("Q_"))
      + ("QUEUE_NAME_BYTES", "QUEUE_WORDS", "QUEUE_LIVE", "MAX_QUEUES", "NO_SLOT", "QUEUE_BATCH")),
+    ("topics", tuple(n for n in globals() if n.startswith(("T_", "S_")))
+     + ("REF_RECEIVED_SHIFT", "MAX_TOPICS", "MAX_SUBS", "TOPIC_MAX_DEPTH", "TOPIC_WORDS", "SUB_WORDS",
+        "OVERFLOW_BLOCK", "OVERFLOW_DROP_OLDEST")),
+    ("topic region", ("OFF_SUBS", "OFF_RINGS", "TOPICS_BYTES")),
     ("bounds (ns)", ("ATOMIC_WAIT_NS", "ADMIN_WAIT_NS", "SLEEP_RETRY_NS", "LONG_SLEEP_NS", "QUEUE_RETRY_NS", "PUT_NAP_NS",
                      "LOCK_SLICE_NS", "MAX_WAIT_NS")),
     ("poisoning", ("POISON_FREE", "POISON_END", "POISON_INUSE")),
@@ -342,6 +388,9 @@ def layout_hash() -> str:
 
 
 LINE = 64  # bytes in a cache line
+OFF_SUBS = 8 * TOPIC_WORDS * MAX_TOPICS  # the subscriptions, from off_topics
+OFF_RINGS = OFF_SUBS + 8 * SUB_WORDS * MAX_SUBS * MAX_TOPICS  # their rings, from off_topics
+TOPICS_BYTES = OFF_RINGS + 4 * TOPIC_MAX_DEPTH * MAX_SUBS * MAX_TOPICS
 
 
 def _line(offset: int) -> int:
@@ -364,6 +413,8 @@ class Geometry:
     off_procs: int
     max_procs: int
     off_queues: int
+    off_refs: int
+    off_topics: int
     max_queues: int
     off_slots: int
     total: int
@@ -384,12 +435,14 @@ class Geometry:
         off_since = _line(off_desc + 8 * DESC_WORDS * capacity)
         off_procs = _line(off_since + 8 * capacity)
         off_queues = off_procs + 8 * PROC_WORDS * max_procs
-        off_slots = -(-(off_queues + 8 * QUEUE_WORDS * MAX_QUEUES) // PAGE) * PAGE
+        off_refs = _line(off_queues + 8 * QUEUE_WORDS * MAX_QUEUES)
+        off_topics = _line(off_refs + 8 * capacity)
+        off_slots = -(-(off_topics + TOPICS_BYTES) // PAGE) * PAGE
         total = off_slots + stride * capacity
         return cls(
             slot_size, capacity, stride, off_words, off_stack, off_arena, off_next, off_desc, off_since, off_procs,
             max_procs,
-            off_queues,
+            off_queues, off_refs, off_topics,
             MAX_QUEUES, off_slots, total,
         )
 
@@ -404,4 +457,5 @@ class Geometry:
             H_OFF_PROCS: self.off_procs,
             H_MAX_PROCS: self.max_procs,
             H_OFF_QUEUES: self.off_queues, H_MAX_QUEUES: self.max_queues, H_OFF_SLOTS: self.off_slots,
+            H_OFF_REFS: self.off_refs, H_OFF_TOPICS: self.off_topics,
         }

@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from . import _procs, _segment
-from ._args import check_create, check_fail_rate, check_int, check_rng, check_seed
+from ._args import check_create, check_fail_rate, check_int, check_queue_name, check_range, check_rng, check_seed
 from ._errors import PoolFormatError
 from ._layout import (
     FLAG_POISON,
@@ -48,13 +48,17 @@ from ._layout import (
     H_STATUS,
     HEADER_BYTES,
     MAGIC,
+    MAX_TOPICS,
+    OVERFLOW_NAMES,
     RNG_GLIBC,
     ST_ARENA,
     STATUS_LIVE,
+    TOPIC_MAX_DEPTH,
     Geometry,
 )
 from ._mapping import Views, quick_check, read_geometry, write_geometry
 from ._procs import self_identity
+from .topics import Topic
 
 #: How long open (and attach) wait for another process to finish creating
 #: the pool they open (two processes that open at once on a loaded machine).
@@ -219,3 +223,20 @@ def existing(name: str) -> str:
         f"pool {name!r} already exists and is stale: its creator (pid {pid}) and every process attached to it "
         f"have exited (a run that ended without destroying it); {remove}"
     )
+
+
+def open_topic(member: Any, pool: str, name: str, depth: int | None, overflow: str) -> Topic:
+    """Mempool.topic: the topic, created or opened (its checks)."""
+    raw = check_queue_name(name)
+    if overflow not in OVERFLOW_NAMES:
+        raise ValueError(f"overflow is one of {sorted(OVERFLOW_NAMES)}, not {overflow!r}")
+    want = 0 if depth is None else check_range(depth, "depth", 1, TOPIC_MAX_DEPTH, "TOPIC_MAX_DEPTH")
+    index, have, mode = member.core.topic_open(raw, want, OVERFLOW_NAMES[overflow])
+    if index == -1:
+        raise FileNotFoundError(2, f"pool {pool!r} has no topic {name!r} (give a depth to create it)")
+    if index == -2:
+        raise OSError(28, f"pool {pool!r} has {MAX_TOPICS} topics already")
+    named = next(k for k, v in OVERFLOW_NAMES.items() if v == mode)
+    if want and (have != want or named != overflow):
+        raise ValueError(f"topic {name!r} exists with depth {have} and overflow {named!r}, not {want} and {overflow!r}")
+    return Topic(member, name, index, have, named)

@@ -36,8 +36,11 @@ from ._layout import (
     MAX_CAPACITY,
     MAX_MAX_PROCS,
     MAX_SLOT_SIZE,
+    OFF_RINGS,
+    OFF_SUBS,
     PROC_WORDS,
     QUEUE_WORDS,
+    TOPICS_BYTES,
     Geometry,
 )
 
@@ -77,7 +80,8 @@ class Views:
     (then ``data`` is empty). Holding a Views keeps the mapping alive (each
     view is an export of it); dropping the last one unmaps."""
 
-    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "next", "desc", "since", "procs", "queues", "data")
+    __slots__ = ("mm", "geo", "hdr", "fhdr", "words", "stack", "arena", "next", "desc", "since", "procs", "queues", "refs",
+                 "topics", "subs", "rings", "data")
 
     def __init__(self, mm: Any, geo: Geometry) -> None:
         base = memoryview(mm).cast("B")
@@ -91,6 +95,10 @@ class Views:
         self.next = base[geo.off_next : geo.off_next + 4 * geo.capacity].cast("I")
         self.desc = base[geo.off_desc : geo.off_desc + 8 * DESC_WORDS * geo.capacity].cast("Q")
         self.since = base[geo.off_since : geo.off_since + 8 * geo.capacity].cast("Q")
+        self.refs = base[geo.off_refs : geo.off_refs + 8 * geo.capacity].cast("Q")
+        self.topics = base[geo.off_topics : geo.off_topics + OFF_SUBS].cast("Q")
+        self.subs = base[geo.off_topics + OFF_SUBS : geo.off_topics + OFF_RINGS].cast("Q")
+        self.rings = base[geo.off_topics + OFF_RINGS : geo.off_topics + TOPICS_BYTES].cast("I")
         self.procs = base[geo.off_procs : geo.off_procs + 8 * PROC_WORDS * geo.max_procs].cast("Q")
         self.queues = base[geo.off_queues : geo.off_queues + 8 * QUEUE_WORDS * geo.max_queues].cast("Q")
         self.data = base[geo.off_slots : geo.total]

@@ -92,8 +92,8 @@ def live_pids(name: str) -> list[tuple[int, int]]:
     mm, size, fd = _segment.open_shm(name, readonly=True)
     try:
         geo = read_geometry(mm, size)
-        procs = np.frombuffer(mm, dtype=np.uint64, count=geo.max_procs * PROC_WORDS, offset=geo.off_procs)
-        procs = procs.reshape(geo.max_procs, PROC_WORDS).copy()
+        raw = np.frombuffer(mm, dtype=np.uint64, count=geo.max_procs * PROC_WORDS, offset=geo.off_procs)
+        procs = raw.reshape(geo.max_procs, PROC_WORDS).copy()
         return [(int(procs[e, P_PID]), int(procs[e, P_START])) for e in live_entries(fd, geo, procs)]
     finally:
         os.close(fd)

@@ -44,10 +44,11 @@ most 8 rows of 64)::
        cache                   X  held by a dead process
     Q  in a queue              ?  no valid state, queued in a queue that
        (shmpool.queues)           does not exist, or held or cached by no
-                                  process ever attached (damage)
+    S  shared: published to a     process ever attached (damage)
+       topic (shmpool.topics)
 
 A character for a group shows the state most of its slots are in (a tie
-goes to the busier state: P, H, Q, R, c, then .), except that a group with
+goes to the busier state: P, H, S, Q, R, c, then .), except that a group with
 any ``?`` slot shows ``?`` and else one with any ``X`` slot shows ``X``:
 problems are never averaged away.
 
@@ -68,6 +69,13 @@ One pool (``NAME --json``; one document per line with ``--watch``)::
             longest_sleep, total_sleep, verdict (the line on min_nr)},
     oldest_held [{slot, handle, age (seconds), pid, entry, alive}]
         (held elements, oldest first; the first 16 unless --all),
+    published (elements shared by topics now, in in_use too),
+    topics [{name, index, depth, overflow, published, dropped, shared,
+             subscribers [{index, pid, entry, alive, pending, received,
+                           dropped}]}]
+        (one per live topic: published and dropped are counters, shared
+        its elements out now; a subscriber's pending elements wait in its
+        ring, received ones it got and has not released),
     rates {the counters' keys: per second; --watch only, from frame 2},
     reserve_stack [slot, ...]  (top first; the first 16 unless --all),
     holders [{pid, name, command, alive, held, cached, sleeping, entry,
@@ -83,8 +91,8 @@ One pool (``NAME --json``; one document per line with ``--watch``)::
         elements in it now, getters and putters the threads asleep in a
         blocked get and put on it, waiters their sum, puts and gets its
         counters),
-    slot_counts {arena, cached, reserve, queued, held, parked, held_dead,
-                 invalid},
+    slot_counts {arena, cached, reserve, queued, shared, held, parked,
+                 held_dead, invalid},
     slot_map (string, legend above), slot_map_group (slots per character),
     lock {held (bool), pid, alive, held_for_s, waited_s, error,
           entry, epoch, seq, waiters, held_throughout},
@@ -228,7 +236,8 @@ examples:
   shmpool-inspect demo --reclaim-dead take back dead processes' elements
 
 slot map: R reserve, . arena free, c free in a process's cache,
-          Q in a queue, H held by a live process, P parked (being freed),
+          Q in a queue, S shared (a topic's), H held by a live process,
+          P parked (being freed),
           X held by a dead one, ? damaged
           (for big pools a character stands for a group of slots)
 

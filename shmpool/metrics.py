@@ -73,6 +73,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("queued", "gauge", "Elements in the pool's queues.", "queued"),
     Metric("waiters", "gauge", "Threads asleep: in a sleeping alloc, or in a blocked put or get.", "nr_waiters"),
     Metric("attached", "gauge", "Processes attached to the pool now.", "attached"),
+    Metric("published", "gauge", "Elements published to topics and not yet released by every subscriber.",
+           "published"),
     Metric("reserve_low_water", "gauge", "The lowest curr_nr seen since the pool was created.", "reserve_low_water"),
     Metric("longest_sleep_seconds", "gauge", "The longest sleep of one sleeping allocation.", "longest_sleep"),
     *(Metric(key, "counter", COUNTER_HELP[key], key) for key, _ in COUNTERS),

@@ -61,6 +61,7 @@ from ._typing import Array, Handles
 from .gfp import GFP_KERNEL, GFPWarning, SleepingMask
 from .queues import Queue
 from .stats import PoolStats
+from .topics import Topic
 
 __all__ = ["Mempool", "Trace"]
 
@@ -100,7 +101,7 @@ class Mempool:
         poison = bool(int.from_bytes(seg.mm[8 * H_FLAGS : 8 * H_FLAGS + 8], "little") & FLAG_POISON)
         self._core = core = Core(
             seg.mm, name, geo.off_words, geo.off_stack, geo.off_arena, geo.off_next, geo.off_desc, geo.off_since, geo.off_procs,
-            geo.off_queues,
+            geo.off_queues, geo.off_refs, geo.off_topics,
             geo.max_queues, geo.off_slots, geo.max_procs, geo.capacity, geo.stride, geo.slot_size, poison,
             _segment.fifo_prefix(name),
         )
@@ -362,6 +363,11 @@ class Mempool:
             raise ValueError(f"queue {name!r} exists with depth {have}, not {want}")
         return Queue(self._member, name, index, have)
 
+    def topic(self, name: str, depth: int | None = None, *, overflow: str = "block") -> Topic:
+        """Topic ``name`` (``shmpool.topics``), created with ``depth`` and ``overflow`` ("block",
+        "drop_oldest"), or opened (FileNotFoundError: none and no depth; ValueError: another)."""
+        return _lifecycle.open_topic(self._member, self.name, name, depth, overflow)
+
     def resize(self, new_min_nr: int, gfp: int = GFP_KERNEL) -> None:
         """Change ``min_nr`` (mempool_resize). Shrinking gives reserve
         elements above ``new_min_nr`` back to the arena; growing raises
@@ -426,9 +432,8 @@ class Mempool:
 
     @property
     def long_sleep(self) -> float | None:
-        """Seconds after which an allocation of this object that is still
-        asleep is said to the ``shmpool`` logger, once, with who holds the
-        elements (5.0; None: never). Settable."""
+        """Seconds after which a sleeping allocation of this object is said to
+        the ``shmpool`` logger, once, with who holds the elements (5.0; None: never)."""
         return self._core.long_sleep
 
     @long_sleep.setter

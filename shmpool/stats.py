@@ -28,7 +28,9 @@ class PoolStats:
     ``longest_sleep`` and ``total_sleep`` the longest sleep of one sleeping
     allocation and all their sleeps together, in seconds (each is added when
     its allocation returns). ``attached`` is how many processes are attached
-    now (registry entries of live processes).
+    now (registry entries of live processes). ``published`` counts the
+    elements published to topics and not yet released by every subscriber
+    (they are in ``in_use`` too).
     """
 
     name: str
@@ -57,6 +59,7 @@ class PoolStats:
     longest_sleep: float
     total_sleep: float
     attached: int
+    published: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -64,7 +64,8 @@ POOL_KEYS = {
     "name", "layout_version", "path", "status", "consistent", "geometry", "min_nr", "curr_nr", "arena_free",
     "arena_shared", "arena_cached", "in_use", "parked", "nr_waiters", "fail_rate", "seed", "rng", "poison",
     "counters", "reserve_stack", "holders", "slot_counts", "slot_map", "slot_map_group", "lock", "creator", "queued", "queues",
-    "schema", "reserve_low_water", "longest_sleep", "total_sleep", "attached", "sizing", "oldest_held",
+    "schema", "reserve_low_water", "longest_sleep", "total_sleep", "attached", "sizing", "oldest_held", "topics",
+    "published",
 }
 LIST_KEYS = {"schema", "name", "slot_size", "capacity", "min_nr", "curr_nr", "in_use", "nr_waiters", "creator_pid",
              "creator_alive", "consistent", "queued", "stale", "damaged"}
@@ -74,7 +75,7 @@ LOCK_KEYS = {"held", "pid", "alive", "held_for_s", "waited_s", "error", "entry",
 HOLDER_KEYS = {"pid", "name", "command", "alive", "held", "cached", "sleeping", "entry", "epoch", "queue_sleeping",
                "oldest_age"}
 QUEUE_KEYS = {"name", "index", "depth", "count", "waiters", "getters", "putters", "puts", "gets"}
-SLOT_COUNT_KEYS = {"reserve", "arena", "cached", "queued", "held", "parked", "held_dead", "invalid"}
+SLOT_COUNT_KEYS = {"reserve", "arena", "cached", "queued", "shared", "held", "parked", "held_dead", "invalid"}
 NO_PID = (1 << 22) + 12345  # beyond PID_MAX_LIMIT: no process has it, in any pid namespace
 
 

@@ -66,6 +66,12 @@ CRASHES: dict[str, tuple[str, str]] = {
     # a free parked because another live process holds the lock: killed
     # between the park and its hint, the element comes back by retire
     "park": ("locked-by-other", "pool.free(h)"),
+    # a publish killed in every ring before its commit: still the victim's
+    # (reclaimed); a last release killed before its free: repair frees it
+    "publish": ("t = pool.topic('t', depth=4); s = t.subscribe(); h = pool.alloc(GFP_KERNEL, timeout=10)",
+                "t.publish(h)"),
+    "topic-release": ("t = pool.topic('t', depth=4); s = t.subscribe(); t.publish(pool.alloc(GFP_KERNEL, timeout=10));"
+                      " h = s.get()", "s.release(h)"),
 }
 
 

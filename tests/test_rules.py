@@ -402,7 +402,7 @@ class PoolMachine(RuleBasedStateMachine):
             name=self.pool.name, slot_size=24, capacity=m.capacity, min_nr=m.min_nr, curr_nr=len(m.reserve),
             arena_free=len(m.arena), in_use=len(m.held), queued=0, nr_waiters=0, fail_rate=m.fail_rate, seed=m.seed,
             poison=self.poison, poison_errors=0, lock_recoveries=0, reclaimed=0, **m.counters,
-            reserve_low_water=m.low_water, longest_sleep=0.0, total_sleep=0.0, attached=1,
+            reserve_low_water=m.low_water, longest_sleep=0.0, total_sleep=0.0, attached=1, published=0,
         )
         got: dict[str, Any] = dataclasses.asdict(s)
         diff = {k: (got[k], v) for k, v in dataclasses.asdict(want).items() if got[k] != v}

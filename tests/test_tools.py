@@ -216,7 +216,7 @@ def test_bench_runs_and_reports_every_section() -> None:
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
     tag = figures["machine"]["tag"]
-    sections = ("pipeline", "byref", "pairs", "views", "procs", "reserve2", "bulk", "churn", "wakeup", "asyncwake",
+    sections = ("pipeline", "fanout", "byref", "pairs", "views", "procs", "reserve2", "bulk", "churn", "wakeup", "asyncwake",
                 "floor", "scale", "inspect", "recovery")
     assert set(figures) == {"machine", *sections}
     assert not [s for s in sections if "error" in figures[s]]
@@ -245,6 +245,13 @@ def test_bench_runs_and_reports_every_section() -> None:
     else:
         positive("pipeline", "iceoryx2_1to1_msgs_per_s", "idiom_vs_iceoryx2", "idiom_p50_vs_iceoryx2",
                  "iceoryx2_1to1_paced_p50_us")
+    fan = figures["fanout"]
+    positive("fanout", "topic_1to3_msgs_per_s")
+    assert len(fan["topic_1to3_runs"]) == fan["rounds"] and fan["subscribers"] == 3
+    if fan["iceoryx2"].startswith("peer unavailable: "):
+        assert "topic_vs_iceoryx2" not in fan
+    else:
+        positive("fanout", "iceoryx2_1to3_msgs_per_s", "topic_vs_iceoryx2")
     positive("byref", "pool_64B_us_per_msg", "pool_1MiB_us_per_msg", "plain_64B_us_per_msg", "plain_1MiB_us_per_msg",
              "pool_1MiB_vs_pool_64B", "plain_1MiB_vs_pool_1MiB")
     positive("reserve2", "1proc_pairs_per_s", "2procs_pairs_per_s", "2procs_vs_1", "4procs_pairs_per_s", "4procs_vs_1",

@@ -20,6 +20,12 @@ Sections:
             multiprocessing.Pipe copying the 4 KiB, and iceoryx2's Python
             binding (loaned samples + an event), installed for the benchmark
             only (never in --quick) or reported as "peer unavailable: why"
+  fanout    4 KiB messages from a publisher process to 3 subscriber
+            processes, each seeing every message: a pool topic (depth 64),
+            one element at a time as the README writes it (alloc, write,
+            t.publish(h); s.get(), read, s.release(h)), against iceoryx2
+            publish/subscribe to 3 subscribers (same depth, an event to wake
+            them); messages/s delivered per subscriber, every repetition
   pairs     alloc(GFP_ATOMIC)+free pairs in one process, arena path and
             reserve path, against the floor (a bare posix_ipc semaphore
             acquire+release pair) and two peers: a multiprocessing.Queue of
@@ -233,6 +239,9 @@ WORDS = PAYLOAD // 8
 STOP = (1 << 64) - 1  # the counter word of the producer's "no more"
 BATCH = 64  # get_many's max_n, and the most a consumer takes at once from any contender
 DEPTH = 256  # the pool queue's depth, and iceoryx2's subscriber buffer
+#: Fan-out: each subscriber's buffer, the topic's and iceoryx2's (iceoryx2
+#: 0.10 with three subscribers of 256 lost message 256 here: 64 works for both)
+FANOUT_DEPTH = 64
 CAPACITY = 512  # the pipeline pool's slots (min_nr 8)
 PACED_RATE = 10_000  # messages/s of the paced (latency) runs
 #: The "busy" runs: each consumer spends this much CPU on every message (as a
@@ -438,10 +447,14 @@ class Iceoryx2:
         )
         self.pubsub = (
             self.node.service_builder(iox2.ServiceName.new(f"{spec['service']}/frames")).publish_subscribe(Frame)
-            .max_publishers(1).max_subscribers(2).history_size(0).subscriber_max_buffer_size(DEPTH)
+            .max_publishers(1).max_subscribers(max(2, spec.get("consumers", 2))).history_size(0)
+            .subscriber_max_buffer_size(spec.get("depth", DEPTH))
             .subscriber_max_borrowed_samples(BATCH).enable_safe_overflow(False).open_or_create()
         )
-        self.event = self.node.service_builder(iox2.ServiceName.new(f"{spec['service']}/wake")).event().open_or_create()
+        self.event = (
+            self.node.service_builder(iox2.ServiceName.new(f"{spec['service']}/wake")).event()
+            .max_listeners(max(2, spec.get("consumers", 2))).open_or_create()
+        )
         self.ports: list[Any] = []
 
     def view(self, sample: Any) -> np.ndarray:
@@ -475,7 +488,7 @@ def _iceoryx2_producer(spec: dict[str, Any]) -> tuple[Callable[[int], None], Cal
 
 def _iceoryx2_consumer(spec: dict[str, Any]) -> tuple[Any, Any, Any, Callable[[], None]]:
     iox = Iceoryx2(spec)
-    subscriber = iox.pubsub.subscriber_builder().buffer_size(DEPTH).create()
+    subscriber = iox.pubsub.subscriber_builder().buffer_size(spec.get("depth", DEPTH)).create()
     listener = iox.event.listener_builder().create()
     iox.ports += [subscriber, listener]
     receive, wait, nap = subscriber.receive, listener.timed_wait, iox.iox2.Duration.from_millis(100)
@@ -499,13 +512,43 @@ def _iceoryx2_consumer(spec: dict[str, Any]) -> tuple[Any, Any, Any, Callable[[]
     return take, iox.view, release, iox.close
 
 
+def _topic_producer(spec: dict[str, Any]) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """Fan-out, as the README writes it: alloc, write, publish."""
+    pool = Mempool.attach(spec["pool"])
+    alloc, view, publish = pool.alloc, pool.ndarray, pool.topic(spec["topic"]).publish
+
+    def send(i: int) -> None:
+        h = alloc()
+        _stamp(view(h, np.uint64), i)
+        publish(h)
+
+    return send, pool.close
+
+
+def _topic_consumer(spec: dict[str, Any]) -> tuple[Any, Any, Any, Callable[[], None]]:
+    """A subscriber, one element at a time: get, read, release."""
+    pool = Mempool.attach(spec["pool"])
+    sub = pool.topic(spec["topic"]).subscribe()  # before "ready": it sees every message
+    get, release_one, ndarray, u64 = sub.get, sub.release, pool.ndarray, np.uint64
+
+    def release(items: list[Any], back: list[Any]) -> None:
+        for h in items:
+            release_one(h)
+
+    def close() -> None:
+        sub.close()
+        pool.close()
+
+    return (lambda: [get(timeout=WAIT_S)]), (lambda h: ndarray(h, u64)), release, close
+
+
 PRODUCERS = {
     "idiom": _shmpool_producer, "batched": _shmpool_producer, "mpqueue": _shmpool_producer, "pipe": _pipe_producer,
-    "iceoryx2": _iceoryx2_producer,
+    "iceoryx2": _iceoryx2_producer, "topic": _topic_producer,
 }
 CONSUMERS = {
     "idiom": _shmpool_consumer, "batched": _shmpool_consumer, "mpqueue": _shmpool_consumer, "pipe": _pipe_consumer,
-    "iceoryx2": _iceoryx2_consumer,
+    "iceoryx2": _iceoryx2_consumer, "topic": _topic_consumer,
 }
 
 
@@ -528,12 +571,13 @@ def _pipeline_worker(role: str, spec: dict[str, Any], go: Any, finish: Any, resu
             if not go.wait(WAIT_S):
                 raise TimeoutError("never told to start")
             switches = _voluntary_switches()
-            produced = _produce(send, spec["n"], spec["rate"], spec["consumers"], spec["budget_s"])
+            stops = 1 if spec.get("fanout") else spec["consumers"]  # fan-out: every subscriber sees the one STOP
+            produced = _produce(send, spec["n"], spec["rate"], stops, spec["budget_s"])
             results.put(("done", role, (*produced, _voluntary_switches() - switches)))
             finish.wait(WAIT_S * 2)  # everything taken: the producer's ports may go
         else:
             take, view, release, close = CONSUMERS[spec["kind"]](spec)
-            reader = Reader(ordered=spec["consumers"] == 1, busy_ns=spec["busy_us"] * 1000)
+            reader = Reader(ordered=spec["consumers"] == 1 or spec.get("fanout", False), busy_ns=spec["busy_us"] * 1000)
             results.put(("ready", role, None))
             if not go.wait(WAIT_S):
                 raise TimeoutError("never told to start")
@@ -551,15 +595,18 @@ def _pipeline_worker(role: str, spec: dict[str, Any], go: Any, finish: Any, resu
 
 
 @contextlib.contextmanager
-def _contender(kind: str, peer_path: str) -> Iterator[dict[str, Any]]:
+def _contender(kind: str, peer_path: str, consumers: int = 1, depth: int = DEPTH) -> Iterator[dict[str, Any]]:
     """The parent's side of one run: makes what the children open, and
     removes it after, whatever happened."""
-    spec: dict[str, Any] = {"kind": kind}
-    if kind in ("idiom", "batched", "mpqueue"):
+    spec: dict[str, Any] = {"kind": kind, "consumers": consumers, "depth": depth}
+    if kind in ("idiom", "batched", "mpqueue", "topic"):
         pool = Mempool.create(f"bench-pipeline-{TAG}", min_nr=8, slot_size=PAYLOAD, capacity=CAPACITY)
         mpq = None
         try:
-            if kind != "mpqueue":
+            if kind == "topic":
+                pool.topic("frames", depth=depth)
+                spec.update(pool=pool.name, topic="frames")
+            elif kind != "mpqueue":
                 pool.queue("frames", depth=DEPTH)
                 spec.update(pool=pool.name, queue="frames")
             else:
@@ -597,7 +644,7 @@ def _contender(kind: str, peer_path: str) -> Iterator[dict[str, Any]]:
 
 
 def run_pipeline(kind: str, consumers: int, n: int, rate: int = 0, peer_path: str = "",
-                 budget_s: float = 10.0, busy_us: int = 0) -> dict[str, Any]:
+                 budget_s: float = 10.0, busy_us: int = 0, fanout: bool = False) -> dict[str, Any]:
     """One run: 1 producer and ``consumers`` consumer processes, started
     together once all are ready; up to n messages, the producer stopping
     after ``budget_s`` seconds. Messages/s from the producer's first send
@@ -605,8 +652,8 @@ def run_pipeline(kind: str, consumers: int, n: int, rate: int = 0, peer_path: st
     its take."""
     go, finish, results = CTX.Event(), CTX.Event(), CTX.Queue()
     try:
-        with _contender(kind, peer_path) as spec:
-            spec.update(n=n, rate=rate, consumers=consumers, budget_s=budget_s, busy_us=busy_us)
+        with _contender(kind, peer_path, consumers, FANOUT_DEPTH if fanout else DEPTH) as spec:
+            spec.update(n=n, rate=rate, consumers=consumers, budget_s=budget_s, busy_us=busy_us, fanout=fanout)
             with Kids() as kids:
                 for role in ["producer"] + ["consumer"] * consumers:
                     kids.start(_pipeline_worker, role, spec, go, finish, results)
@@ -619,8 +666,9 @@ def run_pipeline(kind: str, consumers: int, n: int, rate: int = 0, peer_path: st
     t0, sent, longest, producer_switches = next(payload for role, payload in done if role == "producer")
     ends = [payload for role, payload in done if role == "consumer"]
     count, total = sum(e[1] for e in ends), sum(e[2] for e in ends)
-    if sent == 0 or count != sent or total != sent * (sent - 1) // 2:
-        want = sent * (sent - 1) // 2
+    copies = consumers if fanout else 1  # fan-out: every subscriber reads every message
+    if sent == 0 or count != sent * copies or total != copies * (sent * (sent - 1) // 2):
+        want = copies * (sent * (sent - 1) // 2)
         raise RuntimeError(f"{kind}: {count} of {sent} messages sent arrived (counter sum {total}, not {want})")
     out = {
         "msgs_per_s": sent / ((max(e[0] for e in ends) - t0) / 1e9),
@@ -739,6 +787,36 @@ def bench_pipeline(reps: int) -> dict[str, Any]:
             out[f"idiom_worst_vs_{peer}"] = ratio(min(rates["idiom_1to1"]), median[f"{peer}_1to1"])
         if f"{peer}_1to1" in paced:
             out[f"idiom_p50_vs_{peer}"] = ratio(paced["idiom_1to1"]["p50_us"], paced[f"{peer}_1to1"]["p50_us"])
+    return out
+
+
+def bench_fanout(reps: int) -> dict[str, Any]:
+    """One publisher, three subscribers: shmpool's topic against iceoryx2's
+    publish/subscribe, interleaved round after round."""
+    quick = reps < 10
+    n, rounds, budget_s = (2_000, 1, 3.0) if quick else (30_000, 5, 15.0)
+    peer_path, note = iceoryx2_peer(quick)
+    runs = [("topic_1to3", "topic")] + ([("iceoryx2_1to3", "iceoryx2")] if peer_path is not None else [])
+    rates: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for key, kind in runs:
+            try:
+                got = run_pipeline(kind, 3, n, 0, peer_path or "", budget_s, 0, fanout=True)
+            except Exception as exc:
+                if kind != "iceoryx2":
+                    raise
+                note = f"peer unavailable: {note}, but it failed here: {type(exc).__name__}: {exc}"
+                continue
+            rates.setdefault(key, []).append(got["msgs_per_s"])
+    out: dict[str, Any] = {"messages": n, "rounds": rounds, "subscribers": 3, "payload_bytes": PAYLOAD,
+                           "depth": FANOUT_DEPTH, "iceoryx2": note}
+    for key, runs_of in rates.items():
+        out[f"{key}_msgs_per_s"] = round(statistics.median(runs_of))
+        out[f"{key}_min_max"] = [round(min(runs_of)), round(max(runs_of))]
+        out[f"{key}_runs"] = [round(x) for x in runs_of]
+    if "iceoryx2_1to3" in rates:
+        out["topic_vs_iceoryx2"] = ratio(statistics.median(rates["topic_1to3"]), statistics.median(rates["iceoryx2_1to3"]))
+        out["topic_worst_vs_iceoryx2"] = ratio(min(rates["topic_1to3"]), statistics.median(rates["iceoryx2_1to3"]))
     return out
 
 
@@ -1351,6 +1429,7 @@ def bench_byref(reps: int) -> dict[str, Any]:
 
 SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "pipeline": bench_pipeline,
+    "fanout": bench_fanout,
     "byref": bench_byref,
     "pairs": bench_pairs,
     "views": bench_views,

@@ -63,6 +63,7 @@ void derive(const struct pool *p, struct numbers *n) {
     uint64_t free_ = at_most(n->curr_nr, cap) + at_most(n->arena_shared, cap) + at_most(n->arena_cached, cap) +
                      at_most(n->queued, cap);
     n->in_use = free_ >= cap ? 0 : cap - free_;
+    n->published = published_now(p);
     n->parked = 0;
     if (ld(&h[H_PARKED]))
         for (uint64_t idx = 0; idx < cap; idx++) n->parked += W_STATE(ld(&p->words[idx])) == ST_PARKED;

@@ -67,7 +67,7 @@ int corrupt(struct pool *p, const char *fmt, unsigned long long a, unsigned long
 void describe(struct pool *p, uint64_t w, uint64_t gen) {
     static const char *where[] = {"in no valid state", "in the arena", "in the reserve", "held",
                                   "in the arena (a process's cache)", "in a queue",
-                                  "being freed (parked until the pool lock is free)"};
+                                  "being freed (parked until the pool lock is free)", "published to a topic"};
     uint64_t s = W_STATE(w);
     if (s == ST_HELD)
         snprintf(p->msg, sizeof p->msg,
@@ -75,7 +75,7 @@ void describe(struct pool *p, uint64_t w, uint64_t gen) {
                  "again since)", (unsigned long long)W_GEN(w), (unsigned long long)gen);
     else
         snprintf(p->msg, sizeof p->msg, "its slot is %s (freed already, or never allocated, or another pool's handle)",
-                 where[s <= ST_PARKED ? s : 0]);
+                 where[s <= ST_SHARED ? s : 0]);
 }
 
 /* The header's own bounds, checked before any transition. */
@@ -338,6 +338,10 @@ int step_free(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     if (r != RC_OK) return r;
     uint64_t w = ld(&p->words[c->a]);
+    if (W_STATE(w) == ST_SHARED && W_GEN(w) == c->b) { /* a shared element: this process lets go of it */
+        c->out[0] = (uint64_t)-1;
+        return step_release(p, c, mode);
+    }
     if (!held_as(w, c->b, c->out[0])) {
         describe(p, w, c->b);
         return RC_INVALID;

@@ -78,7 +78,17 @@ enum { EV_NONE = 0, EV_ALLOC_ARENA, EV_ALLOC_RESERVE, EV_ALLOC_FAILED, EV_SLEEP,
 #define CH_GET(q) (1 + 2 * (int)(q))
 #define CH_PUT(q) (2 + 2 * (int)(q))
 #define CH_QUEUE(ch) (((ch) - 1) / 2)
-#define CH_IS_PUT(ch) ((ch) > 0 && ((ch) & 1) == 0)
+#define CH_IS_PUT(ch) ((ch) > 0 && (ch) < CH_TOPIC0 && ((ch) & 1) == 0)
+/* Topic t's publishers wait on CH_ROOM(t), subscription j's getters on
+ * CH_SUB(t, j); they are counted per channel only (no registry entry counts
+ * them: a dead one's count costs a spurious wake, and its subscription's is
+ * reset when the subscription is dropped). */
+#define CH_TOPIC0 (1 + 2 * (int)MAX_QUEUES)
+#define CH_ROOM(t) (CH_TOPIC0 + (int)(t) * (1 + (int)MAX_SUBS))
+#define CH_SUB(t, j) (CH_ROOM(t) + 1 + (int)(j))
+#define TOPIC(p, t) ((p)->topics + (uint64_t)(t) * TOPIC_WORDS)
+#define SUB(p, t, j) ((p)->subs + ((uint64_t)(t) * MAX_SUBS + (uint64_t)(j)) * SUB_WORDS)
+#define RING(p, t, j) ((p)->rings + ((uint64_t)(t) * MAX_SUBS + (uint64_t)(j)) * TOPIC_MAX_DEPTH)
 
 #define CACHE_BATCH (CACHE_MAX / 2)
 #define LOCK_SPINS 256           /* pauses a lock contender spins before it sleeps */
@@ -98,6 +108,8 @@ struct pool {
     uint32_t *stack, *arena, *next;
     uint64_t *desc;              /* element descriptors: DESC_WORDS per slot (py_views.c) */
     uint64_t *since;             /* hand-out times: one per slot (hand_out writes them) */
+    uint64_t *refs, *topics, *subs; /* references of SHARED slots; the topic and subscription tables */
+    uint32_t *rings;             /* the subscriptions' rings of pending slot indexes */
     unsigned char *data;
     uint64_t capacity, stride, slot_size, max_procs, off_procs, max_queues;
     int fd;                      /* the segment file, for OFD liveness (not owned) */
@@ -115,6 +127,9 @@ struct pool {
     int wake;                    /* wake the sleeping allocations */
     uint64_t wake_get, wake_put; /* queues (bit q) whose getters / putters to wake */
     int64_t wake_get_n;          /* how many getters (the elements just put; queues change one per call) */
+    uint64_t wake_room;          /* topics (bit t) whose publishers to wake */
+    uint64_t wake_topics;        /* topics (bit t) with publishers or subscribers to wake */
+    uint32_t wake_sub[MAX_TOPICS]; /* subscriptions (bit j) of topic t whose getters to wake */
     int recount;                 /* a nap ended unwoken: count out dead sleepers next time */
     int64_t poisoned;            /* a slot found written after free (warned after unlock), or -1 */
     int last_event;              /* what the last step did (trace) */
@@ -140,7 +155,7 @@ struct host {
 extern struct host host;
 extern int crash_point;          /* a test hook: SIGKILL ourselves at this point */
 enum { CP_NONE = 0, CP_ALLOC_RESERVE, CP_FREE_RESERVE, CP_RETIRE, CP_STEAL, CP_REFILL, CP_DRAIN, CP_REBUILD,
-       CP_QUEUE_PUT, CP_QUEUE_GET, CP_PARK, CP_N };
+       CP_QUEUE_PUT, CP_QUEUE_GET, CP_PARK, CP_PUBLISH, CP_TOPIC_RELEASE, CP_N };
 extern const char *const CRASH_POINTS[CP_N];
 void crash_here(void);
 #define CRASH(pt) do { if (crash_point == (pt)) crash_here(); } while (0)
@@ -262,7 +277,7 @@ void chan_wake(struct pool *p, int ch, int n);            /* after unlock: n of 
 void wake_pending_now(struct pool *p);
 /* After unlock: what the section left to wake (nothing, mostly). */
 static inline void wake_pending(struct pool *p) {
-    if (p->wake | (p->wake_get != 0) | (p->wake_put != 0)) wake_pending_now(p);
+    if (p->wake | (p->wake_get != 0) | (p->wake_put != 0) | (p->wake_topics != 0)) wake_pending_now(p);
 }
 void wake_everyone(struct pool *p);                       /* close and destroy: every channel, every sleeper */
 void drop_sleepers(struct pool *p, uint64_t *ent);        /* a dead entry's sleepers, counted out */
@@ -354,6 +369,21 @@ void queue_spin(struct pool *p, struct call *c, int put);
 int queue_relink(struct pool *p, unsigned char *seen);     /* repair */
 
 /* ------------------------------------------------------------------ */
+/* topic.c                                                              */
+
+int step_topic_open(struct pool *p, struct call *c, int mode);
+int step_subscribe(struct pool *p, struct call *c, int mode);
+int step_unsubscribe(struct pool *p, struct call *c, int mode);
+int step_publish(struct pool *p, struct call *c, int mode);
+int step_sub_get(struct pool *p, struct call *c, int mode);
+int step_release(struct pool *p, struct call *c, int mode);
+int sub_drop(struct pool *p, uint64_t t, uint64_t j);
+uint64_t sub_pending(const struct pool *p, uint64_t t, uint64_t j);
+int64_t topics_retire(struct pool *p, const unsigned char *v, int dead, int predecessor);
+int topic_repair(struct pool *p);
+uint64_t published_now(const struct pool *p);
+
+/* ------------------------------------------------------------------ */
 /* registry.c                                                           */
 
 int registry_claim(struct pool *p, int fd, int64_t *index);
@@ -378,6 +408,7 @@ struct numbers {
     uint64_t fail_rate_bits, seed;
     uint64_t low_water, longest_sleep_ns, total_sleep_ns; /* for sizing the reserve */
     uint64_t attached;         /* entries in use whose process lives (with no fd to ask: in use) */
+    uint64_t published;        /* SHARED slots (published to a topic; counted in in_use too) */
     uint64_t counters[16]; /* COUNTERS' order: the header's plus every entry's */
 };
 void derive(const struct pool *p, struct numbers *n);

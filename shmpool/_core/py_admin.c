@@ -38,14 +38,14 @@ static PyObject *Core_stats(Core *f, PyObject *unused) {
     double rate;
     memcpy(&rate, &n.fail_rate_bits, 8);
     return leave_with(f, Py_BuildValue(
-        "{sKsKsKsKsKsKsdsKsOsKsKsKsKsKsKsKsKsKsKsKsdsdsK}", "min_nr", n.min_nr, "curr_nr", n.curr_nr, "arena_free",
+        "{sKsKsKsKsKsKsdsKsOsKsKsKsKsKsKsKsKsKsKsKsdsdsKsK}", "min_nr", n.min_nr, "curr_nr", n.curr_nr, "arena_free",
         n.arena_shared + n.arena_cached, "in_use", n.in_use, "queued", n.queued, "nr_waiters", n.nr_waiters,
         "fail_rate", rate, "seed", n.seed, "poison", (n.flags & FLAG_POISON) ? Py_True : Py_False,
         "alloc_arena", n.counters[0], "alloc_reserve", n.counters[1], "alloc_failed", n.counters[2], "free_reserve",
         n.counters[3], "free_arena", n.counters[4], "sleeps", n.counters[5], "faults_injected", n.counters[6],
         "poison_errors", n.counters[7], "lock_recoveries", n.counters[8], "reclaimed", n.counters[9], "reserve_low_water", n.low_water,
         "longest_sleep", (double)n.longest_sleep_ns / 1e9, "total_sleep", (double)n.total_sleep_ns / 1e9, "attached",
-        n.attached));
+        n.attached, "published", n.published));
 }
 
 /* reclaim() -> how many held elements came back from dead processes. */

@@ -60,7 +60,7 @@ int conv_gfp(PyObject *o, int *sleeps) {
     long long g = PyLong_AsLongLongAndOverflow(o, &overflow);
     if (g == -1 && PyErr_Occurred()) return -1;
     if (overflow || g < 0 || ((uint64_t)g & ~gfp_valid)) {
-        PyErr_Format(PyExc_ValueError, "gfp %R has bits that no Linux v3.2 GFP mask has (valid: %#llx)", o,
+        PyErr_Format(PyExc_ValueError, "gfp %R has bits that no Linux v3.2 GFP mask has (valid: 0x%llx)", o,
                      (unsigned long long)gfp_valid);
         return -1;
     }
@@ -111,7 +111,7 @@ static int handle_value(Core *f, PyObject *o, int64_t *out) {
     }
     Py_DECREF(i);
     if (((uint64_t)h & INDEX_MASK) >= f->p.capacity) {
-        PyErr_Format(PyExc_ValueError, "handle %#llx names slot %llu, beyond the capacity (%llu)", (unsigned long long)h,
+        PyErr_Format(PyExc_ValueError, "handle 0x%llx names slot %llu, beyond the capacity (%llu)", (unsigned long long)h,
                      (unsigned long long)((uint64_t)h & INDEX_MASK), (unsigned long long)f->p.capacity);
         return -1;
     }
@@ -225,7 +225,7 @@ static int64_t *from_buffer(Core *f, PyObject *o, Py_buffer *b, int64_t *n, int6
             if (wide) PyErr_Format(PyExc_ValueError, "handle %llu is out of range", (unsigned long long)u);
             else if (v < 0) PyErr_Format(PyExc_ValueError, "handle %lld is out of range", (long long)v);
             else
-                PyErr_Format(PyExc_ValueError, "handle %#llx names slot %llu, beyond the capacity (%llu)",
+                PyErr_Format(PyExc_ValueError, "handle 0x%llx names slot %llu, beyond the capacity (%llu)",
                              (unsigned long long)v, (unsigned long long)((uint64_t)v & INDEX_MASK),
                              (unsigned long long)f->p.capacity);
             return NULL;

@@ -17,7 +17,7 @@ static PyObject *Logger; /* logging.getLogger("shmpool") (shmpool/_log.py), from
 int64_t retry_alloc_ns = (int64_t)SLEEP_RETRY_NS, retry_queue_ns = (int64_t)QUEUE_RETRY_NS;
 int crash_point = CP_NONE;
 const char *const CRASH_POINTS[CP_N] = {"", "alloc-reserve", "free-reserve", "retire", "steal", "refill", "drain",
-                                        "rebuild", "queue-put", "queue-get", "park"};
+                                        "rebuild", "queue-put", "queue-get", "park", "publish", "topic-release"};
 
 void crash_here(void) { kill(getpid(), SIGKILL); }
 
@@ -184,11 +184,11 @@ static PyObject *mod_derive(PyObject *m, PyObject *args) {
     struct numbers n;
     derive(&p, &n);
     PyBuffer_Release(&b);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsdsdsK}", "min_nr", n.min_nr, "curr_nr", n.curr_nr, "arena_shared",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsdsdsKsK}", "min_nr", n.min_nr, "curr_nr", n.curr_nr, "arena_shared",
                          n.arena_shared, "arena_cached", n.arena_cached, "in_use", n.in_use, "queued", n.queued,
                          "parked", n.parked, "nr_waiters", n.nr_waiters, "status", n.status, "reserve_low_water",
                          n.low_water, "longest_sleep", (double)n.longest_sleep_ns / 1e9, "total_sleep",
-                         (double)n.total_sleep_ns / 1e9, "attached", n.attached);
+                         (double)n.total_sleep_ns / 1e9, "attached", n.attached, "published", n.published);
 }
 
 static PyMethodDef module_methods[] = {

@@ -87,12 +87,13 @@ void release_view(Core *f) {
 static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     PyObject *buf;
     const char *name, *fifo;
-    Py_ssize_t off_words, off_stack, off_arena, off_next, off_desc, off_since, off_procs, off_queues, max_queues, off_slots,
+    Py_ssize_t off_words, off_stack, off_arena, off_next, off_desc, off_since, off_procs, off_queues, off_refs, off_topics, max_queues,
+        off_slots,
         max_procs;
     unsigned long long capacity, stride, slot_size;
     int poison;
-    if (!PyArg_ParseTuple(args, "OsnnnnnnnnnnnKKKps", &buf, &name, &off_words, &off_stack, &off_arena, &off_next,
-                          &off_desc, &off_since, &off_procs, &off_queues, &max_queues, &off_slots, &max_procs, &capacity, &stride,
+    if (!PyArg_ParseTuple(args, "OsnnnnnnnnnnnnnKKKps", &buf, &name, &off_words, &off_stack, &off_arena, &off_next,
+                          &off_desc, &off_since, &off_procs, &off_queues, &off_refs, &off_topics, &max_queues, &off_slots, &max_procs, &capacity, &stride,
                           &slot_size, &poison, &fifo))
         return -1;
     if (f->have_view) {
@@ -113,6 +114,8 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
         off_next < 0 || off_next + (Py_ssize_t)(4 * capacity) > len || off_queues < 0 || off_queues % 8 ||
         off_desc < 0 || off_desc % 8 || off_desc + (Py_ssize_t)(8 * DESC_WORDS * capacity) > len ||
         off_since < 0 || off_since % 8 || off_since + (Py_ssize_t)(8 * capacity) > len ||
+        off_refs < 0 || off_refs % 8 || off_refs + (Py_ssize_t)(8 * capacity) > len ||
+        off_topics < 0 || off_topics % 8 || off_topics + (Py_ssize_t)TOPICS_BYTES > len ||
         max_queues < 0 || max_queues > (Py_ssize_t)MAX_QUEUES ||
         off_queues + max_queues * (Py_ssize_t)QUEUE_WORDS * 8 > len || off_procs < 0 || off_procs % 8 ||
         off_procs + max_procs * (Py_ssize_t)PROC_WORDS * 8 > len || off_slots < 0 ||
@@ -129,6 +132,10 @@ static int Core_init(Core *f, PyObject *args, PyObject *kwds) {
     p->next = (uint32_t *)(base + off_next);
     p->desc = (uint64_t *)(base + off_desc);
     p->since = (uint64_t *)(base + off_since);
+    p->refs = (uint64_t *)(base + off_refs);
+    p->topics = (uint64_t *)(base + off_topics);
+    p->subs = (uint64_t *)(base + off_topics + OFF_SUBS);
+    p->rings = (uint32_t *)(base + off_topics + OFF_RINGS);
     p->queues = (uint64_t *)(base + off_queues);
     p->registry = (uint64_t *)(base + off_procs);
     p->data = (unsigned char *)(base + off_slots);
@@ -238,7 +245,7 @@ static PyGetSetDef Core_getset[] = {
     {NULL},
 };
 
-extern PyMethodDef Core_alloc_methods[], Core_queue_methods[], Core_admin_methods[];
+extern PyMethodDef Core_alloc_methods[], Core_queue_methods[], Core_admin_methods[], Core_topic_methods[];
 
 #define M(name, fn, flags, doc) {name, (PyCFunction)(void (*)(void))fn, flags, doc}
 static PyMethodDef own_methods[] = {
@@ -252,7 +259,7 @@ static PyMethodDef own_methods[] = {
     {NULL},
 };
 
-static PyMethodDef all_methods[64];
+static PyMethodDef all_methods[96];
 
 static PyType_Slot Core_slots[] = {
     {Py_tp_init, (void *)Core_init},
@@ -273,7 +280,7 @@ PyType_Spec CoreSpec = {
 
 /* The methods of every py_*.c file, in one table. */
 int core_type_init(void) {
-    PyMethodDef *tables[] = {own_methods, Core_alloc_methods, Core_queue_methods, Core_admin_methods};
+    PyMethodDef *tables[] = {own_methods, Core_alloc_methods, Core_queue_methods, Core_admin_methods, Core_topic_methods};
     size_t k = 0;
     for (size_t t = 0; t < sizeof tables / sizeof *tables; t++)
         for (PyMethodDef *m = tables[t]; m->ml_name; m++) {

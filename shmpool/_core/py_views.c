@@ -18,8 +18,10 @@
 
 #include "py.h"
 
-/* The slot of a handle this object may view, or -1 with the error. */
-static int64_t viewable(Core *f, PyObject *handle) {
+/* The slot of a handle this object may view, or -1 with the error. A
+ * shared element (published to a topic) may be viewed too, read-only:
+ * *shared says so. */
+static int64_t viewable_as(Core *f, PyObject *handle, int *shared) {
     uint64_t idx, gen;
     if (!f->p.hdr || f->p.closing || !f->data_mv) {
         closed_error(f);
@@ -27,7 +29,8 @@ static int64_t viewable(Core *f, PyObject *handle) {
     }
     if (!decode_fast(f, handle, &idx, &gen) && conv_handle(f, handle, &idx, &gen) < 0) return -1;
     uint64_t w = ld(&f->p.words[idx]);
-    if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) {
+    *shared = W_STATE(w) == ST_SHARED;
+    if ((W_STATE(w) != ST_HELD && !*shared) || W_GEN(w) != gen) {
         describe(&f->p, w, gen);
         raise_invalid(f, idx | gen << HGEN_SHIFT);
         return -1;
@@ -35,11 +38,27 @@ static int64_t viewable(Core *f, PyObject *handle) {
     return (int64_t)idx;
 }
 
+/* The slot of a held element (not a shared one), or -1 with the error. */
+static int64_t viewable(Core *f, PyObject *handle) {
+    int shared;
+    int64_t idx = viewable_as(f, handle, &shared);
+    if (idx >= 0 && shared) {
+        PyErr_SetString(PyExc_ValueError, "a shared element (published to a topic) is read-only");
+        return -1;
+    }
+    return idx;
+}
+
 PyObject *Core_buffer(Core *f, PyObject *handle) {
-    int64_t idx = viewable(f, handle);
+    int shared;
+    int64_t idx = viewable_as(f, handle, &shared);
     if (idx < 0) return NULL;
     Py_ssize_t off = (Py_ssize_t)((uint64_t)idx * f->p.stride);
-    return PySequence_GetSlice(f->data_mv, off, off + (Py_ssize_t)f->p.slot_size);
+    PyObject *mv = PySequence_GetSlice(f->data_mv, off, off + (Py_ssize_t)f->p.slot_size);
+    if (!mv || !shared) return mv;
+    PyObject *ro = PyObject_CallMethod(mv, "toreadonly", NULL); /* several subscribers read it */
+    Py_DECREF(mv);
+    return ro;
 }
 
 static PyArray_Descr *descr_of(Core *f, PyObject *dtype) {
@@ -280,17 +299,17 @@ static PyObject *make_view(Core *f, PyObject *const *args, Py_ssize_t nargs, PyO
     }
     PyArray_Descr *descr = NULL;
     npy_intp dims[NPY_MAXDIMS];
-    int nd = 0, found = 0;
+    int nd = 0, found = 0, shared = 0;
     int64_t idx;
     if (dtype == Py_None && shape == Py_None) { /* the view alloc_array recorded, if any */
-        if ((idx = viewable(f, handle)) < 0) return NULL;
+        if ((idx = viewable_as(f, handle, &shared)) < 0) return NULL;
         found = recorded(f, (uint64_t)idx, ld(&f->p.words[idx]), &descr, dims, &nd);
         if (found < 0) return NULL;
     }
     if (!found) {
         if (!(descr = descr_of(f, dtype))) return NULL;
         nd = dims_of(f, shape, PyDataType_ELSIZE(descr), dims);
-        idx = nd < 0 ? -1 : viewable(f, handle);
+        idx = nd < 0 ? -1 : viewable_as(f, handle, &shared);
         if (idx < 0) {
             Py_DECREF(descr);
             return NULL;
@@ -311,7 +330,8 @@ static PyObject *make_view(Core *f, PyObject *const *args, Py_ssize_t nargs, PyO
         o->given = 0;
         base = (PyObject *)o;
     }
-    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr, NPY_ARRAY_CARRAY, NULL);
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ptr,
+                                         shared ? NPY_ARRAY_CARRAY_RO : NPY_ARRAY_CARRAY, NULL);
     if (!arr) {
         if (own) ((Owner *)base)->given = 1; /* its element stays held: the caller still has the handle */
         Py_DECREF(base);

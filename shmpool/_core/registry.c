@@ -167,6 +167,9 @@ int64_t retire(struct pool *p, const unsigned char *v) {
         }
         CRASH(CP_RETIRE);
     }
+    int64_t freed = topics_retire(p, v, DEAD, PREDECESSOR); /* their subscriptions' references */
+    if (freed < 0) return freed;
+    taken += freed;
     for (uint64_t o = 1; o <= p->max_procs && o <= OWNER_MASK; o++) {
         if (v[o] != DEAD) continue;
         uint64_t *ent = ENTRY(p, o - 1);

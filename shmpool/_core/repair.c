@@ -14,6 +14,7 @@
  *   - each queue's list from its head while it names its own QUEUED slots,
  *     then the ones it lost (queue.c, queue_relink);
  *   - the arena's free list likewise;
+ *   - the topics' rings and references (topic.c, topic_repair);
  *   - parked frees completed, dead sleepers counted out, sleepers woken.
  *
  * Idempotent: on a whole pool it changes nothing. A held or cached slot that
@@ -65,8 +66,9 @@ void repair(struct pool *p) {
     if (h[H_MIN_NR] > cap) h[H_MIN_NR] = cap;
     for (uint64_t idx = 0; idx < cap; idx++) {
         uint64_t w = ld(&p->words[idx]), s = W_STATE(w), o = W_OWNER(w);
-        int stray = s < ST_ARENA || s > ST_PARKED || (s == ST_CACHED && v[o] == OWNER_DEAD) ||
-                    (s == ST_QUEUED && (o == 0 || o > p->max_queues || QUEUE(p, o - 1)[Q_STATE] != QUEUE_LIVE));
+        int stray = s < ST_ARENA || s > ST_SHARED || (s == ST_CACHED && v[o] == OWNER_DEAD) ||
+                    (s == ST_QUEUED && (o == 0 || o > p->max_queues || QUEUE(p, o - 1)[Q_STATE] != QUEUE_LIVE)) ||
+                    (s == ST_SHARED && (o == 0 || o > MAX_TOPICS || TOPIC(p, o - 1)[T_STATE] != QUEUE_LIVE));
         if (stray) set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)));
         else if (s == ST_RESERVE && o != 0) set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)));
         CRASH(CP_REBUILD);
@@ -79,6 +81,7 @@ void repair(struct pool *p) {
     push_all(p, 1, order, curr);
     queue_relink(p, seen);
     push_all(p, 0, order, rebuilt(p, p->arena, h[H_ARENA_FREE], ST_ARENA, seen, order));
+    topic_repair(p); /* rings, references; shared slots nobody references freed */
     st(&h[H_PARKED], 1);
     finish_parked(p);
     uncount_dead_sleepers(p);

@@ -81,17 +81,25 @@ void futex_wake32(uint32_t *addr, int n) {
 
 static uint64_t *chan_seq(struct pool *p, int ch) {
     if (ch == CH_ALLOC) return &p->hdr[H_WAIT_SEQ];
+    if (ch >= CH_TOPIC0) {
+        int t = (ch - CH_TOPIC0) / (1 + (int)MAX_SUBS), j = (ch - CH_TOPIC0) % (1 + (int)MAX_SUBS) - 1;
+        return j < 0 ? &TOPIC(p, t)[T_ROOM_SEQ] : &SUB(p, t, j)[S_SEQ];
+    }
     return &QUEUE(p, CH_QUEUE(ch))[CH_IS_PUT(ch) ? Q_PUT_SEQ : Q_GET_SEQ];
 }
 
 uint64_t *chan_count(struct pool *p, int ch) {
     if (ch == CH_ALLOC) return &p->hdr[H_NR_WAITERS];
+    if (ch >= CH_TOPIC0) {
+        int t = (ch - CH_TOPIC0) / (1 + (int)MAX_SUBS), j = (ch - CH_TOPIC0) % (1 + (int)MAX_SUBS) - 1;
+        return j < 0 ? &TOPIC(p, t)[T_PUBLISHERS] : &SUB(p, t, j)[S_GETTERS];
+    }
     return &QUEUE(p, CH_QUEUE(ch))[CH_IS_PUT(ch) ? Q_PUTTERS : Q_GETTERS];
 }
 
 /* This entry's count of its threads asleep on channel ch. */
 static void entry_count_add(struct pool *p, int ch, int64_t d) {
-    if (!p->entry) return;
+    if (!p->entry || ch >= CH_TOPIC0) return; /* (topic sleepers are counted by their channel only) */
     if (ch == CH_ALLOC) {
         __atomic_add_fetch(&p->entry[P_SLEEPING], (uint64_t)d, __ATOMIC_SEQ_CST);
         return;
@@ -230,6 +238,13 @@ void wake_pending_now(struct pool *p) {
     for (uint64_t bits = p->wake_put; bits; bits &= bits - 1) chan_wake(p, CH_PUT(__builtin_ctzll(bits)), INT_MAX);
     p->wake_get = p->wake_put = 0;
     p->wake_get_n = 0;
+    for (uint64_t bits = p->wake_topics; bits; bits &= bits - 1) { /* publishers all; a subscription's one getter */
+        uint64_t t = (uint64_t)__builtin_ctzll(bits);
+        if (p->wake_room >> t & 1) chan_wake(p, CH_ROOM(t), INT_MAX);
+        for (uint32_t subs = p->wake_sub[t]; subs; subs &= subs - 1) chan_wake(p, CH_SUB(t, __builtin_ctz(subs)), 1);
+        p->wake_sub[t] = 0;
+    }
+    p->wake_room = p->wake_topics = 0;
 }
 
 /* Every channel's sleepers and the lock's waiters, whatever the counts say
@@ -241,6 +256,14 @@ void wake_everyone(struct pool *p) {
         uint64_t *seq = chan_seq(p, ch);
         __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
         futex_wake32(futex_word(seq), INT_MAX);
+    }
+    for (uint64_t t = 0; t < MAX_TOPICS; t++) {
+        if (ld(&TOPIC(p, t)[T_STATE]) != QUEUE_LIVE) continue;
+        for (int ch = CH_ROOM(t); ch <= CH_SUB(t, MAX_SUBS - 1); ch++) {
+            uint64_t *seq = chan_seq(p, ch);
+            __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
+            futex_wake32(futex_word(seq), INT_MAX);
+        }
     }
     poke_async(p);
     futex_wake32(futex_word(&p->hdr[H_LOCK_OWNER]), INT_MAX);

@@ -4,6 +4,9 @@ Data flows one way, each module using only those before it::
 
     snapshot   a copy of a pool's metadata, taken without its lock (and who
                holds the lock); finding the pools in /dev/shm
+    sizing     the reserve's record against min_nr (the verdict), and how
+               long each held element has been out (its hand-out time)
+    topics     the topic table, the subscriptions' rings, the topics rows
     numbers    the pool's numbers from a copy (the C derivation stats()
                runs), the slot map, holders, queues, counters: the JSON
     render     the JSON documents as text for a person

@@ -53,6 +53,8 @@ from .._layout import (
     H_PARKED,
     H_STATUS,
     HEADER_BYTES,
+    MAX_SUBS,
+    MAX_TOPICS,
     OWNER_MASK,
     OWNER_SHIFT,
     P_CACHE,
@@ -68,14 +70,21 @@ from .._layout import (
     Q_STATE,
     Q_TAIL,
     QUEUE_LIVE,
+    REF_RECEIVED_SHIFT,
+    S_HEAD,
+    S_TAIL,
     ST_ARENA,
     ST_CACHED,
     ST_HELD,
     ST_PARKED,
     ST_QUEUED,
     ST_RESERVE,
+    ST_SHARED,
     STATE_MASK,
     STATUS_LIVE,
+    T_DEPTH,
+    T_STATE,
+    T_SUBS,
 )
 from .._mapping import Views
 from .numbers import (
@@ -92,11 +101,12 @@ from .numbers import (
 )
 from .render import lock_text
 from .snapshot import LOCK_TIMEOUT, PROG, Copy, poison_pattern, procs_table, take_copy
+from .topics import ring_entries, subscription_row, topic_table
 
 CHECK_ATTEMPTS = 3  # a finding must show in this many copies in a row
 CHECK_SPACING_S = (0.05, 0.2)  # pauses before the second and third of them
 HOLDERS_NAMED = 4  # a finding names at most this many processes
-VALID_STATES = (ST_ARENA, ST_RESERVE, ST_HELD, ST_CACHED, ST_QUEUED, ST_PARKED)
+VALID_STATES = (ST_ARENA, ST_RESERVE, ST_HELD, ST_CACHED, ST_QUEUED, ST_PARKED, ST_SHARED)
 
 
 def audit(v: Views) -> list[str]:
@@ -141,6 +151,7 @@ def audit(v: Views) -> list[str]:
     findings += _audit_owners(v, states, owners)
     findings += _audit_caches(v, states, owners)
     findings += _audit_queues(v, states, owners)
+    findings += _audit_topics(v, states, owners)
     if hdr[H_NR_WAITERS] >= 1 << 31:
         findings.append(f"nr_waiters {hdr[H_NR_WAITERS]} is impossible")
     if hdr[H_FLAGS] & FLAG_POISON and not findings:
@@ -225,6 +236,43 @@ def _audit_queues(v: Views, states: np.ndarray, owners: np.ndarray) -> list[str]
         if walked != count or mine != count or (count and last != int(row[Q_TAIL])):
             findings.append(f"queue {q}'s list reaches {walked} element(s); its count says {count} and {mine} "
                             "are queued in it")
+    return findings
+
+
+def _audit_topics(v: Views, states: np.ndarray, owners: np.ndarray) -> list[str]:
+    """Every SHARED slot names a live topic and is referenced by some of its
+    live subscriptions (received ones a subset); each live subscription's
+    ring names, once each, exactly the slots it references and has not
+    received (its pending ones), no more than the topic's depth."""
+    findings: list[str] = []
+    shared = states == ST_SHARED
+    refs = np.frombuffer(v.refs, dtype=np.uint64)
+    low, high = refs & np.uint64(0xFFFFFFFF), refs >> np.uint64(REF_RECEIVED_SHIFT)
+    topics = topic_table(v)
+    live = np.zeros(MAX_TOPICS + 1, dtype=bool)
+    live[1:] = topics[:, T_STATE] == QUEUE_LIVE
+    stray = np.flatnonzero(shared & ~live[np.minimum(owners, MAX_TOPICS)] | shared & (owners > MAX_TOPICS))
+    if stray.size:
+        findings.append(f"{stray.size} shared slot(s) name no live topic, first slot {stray[0]}")
+    for t in np.flatnonzero(live[1:]).tolist():
+        subs = int(topics[t, T_SUBS])
+        mine = np.flatnonzero(shared & (owners == t + 1))
+        bad = mine[((low[mine] & ~np.uint64(subs)) != 0) | (low[mine] == 0) | ((high[mine] & ~low[mine]) != 0)]
+        if bad.size:
+            findings.append(f"topic {t}: {bad.size} shared slot(s) have references that no live subscription "
+                            f"accounts for, first slot {bad[0]} (references {int(refs[bad[0]]):#x}, "
+                            f"subscriptions {subs:#x})")
+        depth = int(topics[t, T_DEPTH])
+        for j in range(MAX_SUBS):
+            if not subs >> j & 1:
+                continue
+            pending = int(subscription_row(v, t, j)[S_TAIL] - subscription_row(v, t, j)[S_HEAD])
+            ring = ring_entries(v, t, j, depth)
+            want = mine[((low[mine] >> np.uint64(j)) & np.uint64(1)).astype(bool)
+                        & ~((high[mine] >> np.uint64(j)) & np.uint64(1)).astype(bool)]
+            if pending > depth or sorted(ring.tolist()) != sorted(want.tolist()):
+                findings.append(f"topic {t}, subscription {j}: its ring holds {min(pending, depth)} pending "
+                                f"element(s); {want.size} shared slot(s) are pending for it")
     return findings
 
 

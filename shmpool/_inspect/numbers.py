@@ -84,12 +84,14 @@ from .._layout import (
     ST_PARKED,
     ST_QUEUED,
     ST_RESERVE,
+    ST_SHARED,
     STATUS_LIVE,
 )
 from .._mapping import Views
 from .._procs import is_alive, start_ticks
 from .sizing import oldest_age_per_entry, oldest_held, sizing
 from .snapshot import Copy, cache_slots, fields, procs_table
+from .topics import topic_rows
 
 #: Version of the --json documents' keys (every document carries it as
 #: "schema"): raised when a key is renamed or changes meaning.
@@ -103,9 +105,9 @@ SLEEPERS_MAX = 1 << 20  # the core's bound: more sleepers is damage (derive coun
 # Slot map codes, in the order of their symbols: 0-5 are normal states
 # (ranked for ties: the higher code wins), 6-7 problems (shown if present
 # at all).
-MAP_SYMBOLS = ".cRQHPX?"
-M_ARENA, M_CACHED, M_RESERVE, M_QUEUED, M_HELD, M_PARKED, M_DEAD, M_INVALID = range(8)
-SLOT_COUNT_KEYS = ("arena", "cached", "reserve", "queued", "held", "parked", "held_dead", "invalid")
+MAP_SYMBOLS = ".cRQSHPX?"
+M_ARENA, M_CACHED, M_RESERVE, M_QUEUED, M_SHARED, M_HELD, M_PARKED, M_DEAD, M_INVALID = range(9)
+SLOT_COUNT_KEYS = ("arena", "cached", "reserve", "queued", "shared", "held", "parked", "held_dead", "invalid")
 # What an owner field names (owner_verdicts).
 V_NONE, V_ALIVE, V_DEAD = 0, 1, 2
 
@@ -193,6 +195,7 @@ def _codes(states: np.ndarray, owners: np.ndarray, verdicts: np.ndarray, queue_l
     codes[held & (named == V_ALIVE)] = M_HELD
     codes[held & (named == V_DEAD)] = M_DEAD
     codes[states == ST_PARKED] = M_PARKED
+    codes[states == ST_SHARED] = M_SHARED  # (audit checks its topic)
     return codes
 
 
@@ -214,7 +217,7 @@ def slot_map(codes: np.ndarray) -> tuple[str, int]:
     kinds = len(MAP_SYMBOLS)
     key = np.arange(n, dtype=np.int64) // group * kinds + codes
     counts = np.bincount(key, minlength=groups * kinds).reshape(groups, kinds)
-    normal = counts[:, M_PARKED::-1]  # P, H, Q, R, c, . (reversed: argmax takes the first of a tie)
+    normal = counts[:, M_PARKED::-1]  # P, H, S, Q, R, c, . (reversed: argmax takes the first of a tie)
     shown = M_PARKED - np.argmax(normal, axis=1)
     shown[counts[:, M_DEAD] > 0] = M_DEAD
     shown[counts[:, M_INVALID] > 0] = M_INVALID
@@ -450,6 +453,8 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
         "holders": rows,
         "oldest_held": oldest_held(copy, rows, show_all),
         "queues": queues(v),
+        "topics": topic_rows(copy),
+        "published": n["published"],
         "slot_counts": dict(zip(SLOT_COUNT_KEYS, np.bincount(codes, minlength=len(MAP_SYMBOLS)).tolist(), strict=True)),
         "slot_map": smap,
         "slot_map_group": group,

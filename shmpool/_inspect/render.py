@@ -27,7 +27,7 @@ LIST_NAME_MIN = 8  # the listing's name column is never narrower than this
 LIST_COLUMNS = (("SLOT", "slot_size"), ("CAPACITY", "capacity"), ("MIN", "min_nr"), ("CURR", "curr_nr"),
                 ("IN USE", "in_use"), ("QUEUED", "queued"), ("WAIT", "nr_waiters"))
 MAP_LEGEND = ("R reserve  . arena  c cached  Q queued  H held  P parked (being freed)",
-              "X held by a dead process  ? damaged")
+              "S shared (a topic's)  X held by a dead process  ? damaged")
 
 
 def _bar(curr: int, min_nr: int, width: int = 20) -> str:
@@ -146,6 +146,22 @@ def _queue_lines(d: dict[str, Any]) -> list[str]:
     return [f"queues ({len(d['queues'])}):", *lines]
 
 
+def _topic_lines(d: dict[str, Any]) -> list[str]:
+    """Each live topic, then its subscribers: process, backlog (pending
+    against the depth), received and not released, dropped."""
+    lines = [f"topics ({len(d['topics'])}):"]
+    for t in d["topics"]:
+        lines.append(f"  {_printable(t['name'])}: depth {t['depth']}, overflow {t['overflow']}, {t['published']} "
+                     f"published, {t['shared']} out now, {t['dropped']} dropped")
+        for s in t["subscribers"]:
+            state = "alive" if s["alive"] else "DEAD"
+            lines.append(f"    #{s['index']:<3} pid {s['pid']:>8} {state:<5} {_bar(s['pending'], t['depth'], 12)} "
+                         f"{s['pending']}/{t['depth']} pending, {s['received']} received, {s['dropped']} dropped")
+        if not t["subscribers"]:
+            lines.append("    (no subscribers)")
+    return lines
+
+
 def _counter_lines(d: dict[str, Any]) -> list[str]:
     rates = d.get("rates")
     lines = ["counters" + (f"{'':>26}per second" if rates else "")]
@@ -178,6 +194,8 @@ def render(d: dict[str, Any], when: str = "") -> str:
         sections.append(_oldest_lines(d))
     if d["queues"]:
         sections.append(_queue_lines(d))
+    if d["topics"]:
+        sections.append(_topic_lines(d))
     sections += [_counter_lines(d), _map_lines(d)]
     for section in sections:
         lines += section + [""]

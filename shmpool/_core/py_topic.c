@@ -1,0 +1,200 @@
+/* py_topic.c: the Core's topic methods (topic.c). A blocking publish or get
+ * waits as long as its caller asked (its timeout, or none); a non-blocking
+ * one waits for the lock at most the atomic bound, then says Full (Empty).
+ */
+#include "py.h"
+
+static int parse_t(PyObject *o, uint64_t *t) {
+    int64_t v;
+    if (conv_count(o, "topic", 0, (int64_t)MAX_TOPICS - 1, &v) < 0) return -1;
+    *t = (uint64_t)v;
+    return 0;
+}
+
+static int parse_j(PyObject *o, uint64_t *j) {
+    int64_t v;
+    if (conv_count(o, "subscription", 0, (int64_t)MAX_SUBS - 1, &v) < 0) return -1;
+    *j = (uint64_t)v;
+    return 0;
+}
+
+static PyObject *topic_error(Core *f, int r) {
+    if (r == RC_INVALID) {
+        PyErr_SetString(PyExc_ValueError, f->p.msg);
+        return NULL;
+    }
+    return raise_for(f, r, "topic");
+}
+
+/* (block, timeout) at args[at], args[at + 1] -> the call's bound. */
+static int parse_wait(Core *f, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t at, struct call *c, step_fn step) {
+    int block = nargs > at ? PyObject_IsTrue(args[at]) : 1;
+    int64_t timeout_ns = -1;
+    if (block < 0) return -1;
+    if (block && nargs > at + 1 && conv_timeout(args[at + 1], &timeout_ns) < 0) return -1;
+    call_init(c, step, block ? BOUND_CALLER : BOUND_ATOMIC, timeout_ns);
+    c->may_sleep = block;
+    c->retry_ns = (uint64_t)retry_queue_ns;
+    return 0;
+}
+
+/* topic_open(name, depth, overflow) -> (index, depth, overflow); index -1
+ * if missing and depth is 0, -2 if the table is full. */
+static PyObject *Core_topic_open(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    char padded[QUEUE_NAME_BYTES] = {0};
+    char *name;
+    Py_ssize_t len;
+    int64_t depth, overflow;
+    if (nargs != 3 || PyBytes_AsStringAndSize(args[0], &name, &len) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "topic_open(name: bytes, depth, overflow)");
+        return NULL;
+    }
+    if (len < 1 || len >= (Py_ssize_t)QUEUE_NAME_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "topic name out of range");
+        return NULL;
+    }
+    if (conv_count(args[1], "depth", 0, (int64_t)TOPIC_MAX_DEPTH, &depth) < 0 ||
+        conv_count(args[2], "overflow", 0, 1, &overflow) < 0 || enter(f) < 0)
+        return NULL;
+    memcpy(padded, name, (size_t)len);
+    struct call c;
+    call_init(&c, step_topic_open, BOUND_ADMIN, -1);
+    c.arg = padded;
+    c.a = (uint64_t)depth;
+    c.b = (uint64_t)overflow;
+    int r = run_call(f, &c);
+    if (r != RC_OK) return leave_with(f, raise_for(f, r, "topic"));
+    return leave_with(f, Py_BuildValue("LKK", (long long)(int64_t)c.out[0], (unsigned long long)c.out[1],
+                                       (unsigned long long)c.out[2]));
+}
+
+/* subscribe(t) -> the subscription's index, or -1 if the topic has
+ * MAX_SUBS subscriptions already. */
+static PyObject *Core_subscribe(Core *f, PyObject *arg) {
+    uint64_t t;
+    if (parse_t(arg, &t) < 0 || enter(f) < 0) return NULL;
+    struct call c;
+    call_init(&c, step_subscribe, BOUND_ADMIN, -1);
+    c.q = t;
+    int r = run_call(f, &c);
+    if (r != RC_OK) return leave_with(f, topic_error(f, r));
+    return leave_with(f, PyLong_FromLongLong((long long)(int64_t)c.out[0]));
+}
+
+/* unsubscribe(t, j): every reference of subscription j released. */
+static PyObject *Core_unsubscribe(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t t, j;
+    if (nargs != 2 || parse_t(args[0], &t) < 0 || parse_j(args[1], &j) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "unsubscribe(t, j)");
+        return NULL;
+    }
+    if (enter(f) < 0) return NULL;
+    struct call c;
+    call_init(&c, step_unsubscribe, BOUND_ADMIN, -1);
+    c.q = t;
+    c.a = j;
+    int r = run_call(f, &c);
+    if (r != RC_OK) return leave_with(f, topic_error(f, r));
+    return leave_with(f, Py_NewRef(Py_None));
+}
+
+/* publish(t, handle, block=True, timeout=None) -> True, or False if a
+ * subscriber's ring stayed full (overflow "block"). */
+static PyObject *Core_publish(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t t, idx, gen;
+    struct call c;
+    if (nargs < 2 || nargs > 4) {
+        PyErr_Format(PyExc_TypeError, "publish() takes 2 to 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (parse_t(args[0], &t) < 0 || conv_handle(f, args[1], &idx, &gen) < 0 ||
+        parse_wait(f, args, nargs, 2, &c, step_publish) < 0 || enter(f) < 0)
+        return NULL;
+    c.q = t;
+    c.a = idx;
+    c.b = gen;
+    int r = run_call(f, &c);
+    Owner *ow = r == RC_OK ? owner_of(args[1]) : NULL;
+    if (ow) ow->given = 1; /* an owning array: its element is the topic's now */
+    if (r == RC_OK || r == RC_FAIL || r == RC_TIMEOUT || r == RC_BUSY) return leave_with(f, PyBool_FromLong(r == RC_OK));
+    if (r == RC_INVALID) return leave_with(f, raise_invalid(f, idx | gen << HGEN_SHIFT));
+    return leave_with(f, topic_error(f, r));
+}
+
+/* sub_get(t, j, max_n, block=True, timeout=None) -> 1 to max_n handles (an
+ * int64 array, in publication order), or None if it stayed empty. */
+static PyObject *Core_sub_get(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t t, j;
+    int64_t max_n;
+    struct call c;
+    if (nargs < 3 || nargs > 5) {
+        PyErr_Format(PyExc_TypeError, "sub_get() takes 3 to 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (parse_t(args[0], &t) < 0 || parse_j(args[1], &j) < 0 ||
+        conv_count(args[2], "max_n", 1, INT64_MAX, &max_n) < 0 || parse_wait(f, args, nargs, 3, &c, step_sub_get) < 0 ||
+        enter(f) < 0)
+        return NULL;
+    int64_t dst[TOPIC_MAX_DEPTH];
+    c.q = t;
+    c.a = j;
+    c.dst = dst;
+    c.n = max_n < (int64_t)TOPIC_MAX_DEPTH ? max_n : (int64_t)TOPIC_MAX_DEPTH;
+    int r = run_call(f, &c);
+    if (r == RC_OK) return leave_with(f, handles_array(dst, c.moved));
+    if (r == RC_FAIL || r == RC_TIMEOUT || r == RC_BUSY) return leave_with(f, Py_NewRef(Py_None));
+    return leave_with(f, topic_error(f, r));
+}
+
+/* release(t, j, handle): subscription j lets go of an element it received. */
+static PyObject *Core_release(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t t, j, idx, gen;
+    if (nargs != 3 || parse_t(args[0], &t) < 0 || parse_j(args[1], &j) < 0 || conv_handle(f, args[2], &idx, &gen) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "release(t, j, handle)");
+        return NULL;
+    }
+    if (enter(f) < 0) return NULL;
+    struct call c;
+    call_init(&c, step_release, BOUND_ATOMIC, -1);
+    c.q = t;
+    c.a = idx;
+    c.b = gen;
+    c.out[0] = j;
+    int r = run_call(f, &c);
+    if (r == RC_OK) return leave_with(f, Py_NewRef(Py_None));
+    if (r == RC_INVALID) return leave_with(f, raise_invalid(f, idx | gen << HGEN_SHIFT));
+    if (r == RC_BUSY) return leave_with(f, raise_busy(f, "release"));
+    return leave_with(f, topic_error(f, r));
+}
+
+/* sub_pending(t, j) -> its pending elements now (two loads). */
+static PyObject *Core_sub_pending(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t t, j;
+    if (nargs != 2 || parse_t(args[0], &t) < 0 || parse_j(args[1], &j) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "sub_pending(t, j)");
+        return NULL;
+    }
+    if (!f->p.hdr || f->p.closing) return closed_error(f);
+    return PyLong_FromUnsignedLongLong(sub_pending(&f->p, t, j));
+}
+
+/* topic_subs(t) -> its live subscriptions now (one load). */
+static PyObject *Core_topic_subs(Core *f, PyObject *arg) {
+    uint64_t t;
+    if (parse_t(arg, &t) < 0) return NULL;
+    if (!f->p.hdr || f->p.closing) return closed_error(f);
+    return PyLong_FromLong(__builtin_popcountll(ld(&TOPIC(&f->p, t)[T_SUBS]) & ((1ull << MAX_SUBS) - 1)));
+}
+
+#define M(name, fn, flags, doc) {name, (PyCFunction)(void (*)(void))fn, flags, doc}
+PyMethodDef Core_topic_methods[] = {
+    M("topic_open", Core_topic_open, METH_FASTCALL, "(name, depth, overflow) -> (index, depth, overflow)"),
+    M("subscribe", Core_subscribe, METH_O, "(t) -> subscription index, or -1"),
+    M("unsubscribe", Core_unsubscribe, METH_FASTCALL, "(t, j)"),
+    M("publish", Core_publish, METH_FASTCALL, "(t, handle, block=True, timeout=None) -> published"),
+    M("sub_get", Core_sub_get, METH_FASTCALL, "(t, j, max_n, block=True, timeout=None) -> handles or None"),
+    M("release", Core_release, METH_FASTCALL, "(t, j, handle)"),
+    M("sub_pending", Core_sub_pending, METH_FASTCALL, "(t, j) -> pending"),
+    M("topic_subs", Core_topic_subs, METH_O, "(t) -> live subscriptions"),
+    {NULL},
+};
