@@ -743,6 +743,7 @@ def _wait_in_a_forked_child(name: str, done: Any) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # the fork is the test
 def test_a_forked_child_does_not_use_the_parents_threads(pool: Mempool, via_threads: None) -> None:
     held = [pool.alloc(), pool.alloc()]
     with pytest.raises(TimeoutError):
