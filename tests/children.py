@@ -450,3 +450,43 @@ def queue_giver(name: str, queue: str, n: int, can_start: Any, can_continue: Any
         out.put(given)
         if can_continue is not None:
             can_continue.set()
+
+
+def topic_publisher(name: str, topic: str, n: int, go: Any, results: Any) -> None:
+    """Publish n elements stamped (pid, serial); report how many."""
+    with Mempool.attach(name) as pool:
+        t = pool.topic(topic)
+        if not go.wait(60):
+            raise TimeoutError("never told to start")
+        for i in range(n):
+            h = pool.alloc(GFP_KERNEL, timeout=60)
+            pool.ndarray(h, np.int64, 2)[:] = (os.getpid(), i)
+            t.publish(h, timeout=60)
+        results.put(("published", os.getpid(), n))
+
+
+def topic_subscriber(name: str, topic: str, expect: int, ready: Any, results: Any) -> None:
+    """Subscribe, then take ``expect`` elements (releasing each, or keeping
+    every third for a while), checking that each publisher's serials arrive
+    in order, each once; report what it saw per publisher."""
+    with Mempool.attach(name) as pool:
+        s = pool.topic(topic).subscribe()
+        ready.put(os.getpid())
+        last: dict[int, int] = {}
+        kept: list[int] = []
+        for k in range(expect):
+            h = s.get(timeout=60)
+            pid, i = pool.ndarray(h, np.int64, 2).tolist()
+            if i != last.get(pid, -1) + 1:
+                results.put(("error", os.getpid(), f"from {pid}: {i} after {last.get(pid, -1)}"))
+                return
+            last[pid] = i
+            kept.append(h)
+            if k % 3 != 2:
+                s.release(kept.pop())
+            elif len(kept) > 4:
+                s.release(kept.pop(0))
+        for h in kept:
+            s.release(h)
+        s.close()
+        results.put(("seen", os.getpid(), {pid: i + 1 for pid, i in last.items()}))

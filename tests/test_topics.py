@@ -379,3 +379,60 @@ def test_a_publisher_never_waits_on_a_dead_subscribers_full_buffer(name: str, po
         h = pool.alloc()
         t.publish(h, timeout=10)  # no reclaim_dead first: the dead subscription is dropped, not waited on
         assert t.subscribers == 0 and pool.stats().in_use == 0
+
+
+@pytest.mark.timeout(60)
+def test_check_reports_a_dead_subscription_until_it_is_reclaimed(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=64, capacity=16).destroying() as pool:
+        t = pool.topic("t", depth=8)
+        victim = start_child(popen, name)
+        setup_child(victim)
+        publish_numbers(pool, t, range(3))
+        victim.call("s.get()")
+        pid = victim.pid
+        victim.kill()
+        check = [sys.executable, "-m", "shmpool.cli", name, "--check"]
+        out = subprocess.run(check, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and f"subscription 0 of dead pid {pid}" in out.stdout, out.stdout
+        assert "2 pending and 1 received" in out.stdout and "--reclaim-dead" in out.stdout
+        reclaim = subprocess.run([*check[:-1], "--reclaim-dead"], capture_output=True, text=True, timeout=60)
+        assert reclaim.returncode == 0, reclaim.stderr
+        out = subprocess.run(check, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout
+        assert pool.stats().in_use == 0 and t.subscribers == 0
+
+
+@pytest.mark.timeout(180)
+def test_two_publishers_three_subscribers_one_killed_midstream(name: str, spawn) -> None:
+    import multiprocessing as mp
+
+    import children
+
+    ctx = mp.get_context("spawn")
+    n = 300
+    with Mempool.create(name, min_nr=4, slot_size=64, capacity=64).destroying() as pool:
+        pool.topic("t", depth=16)
+        go, ready, results = ctx.Event(), ctx.Queue(), ctx.Queue()
+        subs = [spawn(children.topic_subscriber, name, "t", 2 * n, ready, results) for _ in range(3)]
+        for _ in subs:
+            ready.get(timeout=60)
+        pubs = [spawn(children.topic_publisher, name, "t", n, go, results) for _ in range(2)]
+        go.set()
+        victim = subs[0]
+        wait_for(lambda: pool.stats().published > 0, what="elements to be in flight")
+        victim.kill()
+        victim.join(30)
+        wait_for(lambda: pool.reclaim_dead() >= 0 and pool.topic("t").subscribers == 2, timeout=60,
+                 what="the dead subscriber to be dropped")
+        reports = [results.get(timeout=120) for _ in range(4)]  # two publishers, two surviving subscribers
+        assert not [r for r in reports if r[0] == "error"], reports
+        pids = sorted(p.pid for p in pubs)
+        seen = [r[2] for r in reports if r[0] == "seen"]
+        assert len(seen) == 2 and all(sorted(s) == pids and set(s.values()) == {n} for s in seen), seen
+        for p in pubs + subs[1:]:
+            p.join(30)
+            assert p.exitcode == 0
+        pool.reclaim_dead()
+        s = pool.stats()
+        assert s.in_use == 0 and s.published == 0, s
+        assert audit(pool) == []

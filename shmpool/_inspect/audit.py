@@ -101,7 +101,7 @@ from .numbers import (
 )
 from .render import lock_text
 from .snapshot import LOCK_TIMEOUT, PROG, Copy, poison_pattern, procs_table, take_copy
-from .topics import ring_entries, subscription_row, topic_table
+from .topics import ring_entries, subscription_row, topic_rows, topic_table
 
 CHECK_ATTEMPTS = 3  # a finding must show in this many copies in a row
 CHECK_SPACING_S = (0.05, 0.2)  # pauses before the second and third of them
@@ -347,6 +347,12 @@ def _dead_findings(copy: Copy) -> list[str]:
         total = int(on_queues[ghosts].sum())
         findings.append(f"{total} queue sleeper(s) of dead processes still counted "
                         f"({_who(procs, ghosts, on_queues, 'asleep on queues')}): {hint}")
+    for topic in topic_rows(copy):  # a dead subscriber's references keep elements out (and may block publishers)
+        for s in topic["subscribers"]:
+            if not s["alive"]:
+                who = f"pid {s['pid']}" if s["entry"] is not None else "a process no longer registered"
+                findings.append(f"topic {topic['name']!r}: subscription {s['index']} of dead {who} still references "
+                                f"{s['pending']} pending and {s['received']} received element(s): {hint}")
     return findings
 
 

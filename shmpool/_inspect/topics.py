@@ -21,11 +21,13 @@ from .._layout import (
     OVERFLOW_NAMES,
     OWNER_MASK,
     OWNER_SHIFT,
+    P_EPOCH,
     P_PID,
     QUEUE_LIVE,
     QUEUE_NAME_BYTES,
     REF_RECEIVED_SHIFT,
     S_DROPPED,
+    S_EPOCH,
     S_HEAD,
     S_OWNER,
     S_TAIL,
@@ -88,7 +90,7 @@ def topic_rows(copy: Copy) -> list[dict[str, Any]]:
                 continue
             s = subscription_row(v, t, j)
             o = int(s[S_OWNER])
-            known = 1 <= o <= v.geo.max_procs
+            known = 1 <= o <= v.geo.max_procs and int(procs[o - 1, P_EPOCH]) == int(s[S_EPOCH])  # (else: gone)
             subs.append({
                 "index": j, "pid": int(procs[o - 1, P_PID]) if known else 0, "entry": o - 1 if known else None,
                 "alive": bool(copy.alive[o - 1]) if known else False,
