@@ -21,6 +21,7 @@ from helpers import check_whole, wait_for
 from procs import start_child
 
 from shmpool import InvalidHandleError, Mempool, PoolClosedError
+from shmpool._layout import S_GETTERS
 from shmpool.testing import audit, views
 
 
@@ -436,3 +437,24 @@ def test_two_publishers_three_subscribers_one_killed_midstream(name: str, spawn)
         s = pool.stats()
         assert s.in_use == 0 and s.published == 0, s
         assert audit(pool) == []
+
+
+@pytest.mark.timeout(60)
+def test_closing_a_subscription_ends_a_get_blocked_on_it(name: str) -> None:
+    with Mempool.create(name, min_nr=2, slot_size=64, capacity=8).destroying() as pool:
+        s = pool.topic("t", depth=4).subscribe()
+        ended: list[BaseException] = []
+
+        def getter() -> None:
+            try:
+                s.get(timeout=30)
+            except BaseException as exc:  # (what ended it is the finding)
+                ended.append(exc)
+
+        thread = threading.Thread(target=getter)
+        thread.start()
+        wait_for(lambda: views(pool).subs[S_GETTERS] > 0 or not thread.is_alive(),
+                 what="the getter to sleep")  # (subscription 0 of topic 0)
+        s.close()
+        thread.join(10)
+        assert not thread.is_alive() and ended and isinstance(ended[0], ValueError), ended

@@ -113,11 +113,13 @@ int sub_drop(struct pool *p, uint64_t t, uint64_t j) {
             if (r != RC_OK) return r;
         }
     }
+    int dead = !sub_alive(p, S);
     st(&TOPIC(p, t)[T_SUBS], TOPIC(p, t)[T_SUBS] & ~(1ull << j));
     st(&S[S_HEAD], S[S_TAIL]);
-    st(&S[S_GETTERS], 0);
+    if (dead) st(&S[S_GETTERS], 0); /* a live owner's sleepers count themselves out (and then see it gone) */
     st(&S[S_OWNER], 0);
-    p->wake_room |= 1ull << t; /* a full ring is gone */
+    p->wake_room |= 1ull << t;     /* a full ring is gone */
+    p->wake_sub[t] |= 1u << j;     /* its own getters, if any, find it closed */
     p->wake_topics |= 1ull << t;
     return RC_OK;
 }
@@ -170,7 +172,9 @@ int step_subscribe(struct pool *p, struct call *c, int mode) {
     for (uint64_t j = 0; j < MAX_SUBS; j++) {
         if (T[T_SUBS] >> j & 1) continue;
         uint64_t *S = SUB(p, c->q, j);
-        memset(S, 0, SUB_WORDS * 8);
+        st(&S[S_HEAD], 0);
+        st(&S[S_TAIL], 0);
+        st(&S[S_DROPPED], 0); /* (S_SEQ and S_GETTERS stay: a former subscriber's sleeper may still count out) */
         st(&S[S_EPOCH], p->entry ? p->entry[P_EPOCH] : 0);
         st(&S[S_OWNER], p->me);
         st(&T[T_SUBS], T[T_SUBS] | 1ull << j); /* the commit */
