@@ -37,6 +37,18 @@ def received(child, n: int) -> list[int]:
     )
 
 
+def killed_subscriber(popen, name: str, pool: Mempool, t, values, gets: int) -> int:
+    """A child subscribes, ``values`` are published, it gets ``gets`` of
+    them (received, never released), and is SIGKILLed: its pid."""
+    victim = start_child(popen, name)
+    setup_child(victim, t.name)
+    publish_numbers(pool, t, values)
+    for _ in range(gets):
+        victim.call("s.get()")
+    victim.kill()
+    return victim.pid
+
+
 def publish_numbers(pool: Mempool, t, values) -> list[int]:
     handles = []
     for v in values:
@@ -101,11 +113,7 @@ def test_a_subscriber_killed_midstream_loses_the_others_nothing(name: str, popen
 def test_references_of_a_dead_subscriber_come_back_at_attach_too(name: str, popen) -> None:
     with Mempool.create(name, min_nr=2, slot_size=64, capacity=16).destroying() as pool:
         t = pool.topic("t", depth=8)
-        victim = start_child(popen, name)
-        setup_child(victim)
-        publish_numbers(pool, t, range(3))
-        victim.call("s.get()")
-        victim.kill()
+        killed_subscriber(popen, name, pool, t, range(3), gets=1)
         newcomer = start_child(popen, name)  # its attach retires the dead
         assert pool.stats().published == 0 and t.subscribers == 0
         newcomer.finish()
@@ -373,10 +381,7 @@ def test_closing_the_pool_object_closes_its_subscriptions(name: str) -> None:
 def test_a_publisher_never_waits_on_a_dead_subscribers_full_buffer(name: str, popen) -> None:
     with Mempool.create(name, min_nr=2, slot_size=64, capacity=16).destroying() as pool:
         t = pool.topic("t", depth=2)  # overflow "block"
-        victim = start_child(popen, name)
-        setup_child(victim)
-        publish_numbers(pool, t, [1, 2])  # its buffer is full
-        victim.kill()
+        killed_subscriber(popen, name, pool, t, [1, 2], gets=0)  # its buffer is full
         h = pool.alloc()
         t.publish(h, timeout=10)  # no reclaim_dead first: the dead subscription is dropped, not waited on
         assert t.subscribers == 0 and pool.stats().in_use == 0
@@ -386,12 +391,7 @@ def test_a_publisher_never_waits_on_a_dead_subscribers_full_buffer(name: str, po
 def test_check_reports_a_dead_subscription_until_it_is_reclaimed(name: str, popen) -> None:
     with Mempool.create(name, min_nr=2, slot_size=64, capacity=16).destroying() as pool:
         t = pool.topic("t", depth=8)
-        victim = start_child(popen, name)
-        setup_child(victim)
-        publish_numbers(pool, t, range(3))
-        victim.call("s.get()")
-        pid = victim.pid
-        victim.kill()
+        pid = killed_subscriber(popen, name, pool, t, range(3), gets=1)
         check = [sys.executable, "-m", "shmpool.cli", name, "--check"]
         out = subprocess.run(check, capture_output=True, text=True, timeout=60)
         assert out.returncode == 1 and f"subscription 0 of dead pid {pid}" in out.stdout, out.stdout

@@ -349,8 +349,12 @@ def _produce(send: Callable[[int], None], n: int, rate: int, stops: int, budget_
 def _shmpool_producer(spec: dict[str, Any]) -> tuple[Callable[[int], None], Callable[[], None]]:
     pool = Mempool.attach(spec["pool"])
     alloc, view = pool.alloc, pool.ndarray
-    # the pool's queue, or the README's old idiom: a multiprocessing.Queue of handles
-    put = pool.queue(spec["queue"]).put if spec["kind"] in ("idiom", "batched") else spec["mpq"].put
+    # the pool's queue, a topic (fan-out: alloc, write, publish), or the README's old idiom: a
+    # multiprocessing.Queue of handles
+    if spec["kind"] == "topic":
+        put = pool.topic(spec["topic"]).publish
+    else:
+        put = pool.queue(spec["queue"]).put if spec["kind"] in ("idiom", "batched") else spec["mpq"].put
 
     def send(i: int) -> None:
         h = alloc()
@@ -512,19 +516,6 @@ def _iceoryx2_consumer(spec: dict[str, Any]) -> tuple[Any, Any, Any, Callable[[]
     return take, iox.view, release, iox.close
 
 
-def _topic_producer(spec: dict[str, Any]) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """Fan-out, as the README writes it: alloc, write, publish."""
-    pool = Mempool.attach(spec["pool"])
-    alloc, view, publish = pool.alloc, pool.ndarray, pool.topic(spec["topic"]).publish
-
-    def send(i: int) -> None:
-        h = alloc()
-        _stamp(view(h, np.uint64), i)
-        publish(h)
-
-    return send, pool.close
-
-
 def _topic_consumer(spec: dict[str, Any]) -> tuple[Any, Any, Any, Callable[[], None]]:
     """A subscriber, one element at a time: get, read, release."""
     pool = Mempool.attach(spec["pool"])
@@ -544,7 +535,7 @@ def _topic_consumer(spec: dict[str, Any]) -> tuple[Any, Any, Any, Callable[[], N
 
 PRODUCERS = {
     "idiom": _shmpool_producer, "batched": _shmpool_producer, "mpqueue": _shmpool_producer, "pipe": _pipe_producer,
-    "iceoryx2": _iceoryx2_producer, "topic": _topic_producer,
+    "iceoryx2": _iceoryx2_producer, "topic": _shmpool_producer,
 }
 CONSUMERS = {
     "idiom": _shmpool_consumer, "batched": _shmpool_consumer, "mpqueue": _shmpool_consumer, "pipe": _pipe_consumer,

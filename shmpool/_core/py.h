@@ -78,6 +78,7 @@ int conv_gfp(PyObject *o, int *sleeps);
 int conv_handle(Core *f, PyObject *o, uint64_t *idx, uint64_t *gen);
 int conv_count(PyObject *o, const char *what, int64_t lo, int64_t hi, int64_t *out);
 int64_t *conv_handles(Core *f, PyObject *o, int64_t *n, int64_t *stack, int64_t stack_n);
+int conv_name(PyObject *o, const char *what, char *padded); /* a queue's or topic's name: QUEUE_NAME_BYTES */
 int decode_fast(Core *f, PyObject *o, uint64_t *idx, uint64_t *gen); /* an exact int in range, or 0 */
 
 /* py_alloc.c: run() with the Python side's `after` (poison

@@ -263,23 +263,23 @@ static PyObject *Core_alloc_async_try(Core *f, PyObject *unused) {
 /* note_sleep(seconds): an alloc_async that slept that long returns (the
  * sleep totals, as run() keeps them for the others). */
 static PyObject *Core_note_sleep(Core *f, PyObject *arg) {
-    double s = PyFloat_AsDouble(arg);
-    if (s == -1.0 && PyErr_Occurred()) return NULL;
-    if (!(s >= 0 && s < 1e9)) {
-        PyErr_SetString(PyExc_ValueError, "seconds out of range");
+    int64_t ns;
+    if (arg == Py_None || conv_timeout(arg, &ns) < 0 || enter(f) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "note_sleep(seconds)");
         return NULL;
     }
-    if (enter(f) < 0) return NULL;
-    note_sleep(&f->p, (uint64_t)(s * 1e9));
+    note_sleep(&f->p, (uint64_t)ns);
     return leave_with(f, Py_NewRef(Py_None));
 }
 
 /* report_long_sleep(seconds): an alloc_async asleep that long says so. */
 static PyObject *Core_report_long_sleep(Core *f, PyObject *arg) {
-    double s = PyFloat_AsDouble(arg);
-    if (s == -1.0 && PyErr_Occurred()) return NULL;
-    if (enter(f) < 0) return NULL;
-    if (report_long_sleep(f, s > 0 && s < 1e9 ? (uint64_t)(s * 1e9) : 0) < 0) return leave_with(f, NULL);
+    int64_t ns;
+    if (arg == Py_None || conv_timeout(arg, &ns) < 0 || enter(f) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "report_long_sleep(seconds)");
+        return NULL;
+    }
+    if (report_long_sleep(f, (uint64_t)ns) < 0) return leave_with(f, NULL);
     return leave_with(f, Py_NewRef(Py_None));
 }
 

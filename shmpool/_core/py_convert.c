@@ -281,3 +281,18 @@ done:
     if (!out && dst != stack) PyMem_Free(dst);
     return out;
 }
+
+/* A queue's or topic's name (bytes, 1 to QUEUE_NAME_BYTES - 1; checked by
+ * _args.check_queue_name first), NUL-padded into `padded`. */
+int conv_name(PyObject *o, const char *what, char *padded) {
+    char *name;
+    Py_ssize_t len;
+    if (PyBytes_AsStringAndSize(o, &name, &len) < 0) return -1;
+    if (len < 1 || len >= (Py_ssize_t)QUEUE_NAME_BYTES) {
+        PyErr_Format(PyExc_ValueError, "%s name out of range", what);
+        return -1;
+    }
+    memset(padded, 0, QUEUE_NAME_BYTES);
+    memcpy(padded, name, (size_t)len);
+    return 0;
+}

@@ -144,20 +144,15 @@ static PyObject *Core_queue_count(Core *f, PyObject *arg) {
  * created with `depth` if missing and depth > 0; index -1 if missing and
  * depth is 0, -2 if the table is full. */
 static PyObject *Core_queue_open(Core *f, PyObject *const *args, Py_ssize_t nargs) {
-    char padded[QUEUE_NAME_BYTES] = {0};
-    char *name;
-    Py_ssize_t len;
+    char padded[QUEUE_NAME_BYTES];
     int64_t depth;
-    if (nargs != 2 || PyBytes_AsStringAndSize(args[0], &name, &len) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "queue_open(name: bytes, depth)");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "queue_open(name: bytes, depth)");
         return NULL;
     }
-    if (len < 1 || len >= (Py_ssize_t)QUEUE_NAME_BYTES) {
-        PyErr_SetString(PyExc_ValueError, "queue name out of range");
+    if (conv_name(args[0], "queue", padded) < 0 || conv_count(args[1], "depth", 0, (int64_t)f->p.capacity, &depth) < 0 ||
+        enter(f) < 0)
         return NULL;
-    }
-    if (conv_count(args[1], "depth", 0, (int64_t)f->p.capacity, &depth) < 0 || enter(f) < 0) return NULL;
-    memcpy(padded, name, (size_t)len);
     struct call c;
     call_init(&c, step_queue_open, BOUND_ADMIN, -1);
     c.arg = padded;

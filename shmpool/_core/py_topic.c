@@ -18,6 +18,17 @@ static int parse_j(PyObject *o, uint64_t *j) {
     return 0;
 }
 
+/* (t, j, ...): a topic and one of its subscriptions, from the first two of
+ * exactly `want` arguments; TypeError naming `call` otherwise. */
+static int parse_tj(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *call, uint64_t *t,
+                    uint64_t *j) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", call, want, nargs);
+        return -1;
+    }
+    return parse_t(args[0], t) < 0 || parse_j(args[1], j) < 0 ? -1 : 0;
+}
+
 static PyObject *topic_error(Core *f, int r) {
     if (r == RC_INVALID) {
         PyErr_SetString(PyExc_ValueError, f->p.msg);
@@ -41,22 +52,15 @@ static int parse_wait(Core *f, PyObject *const *args, Py_ssize_t nargs, Py_ssize
 /* topic_open(name, depth, overflow) -> (index, depth, overflow); index -1
  * if missing and depth is 0, -2 if the table is full. */
 static PyObject *Core_topic_open(Core *f, PyObject *const *args, Py_ssize_t nargs) {
-    char padded[QUEUE_NAME_BYTES] = {0};
-    char *name;
-    Py_ssize_t len;
+    char padded[QUEUE_NAME_BYTES];
     int64_t depth, overflow;
-    if (nargs != 3 || PyBytes_AsStringAndSize(args[0], &name, &len) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "topic_open(name: bytes, depth, overflow)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "topic_open(name: bytes, depth, overflow)");
         return NULL;
     }
-    if (len < 1 || len >= (Py_ssize_t)QUEUE_NAME_BYTES) {
-        PyErr_SetString(PyExc_ValueError, "topic name out of range");
-        return NULL;
-    }
-    if (conv_count(args[1], "depth", 0, (int64_t)TOPIC_MAX_DEPTH, &depth) < 0 ||
+    if (conv_name(args[0], "topic", padded) < 0 || conv_count(args[1], "depth", 0, (int64_t)TOPIC_MAX_DEPTH, &depth) < 0 ||
         conv_count(args[2], "overflow", 0, 1, &overflow) < 0 || enter(f) < 0)
         return NULL;
-    memcpy(padded, name, (size_t)len);
     struct call c;
     call_init(&c, step_topic_open, BOUND_ADMIN, -1);
     c.arg = padded;
@@ -84,11 +88,7 @@ static PyObject *Core_subscribe(Core *f, PyObject *arg) {
 /* unsubscribe(t, j): every reference of subscription j released. */
 static PyObject *Core_unsubscribe(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t t, j;
-    if (nargs != 2 || parse_t(args[0], &t) < 0 || parse_j(args[1], &j) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "unsubscribe(t, j)");
-        return NULL;
-    }
-    if (enter(f) < 0) return NULL;
+    if (parse_tj(args, nargs, 2, "unsubscribe", &t, &j) < 0 || enter(f) < 0) return NULL;
     struct call c;
     call_init(&c, step_unsubscribe, BOUND_ADMIN, -1);
     c.q = t;
@@ -149,11 +149,8 @@ static PyObject *Core_sub_get(Core *f, PyObject *const *args, Py_ssize_t nargs) 
 /* release(t, j, handle): subscription j lets go of an element it received. */
 static PyObject *Core_release(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t t, j, idx, gen;
-    if (nargs != 3 || parse_t(args[0], &t) < 0 || parse_j(args[1], &j) < 0 || conv_handle(f, args[2], &idx, &gen) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "release(t, j, handle)");
+    if (parse_tj(args, nargs, 3, "release", &t, &j) < 0 || conv_handle(f, args[2], &idx, &gen) < 0 || enter(f) < 0)
         return NULL;
-    }
-    if (enter(f) < 0) return NULL;
     struct call c;
     call_init(&c, step_release, BOUND_ATOMIC, -1);
     c.q = t;
@@ -170,10 +167,7 @@ static PyObject *Core_release(Core *f, PyObject *const *args, Py_ssize_t nargs) 
 /* sub_pending(t, j) -> its pending elements now (two loads). */
 static PyObject *Core_sub_pending(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t t, j;
-    if (nargs != 2 || parse_t(args[0], &t) < 0 || parse_j(args[1], &j) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "sub_pending(t, j)");
-        return NULL;
-    }
+    if (parse_tj(args, nargs, 2, "sub_pending", &t, &j) < 0) return NULL;
     if (!f->p.hdr || f->p.closing) return closed_error(f);
     return PyLong_FromUnsignedLongLong(sub_pending(&f->p, t, j));
 }

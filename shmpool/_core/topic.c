@@ -369,9 +369,12 @@ int topic_repair(struct pool *p) {
     return RC_OK;
 }
 
-/* SHARED slots now (derive). */
+/* SHARED slots now (derive). A pool with no topic has none: stats() then
+ * reads no slot word (a copy, which has no topic table here, is scanned). */
 uint64_t published_now(const struct pool *p) {
-    uint64_t n = 0;
+    uint64_t n = 0, live = 0;
+    for (uint64_t t = 0; p->topics && t < MAX_TOPICS; t++) live |= ld(&TOPIC(p, t)[T_STATE]) == QUEUE_LIVE;
+    if (p->topics && !live) return 0;
     for (uint64_t idx = 0; idx < p->capacity; idx++) n += W_STATE(ld(&p->words[idx])) == ST_SHARED;
     return n;
 }

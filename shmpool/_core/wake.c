@@ -79,21 +79,23 @@ void futex_wake32(uint32_t *addr, int n) {
 /* ------------------------------------------------------------------ */
 /* Channels                                                            */
 
+/* A topic's channel (ch >= CH_TOPIC0): its sequence word (seq) or its
+ * sleepers' count: topic t's room, or subscription j's. */
+static uint64_t *topic_chan_word(struct pool *p, int ch, int seq) {
+    int t = (ch - CH_TOPIC0) / (1 + (int)MAX_SUBS), j = (ch - CH_TOPIC0) % (1 + (int)MAX_SUBS) - 1;
+    if (j < 0) return &TOPIC(p, t)[seq ? T_ROOM_SEQ : T_PUBLISHERS];
+    return &SUB(p, t, j)[seq ? S_SEQ : S_GETTERS];
+}
+
 static uint64_t *chan_seq(struct pool *p, int ch) {
     if (ch == CH_ALLOC) return &p->hdr[H_WAIT_SEQ];
-    if (ch >= CH_TOPIC0) {
-        int t = (ch - CH_TOPIC0) / (1 + (int)MAX_SUBS), j = (ch - CH_TOPIC0) % (1 + (int)MAX_SUBS) - 1;
-        return j < 0 ? &TOPIC(p, t)[T_ROOM_SEQ] : &SUB(p, t, j)[S_SEQ];
-    }
+    if (ch >= CH_TOPIC0) return topic_chan_word(p, ch, 1);
     return &QUEUE(p, CH_QUEUE(ch))[CH_IS_PUT(ch) ? Q_PUT_SEQ : Q_GET_SEQ];
 }
 
 uint64_t *chan_count(struct pool *p, int ch) {
     if (ch == CH_ALLOC) return &p->hdr[H_NR_WAITERS];
-    if (ch >= CH_TOPIC0) {
-        int t = (ch - CH_TOPIC0) / (1 + (int)MAX_SUBS), j = (ch - CH_TOPIC0) % (1 + (int)MAX_SUBS) - 1;
-        return j < 0 ? &TOPIC(p, t)[T_PUBLISHERS] : &SUB(p, t, j)[S_GETTERS];
-    }
+    if (ch >= CH_TOPIC0) return topic_chan_word(p, ch, 0);
     return &QUEUE(p, CH_QUEUE(ch))[CH_IS_PUT(ch) ? Q_PUTTERS : Q_GETTERS];
 }
 
@@ -250,21 +252,18 @@ void wake_pending_now(struct pool *p) {
 /* Every channel's sleepers and the lock's waiters, whatever the counts say
  * (close: this object's sleepers end with RC_CLOSED; destroy: every
  * process's end with RC_DESTROYED). Others retry and sleep again. */
+static void wake_all_on(struct pool *p, int ch) {
+    uint64_t *seq = chan_seq(p, ch);
+    __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
+    futex_wake32(futex_word(seq), INT_MAX);
+}
+
 void wake_everyone(struct pool *p) {
-    for (int ch = 0; ch <= 2 * (int)p->max_queues; ch++) {
-        if (ch != CH_ALLOC && ld(&QUEUE(p, CH_QUEUE(ch))[Q_STATE]) != QUEUE_LIVE) continue;
-        uint64_t *seq = chan_seq(p, ch);
-        __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
-        futex_wake32(futex_word(seq), INT_MAX);
-    }
-    for (uint64_t t = 0; t < MAX_TOPICS; t++) {
-        if (ld(&TOPIC(p, t)[T_STATE]) != QUEUE_LIVE) continue;
-        for (int ch = CH_ROOM(t); ch <= CH_SUB(t, MAX_SUBS - 1); ch++) {
-            uint64_t *seq = chan_seq(p, ch);
-            __atomic_add_fetch(seq, 1, __ATOMIC_SEQ_CST);
-            futex_wake32(futex_word(seq), INT_MAX);
-        }
-    }
+    for (int ch = 0; ch <= 2 * (int)p->max_queues; ch++)
+        if (ch == CH_ALLOC || ld(&QUEUE(p, CH_QUEUE(ch))[Q_STATE]) == QUEUE_LIVE) wake_all_on(p, ch);
+    for (uint64_t t = 0; t < MAX_TOPICS; t++)
+        if (ld(&TOPIC(p, t)[T_STATE]) == QUEUE_LIVE)
+            for (int ch = CH_ROOM(t); ch <= CH_SUB(t, MAX_SUBS - 1); ch++) wake_all_on(p, ch);
     poke_async(p);
     futex_wake32(futex_word(&p->hdr[H_LOCK_OWNER]), INT_MAX);
 }

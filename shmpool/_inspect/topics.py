@@ -19,8 +19,6 @@ from .._layout import (
     MAX_SUBS,
     MAX_TOPICS,
     OVERFLOW_NAMES,
-    OWNER_MASK,
-    OWNER_SHIFT,
     P_EPOCH,
     P_PID,
     QUEUE_LIVE,
@@ -75,9 +73,7 @@ def topic_rows(copy: Copy) -> list[dict[str, Any]]:
     subscribers [{index, pid, alive, pending, received, dropped}]."""
     v = copy.views
     table, procs = topic_table(v), procs_table(v)
-    states, _ = copy.slots
-    words = np.frombuffer(v.words, dtype=np.uint64)
-    owners = ((words >> np.uint64(OWNER_SHIFT)) & np.uint64(OWNER_MASK)).astype(np.int64)
+    states, owners = copy.slots
     refs = np.frombuffer(v.refs, dtype=np.uint64)
     rows = []
     for t in np.flatnonzero(table[:, T_STATE] == QUEUE_LIVE).tolist():
