@@ -123,6 +123,28 @@ class Membership:
         for hook in hooks:
             hook()
 
+    def depart(self) -> bool:
+        """This process leaves the pool (``Mempool.leave``): everything it
+        holds comes back and its subscriptions end, then the last process
+        attached destroys the pool (True) or this one vacates its entry, in
+        one step under the pool lock (``core.leave``). Every object of the
+        pool in this process then lets go of the entry; the caller closes
+        them."""
+        with _lock:
+            att = _attachments.get(self.key)
+            if att is None or self.core.entry != att.index:
+                raise RuntimeError("this object is not attached (closed, or after fork without an entry)")
+            destroyed, _taken = self.core.leave()
+            del _attachments[self.key]
+            os.close(att.fd)
+            hooks = list(att.on_detach)
+            others = [m for m in _members if m is not self and m.key == self.key]
+            for member in others:
+                member.core.forget(None)
+        for hook in hooks:
+            hook()
+        return bool(destroyed)
+
     def on_detach(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` when this process lets go of the entry (its asyncio
         FIFO goes then)."""

@@ -91,7 +91,7 @@ import mmap
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 9  # 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
+LAYOUT_VERSION = 10  # 10: share groups (a topic kind: elements held by several processes); 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
 
 HEADER_WORDS = 96
 HEADER_BYTES = HEADER_WORDS * 8
@@ -284,7 +284,7 @@ TOPIC_MAX_DEPTH = 256  # a subscription's ring: at most this many pending elemen
 T_NAME = 0  # QUEUE_NAME_BYTES, NUL-padded
 T_STATE = 6  # 0 vacant, QUEUE_LIVE in use
 T_DEPTH = 7
-T_OVERFLOW = 8  # OVERFLOW_BLOCK or OVERFLOW_DROP_OLDEST
+T_OVERFLOW = 8  # OVERFLOW_BLOCK or OVERFLOW_DROP_OLDEST; OVERFLOW_SHARE: a share group
 T_SUBS = 9  # bit j: subscription j is live
 T_PUBLISHED = 10  # elements published (counter)
 T_DROPPED = 11  # pending elements dropped by drop_oldest (counter, every subscription)
@@ -293,6 +293,10 @@ T_PUBLISHERS = 13  # publishers asleep, waiting for room
 TOPIC_WORDS = 16
 OVERFLOW_BLOCK = 0
 OVERFLOW_DROP_OLDEST = 1
+# A share group: nothing is published to it; its subscriptions are processes
+# that hold elements together (share and take, _core/topic.c), as the workers
+# of a host do under shmpool.dask. Not a mode a user picks (OVERFLOW_NAMES).
+OVERFLOW_SHARE = 2
 OVERFLOW_NAMES = {"block": OVERFLOW_BLOCK, "drop_oldest": OVERFLOW_DROP_OLDEST}
 S_OWNER = 0  # the subscribing process's registry entry + 1 (0: vacant)
 S_EPOCH = 1  # that entry's epoch when it subscribed (another: the subscriber is gone)
@@ -354,7 +358,7 @@ _C_SECTIONS = (
      + ("QUEUE_NAME_BYTES", "QUEUE_WORDS", "QUEUE_LIVE", "MAX_QUEUES", "NO_SLOT", "QUEUE_BATCH")),
     ("topics", tuple(n for n in globals() if n.startswith(("T_", "S_")))
      + ("REF_RECEIVED_SHIFT", "MAX_TOPICS", "MAX_SUBS", "TOPIC_MAX_DEPTH", "TOPIC_WORDS", "SUB_WORDS",
-        "OVERFLOW_BLOCK", "OVERFLOW_DROP_OLDEST")),
+        "OVERFLOW_BLOCK", "OVERFLOW_DROP_OLDEST", "OVERFLOW_SHARE")),
     ("topic region", ("OFF_SUBS", "OFF_RINGS", "TOPICS_BYTES")),
     ("bounds (ns)", ("ATOMIC_WAIT_NS", "ADMIN_WAIT_NS", "SLEEP_RETRY_NS", "LONG_SLEEP_NS", "QUEUE_RETRY_NS", "PUT_NAP_NS",
                      "LOCK_SLICE_NS", "MAX_WAIT_NS")),

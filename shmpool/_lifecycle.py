@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from . import _procs, _segment
+from . import _attach, _procs, _segment
 from ._args import check_create, check_fail_rate, check_int, check_queue_name, check_range, check_rng, check_seed
 from ._errors import PoolFormatError
 from ._layout import (
@@ -185,6 +185,20 @@ def open_(cls: type[P], name: str, *, create_: bool, min_nr: object, slot_size: 
                 + ", ".join(f"{k}={v}" for k, v in want.items())
             )
         return pool  # type: ignore[no-any-return]
+
+
+def leave(pool: Any) -> bool:
+    """Mempool.leave: this process lets go of the pool; the last to leave
+    destroys it (unlinked here). Every object of the pool in this process
+    is closed."""
+    member = pool._member
+    destroyed = bool(member.depart())
+    if destroyed:
+        _segment.unlink(pool.name)
+    for close in [pool.close] + [m.close() for m in list(_attach._members) if m.key == member.key]:
+        if close is not None:
+            close()  # (the entry is gone: each closes without the lock)
+    return destroyed
 
 
 def existing(name: str) -> str:

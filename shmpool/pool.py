@@ -132,24 +132,16 @@ class Mempool:
         bytes and pre-allocate ``min_nr`` of them into the reserve (exempt
         from fault injection: it never fails).
 
-        ``fail_rate`` makes the arena fail on purpose with that probability,
-        drawn from a generator seeded with ``seed`` (random if None; see
-        ``stats().seed``): ``rng="splitmix64"`` (the default, lock-free), or
-        ``rng="glibc"``, glibc's ``rand()`` as ``srand(seed)`` starts it,
-        each arena attempt failing when ``rand() % 100 < fail_rate * 100``,
-        drawn in the order the attempts of every process ask the arena: the
-        decisions of a C program that tests ``rand()`` so (the seed's
-        simulation: ``shmpool-demo --seed-run``). ``mode`` sets the
-        segment's permissions.
-        ``poison`` turns on poisoning of reserve elements (PoisonWarning).
-        ``max_processes`` is how many processes may be attached at once (a
-        process beyond it gets OSError with errno EUSERS).
-
-        ValueError for an impossible geometry or rate, TypeError for a wrong
-        type, FileExistsError if the name is taken (saying whether the pool
-        there is stale, and how to remove it), OSError if the system cannot
-        back the segment. On any error nothing is left behind.
-        """
+        ``fail_rate``: the arena fails on purpose with that probability, by a
+        generator seeded with ``seed`` (random if None; ``stats().seed``):
+        ``rng="splitmix64"`` (lock-free), or ``"glibc"``, ``rand() % 100 <
+        fail_rate * 100`` after ``srand(seed)`` in the order every process
+        asks the arena (the seed's simulation: ``shmpool-demo --seed-run``).
+        ``mode``: the segment's permissions; ``poison``: reserve poisoning
+        (PoisonWarning); ``max_processes``: attached at once (EUSERS beyond).
+        ValueError, TypeError for bad arguments; FileExistsError if the name
+        is taken (saying if stale, and how to remove it); OSError if the
+        system cannot back it. On any error nothing is left behind."""
         return _lifecycle.create(cls, name, min_nr=min_nr, slot_size=slot_size, capacity=capacity,
                                  fail_rate=fail_rate, seed=seed, mode=mode, poison=poison, max_processes=max_processes,
                                  rng=rng)
@@ -515,6 +507,14 @@ class Mempool:
         thread ends with PoolClosedError). Views of elements stay valid until
         the last of them is gone. Further calls raise PoolClosedError."""
         self._close(destroyed=False)
+
+    def leave(self) -> bool:
+        """This process leaves the pool: all it holds comes back (as a dead
+        process's would), its subscriptions end, every object of the pool in
+        it closes. The last process attached destroys the pool (True), in one
+        step under the lock, so of several leaving at once exactly one does.
+        RuntimeError, nothing changed, while a thread of it waits on the pool."""
+        return _lifecycle.leave(self)
 
     def _close(self, destroyed: bool) -> None:
         if not self._open:

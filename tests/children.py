@@ -490,3 +490,15 @@ def topic_subscriber(name: str, topic: str, expect: int, ready: Any, results: An
             s.release(h)
         s.close()
         results.put(("seen", os.getpid(), {pid: i + 1 for pid, i in last.items()}))
+
+
+def hold_then_leave(name: str, n: int, ready: Any, go: Any, results: Any) -> None:
+    """Attach, hold n elements (and a subscription), say ready, and at go
+    leave the pool: report whether this process destroyed it."""
+    pool = Mempool.attach(name)
+    held = [pool.alloc(GFP_ATOMIC) for _ in range(n)]
+    sub = pool.topic("leavers", 4).subscribe()
+    assert None not in held and not sub.closed
+    ready.put(os.getpid())
+    go.wait(30)
+    results.put(pool.leave())

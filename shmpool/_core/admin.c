@@ -7,8 +7,10 @@
  *   step_stats                       a consistent snapshot (derive.c)
  *   step_reclaim                     take back dead processes' elements
  *   step_drain_cache, step_detach    close: our cache back, our entry vacated
+ *   step_leave                       leave: all of ours back; the last destroys
  *   format_reserve                   create's pre-fill (nobody sees the pool yet)
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -137,6 +139,41 @@ int step_detach(struct pool *p, struct call *c, int mode) {
     st(&p->entry[P_CACHE_N], 0);
     st(&p->entry[P_EPOCH], 0);
     c->a = 1;
+    return RC_OK;
+}
+
+/* leave: this process lets go of the pool. Everything it holds comes back
+ * and its subscriptions are dropped (retire, as for a dead process's); then
+ * if no other live process is attached the pool is destroyed (c->out[0] =
+ * 1: the caller unlinks it and wakes every sleeper), else its entry is
+ * vacated. One step under the lock, so of several processes leaving at
+ * once exactly the last destroys. Refused (RC_INVALID, nothing changed)
+ * while a thread of this process sleeps on the pool. */
+int step_leave(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    if (r != RC_OK) return r;
+    if (ld(&p->entry[P_SLEEPING]) != 0) {
+        snprintf(p->msg, sizeof p->msg, "a thread of this process is waiting on the pool");
+        return RC_INVALID;
+    }
+    unsigned char *v = dead_owners(p);
+    if (!v) return RC_NOMEM;
+    v[p->me] = OWNER_PREDECESSOR; /* what names our entry goes back */
+    int64_t taken = retire(p, v);
+    free(v);
+    if (taken < 0) return (int)taken;
+    uncount_dead_sleepers(p);
+    struct numbers n;
+    derive(p, &n);
+    c->a = (uint64_t)taken;
+    c->out[0] = n.attached <= 1; /* (we count ourselves) */
+    if (c->out[0]) {
+        st(&p->hdr[H_STATUS], STATUS_DESTROYED);
+    } else {
+        st(&p->entry[P_CACHE_N], 0);
+        st(&p->entry[P_EPOCH], 0); /* vacated: others count us out */
+    }
+    p->wake = 1;
     return RC_OK;
 }
 

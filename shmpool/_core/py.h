@@ -102,6 +102,7 @@ PyObject *Core_ndarray(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObjec
 PyObject *Core_array(Core *f, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);
 PyObject *Core_describe(Core *f, PyObject *const *args, Py_ssize_t nargs);
 PyObject *mod_owner_handle(PyObject *m, PyObject *o);
+PyObject *mod_owner_ref(PyObject *m, PyObject *o);
 PyObject *mod_send_reference(PyObject *m, PyObject *o);
 Owner *owner_of(PyObject *o);
 int views_init(PyObject *module);

@@ -205,6 +205,23 @@ static PyObject *Core_detach(Core *f, PyObject *unused) {
     return leave_with(f, PyBool_FromLong(r == RC_OK && c.a));
 }
 
+/* leave() -> (destroyed, taken): this process lets go of the pool (step_leave);
+ * destroyed: it was the last, every sleeper is woken (the caller unlinks). */
+static PyObject *Core_leave(Core *f, PyObject *unused) {
+    if (!f->p.hdr || f->p.closing || !f->p.entry) return closed_error(f);
+    if (enter(f) < 0) return NULL;
+    ADMIN_CALL(c, step_leave);
+    int r = run_call(f, &c);
+    if (r == RC_INVALID) {
+        PyErr_SetString(PyExc_RuntimeError, f->p.msg);
+        return leave_with(f, NULL);
+    }
+    if (r != RC_OK) return leave_with(f, raise_for(f, r, "leave"));
+    if (c.out[0]) wake_everyone(&f->p);
+    registry_forget(&f->p);
+    return leave_with(f, Py_BuildValue("NK", PyBool_FromLong((long)c.out[0]), (unsigned long long)c.a));
+}
+
 /* drain_cache() -> True if this process's cache went back to the shared
  * free list (close, a trace being set). */
 static PyObject *Core_drain_cache(Core *f, PyObject *unused) {
@@ -250,6 +267,7 @@ PyMethodDef Core_admin_methods[] = {
     M("bind", Core_bind, METH_VARARGS, "(fd, index, epoch) -> bool"),
     M("forget", Core_forget, METH_FASTCALL, "(why=None)"),
     M("detach", Core_detach, METH_NOARGS, "() -> bool"),
+    M("leave", Core_leave, METH_NOARGS, "() -> (destroyed, taken)"),
     M("drain_cache", Core_drain_cache, METH_NOARGS, "() -> bool"),
     M("hold", Core_hold, METH_FASTCALL, "(timeout=None): take the pool lock (tests)"),
     M("unhold", Core_unhold, METH_NOARGS, "release it"),

@@ -203,6 +203,7 @@ static PyMethodDef module_methods[] = {
     {"retry", mod_retry, METH_NOARGS, "() -> (alloc_ns, queue_ns)"},
     {"derive", mod_derive, METH_VARARGS, "(meta, capacity, max_procs, max_queues, off_words, off_procs, off_queues)"},
     {"owner_handle", mod_owner_handle, METH_O, "(a) -> the handle an owning array is over, or None"},
+    {"owner_ref", mod_owner_ref, METH_O, "(a) -> (pool, handle, offset) of an owning array's element, or None"},
     {"send_reference", mod_send_reference, METH_O, "(a) -> (pool, handle, holder, offset), marked given; or None"},
     {NULL},
 };

@@ -59,7 +59,7 @@ static PyObject *Core_topic_open(Core *f, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     if (conv_name(args[0], "topic", padded) < 0 || conv_count(args[1], "depth", 0, (int64_t)TOPIC_MAX_DEPTH, &depth) < 0 ||
-        conv_count(args[2], "overflow", 0, 1, &overflow) < 0 || enter(f) < 0)
+        conv_count(args[2], "overflow", 0, OVERFLOW_SHARE, &overflow) < 0 || enter(f) < 0)
         return NULL;
     struct call c;
     call_init(&c, step_topic_open, BOUND_ADMIN, -1);
@@ -147,21 +147,67 @@ static PyObject *Core_sub_get(Core *f, PyObject *const *args, Py_ssize_t nargs) 
 }
 
 /* release(t, j, handle): subscription j lets go of an element it received. */
-static PyObject *Core_release(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+/* The end of a call on one element (release, share, take): ok (a new
+ * reference) on success, else the error for r. */
+static PyObject *element_result(Core *f, int r, uint64_t idx, uint64_t gen, const char *what, PyObject *ok) {
+    if (r == RC_OK) return leave_with(f, ok);
+    Py_DECREF(ok);
+    if (r == RC_INVALID) return leave_with(f, raise_invalid(f, idx | gen << HGEN_SHIFT));
+    if (r == RC_BUSY) return leave_with(f, raise_busy(f, what));
+    return leave_with(f, topic_error(f, r));
+}
+
+/* (t, j, handle): step for subscription j of topic t on that element. */
+static PyObject *element_call(Core *f, step_fn step, const char *what, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t t, j, idx, gen;
-    if (parse_tj(args, nargs, 3, "release", &t, &j) < 0 || conv_handle(f, args[2], &idx, &gen) < 0 || enter(f) < 0)
+    if (parse_tj(args, nargs, 3, what, &t, &j) < 0 || conv_handle(f, args[2], &idx, &gen) < 0 || enter(f) < 0)
         return NULL;
     struct call c;
-    call_init(&c, step_release, BOUND_ATOMIC, -1);
+    call_init(&c, step, BOUND_ATOMIC, -1);
     c.q = t;
     c.a = idx;
     c.b = gen;
     c.out[0] = j;
+    return element_result(f, run_call(f, &c), idx, gen, what, Py_NewRef(Py_None));
+}
+
+static PyObject *Core_release(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    return element_call(f, step_release, "release", args, nargs);
+}
+
+/* share(t, mine, handle, j, epoch) -> True if member j of share group t
+ * (subscribed under epoch) now references the element too; False, nothing
+ * changed, if j is gone or references it already. */
+static PyObject *Core_share(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t t, mine, idx, gen, j;
+    int64_t epoch;
+    if (parse_tj(args, nargs, 5, "share", &t, &mine) < 0 || conv_handle(f, args[2], &idx, &gen) < 0 ||
+        parse_j(args[3], &j) < 0 || conv_count(args[4], "epoch", 0, INT64_MAX, &epoch) < 0 || enter(f) < 0)
+        return NULL;
+    struct call c;
+    call_init(&c, step_share, BOUND_ATOMIC, -1);
+    c.q = t;
+    c.a = idx;
+    c.b = gen;
+    c.out[0] = mine;
+    c.out[1] = j;
+    c.out[2] = (uint64_t)epoch;
     int r = run_call(f, &c);
-    if (r == RC_OK) return leave_with(f, Py_NewRef(Py_None));
-    if (r == RC_INVALID) return leave_with(f, raise_invalid(f, idx | gen << HGEN_SHIFT));
-    if (r == RC_BUSY) return leave_with(f, raise_busy(f, "release"));
-    return leave_with(f, topic_error(f, r));
+    return element_result(f, r == RC_FAIL ? RC_OK : r, idx, gen, "share", PyBool_FromLong(r == RC_OK));
+}
+
+/* take(t, j, handle): member j (this process's) of share group t receives
+ * an element shared with it. */
+static PyObject *Core_take(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    return element_call(f, step_take, "take", args, nargs);
+}
+
+/* sub_epoch(t, j) -> the epoch subscription j was made under (one load). */
+static PyObject *Core_sub_epoch(Core *f, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t t, j;
+    if (parse_tj(args, nargs, 2, "sub_epoch", &t, &j) < 0) return NULL;
+    if (!f->p.hdr || f->p.closing) return closed_error(f);
+    return PyLong_FromUnsignedLongLong(ld(&SUB(&f->p, t, j)[S_EPOCH]));
 }
 
 /* sub_pending(t, j) -> its pending elements now (two loads). */
@@ -188,6 +234,9 @@ PyMethodDef Core_topic_methods[] = {
     M("publish", Core_publish, METH_FASTCALL, "(t, handle, block=True, timeout=None) -> published"),
     M("sub_get", Core_sub_get, METH_FASTCALL, "(t, j, max_n, block=True, timeout=None) -> handles or None"),
     M("release", Core_release, METH_FASTCALL, "(t, j, handle)"),
+    M("share", Core_share, METH_FASTCALL, "(t, mine, handle, j, epoch) -> shared"),
+    M("take", Core_take, METH_FASTCALL, "(t, j, handle)"),
+    M("sub_epoch", Core_sub_epoch, METH_FASTCALL, "(t, j) -> epoch"),
     M("sub_pending", Core_sub_pending, METH_FASTCALL, "(t, j) -> pending"),
     M("topic_subs", Core_topic_subs, METH_O, "(t) -> live subscriptions"),
     {NULL},

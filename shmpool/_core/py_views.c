@@ -18,9 +18,17 @@
 
 #include "py.h"
 
+/* Whether SHARED word w's views are read-only: published to a topic (its
+ * subscribers read it), not held by a share group (whose members hold it
+ * as its holder did). T_OVERFLOW is set once, when the topic is made. */
+static int read_only(const struct pool *p, uint64_t w) {
+    uint64_t t = W_OWNER(w) - 1;
+    return !(p->topics && t < MAX_TOPICS && ld(&TOPIC(p, t)[T_OVERFLOW]) == OVERFLOW_SHARE);
+}
+
 /* The slot of a handle this object may view, or -1 with the error. A
  * shared element (published to a topic) may be viewed too, read-only:
- * *shared says so. */
+ * *shared says so (held by a share group: writable, as a held one). */
 static int64_t viewable_as(Core *f, PyObject *handle, int *shared) {
     uint64_t idx, gen;
     if (!f->p.hdr || f->p.closing || !f->data_mv) {
@@ -29,8 +37,9 @@ static int64_t viewable_as(Core *f, PyObject *handle, int *shared) {
     }
     if (!decode_fast(f, handle, &idx, &gen) && conv_handle(f, handle, &idx, &gen) < 0) return -1;
     uint64_t w = ld(&f->p.words[idx]);
-    *shared = W_STATE(w) == ST_SHARED;
-    if ((W_STATE(w) != ST_HELD && !*shared) || W_GEN(w) != gen) {
+    int ok = W_STATE(w) == ST_HELD || W_STATE(w) == ST_SHARED;
+    *shared = W_STATE(w) == ST_SHARED && read_only(&f->p, w);
+    if (!ok || W_GEN(w) != gen) {
         describe(&f->p, w, gen);
         raise_invalid(f, idx | gen << HGEN_SHIFT);
         return -1;
@@ -184,6 +193,17 @@ PyObject *mod_send_reference(PyObject *m, PyObject *o) {
     ow->given = 1;
     return Py_BuildValue("sKKn", f->p.name, (unsigned long long)ow->handle, (unsigned long long)f->p.me,
                          (Py_ssize_t)(at - start));
+}
+
+/* owner_ref(a) -> (pool name, handle, offset) of the element an owning
+ * array (or a view of one) is over, whoever holds it now, or None. Nothing
+ * is marked: for a sender that keeps its reference (shmpool.dask). */
+PyObject *mod_owner_ref(PyObject *m, PyObject *o) {
+    Owner *ow = owner_of(o);
+    if (!ow || !ow->core || !ow->core->p.hdr || ow->core->p.closing) Py_RETURN_NONE;
+    Core *f = ow->core;
+    char *start = (char *)f->p.data + (ow->handle & INDEX_MASK) * f->p.stride, *at = PyArray_BYTES((PyArrayObject *)o);
+    return Py_BuildValue("sKn", f->p.name, (unsigned long long)ow->handle, (Py_ssize_t)(at - start));
 }
 
 /* owner_handle(a) -> the handle of the element an owning array (or any view

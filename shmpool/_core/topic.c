@@ -28,8 +28,22 @@
  * reference it has, pending or received, is released (sub_drop), and its
  * ring emptied. The others go on.
  *
- * unref is the one writer of reference words after publish; the rings are
- * written by ring_push and ring_pop only.
+ * A share group (T_OVERFLOW == OVERFLOW_SHARE) is a topic that nothing is
+ * published to: its subscriptions are processes that hold elements
+ * together (shmpool.dask: the workers of one host). A member gives its
+ * reference to another by share: its element (HELD by it, committed to
+ * SHARED by the group with its own bits set, by the same CAS as publish's
+ * step 4; or SHARED by the group and received by it) gets the target's
+ * low bit, pending; the target, alive and of the epoch the caller names,
+ * takes it (its received bit). Release, retire, repair and the last
+ * reference's free are the topic's. A process holds at most one reference
+ * per element: share refuses (RC_FAIL, nothing changed) a target that
+ * references the element already, and the caller sends the bytes instead.
+ * A share never taken (the message was lost) stays pending until the
+ * target's subscription is dropped (its process leaves or dies).
+ *
+ * unref is the one writer of reference words after publish and share; the
+ * rings are written by ring_push and ring_pop only.
  */
 #include <stdio.h>
 #include <string.h>
@@ -48,6 +62,7 @@ static int topic_check(struct pool *p, uint64_t t) {
     uint64_t depth = TOPIC(p, t)[T_DEPTH];
     if (depth < 1 || depth > TOPIC_MAX_DEPTH) return corrupt(p, "topic %llu has depth %llu", t, depth);
     if (TOPIC(p, t)[T_SUBS] >> MAX_SUBS) return corrupt(p, "topic %llu names subscriptions beyond %llu", t, MAX_SUBS);
+    if (TOPIC(p, t)[T_OVERFLOW] > OVERFLOW_SHARE) return corrupt(p, "topic %llu has kind %llu", t, TOPIC(p, t)[T_OVERFLOW]);
     return RC_OK;
 }
 
@@ -201,6 +216,10 @@ int step_publish(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     if (r != RC_OK || (r = topic_check(p, c->q)) != RC_OK) return r;
     uint64_t idx = c->a, w = ld(&p->words[idx]), *T = TOPIC(p, c->q), depth = T[T_DEPTH];
+    if (T[T_OVERFLOW] == OVERFLOW_SHARE) {
+        snprintf(p->msg, sizeof p->msg, "topic %llu is a share group: nothing is published to it", (unsigned long long)c->q);
+        return RC_INVALID;
+    }
     if (!held_as(w, c->b, p->me)) {
         if (held_as(w, c->b, 0)) snprintf(p->msg, sizeof p->msg, "held by another process, not this one");
         else describe(p, w, c->b);
@@ -301,6 +320,72 @@ int step_release(struct pool *p, struct call *c, int mode) {
     snprintf(p->msg, sizeof p->msg, "a shared element this %s has not received (released already, or still pending)",
              c->out[0] == (uint64_t)-1 ? "process" : "subscription");
     return RC_INVALID;
+}
+
+/* Share group c->q, and subscription j of it that is this process's. */
+static int member_check(struct pool *p, uint64_t t, uint64_t j) {
+    int r = topic_check(p, t);
+    if (r != RC_OK) return r;
+    if (TOPIC(p, t)[T_OVERFLOW] != OVERFLOW_SHARE) {
+        snprintf(p->msg, sizeof p->msg, "topic %llu is not a share group", (unsigned long long)t);
+        return RC_INVALID;
+    }
+    if ((r = sub_check(p, t, j)) != RC_OK) return r;
+    if (SUB(p, t, j)[S_OWNER] != p->me) {
+        snprintf(p->msg, sizeof p->msg, "subscription %llu is another process's", (unsigned long long)j);
+        return RC_INVALID;
+    }
+    return RC_OK;
+}
+
+/* share: this process's member c->out[0] of share group c->q gives member
+ * c->out[1] (subscribed under epoch c->out[2]) a reference to the element
+ * (c->a slot, c->b generation) that it holds or has received. RC_FAIL,
+ * nothing changed: the target is gone, or references it already. */
+int step_share(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    uint64_t t = c->q, mine = c->out[0], j = c->out[1];
+    if (r != RC_OK || (r = member_check(p, t, mine)) != RC_OK) return r;
+    uint64_t *T = TOPIC(p, t), idx = c->a, w = ld(&p->words[idx]);
+    if (j >= MAX_SUBS || j == mine || !(T[T_SUBS] >> j & 1) || SUB(p, t, j)[S_EPOCH] != c->out[2] ||
+        !sub_alive(p, SUB(p, t, j)))
+        return RC_FAIL;
+    if (held_as(w, c->b, p->me)) { /* the first share: the refs first, then the commit (as publish) */
+        st(&p->refs[idx], 1ull << mine | 1ull << (mine + REF_RECEIVED_SHIFT) | 1ull << j);
+        CRASH(CP_PUBLISH); /* still HELD: its reference word is read by nobody */
+        if (!set_word(p, idx, w, mkword(ST_SHARED, t + 1, c->b)))
+            return corrupt(p, "slot %llu moved while the lock was held", idx, 0);
+        return RC_OK;
+    }
+    if (W_STATE(w) != ST_SHARED || W_GEN(w) != c->b || W_OWNER(w) != t + 1 ||
+        !(HIGH(p->refs[idx]) >> mine & 1)) {
+        if (W_STATE(w) == ST_SHARED && W_GEN(w) == c->b)
+            snprintf(p->msg, sizeof p->msg, "a shared element this process has not received");
+        else describe(p, w, c->b);
+        return RC_INVALID;
+    }
+    if (LOW(p->refs[idx]) >> j & 1) return RC_FAIL;
+    st(&p->refs[idx], p->refs[idx] | 1ull << j);
+    return RC_OK;
+}
+
+/* take: this process's member c->out[0] of share group c->q receives the
+ * element (c->a slot, c->b generation) another member shared with it. */
+int step_take(struct pool *p, struct call *c, int mode) {
+    int r = check_header(p);
+    uint64_t t = c->q, j = c->out[0];
+    if (r != RC_OK || (r = member_check(p, t, j)) != RC_OK) return r;
+    uint64_t idx = c->a, w = ld(&p->words[idx]), refs = p->refs[idx];
+    if (W_STATE(w) != ST_SHARED || W_GEN(w) != c->b || W_OWNER(w) != t + 1) {
+        describe(p, w, c->b);
+        return RC_INVALID;
+    }
+    if (!(LOW(refs) >> j & 1) || (HIGH(refs) >> j & 1)) {
+        snprintf(p->msg, sizeof p->msg, "a shared element not shared with this member, or taken already");
+        return RC_INVALID;
+    }
+    st(&p->refs[idx], refs | 1ull << (j + REF_RECEIVED_SHIFT));
+    return RC_OK;
 }
 
 /* Pending elements of subscription j of topic t (no lock: a count). */

@@ -55,6 +55,7 @@ from .._layout import (
     HEADER_BYTES,
     MAX_SUBS,
     MAX_TOPICS,
+    OVERFLOW_SHARE,
     OWNER_MASK,
     OWNER_SHIFT,
     P_CACHE,
@@ -83,6 +84,7 @@ from .._layout import (
     STATE_MASK,
     STATUS_LIVE,
     T_DEPTH,
+    T_OVERFLOW,
     T_STATE,
     T_SUBS,
 )
@@ -243,7 +245,8 @@ def _audit_topics(v: Views, states: np.ndarray, owners: np.ndarray) -> list[str]
     """Every SHARED slot names a live topic and is referenced by some of its
     live subscriptions (received ones a subset); each live subscription's
     ring names, once each, exactly the slots it references and has not
-    received (its pending ones), no more than the topic's depth."""
+    received (its pending ones), no more than the topic's depth (a share
+    group has no rings)."""
     findings: list[str] = []
     shared = states == ST_SHARED
     refs = np.frombuffer(v.refs, dtype=np.uint64)
@@ -264,7 +267,7 @@ def _audit_topics(v: Views, states: np.ndarray, owners: np.ndarray) -> list[str]
                             f"subscriptions {subs:#x})")
         depth = int(topics[t, T_DEPTH])
         for j in range(MAX_SUBS):
-            if not subs >> j & 1:
+            if not subs >> j & 1 or int(topics[t, T_OVERFLOW]) == OVERFLOW_SHARE:  # (a group's shares wait in no ring)
                 continue
             pending = int(subscription_row(v, t, j)[S_TAIL] - subscription_row(v, t, j)[S_HEAD])
             ring = ring_entries(v, t, j, depth)

@@ -19,6 +19,7 @@ from .._layout import (
     MAX_SUBS,
     MAX_TOPICS,
     OVERFLOW_NAMES,
+    OVERFLOW_SHARE,
     P_EPOCH,
     P_PID,
     QUEUE_LIVE,
@@ -46,7 +47,7 @@ from .snapshot import Copy, procs_table
 
 __all__ = ["ring_entries", "subscription_row", "topic_rows", "topic_table"]
 
-OVERFLOW_OF = {v: k for k, v in OVERFLOW_NAMES.items()}
+OVERFLOW_OF = {v: k for k, v in OVERFLOW_NAMES.items()} | {OVERFLOW_SHARE: "share"}  # a share group (_share)
 
 
 def topic_table(v: Views) -> np.ndarray:

@@ -1,0 +1,176 @@
+"""shmpool.dask on a real distributed.LocalCluster of worker processes
+(nannies): a pool per host, arrays by reference on one host and by value
+between hosts, lifetimes that follow Dask's keys, a SIGKILLed worker's
+elements coming back, and the last worker of a host destroying its pool.
+
+Two "hosts" on one machine are two SHMPOOL_HOST_ID values, set in each
+worker's environment before the plugin is registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")  # the test extra installs it: this never skips under make test
+
+import shmpool  # noqa: E402
+import shmpool.dask as sd  # noqa: E402
+from shmpool.testing import audit, segment_path  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+N = 1000  # float64s: 8,000 bytes of an 8 KiB slot
+
+
+def produce(start: float) -> Any:
+    a = sd.local_pool().alloc_array((N,), np.float64)
+    a[:] = np.arange(N) + start
+    return a
+
+
+def write_first(x: Any) -> tuple[int, float, str]:
+    """The consumer: writes through its argument; its handle, its sum
+    before the write, and the pool its element is in."""
+    total = float(x.sum())
+    x[0] = -1.0
+    return shmpool.handle_of(x), total, sd.local_pool().name
+
+
+def look(x: Any) -> tuple[int, float]:
+    return shmpool.handle_of(x), float(x[0])
+
+
+def keep(x: Any) -> Any:
+    return x  # the same element, now held by this worker too
+
+
+def in_use() -> int:
+    return sd.local_pool().stats().in_use
+
+
+def set_host(host: str) -> None:
+    os.environ["SHMPOOL_HOST_ID"] = host
+
+
+def wait_until(what: Callable[[], bool], seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not what():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.05)  # a poll with a deadline
+
+
+@pytest.fixture
+def cluster() -> Iterator[Any]:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as c:
+        yield c
+
+
+def workers(client: Any) -> list[str]:
+    return sorted(client.scheduler_info()["workers"])
+
+
+def plugin(name: str) -> sd.PoolPlugin:
+    return sd.PoolPlugin(name, min_nr=2, slot_size=8192, capacity=16)
+
+
+def test_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, name: str) -> None:
+    with distributed.Client(cluster) as client:
+        client.register_plugin(plugin(name))
+        a, b = workers(client)
+        x = client.submit(produce, 0.0, workers=[a], pure=False)
+        handle, total, pool = client.submit(write_first, x, workers=[b]).result()
+        assert pool == sd.host_pool_name(name)
+        assert total == float(np.arange(N).sum())
+        # The producer's own array sees the consumer's write: one element, no copy.
+        assert client.submit(look, x, workers=[a], pure=False).result() == (handle, -1.0)
+        gathered = x.result()  # to the client: an ordinary array, copied
+        assert isinstance(gathered, np.ndarray) and gathered[0] == -1.0 and gathered[1] == 1.0
+        with pytest.raises(ValueError):
+            shmpool.handle_of(gathered)
+        assert set(client.run(in_use).values()) == {1}  # one element, held by both workers
+        with shmpool.Mempool.attach(pool) as seen:  # (closed before the workers leave: they destroy it)
+            assert audit(seen) == []
+            assert seen.stats().published == 1
+        del x
+        wait_until(lambda: set(client.run(in_use).values()) == {0})
+    assert os.path.exists(segment_path(sd.host_pool_name(name)))  # the cluster still runs
+    cluster.close()
+    assert not os.path.exists(segment_path(sd.host_pool_name(name)))
+
+
+def test_two_hosts_exchange_by_value(cluster: Any, name: str) -> None:
+    with distributed.Client(cluster) as client:
+        a, b = workers(client)
+        client.run(set_host, "hostA", workers=[a])
+        client.run(set_host, "hostB", workers=[b])
+        client.register_plugin(plugin(name))
+        x = client.submit(produce, 5.0, workers=[a], pure=False)
+        handle, total, pool = client.submit(write_first, x, workers=[b]).result()
+        assert pool == sd.host_pool_name(name, "hostB")  # it landed in B's host's pool
+        assert total == float((np.arange(N) + 5.0).sum())
+        assert client.submit(look, x, workers=[a], pure=False).result()[1] == 5.0  # B wrote into its own copy
+        for host in ("hostA", "hostB"):
+            assert os.path.exists(segment_path(sd.host_pool_name(name, host)))
+    cluster.close()
+    for host in ("hostA", "hostB"):
+        assert not os.path.exists(segment_path(sd.host_pool_name(name, host)))
+
+
+def test_a_killed_worker_loses_no_element(cluster: Any, name: str) -> None:
+    with distributed.Client(cluster) as client:
+        client.register_plugin(plugin(name))
+        a, b = workers(client)
+        x = client.submit(produce, 1.0, workers=[a], pure=False)
+        kept = client.submit(keep, x, workers=[b])  # B holds the element too, by reference
+        own = client.submit(produce, 2.0, workers=[a], pure=False)  # A's alone
+        kept.result(), own.result()
+        assert set(client.run(in_use).values()) == {2}
+        pid = client.run(os.getpid, workers=[a])[a]
+        os.kill(pid, signal.SIGKILL)  # its nanny starts another, whose attach takes back what it held
+        wait_until(lambda: len(client.scheduler_info()["workers"]) == 2 and a not in client.scheduler_info()["workers"])
+        client.wait_for_workers(2)
+        assert float(kept.result()[0]) == 1.0  # B's reference outlived A
+        del x, own
+        wait_until(lambda: set(client.run(in_use).values()) == {1})  # only B's
+        del kept
+        wait_until(lambda: set(client.run(in_use).values()) == {0})
+    cluster.close()
+    assert not os.path.exists(segment_path(sd.host_pool_name(name)))
+
+
+def test_unregistering_the_plugin_destroys_the_pool(cluster: Any, name: str) -> None:
+    with distributed.Client(cluster) as client:
+        client.register_plugin(plugin(name))
+        path = segment_path(sd.host_pool_name(name))
+        assert os.path.exists(path)
+        client.unregister_worker_plugin(f"shmpool-{name}")
+        assert not os.path.exists(path)
+        with pytest.raises(LookupError):
+            client.submit(sd.local_pool, pure=False).result()
+
+
+def test_host_id_and_pool_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHMPOOL_HOST_ID", raising=False)
+    derived = sd.host_id()
+    assert derived == sd.host_id() and len(derived) == 12
+    monkeypatch.setenv("SHMPOOL_HOST_ID", "rack1.node-7")
+    assert sd.host_id() == "rack1.node-7"
+    assert sd.host_pool_name("frames") == "frames@rack1.node-7"
+    assert sd.host_pool_name("frames", "h2") == "frames@h2"
+    for bad in ("", "a/b", "x" * 65, "sp ace"):
+        monkeypatch.setenv("SHMPOOL_HOST_ID", bad)
+        with pytest.raises(ValueError):
+            sd.host_id()
+    with pytest.raises(ValueError):
+        sd.PoolPlugin("a@b", min_nr=1, slot_size=64, capacity=4)
+    with pytest.raises(LookupError):
+        sd.local_pool()
