@@ -39,10 +39,12 @@ registers, for ``numpy.ndarray``, ``dask_serialize`` and
   frees it. A worker that already references the element, one of another
   host, the client, or spilling to disk: by value, through distributed's
   own numpy serializer, untouched.
-* Arriving by value in a worker with one pool, an array that fits a slot
-  lands in an element of it (a non-sleeping allocation; the heap if the
-  pool has none free), so that it can travel on by reference. Elsewhere
-  (the client) it is the plain array distributed makes.
+* A pool's array that arrives by value (from another host) at a worker
+  with one pool lands in an element of it if it fits a slot (a
+  non-sleeping allocation, GFP_NOWAIT, by the kernel's rule; the heap if
+  there is none free), so that it travels on by reference on its new
+  host. At the client, and for every other array, it is the plain array
+  distributed makes.
 
 A worker killed (or restarted by its nanny) leaves its elements and shares
 to the next attach, which its restart is, or ``reclaim_dead()``.
@@ -78,6 +80,7 @@ from .pool import Mempool
 __all__ = ["PoolPlugin", "host_id", "host_pool_name", "local_pool"]
 
 HANDSHAKE_KEY = "shmpool"  # in a worker's handshake: {"host": id, "pools": {name: [member, epoch]}}
+LAND_KEY = "shmpool-land"  # in a by-value header: the array was a pool's, and lands in the recipient's
 GROUP = "shmpool.dask"  # the share group of the workers of a host, in each pool
 _HOST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -188,8 +191,8 @@ class PoolPlugin(WorkerPlugin):
 # ----------------------------------------------------------------------
 # Serialization: numpy arrays, by reference on one host
 
-_numpy_dumps = dask_serialize.dispatch(np.ndarray)  # type: ignore[no-untyped-call]
-_numpy_loads = dask_deserialize.dispatch(np.ndarray)  # type: ignore[no-untyped-call]
+_numpy_dumps = dask_serialize.dispatch(np.ndarray)
+_numpy_loads = dask_deserialize.dispatch(np.ndarray)
 
 
 def _reference(x: Array, context: dict[str, Any] | None) -> list[Any] | None:
@@ -252,6 +255,8 @@ def _serialize(x: Array, context: dict[str, Any] | None = None) -> tuple[dict[st
     if ref is not None:
         return {HANDSHAKE_KEY: ref}, []
     header, frames = _numpy_dumps(x, context=context)
+    if context and owner_ref(x) is not None:  # a pool's array on its way to another host: lands in a pool there
+        header = {**header, LAND_KEY: True}
     return header, frames
 
 
@@ -259,8 +264,9 @@ def _deserialize(header: dict[str, Any], frames: list[Any]) -> Array:
     ref = header.get(HANDSHAKE_KEY)
     if ref is not None:
         return _adopt(ref)
-    return _land(_numpy_loads(header, frames))
+    x = _numpy_loads(header, frames)
+    return _land(x) if header.get(LAND_KEY) else x
 
 
-dask_serialize.register(np.ndarray)(_serialize)  # type: ignore[no-untyped-call]
-dask_deserialize.register(np.ndarray)(_deserialize)  # type: ignore[no-untyped-call]
+dask_serialize.register(np.ndarray)(_serialize)
+dask_deserialize.register(np.ndarray)(_deserialize)

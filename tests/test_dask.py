@@ -52,6 +52,18 @@ def keep(x: Any) -> Any:
     return x  # the same element, now held by this worker too
 
 
+def pooled(x: Any) -> bool:
+    try:
+        shmpool.handle_of(x)
+    except ValueError:
+        return False
+    return True
+
+
+def plain(n: int) -> Any:
+    return np.arange(n, dtype=np.float64)
+
+
 def in_use() -> int:
     return sd.local_pool().stats().in_use
 
@@ -97,6 +109,10 @@ def test_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, 
         with pytest.raises(ValueError):
             shmpool.handle_of(gathered)
         assert set(client.run(in_use).values()) == {1}  # one element, held by both workers
+        other = client.submit(plain, N, workers=[a], pure=False)  # not a pool's: Dask's own path, untouched
+        assert client.submit(pooled, other, workers=[b]).result() is False
+        assert client.submit(pooled, x, workers=[b]).result() is True
+        del other
         with shmpool.Mempool.attach(pool) as seen:  # (closed before the workers leave: they destroy it)
             assert audit(seen) == []
             assert seen.stats().published == 1
@@ -114,7 +130,7 @@ def test_two_hosts_exchange_by_value(cluster: Any, name: str) -> None:
         client.run(set_host, "hostB", workers=[b])
         client.register_plugin(plugin(name))
         x = client.submit(produce, 5.0, workers=[a], pure=False)
-        handle, total, pool = client.submit(write_first, x, workers=[b]).result()
+        _handle, total, pool = client.submit(write_first, x, workers=[b]).result()
         assert pool == sd.host_pool_name(name, "hostB")  # it landed in B's host's pool
         assert total == float((np.arange(N) + 5.0).sum())
         assert client.submit(look, x, workers=[a], pure=False).result()[1] == 5.0  # B wrote into its own copy

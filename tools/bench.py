@@ -53,6 +53,9 @@ Sections:
   inspect   shmpool-inspect's list, show and --check of a 1,000,000-slot pool
   recovery  time from SIGKILL of the lock holder to another process holding
             the lock (every hold is recorded: there is no orphan case)
+  dask      a 1 MiB array from a task on one Dask worker process to a task on
+            another of the same host: shmpool.dask (by reference) against
+            Dask's own transfer (tools/bench_dask.py)
 
 Figures are ratios or medians taken in the same run, on a noisy machine:
 compare them with each other, not with another machine's. Nothing is written
@@ -95,6 +98,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import posix_ipc
+from bench_dask import bench_dask  # (this directory is on sys.path: bench.py runs as a script)
 
 from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool
 from shmpool._layout import Geometry
@@ -1434,6 +1438,7 @@ SECTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
     "scale": bench_scale,
     "inspect": bench_inspect,
     "recovery": bench_recovery,
+    "dask": lambda reps: bench_dask(reps, TAG),
 }
 
 
