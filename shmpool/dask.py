@@ -56,6 +56,7 @@ import hashlib
 import os
 import pickle
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -95,8 +96,11 @@ def host_id() -> str:
         if not _HOST_ID.fullmatch(given):
             raise ValueError(f"SHMPOOL_HOST_ID is 1 to 64 of A-Za-z0-9_.-, not {given!r}")
         return given
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        boot = f.read().strip()
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:  # no /proc: the machine's name stands for it
+        boot = socket.gethostname()
     shm = os.stat("/dev/shm")
     return hashlib.blake2b(f"{boot}:{shm.st_dev}".encode(), digest_size=6).hexdigest()
 

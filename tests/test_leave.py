@@ -60,3 +60,27 @@ def test_a_leaver_that_is_not_last_leaves_the_pool_whole(name: str, spawn) -> No
         s = pool.stats()
         assert (s.in_use, s.attached) == (0, 1)
         check_whole(pool)
+
+
+def test_leave_is_refused_while_a_thread_of_the_process_waits(name: str) -> None:
+    import threading
+    import time
+
+    with Mempool.create(name, min_nr=1, slot_size=64, capacity=2).destroying() as pool:
+        held = [pool.alloc(), pool.alloc()]
+        got: list[int] = []
+        sleeper = threading.Thread(target=lambda: got.append(pool.alloc(timeout=60)))
+        sleeper.start()
+        deadline = time.monotonic() + 30
+        while pool.stats().nr_waiters == 0:  # a poll with a deadline: the thread is asleep in alloc
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        before = pool.stats()
+        with pytest.raises(RuntimeError, match="waiting"):
+            pool.leave()
+        assert not pool.closed and pool.stats().in_use == before.in_use == 2
+        pool.free(held.pop())
+        sleeper.join(30)
+        assert len(got) == 1
+        pool.free(got.pop())
+        pool.free(held.pop())
