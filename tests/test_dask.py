@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -116,6 +118,9 @@ def test_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, 
         with shmpool.Mempool.attach(pool) as seen:  # (closed before the workers leave: they destroy it)
             assert audit(seen) == []
             assert seen.stats().published == 1
+        shown = subprocess.run([sys.executable, "-m", "shmpool.cli", pool], capture_output=True, text=True, timeout=60)
+        assert "shmpool.dask: a share group, 1 element(s) held together" in shown.stdout, shown.stdout
+        assert shown.stdout.count(" holds 1") == 2  # each worker holds it
         del x
         wait_until(lambda: set(client.run(in_use).values()) == {0})
     assert os.path.exists(segment_path(sd.host_pool_name(name)))  # the cluster still runs

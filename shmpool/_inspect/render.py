@@ -151,6 +151,11 @@ def _topic_lines(d: dict[str, Any]) -> list[str]:
     against the depth), received and not released, dropped."""
     lines = [f"topics ({len(d['topics'])}):"]
     for t in d["topics"]:
+        if t["overflow"] == "share":  # a share group: members holding elements together (shmpool.dask)
+            lines.append(f"  {_printable(t['name'])}: a share group, {t['shared']} element(s) held together")
+            lines += [f"    #{s['index']:<3} pid {s['pid']:>8} {'alive' if s['alive'] else 'DEAD':<5} holds "
+                      f"{s['received']}" for s in t["subscribers"]]
+            continue
         lines.append(f"  {_printable(t['name'])}: depth {t['depth']}, overflow {t['overflow']}, {t['published']} "
                      f"published, {t['shared']} out now, {t['dropped']} dropped")
         for s in t["subscribers"]:
