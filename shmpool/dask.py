@@ -119,6 +119,7 @@ class _Local:
     host: str
     pool: Mempool
     group: ShareGroup
+    users: int = 1  # the workers of this process that set it up
 
 
 _locals: dict[str, _Local] = {}  # by the plugin's name
@@ -164,28 +165,34 @@ class PoolPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         host = host_id()
-        pool = Mempool.open(host_pool_name(self.pool_name, host), **self.create_args)
-        try:
-            group = ShareGroup(pool, GROUP)
-        except BaseException:
-            pool.close()
-            raise
-        with _lock:
-            old = _locals.pop(self.pool_name, None)
-            _locals[self.pool_name] = _Local(self.pool_name, host, pool, group)
-        if old is not None:
-            old.pool.close()
+        with _lock:  # (workers of one process, processes=False: one pool, one membership, counted)
+            local = _locals.get(self.pool_name)
+            if local is not None and not local.pool.closed and local.host == host:
+                local.users += 1
+            else:
+                pool = Mempool.open(host_pool_name(self.pool_name, host), **self.create_args)
+                try:
+                    local = _locals[self.pool_name] = _Local(self.pool_name, host, pool, ShareGroup(pool, GROUP))
+                except BaseException:
+                    pool.close()
+                    raise
         overrides = worker.connection_args.setdefault("handshake_overrides", {})
         mine = overrides.setdefault(HANDSHAKE_KEY, {"host": host, "pools": {}})
-        mine["pools"][self.pool_name] = [group.j, group.epoch]
+        mine["pools"][self.pool_name] = [local.group.j, local.group.epoch]
 
     def teardown(self, worker: Any) -> None:
         mine = worker.connection_args.get("handshake_overrides", {}).get(HANDSHAKE_KEY)
         if mine is not None:
             mine["pools"].pop(self.pool_name, None)
         with _lock:
-            local = _locals.pop(self.pool_name, None)
-        if local is not None and not local.pool.closed:
+            local = _locals.get(self.pool_name)
+            if local is None:
+                return
+            local.users -= 1
+            if local.users > 0:
+                return
+            del _locals[self.pool_name]
+        if not local.pool.closed:
             try:
                 local.pool.leave()
             except (ShmpoolError, RuntimeError, TimeoutError, OSError):

@@ -195,3 +195,16 @@ def test_host_id_and_pool_names(monkeypatch: pytest.MonkeyPatch) -> None:
         sd.PoolPlugin("a@b", min_nr=1, slot_size=64, capacity=4)
     with pytest.raises(LookupError):
         sd.local_pool()
+
+
+def test_workers_in_one_process_share_its_pool_and_the_last_destroys_it(name: str) -> None:
+    with distributed.LocalCluster(n_workers=2, processes=False, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as cluster, distributed.Client(cluster) as client:
+        client.register_plugin(plugin(name))
+        a, b = workers(client)
+        x = client.submit(produce, 3.0, workers=[a], pure=False)
+        assert client.submit(write_first, x, workers=[b]).result()[1] == float((np.arange(N) + 3.0).sum())
+        assert sd.local_pool().stats().attached == 1  # one process: one entry, one membership
+        del x
+        client.unregister_worker_plugin(f"shmpool-{name}")  # both workers let go: the process leaves
+        assert not os.path.exists(segment_path(sd.host_pool_name(name)))
