@@ -10,12 +10,15 @@ worker's environment before the plugin is registered.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
+import queue
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,8 @@ import shmpool  # noqa: E402
 import shmpool.dask as sd  # noqa: E402
 from shmpool.testing import audit, segment_path  # noqa: E402
 
-pytestmark = pytest.mark.timeout(240)
+CASE_SECONDS = 200
+pytestmark = pytest.mark.timeout(CASE_SECONDS + 40)
 
 N = 1000  # float64s: 8,000 bytes of an 8 KiB slot
 
@@ -81,11 +85,36 @@ def wait_until(what: Callable[[], bool], seconds: float = 60.0) -> None:
         time.sleep(0.05)  # a poll with a deadline
 
 
-@pytest.fixture
-def cluster() -> Iterator[Any]:
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  silence_logs=logging.ERROR) as c:
-        yield c
+def _run_case(case: str, name: str, processes: bool, errors: Any) -> None:
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, dashboard_address=None,
+                                      silence_logs=logging.ERROR) as cluster:
+            globals()[case](cluster, name)
+    except BaseException:
+        errors.put(traceback.format_exc())
+        sys.exit(1)
+
+
+def isolated(case: Callable[[Any, str], None], name: str, *, processes: bool = True) -> None:
+    """Run ``case(cluster, name)`` in a spawned interpreter of its own, on a
+    LocalCluster of two workers that it starts: a process that used a
+    distributed client keeps a thread (Dask-Offload), and the suite's later
+    forks must find none. Bounded; its traceback is the failure."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    child = ctx.Process(target=_run_case, args=(case.__name__, name, processes, errors))
+    child.start()
+    child.join(CASE_SECONDS)
+    if child.is_alive():
+        child.kill()
+        child.join(30)
+        pytest.fail(f"{case.__name__} did not finish within {CASE_SECONDS} s")
+    if child.exitcode != 0:
+        try:
+            why = errors.get(timeout=10)
+        except queue.Empty:
+            why = f"{case.__name__} exited with {child.exitcode}"
+        pytest.fail(why, pytrace=False)
 
 
 def workers(client: Any) -> list[str]:
@@ -96,7 +125,7 @@ def plugin(name: str) -> sd.PoolPlugin:
     return sd.PoolPlugin(name, min_nr=2, slot_size=8192, capacity=16)
 
 
-def test_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, name: str) -> None:
+def case_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, name: str) -> None:
     with distributed.Client(cluster) as client:
         client.register_plugin(plugin(name))
         a, b = workers(client)
@@ -128,7 +157,7 @@ def test_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, 
     assert not os.path.exists(segment_path(sd.host_pool_name(name)))
 
 
-def test_two_hosts_exchange_by_value(cluster: Any, name: str) -> None:
+def case_two_hosts_exchange_by_value(cluster: Any, name: str) -> None:
     with distributed.Client(cluster) as client:
         a, b = workers(client)
         client.run(set_host, "hostA", workers=[a])
@@ -146,7 +175,7 @@ def test_two_hosts_exchange_by_value(cluster: Any, name: str) -> None:
         assert not os.path.exists(segment_path(sd.host_pool_name(name, host)))
 
 
-def test_a_killed_worker_loses_no_element(cluster: Any, name: str) -> None:
+def case_a_killed_worker_loses_no_element(cluster: Any, name: str) -> None:
     with distributed.Client(cluster) as client:
         client.register_plugin(plugin(name))
         a, b = workers(client)
@@ -168,7 +197,7 @@ def test_a_killed_worker_loses_no_element(cluster: Any, name: str) -> None:
     assert not os.path.exists(segment_path(sd.host_pool_name(name)))
 
 
-def test_unregistering_the_plugin_destroys_the_pool(cluster: Any, name: str) -> None:
+def case_unregistering_the_plugin_destroys_the_pool(cluster: Any, name: str) -> None:
     with distributed.Client(cluster) as client:
         client.register_plugin(plugin(name))
         path = segment_path(sd.host_pool_name(name))
@@ -197,9 +226,8 @@ def test_host_id_and_pool_names(monkeypatch: pytest.MonkeyPatch) -> None:
         sd.local_pool()
 
 
-def test_workers_in_one_process_share_its_pool_and_the_last_destroys_it(name: str) -> None:
-    with distributed.LocalCluster(n_workers=2, processes=False, dashboard_address=None,
-                                  silence_logs=logging.ERROR) as cluster, distributed.Client(cluster) as client:
+def case_workers_in_one_process_share_its_pool_and_the_last_destroys_it(cluster: Any, name: str) -> None:
+    with distributed.Client(cluster) as client:
         client.register_plugin(plugin(name))
         a, b = workers(client)
         x = client.submit(produce, 3.0, workers=[a], pure=False)
@@ -208,3 +236,19 @@ def test_workers_in_one_process_share_its_pool_and_the_last_destroys_it(name: st
         del x
         client.unregister_worker_plugin(f"shmpool-{name}")  # both workers let go: the process leaves
         assert not os.path.exists(segment_path(sd.host_pool_name(name)))
+
+
+def test_same_host_hands_off_by_reference_and_frees_with_the_keys(name: str) -> None:
+    isolated(case_same_host_hands_off_by_reference_and_frees_with_the_keys, name)
+
+def test_two_hosts_exchange_by_value(name: str) -> None:
+    isolated(case_two_hosts_exchange_by_value, name)
+
+def test_a_killed_worker_loses_no_element(name: str) -> None:
+    isolated(case_a_killed_worker_loses_no_element, name)
+
+def test_unregistering_the_plugin_destroys_the_pool(name: str) -> None:
+    isolated(case_unregistering_the_plugin_destroys_the_pool, name)
+
+def test_workers_in_one_process_share_its_pool_and_the_last_destroys_it(name: str) -> None:
+    isolated(case_workers_in_one_process_share_its_pool_and_the_last_destroys_it, name, processes=False)
