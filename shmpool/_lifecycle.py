@@ -29,7 +29,7 @@ import numpy as np
 
 from . import _attach, _procs, _segment
 from ._args import check_create, check_fail_rate, check_int, check_queue_name, check_range, check_rng, check_seed
-from ._errors import PoolFormatError
+from ._errors import PoolClosedError, PoolFormatError
 from ._layout import (
     FLAG_POISON,
     GEN_MASK,
@@ -191,6 +191,8 @@ def leave(pool: Any) -> bool:
     """Mempool.leave: this process lets go of the pool; the last to leave
     destroys it (unlinked here). Every object of the pool in this process
     is closed."""
+    if pool.closed:
+        raise PoolClosedError(f"pool {pool.name!r} is closed in this object")
     member = pool._member
     destroyed = bool(member.depart())
     if destroyed:

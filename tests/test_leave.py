@@ -26,6 +26,8 @@ def test_leave_gives_back_what_the_process_holds(name: str) -> None:
         assert pool.closed and other.closed and sub.closed
         with pytest.raises(PoolClosedError):
             other.alloc()
+        with pytest.raises(PoolClosedError):
+            pool.leave()
     assert not os.path.exists(segment_path(name))
 
 
