@@ -21,14 +21,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import distributed  # (the test extra installs dask and distributed: never skipped)
 import numpy as np
 import pytest
 
-distributed = pytest.importorskip("distributed")  # the test extra installs it: this never skips under make test
-
-import shmpool  # noqa: E402
-import shmpool.dask as sd  # noqa: E402
-from shmpool.testing import audit, segment_path  # noqa: E402
+import shmpool
+import shmpool.dask as sd
+from shmpool.testing import audit, segment_path
 
 CASE_SECONDS = 200
 pytestmark = pytest.mark.timeout(CASE_SECONDS + 40)
