@@ -958,7 +958,11 @@ def bench_reserve2(reps: int) -> dict[str, Any]:
                 best[nprocs] = max(best[nprocs], rate)
                 pairs += count
         s = pool.stats()
-        if s.alloc_arena != 0 or s.alloc_failed != 0 or s.alloc_reserve < pairs:
+        # Every allocation came from the reserve, but those whose lock did not
+        # come within the atomic bound (a holder descheduled on a loaded
+        # machine: GFP_ATOMIC returns None then, by design); those are
+        # counted as failures and reported, and must stay a sliver.
+        if s.alloc_arena != 0 or s.alloc_reserve + s.alloc_failed < pairs or s.alloc_failed > pairs // 1000:
             raise RuntimeError(
                 f"not the reserve path: {s.alloc_reserve} reserve pops, {s.alloc_arena} arena allocations and "
                 f"{s.alloc_failed} failures for {pairs} pairs"
@@ -972,6 +976,7 @@ def bench_reserve2(reps: int) -> dict[str, Any]:
         "4procs_pairs_per_s": round(best[4]),
         "4procs_vs_1": ratio(best[4], best[1]),
         "reserve_pops": s.alloc_reserve,
+        "lock_timeouts": s.alloc_failed,
     }
 
 
