@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def case_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, 
         assert isinstance(gathered, np.ndarray) and gathered[0] == -1.0 and gathered[1] == 1.0
         with pytest.raises(ValueError):
             shmpool.handle_of(gathered)
-        assert set(client.run(in_use).values()) == {1}  # one element, held by both workers
+        assert set(client.run(in_use).values()) == {1}  # one element (shared by the workers that hold the key)
         other = client.submit(plain, N, workers=[a], pure=False)  # not a pool's: Dask's own path, untouched
         assert client.submit(pooled, other, workers=[b]).result() is False
         assert client.submit(pooled, x, workers=[b]).result() is True
@@ -148,7 +149,11 @@ def case_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, 
             assert seen.stats().published == 1
         shown = subprocess.run([sys.executable, "-m", "shmpool.cli", pool], capture_output=True, text=True, timeout=60)
         assert "shmpool.dask: a share group, 1 element(s) held together" in shown.stdout, shown.stdout
-        assert shown.stdout.count(" holds 1") == 2  # each worker holds it
+        # Both workers are members; the producer holds it (its key is wanted), and
+        # the consumer may have let its replica go already (Dask drops it when no
+        # task there needs it).
+        members = re.findall(r"#\d+ +pid +\d+ alive holds ([01])", shown.stdout)
+        assert len(members) == 2 and "1" in members, shown.stdout
         del x
         wait_until(lambda: set(client.run(in_use).values()) == {0})
     assert os.path.exists(segment_path(sd.host_pool_name(name)))  # the cluster still runs
