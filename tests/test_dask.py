@@ -71,7 +71,13 @@ def plain(n: int) -> Any:
 
 
 def in_use() -> int:
-    return sd.local_pool().stats().in_use
+    """Elements out of this worker's host pool; -1 while the worker has
+    none yet (a worker restarted by its nanny is listed by the scheduler a
+    moment before its plugin's setup is done)."""
+    try:
+        return sd.local_pool().stats().in_use
+    except LookupError:
+        return -1
 
 
 def set_host(host: str) -> None:
