@@ -11,7 +11,6 @@
  *   format_reserve                   create's pre-fill (nobody sees the pool yet)
  */
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "pool.h"
@@ -110,13 +109,9 @@ int step_stats(struct pool *p, struct call *c, int mode) {
 int step_reclaim(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     if (r != RC_OK) return r;
-    unsigned char *dead = dead_owners(p);
-    if (!dead) return RC_NOMEM;
-    int64_t taken = retire(p, dead);
-    free(dead);
+    int64_t taken = retire_dead(p, OWNER_ALIVE);
     if (taken < 0) return (int)taken;
     c->a = (uint64_t)taken;
-    uncount_dead_sleepers(p);
     p->wake = 1;
     return RC_OK;
 }
@@ -156,13 +151,8 @@ int step_leave(struct pool *p, struct call *c, int mode) {
         snprintf(p->msg, sizeof p->msg, "a thread of this process is waiting on the pool");
         return RC_INVALID;
     }
-    unsigned char *v = dead_owners(p);
-    if (!v) return RC_NOMEM;
-    v[p->me] = OWNER_PREDECESSOR; /* what names our entry goes back */
-    int64_t taken = retire(p, v);
-    free(v);
+    int64_t taken = retire_dead(p, OWNER_PREDECESSOR); /* what names our entry goes back */
     if (taken < 0) return (int)taken;
-    uncount_dead_sleepers(p);
     struct numbers n;
     derive(p, &n);
     c->a = (uint64_t)taken;

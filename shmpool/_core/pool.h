@@ -399,6 +399,7 @@ void note_entry_used(struct pool *p, uint64_t e);
 enum { OWNER_ALIVE = 0, OWNER_DEAD = 1, OWNER_PREDECESSOR = 2, OWNER_IMPOSSIBLE = 3 };
 unsigned char *dead_owners(struct pool *p); /* a verdict per owner field */
 int64_t retire(struct pool *p, const unsigned char *dead);
+int64_t retire_dead(struct pool *p, int self); /* dead_owners + retire + uncount_dead_sleepers */
 
 /* ------------------------------------------------------------------ */
 /* repair.c, derive.c                                                   */

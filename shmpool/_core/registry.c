@@ -183,21 +183,30 @@ int64_t retire(struct pool *p, const unsigned char *v) {
     return taken;
 }
 
+/* retire with dead_owners' verdicts, our own entry's being `self` (ALIVE:
+ * ours stays; PREDECESSOR: ours goes back too), then count out the dead
+ * sleepers: how many held elements came back, or RC_NOMEM / RC_CORRUPT.
+ * The one retire of reclaim_dead, registration and leave. */
+int64_t retire_dead(struct pool *p, int self) {
+    unsigned char *v = dead_owners(p);
+    if (!v) return RC_NOMEM;
+    if (p->me) v[p->me] = (unsigned char)self;
+    int64_t taken = retire(p, v);
+    free(v);
+    if (taken >= 0) uncount_dead_sleepers(p);
+    return taken;
+}
+
 /* Registration under the lock (after registry_claim): dead processes'
  * elements and our predecessor's back; our entry made ours (c->a: pid,
  * c->b: start time). A destroyed pool may be attached: its calls say so. */
 int step_register(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     if (r != RC_OK && r != RC_DESTROYED) return r;
-    unsigned char *v = dead_owners(p);
-    if (!v) return RC_NOMEM;
     /* What names our entry is its dead predecessor's; a vacant entry has
      * none (whatever names it is damage). */
-    v[p->me] = p->claimed_dead ? PREDECESSOR : IMPOSSIBLE;
-    int64_t t = retire(p, v);
-    free(v);
+    int64_t t = retire_dead(p, p->claimed_dead ? PREDECESSOR : IMPOSSIBLE);
     if (t < 0) return (int)t;
-    uncount_dead_sleepers(p);
     st(&p->entry[P_PID], c->a);
     st(&p->entry[P_START], c->b);
     c->n = t; /* (for the log) */
