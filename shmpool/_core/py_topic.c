@@ -146,9 +146,18 @@ static PyObject *Core_sub_get(Core *f, PyObject *const *args, Py_ssize_t nargs) 
     return leave_with(f, topic_error(f, r));
 }
 
-/* release(t, j, handle): subscription j lets go of an element it received. */
-/* The end of a call on one element (release, share, take): ok (a new
- * reference) on success, else the error for r. */
+/* A call of `step` on the element (idx, gen) for subscription j of topic t
+ * (release, share, take). */
+static void element_init(struct call *c, step_fn step, uint64_t t, uint64_t j, uint64_t idx, uint64_t gen) {
+    call_init(c, step, BOUND_ATOMIC, -1);
+    c->q = t;
+    c->a = idx;
+    c->b = gen;
+    c->out[0] = j;
+}
+
+/* The end of a call on one element: ok (a new reference) on success, else
+ * the error for r. */
 static PyObject *element_result(Core *f, int r, uint64_t idx, uint64_t gen, const char *what, PyObject *ok) {
     if (r == RC_OK) return leave_with(f, ok);
     Py_DECREF(ok);
@@ -163,14 +172,11 @@ static PyObject *element_call(Core *f, step_fn step, const char *what, PyObject 
     if (parse_tj(args, nargs, 3, what, &t, &j) < 0 || conv_handle(f, args[2], &idx, &gen) < 0 || enter(f) < 0)
         return NULL;
     struct call c;
-    call_init(&c, step, BOUND_ATOMIC, -1);
-    c.q = t;
-    c.a = idx;
-    c.b = gen;
-    c.out[0] = j;
+    element_init(&c, step, t, j, idx, gen);
     return element_result(f, run_call(f, &c), idx, gen, what, Py_NewRef(Py_None));
 }
 
+/* release(t, j, handle): subscription j lets go of an element it received. */
 static PyObject *Core_release(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     return element_call(f, step_release, "release", args, nargs);
 }
@@ -185,11 +191,7 @@ static PyObject *Core_share(Core *f, PyObject *const *args, Py_ssize_t nargs) {
         parse_j(args[3], &j) < 0 || conv_count(args[4], "epoch", 0, INT64_MAX, &epoch) < 0 || enter(f) < 0)
         return NULL;
     struct call c;
-    call_init(&c, step_share, BOUND_ATOMIC, -1);
-    c.q = t;
-    c.a = idx;
-    c.b = gen;
-    c.out[0] = mine;
+    element_init(&c, step_share, t, mine, idx, gen);
     c.out[1] = j;
     c.out[2] = (uint64_t)epoch;
     int r = run_call(f, &c);

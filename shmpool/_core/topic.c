@@ -79,6 +79,18 @@ static int sub_check(struct pool *p, uint64_t t, uint64_t j) {
     return RC_OK;
 }
 
+/* Topic t live, and subscription j of it live and this process's: the
+ * check of every call a subscriber makes on its own subscription. */
+static int own_sub_check(struct pool *p, uint64_t t, uint64_t j) {
+    int r = topic_check(p, t);
+    if (r != RC_OK || (r = sub_check(p, t, j)) != RC_OK) return r;
+    if (SUB(p, t, j)[S_OWNER] != p->me) {
+        snprintf(p->msg, sizeof p->msg, "subscription %llu is another process's", (unsigned long long)j);
+        return RC_INVALID;
+    }
+    return RC_OK;
+}
+
 static void ring_push(struct pool *p, uint64_t t, uint64_t j, uint64_t idx) {
     uint64_t *S = SUB(p, t, j), tail = S[S_TAIL];
     RING(p, t, j)[tail % TOPIC(p, t)[T_DEPTH]] = (uint32_t)idx;
@@ -202,11 +214,7 @@ int step_subscribe(struct pool *p, struct call *c, int mode) {
 /* Close subscription c->a of topic c->q (this process's). */
 int step_unsubscribe(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
-    if (r != RC_OK || (r = topic_check(p, c->q)) != RC_OK || (r = sub_check(p, c->q, c->a)) != RC_OK) return r;
-    if (SUB(p, c->q, c->a)[S_OWNER] != p->me) {
-        snprintf(p->msg, sizeof p->msg, "subscription %llu is another process's", (unsigned long long)c->a);
-        return RC_INVALID;
-    }
+    if (r != RC_OK || (r = own_sub_check(p, c->q, c->a)) != RC_OK) return r;
     return sub_drop(p, c->q, c->a);
 }
 
@@ -269,12 +277,8 @@ int step_publish(struct pool *p, struct call *c, int mode) {
  * c->dst (their handles), received by it; c->moved. */
 int step_sub_get(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
-    if (r != RC_OK || (r = topic_check(p, c->q)) != RC_OK || (r = sub_check(p, c->q, c->a)) != RC_OK) return r;
+    if (r != RC_OK || (r = own_sub_check(p, c->q, c->a)) != RC_OK) return r;
     uint64_t *S = SUB(p, c->q, c->a), j = c->a;
-    if (S[S_OWNER] != p->me) {
-        snprintf(p->msg, sizeof p->msg, "subscription %llu is another process's", (unsigned long long)j);
-        return RC_INVALID;
-    }
     if (S[S_TAIL] == S[S_HEAD]) {
         if (mode != MODE_SLEEP) return RC_FAIL;
         c->channel = CH_SUB(c->q, j);
@@ -322,17 +326,12 @@ int step_release(struct pool *p, struct call *c, int mode) {
     return RC_INVALID;
 }
 
-/* Share group c->q, and subscription j of it that is this process's. */
+/* Share group t, and subscription j of it that is this process's. */
 static int member_check(struct pool *p, uint64_t t, uint64_t j) {
-    int r = topic_check(p, t);
+    int r = own_sub_check(p, t, j);
     if (r != RC_OK) return r;
     if (TOPIC(p, t)[T_OVERFLOW] != OVERFLOW_SHARE) {
         snprintf(p->msg, sizeof p->msg, "topic %llu is not a share group", (unsigned long long)t);
-        return RC_INVALID;
-    }
-    if ((r = sub_check(p, t, j)) != RC_OK) return r;
-    if (SUB(p, t, j)[S_OWNER] != p->me) {
-        snprintf(p->msg, sizeof p->msg, "subscription %llu is another process's", (unsigned long long)j);
         return RC_INVALID;
     }
     return RC_OK;
