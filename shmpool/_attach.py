@@ -117,33 +117,29 @@ class Membership:
                 vacated = False
             if not (vacated or destroyed):
                 return
-            del _attachments[self.key]
-            os.close(att.fd)
-            hooks = list(att.on_detach)
+            hooks = _let_go(self.key, att)
         for hook in hooks:
             hook()
 
-    def depart(self) -> bool:
+    def depart(self) -> tuple[bool, list[Callable[[], None]]]:
         """This process leaves the pool (``Mempool.leave``): everything it
         holds comes back and its subscriptions end, then the last process
         attached destroys the pool (True) or this one vacates its entry, in
-        one step under the pool lock (``core.leave``). Every object of the
-        pool in this process then lets go of the entry; the caller closes
-        them."""
+        one step under the pool lock (``core.leave``). Every other object
+        of the pool in this process then forgets the entry; their ``close``
+        methods are returned for the caller to call."""
         with _lock:
             att = _attachments.get(self.key)
             if att is None or self.core.entry != att.index:
                 raise RuntimeError("this object is not attached (closed, or after fork without an entry)")
             destroyed, _taken = self.core.leave()
-            del _attachments[self.key]
-            os.close(att.fd)
-            hooks = list(att.on_detach)
+            hooks = _let_go(self.key, att)
             others = [m for m in _members if m is not self and m.key == self.key]
             for member in others:
                 member.core.forget(None)
         for hook in hooks:
             hook()
-        return bool(destroyed)
+        return bool(destroyed), [c for c in (m.close() for m in others) if c is not None]
 
     def on_detach(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` when this process lets go of the entry (its asyncio
@@ -159,6 +155,15 @@ class Membership:
             self.join()
         except Exception as exc:  # every later call raises it
             self.core.forget(exc)
+
+
+def _let_go(key: tuple[int, int], att: _Attachment) -> list[Callable[[], None]]:
+    """The process has no entry in the pool any more (``_lock`` held): its
+    attachment goes, and with it the description holding the OFD lock. The
+    hooks to call, outside the lock."""
+    del _attachments[key]
+    os.close(att.fd)
+    return list(att.on_detach)
 
 
 def _after_fork_in_child() -> None:

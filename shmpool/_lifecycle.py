@@ -193,13 +193,12 @@ def leave(pool: Any) -> bool:
     is closed."""
     if pool.closed:
         raise PoolClosedError(f"pool {pool.name!r} is closed in this object")
-    member = pool._member
-    destroyed = bool(member.depart())
+    member: _attach.Membership = pool._member
+    destroyed, others = member.depart()
     if destroyed:
         _segment.unlink(pool.name)
-    for close in [pool.close] + [m.close() for m in list(_attach._members) if m.key == member.key]:
-        if close is not None:
-            close()  # (the entry is gone: each closes without the lock)
+    for close in [pool.close, *others]:
+        close()  # (the entry is gone: each closes without the lock)
     return destroyed
 
 
