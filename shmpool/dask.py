@@ -206,13 +206,11 @@ _numpy_dumps = dask_serialize.dispatch(np.ndarray)
 _numpy_loads = dask_deserialize.dispatch(np.ndarray)
 
 
-def _reference(x: Array, context: dict[str, Any] | None) -> list[Any] | None:
-    """The reference ``x`` travels as, its share made; None: by value."""
-    peer = ((context or {}).get("recipient") or {}).get(HANDSHAKE_KEY)
+def _reference(x: Array, ref: tuple[str, int, int], context: dict[str, Any]) -> list[Any] | None:
+    """The reference ``x`` (a pool's array: ``owner_ref`` gave ``ref``)
+    travels as, its share made; None: by value."""
+    peer = (context.get("recipient") or {}).get(HANDSHAKE_KEY)
     if not isinstance(peer, dict):
-        return None
-    ref = owner_ref(x)
-    if ref is None:
         return None
     pool_name, handle, offset = ref
     with _lock:
@@ -262,11 +260,13 @@ def _land(x: Array) -> Array:
 
 
 def _serialize(x: Array, context: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
-    ref = _reference(x, context)
+    ref = owner_ref(x) if context else None  # (no context: spilled to disk, by value)
     if ref is not None:
-        return {HANDSHAKE_KEY: ref}, []
+        reference = _reference(x, ref, context or {})
+        if reference is not None:
+            return {HANDSHAKE_KEY: reference}, []
     header, frames = _numpy_dumps(x, context=context)
-    if context and owner_ref(x) is not None:  # a pool's array on its way to another host: lands in a pool there
+    if ref is not None:  # a pool's array on its way to another host: lands in a pool there
         header = {**header, LAND_KEY: True}
     return header, frames
 
