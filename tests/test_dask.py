@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import distributed  # (the test extra installs dask and distributed: never skipped)
 import numpy as np
 import pytest
+from helpers import wait_for
 
 import shmpool
 import shmpool.dask as sd
@@ -82,13 +82,6 @@ def in_use() -> int:
 
 def set_host(host: str) -> None:
     os.environ["SHMPOOL_HOST_ID"] = host
-
-
-def wait_until(what: Callable[[], bool], seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not what():
-        assert time.monotonic() < deadline, "not within the deadline"
-        time.sleep(0.05)  # a poll with a deadline
 
 
 def _run_case(case: str, name: str, processes: bool, errors: Any) -> None:
@@ -161,7 +154,7 @@ def case_same_host_hands_off_by_reference_and_frees_with_the_keys(cluster: Any, 
         members = re.findall(r"#\d+ +pid +\d+ alive holds ([01])", shown.stdout)
         assert len(members) == 2 and "1" in members, shown.stdout
         del x
-        wait_until(lambda: set(client.run(in_use).values()) == {0})
+        wait_for(lambda: set(client.run(in_use).values()) == {0}, 60, "every element back")
     assert os.path.exists(segment_path(sd.host_pool_name(name)))  # the cluster still runs
     cluster.close()
     assert not os.path.exists(segment_path(sd.host_pool_name(name)))
@@ -196,13 +189,14 @@ def case_a_killed_worker_loses_no_element(cluster: Any, name: str) -> None:
         assert set(client.run(in_use).values()) == {2}
         pid = client.run(os.getpid, workers=[a])[a]
         os.kill(pid, signal.SIGKILL)  # its nanny starts another, whose attach takes back what it held
-        wait_until(lambda: len(client.scheduler_info()["workers"]) == 2 and a not in client.scheduler_info()["workers"])
+        wait_for(lambda: len(client.scheduler_info()["workers"]) == 2 and a not in client.scheduler_info()["workers"], 60,
+                 "the restarted worker")
         client.wait_for_workers(2)
         assert float(kept.result()[0]) == 1.0  # B's reference outlived A
         del x, own
-        wait_until(lambda: set(client.run(in_use).values()) == {1})  # only B's
+        wait_for(lambda: set(client.run(in_use).values()) == {1}, 60, "all but B's back")
         del kept
-        wait_until(lambda: set(client.run(in_use).values()) == {0})
+        wait_for(lambda: set(client.run(in_use).values()) == {0}, 60, "every element back")
     cluster.close()
     assert not os.path.exists(segment_path(sd.host_pool_name(name)))
 

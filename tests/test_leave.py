@@ -10,7 +10,7 @@ import os
 
 import pytest
 from children import hold_then_leave
-from helpers import check_whole
+from helpers import check_whole, wait_for
 
 from shmpool import Mempool, PoolClosedError
 from shmpool.testing import segment_path
@@ -66,17 +66,13 @@ def test_a_leaver_that_is_not_last_leaves_the_pool_whole(name: str, spawn) -> No
 
 def test_leave_is_refused_while_a_thread_of_the_process_waits(name: str) -> None:
     import threading
-    import time
 
     with Mempool.create(name, min_nr=1, slot_size=64, capacity=2).destroying() as pool:
         held = [pool.alloc(), pool.alloc()]
         got: list[int] = []
         sleeper = threading.Thread(target=lambda: got.append(pool.alloc(timeout=60)))
         sleeper.start()
-        deadline = time.monotonic() + 30
-        while pool.stats().nr_waiters == 0:  # a poll with a deadline: the thread is asleep in alloc
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: pool.stats().nr_waiters > 0, 30, "the thread asleep in alloc")
         before = pool.stats()
         with pytest.raises(RuntimeError, match="waiting"):
             pool.leave()
