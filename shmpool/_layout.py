@@ -91,7 +91,7 @@ import mmap
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 10  # 10: share groups (a topic kind: elements held by several processes); 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
+LAYOUT_VERSION = 11  # 11: reserve places (per-process windows of the reserve; curr_nr an atomic total); 10: share groups (a topic kind: elements held by several processes); 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
 
 HEADER_WORDS = 96
 HEADER_BYTES = HEADER_WORDS * 8
@@ -134,7 +134,7 @@ H_RNG_KIND = 23  # the fault injector's generator: RNG_SPLITMIX or RNG_GLIBC
 H_LOCK_OWNER = 24  # 0, or the holder's token (entry + 1) | epoch << 16; contenders wait on its low 32 bits
 H_STATUS = 25  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
 H_MIN_NR = 26
-H_CURR_NR = 27
+H_CURR_NR = 27  # the reserve's elements in all: the shared stack and every place (atomic adds)
 H_ARENA_FREE = 28
 H_PARKED = 29  # slots PARKED (freed without the lock) that the next lock holder returns
 H_LOCK_SINCE_NS = 30  # CLOCK_MONOTONIC ns when the lock was taken (written by the holder)
@@ -156,6 +156,9 @@ H_OFF_SINCE = 41  # (geometry) the hand-out times' table
 H_LOW_WATER = 42  # the lowest curr_nr seen since create (remove_element lowers it, under the lock)
 H_OFF_REFS = 43  # (geometry) the references' table (topics)
 H_OFF_TOPICS = 44  # (geometry) the topic table, its subscriptions and their rings
+H_RESERVE_DEPTH = 45  # the shared reserve stack's depth (under the lock)
+H_LENT = 46  # reserve places lent to processes, in all (under the lock; repair sums the entries' P_PLACE_Q)
+H_RECOUNT = 47  # 1: curr_nr is to be counted again from the words (a repair found a place busy)
 # Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
 H_ALLOC_ARENA = 48
 H_ALLOC_RESERVE = 49
@@ -245,7 +248,14 @@ P_CACHE = P_COUNTERS + N_PROC_COUNTERS  # CACHE_MAX u32 slot indexes
 MAX_QUEUES = 64
 P_QGET = P_CACHE + CACHE_MAX // 2  # MAX_QUEUES u8: this process's threads asleep in a get, per queue
 P_QPUT = P_QGET + MAX_QUEUES // 8  # MAX_QUEUES u8: the same in a put
-PROC_WORDS = P_QPUT + MAX_QUEUES // 8  # 64: eight lines
+# The reserve's places lent to this process (places.c): a line of their own,
+# written by the owner on every lock-free reserve pop and push.
+P_PLACE_LOCK = P_QPUT + MAX_QUEUES // 8  # 0, or the token of whoever moves these places (the owner, or a lock holder)
+P_PLACE_Q = P_PLACE_LOCK + 1  # places lent
+P_PLACE_R = P_PLACE_LOCK + 2  # of them, full: P_PLACES[0:r] name RESERVE slots owned by this entry
+P_PLACES = P_PLACE_LOCK + 3  # PLACES_MAX u32 slot indexes, oldest first
+PLACES_MAX = 10
+PROC_WORDS = P_PLACES + PLACES_MAX // 2  # 72: nine lines
 MAX_PROCS = 256  # the default max_processes
 MAX_MAX_PROCS = OWNER_MASK - 1  # an owner field holds entry + 1
 CACHE_BLANK = 0xFFFFFFFF  # a cache entry taken by another process
@@ -353,7 +363,7 @@ _C_SECTIONS = (
     ("handles", ("INDEX_MASK", "HGEN_SHIFT", "MAX_CAPACITY", "MAX_SLOT_SIZE")),
     ("descriptors", ("D_GEN", "D_DTYPE", "D_DIMS", "DESC_WORDS", "DESC_SET", "DESC_MAX_DIMS")),
     ("registry entries", tuple(n for n in globals() if n.startswith(("P_", "C_")))
-     + ("N_PROC_COUNTERS", "CACHE_MAX", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
+     + ("N_PROC_COUNTERS", "CACHE_MAX", "PLACES_MAX", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
     ("queue table", tuple(n for n in globals() if n.startswith("Q_"))
      + ("QUEUE_NAME_BYTES", "QUEUE_WORDS", "QUEUE_LIVE", "MAX_QUEUES", "NO_SLOT", "QUEUE_BATCH")),
     ("topics", tuple(n for n in globals() if n.startswith(("T_", "S_")))

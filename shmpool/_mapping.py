@@ -24,9 +24,11 @@ from ._layout import (
     H_ARENA_FREE,
     H_CAPACITY,
     H_CURR_NR,
+    H_LENT,
     H_MAGIC,
     H_MAX_PROCS,
     H_MIN_NR,
+    H_RESERVE_DEPTH,
     H_SLOT_SIZE,
     H_VERSION,
     HEADER_BYTES,
@@ -115,14 +117,17 @@ def quick_check(v: Views) -> str | None:
     Each property checked holds at every instant in a healthy pool."""
     hdr, cap = v.hdr, v.geo.capacity
     min_nr, curr_nr, arena_free = hdr[H_MIN_NR], hdr[H_CURR_NR], hdr[H_ARENA_FREE]
+    depth, lent = hdr[H_RESERVE_DEPTH], hdr[H_LENT]
     if not 1 <= min_nr <= cap:
         return f"min_nr {min_nr} is outside 1..capacity ({cap})"
     if curr_nr > min_nr:
         return f"curr_nr {curr_nr} exceeds min_nr {min_nr}"
+    if depth + lent > min_nr:
+        return f"the reserve stack's depth {depth} and the places lent {lent} exceed min_nr {min_nr}"
     if curr_nr + arena_free > cap:
         return f"curr_nr {curr_nr} + arena_free {arena_free} exceed the capacity {cap}"
-    for label, depth, arr in (("reserve stack", curr_nr, v.stack), ("arena free list", arena_free, v.arena)):
-        entries = np.frombuffer(arr, dtype=np.uint32)[:depth]
+    for label, n, arr in (("reserve stack", depth, v.stack), ("arena free list", arena_free, v.arena)):
+        entries = np.frombuffer(arr, dtype=np.uint32)[:n]
         if entries.size and int(entries.max()) >= cap:
             at = int(np.argmax(entries >= cap))
             return f"{label} entry {at} is slot {entries[at]}, out of range (capacity {cap})"

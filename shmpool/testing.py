@@ -66,7 +66,11 @@ __all__ = [
 @contextlib.contextmanager
 def hold_lock(pool: Mempool, timeout: float | None = None) -> Iterator[None]:
     """Hold ``pool``'s lock for the block, as this process (a recorded
-    holder: stop or kill the process inside it to test what others do)."""
+    holder: stop or kill the process inside it to test what others do).
+    While it is held, every reserve place lent to a process (but one that
+    process is moving this instant) is back in the reserve's stack, so
+    ``views`` show the reserve as the kernel's one stack, bottom first:
+    ``stack[:hdr[H_CURR_NR]]``."""
     core = pool._core
     core.hold(timeout)
     try:

@@ -55,7 +55,10 @@ KEEP = 2  # elements the idle keeper holds throughout
 #: "dead-locked": one that took the lock is SIGKILLed first.
 CRASHES: dict[str, tuple[str, str]] = {
     "alloc-reserve": ("pool.set_fail_rate(1.0)", "pool.alloc(GFP_ATOMIC)"),
-    "free-reserve": ("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None", "pool.free(h)"),
+    # (a trace keeps the free on the locked path: the victim's own reserve
+    # places, which it fills without the lock, are "place-push")
+    "free-reserve": ("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None\n"
+                     "pool.trace = lambda *args: None", "pool.free(h)"),
     "refill": ("", "pool.alloc(GFP_KERNEL, timeout=10)"),
     "drain": ("xs = [pool.alloc(GFP_KERNEL, timeout=10) for _ in range(4)]\nfor x in xs: pool.free(x)", "pool.close()"),
     "steal": ("", f"for _ in range({CRASH_CAPACITY}): pool.alloc(GFP_KERNEL, timeout=10)"),
@@ -72,7 +75,14 @@ CRASHES: dict[str, tuple[str, str]] = {
                 "t.publish(h)"),
     "topic-release": ("t = pool.topic('t', depth=4); s = t.subscribe(); t.publish(pool.alloc(GFP_KERNEL, timeout=10));"
                       " h = s.get()", "s.release(h)"),
+    # the reserve places lent to the victim by its first locked reserve pop:
+    # emptied and filled without the lock (so no takeover follows), and a
+    # lend killed half way
+    "place-pop": ("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None", "pool.alloc(GFP_ATOMIC)"),
+    "place-push": ("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None", "pool.free(h)"),
+    "lend": ("pool.set_fail_rate(1.0)", "pool.alloc(GFP_ATOMIC)"),
 }
+LOCK_FREE = {"place-pop", "place-push"}  # points outside the lock
 
 
 @pytest.fixture
@@ -123,7 +133,8 @@ def test_sigkill_at_a_point_inside_a_locked_transition_loses_nothing(
         dead.call("hs = [pool.alloc(GFP_KERNEL, timeout=10) for _ in range(3)]" if setup == "dead" else "take_lock()")
         dead.kill()
     elif setup == "locked-by-other":
-        victim.call("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None")  # the reserve's
+        victim.call("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None\n"  # the reserve's
+                    "pool.trace = lambda *args: None")  # (its free on the locked path, not into its own places)
         holder = start_child(popen, name)
         holder.call("take_lock()")
     elif setup:
@@ -137,6 +148,9 @@ def test_sigkill_at_a_point_inside_a_locked_transition_loses_nothing(
         assert header_word(name, _layout.H_PARKED) == 0
         assert holder.finish() == 0
         pool.reclaim_dead()
+    elif point in LOCK_FREE:  # it died moving its own places, without the lock: retire gives them back
+        pool.reclaim_dead()
+        assert pool.stats().lock_recoveries == recoveries
     else:  # it died holding the lock, half way through a transition
         pool.reclaim_dead()
         assert pool.stats().lock_recoveries >= recoveries + 1

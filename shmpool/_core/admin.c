@@ -25,7 +25,13 @@ int step_resize(struct pool *p, struct call *c, int mode) {
     c->b = c->a > p->hdr[H_MIN_NR];
     if (!c->b) {
         if (p->enabled && p->entry && p->entry[P_CACHE_N] && (r = drain(p, 0)) != RC_OK) return r;
-        while (p->hdr[H_CURR_NR] > c->a) {
+        int64_t busy = places_reclaim_all(p, NULL, NULL); /* every place back to the stack */
+        if (busy < 0) return (int)busy;
+        if (busy) {
+            snprintf(p->msg, sizeof p->msg, "a process is moving its reserve places");
+            return RC_BUSY;
+        }
+        while (p->hdr[H_RESERVE_DEPTH] > c->a) {
             uint64_t idx;
             if ((r = remove_element(p, &idx)) != RC_OK) return r;
             uint64_t w = ld(&p->words[idx]);
@@ -46,7 +52,9 @@ int step_resize_grow(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     for (int64_t i = 0; r == RC_OK && i < c->n; i++) {
         uint64_t unused;
-        if (p->hdr[H_CURR_NR] >= p->hdr[H_MIN_NR]) { c->b = 0; break; }
+        int room = 0;
+        if (ld(&p->hdr[H_CURR_NR]) < p->hdr[H_MIN_NR] && (r = reserve_room(p, &room)) != RC_OK) break;
+        if (!room) { c->b = 0; break; }
         int a = arena_take(p, 1, ST_RESERVE, &unused);
         if (a == RC_FAIL || a == RC_DRY) { c->b = 0; break; }
         r = a;
@@ -71,7 +79,7 @@ int step_destroy(struct pool *p, struct call *c, int mode) {
     /* mempool_exit empties the reserve through remove_element, which checks
      * each element's poison: every reserved element written after its free
      * is counted, and its slot listed (c->dst, up to c->n) for a warning. */
-    uint64_t curr = p->hdr[H_CURR_NR];
+    uint64_t curr = p->hdr[H_RESERVE_DEPTH]; /* (a poisoned pool lends no places) */
     c->moved = 0;
     for (uint64_t i = 0; p->poison && i < curr && i < p->capacity; i++) {
         uint64_t idx = p->stack[i];
@@ -118,7 +126,8 @@ int step_reclaim(struct pool *p, struct call *c, int mode) {
 
 /* Our cache back to the shared free list (close, a trace being set). */
 int step_drain_cache(struct pool *p, struct call *c, int mode) {
-    return drain(p, 0);
+    int r = places_return(p); /* (not lent again: the object no longer uses the lock-free paths) */
+    return r != RC_OK ? r : drain(p, 0);
 }
 
 /* If this process holds no element and no thread of it sleeps, give its
@@ -131,8 +140,9 @@ int step_detach(struct pool *p, struct call *c, int mode) {
     }
     int r = drain(p, 0);
     if (r != RC_OK || ld(&p->entry[P_SLEEPING]) != 0) return r;
+    if ((r = places_return(p)) != RC_OK) return r;
     st(&p->entry[P_CACHE_N], 0);
-    st(&p->entry[P_EPOCH], 0);
+    st(&p->entry[P_EPOCH], 0); /* (vacated: leave() lends it nothing) */
     c->a = 1;
     return RC_OK;
 }

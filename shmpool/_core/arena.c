@@ -200,6 +200,16 @@ int steal(struct pool *p, uint64_t *taken) {
     return RC_OK;
 }
 
+/* Whether the arena looks dry without the lock: no slot on the shared list
+ * and no cache that lists any (a cache's count, not its words: a stale
+ * count sends the caller to the locked path, which steals). */
+int arena_dry(const struct pool *p) {
+    if (ld(&p->hdr[H_ARENA_FREE]) != 0) return 0;
+    for (uint64_t e = 0, used = entries_used(p); e < used; e++)
+        if (ld(&ENTRY(p, e)[P_CACHE_N]) != 0) return 0;
+    return 1;
+}
+
 /* How many slots entry e's cache really holds: entries naming a slot
  * CACHED by e (counted from the words, never from a counter). */
 uint64_t cached_by(const struct pool *p, uint64_t e) {

@@ -64,7 +64,7 @@ int owner_alive(const struct pool *p, uint64_t o) {
 }
 
 /* Whether the lock token tok names a live holder. */
-static int token_alive(const struct pool *p, uint64_t tok) {
+int token_alive(const struct pool *p, uint64_t tok) {
     uint64_t o = tok & OWNER_MASK, epoch = tok >> 16;
     if (o == 0 || o > p->max_procs || epoch == 0) return 0;
     if (tok == p->token) return 1;

@@ -81,10 +81,14 @@ void describe(struct pool *p, uint64_t w, uint64_t gen) {
 /* The header's own bounds, checked before any transition. */
 int check_header(struct pool *p) {
     uint64_t *h = p->hdr;
-    uint64_t min_nr = h[H_MIN_NR], curr = h[H_CURR_NR], shared = h[H_ARENA_FREE];
+    uint64_t min_nr = h[H_MIN_NR], curr = ld(&h[H_CURR_NR]), shared = h[H_ARENA_FREE];
+    uint64_t depth = h[H_RESERVE_DEPTH], lent = h[H_LENT];
     if (min_nr < 1 || min_nr > p->capacity)
         return corrupt(p, "min_nr %llu is outside 1..capacity (%llu)", min_nr, p->capacity);
     if (curr > min_nr) return corrupt(p, "curr_nr %llu exceeds min_nr %llu", curr, min_nr);
+    if (lent > min_nr || depth > min_nr - lent)
+        return corrupt(p, "the reserve stack's depth %llu and the places lent %llu exceed min_nr", depth, lent);
+    if (depth > curr) st(&h[H_RECOUNT], 1); /* curr_nr too low (a process killed mid-move): counted again */
     if (shared > p->capacity || curr + shared > p->capacity)
         return corrupt(p, "arena_free %llu is beyond the capacity %llu", shared, p->capacity);
     if (h[H_NR_WAITERS] > SLEEPERS_MAX) uncount_dead_sleepers(p); /* damage: recount */
@@ -139,6 +143,7 @@ int finish_parked(struct pool *p) {
 /* What every holder does before it lets go: the frees parked meanwhile. */
 void leave(struct pool *p) {
     if (ld(&p->hdr[H_PARKED])) finish_parked(p);
+    if (p->relend) places_lend(p); /* (damage it finds, the next call reports) */
     p->last_curr = p->hdr[H_CURR_NR];
     lock_release(p);
 }
@@ -181,6 +186,7 @@ static int run_loop(struct pool *p, struct call *c) {
                 p->recount = 0;
                 uncount_dead_sleepers(p);
             }
+            if (r == RC_OK && ld(&p->hdr[H_RECOUNT])) recount(p);
             if (r == RC_OK) r = c->step(p, c, mode);
             leave(p);
         }
@@ -224,7 +230,7 @@ static int recheck_caches(struct pool *p) {
     uint64_t taken = 0;
     store_load_fence(); /* (chan_prepare's atomic add is one on x86) */
     int r = steal(p, &taken);
-    return r != RC_OK ? r : taken ? RC_AGAIN : RC_OK;
+    return r != RC_OK ? r : taken || others_have_places(p) ? RC_AGAIN : RC_OK;
 }
 
 /* An attempt (lock held) that registers as a sleeper of the allocation
@@ -263,15 +269,15 @@ static int alloc_attempt(struct pool *p, struct call *c, int mode) {
         if (r != RC_FAIL && r != RC_DRY) return r;
     }
     c->skip_arena = 0;
-    if (p->hdr[H_CURR_NR] > 0) {
-        uint64_t idx;
-        if ((r = remove_element(p, &idx)) != RC_OK) return r;
+    uint64_t idx;
+    if ((r = reserve_pop(p, &idx)) == RC_OK) {
         CRASH(CP_ALLOC_RESERVE);
         hand_out(p, idx, ld(&p->words[idx]), &c->a);
         count(p, C_ALLOC_RESERVE, 1);
         p->last_event = EV_ALLOC_RESERVE;
         return RC_OK;
     }
+    if (r != RC_FAIL) return r;
     if (mode == MODE_SLEEP || mode == MODE_ASYNC) {
         c->channel = CH_ALLOC;
         if (mode == MODE_ASYNC) chan_async_prepare(p);
@@ -288,12 +294,12 @@ static int alloc_attempt(struct pool *p, struct call *c, int mode) {
 int step_alloc_preallocated(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     if (r != RC_OK) return r;
-    if (p->hdr[H_CURR_NR] == 0) {
+    uint64_t idx;
+    if ((r = reserve_pop(p, &idx)) == RC_FAIL) {
         count(p, C_ALLOC_FAILED, 1);
         return RC_FAIL;
     }
-    uint64_t idx;
-    if ((r = remove_element(p, &idx)) != RC_OK) return r;
+    if (r != RC_OK) return r;
     hand_out(p, idx, ld(&p->words[idx]), &c->a);
     count(p, C_ALLOC_RESERVE, 1);
     return RC_OK;
@@ -305,7 +311,12 @@ int step_alloc_preallocated(struct pool *p, struct call *c, int mode) {
  * CAS (a free without the lock may race): RC_INVALID if it lost. */
 int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache) {
     uint64_t *h = p->hdr;
-    if (h[H_CURR_NR] < h[H_MIN_NR]) {
+    int room = 0;
+    if (ld(&h[H_CURR_NR]) < h[H_MIN_NR]) { /* some place is empty: find it (ours given back first) */
+        int r = reserve_room(p, &room);
+        if (r != RC_OK) return r;
+    }
+    if (room) {
         if (!set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)))) return RC_INVALID;
         CRASH(CP_FREE_RESERVE);
         add_element(p, idx);
@@ -359,9 +370,14 @@ int free_fast(struct pool *p, uint64_t idx, uint64_t gen, uint64_t owner) {
     uint64_t *h = p->hdr;
     uint64_t w = ld(&p->words[idx]);
     if (!held_as(w, gen, owner) || ld(&h[H_STATUS]) != STATUS_LIVE) return 0;
-    if (ld(&h[H_CURR_NR]) < ld(&h[H_MIN_NR])) return 0; /* the reserve first: under the lock */
-    if (!cache_push(p, idx, w)) return 0;
-    count(p, C_FREE_ARENA, 1);
+    int reserve = p->entry[P_PLACE_R] < p->entry[P_PLACE_Q] && !p->poison; /* an empty place of ours */
+    if (reserve) {
+        if (!place_push_fast(p, idx, w)) return 0;
+    } else {
+        if (ld(&h[H_CURR_NR]) < ld(&h[H_MIN_NR])) return 0; /* the reserve first: under the lock */
+        if (!cache_push(p, idx, w)) return 0;
+    }
+    count(p, reserve ? C_FREE_RESERVE : C_FREE_ARENA, 1);
     /* A sleeper (a bulk allocation needing more than the reserve holds)
      * counts itself in, then looks at every cache (under the lock); we
      * published the slot, then look for sleepers: one of the two sees the
@@ -428,7 +444,11 @@ static int bulk_attempt(struct pool *p, struct call *c, int mode) {
     if (r != RC_OK) return r; /* (damage: what was handed out stays held, as the words say) */
     count(p, C_ALLOC_ARENA, (uint64_t)got);
     uint64_t need = (uint64_t)(n - got);
-    if (need <= p->hdr[H_CURR_NR]) {
+    int more = 1; /* the reserve's elements in reach: ours given back, others' stolen while needed */
+    r = places_return(p);
+    while (r == RC_OK && p->hdr[H_RESERVE_DEPTH] < need && more) r = steal_place(p, &more);
+    if (r != RC_OK) return r;
+    if (need <= p->hdr[H_RESERVE_DEPTH]) {
         for (int64_t i = got; i < n; i++) {
             uint64_t idx, h;
             if ((r = remove_element(p, &idx)) != RC_OK) return r;
@@ -478,7 +498,7 @@ int step_free_bulk(struct pool *p, struct call *c, int mode) {
         uint64_t h = (uint64_t)c->src[i], idx = h & INDEX_MASK, gen = h >> HGEN_SHIFT;
         uint64_t w = ld(&p->words[idx]);
         if (W_STATE(w) != ST_HELD || W_GEN(w) != gen) { c->moved++; continue; }
-        if (p->hdr[H_CURR_NR] >= p->hdr[H_MIN_NR] && p->enabled && p->entry && p->entry[P_CACHE_N] &&
+        if (ld(&p->hdr[H_CURR_NR]) >= p->hdr[H_MIN_NR] && p->enabled && p->entry && p->entry[P_CACHE_N] &&
             (r = drain(p, 0)) != RC_OK) /* our cache is the arena's top: keep the order */
             break;
         int x = release_slot(p, idx, w, 0);

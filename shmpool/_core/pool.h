@@ -13,7 +13,9 @@
  *
  *   slots.c     the only writer of slot words, the reserve stack and the
  *               arena's free list (add_element / remove_element, arena_push /
- *               arena_pop, set_word), and poisoning
+ *               arena_pop, set_word), curr_nr (reserve_count), and poisoning
+ *   places.c    the reserve's places lent to processes: each fills and
+ *               empties its own without the lock; the only writer of them
  *   arena.c     the kernel's "backing allocator": each process's cache of
  *               arena slots (lock-free for its owner), stealing, fault
  *               injection, arena_take
@@ -131,6 +133,7 @@ struct pool {
     uint64_t wake_topics;        /* topics (bit t) with publishers or subscribers to wake */
     uint32_t wake_sub[MAX_TOPICS]; /* subscriptions (bit j) of topic t whose getters to wake */
     int recount;                 /* a nap ended unwoken: count out dead sleepers next time */
+    int relend;                  /* this holder gave its reserve places back: lend them again at leave() */
     int64_t poisoned;            /* a slot found written after free (warned after unlock), or -1 */
     int last_event;              /* what the last step did (trace) */
     uint64_t last_curr;          /* curr_nr just after it */
@@ -155,7 +158,7 @@ struct host {
 extern struct host host;
 extern int crash_point;          /* a test hook: SIGKILL ourselves at this point */
 enum { CP_NONE = 0, CP_ALLOC_RESERVE, CP_FREE_RESERVE, CP_RETIRE, CP_STEAL, CP_REFILL, CP_DRAIN, CP_REBUILD,
-       CP_QUEUE_PUT, CP_QUEUE_GET, CP_PARK, CP_PUBLISH, CP_TOPIC_RELEASE, CP_N };
+       CP_QUEUE_PUT, CP_QUEUE_GET, CP_PARK, CP_PUBLISH, CP_TOPIC_RELEASE, CP_PLACE_POP, CP_PLACE_PUSH, CP_LEND, CP_N };
 extern const char *const CRASH_POINTS[CP_N];
 void crash_here(void);
 #define CRASH(pt) do { if (crash_point == (pt)) crash_here(); } while (0)
@@ -242,6 +245,25 @@ int arena_pop(struct pool *p, uint64_t *out);
 int arena_peek(struct pool *p, uint64_t depth, uint64_t *out); /* entry `depth` from the top, checked */
 void list_reset(struct pool *p, int reserve);                   /* repair: empty a list to push it again */
 void list_push(struct pool *p, int reserve, uint64_t idx);      /* the push under add_element and arena_push */
+void list_cut(struct pool *p, uint64_t depth);                  /* the reserve stack's top moved to places */
+void reserve_count(struct pool *p, int d);                      /* curr_nr +1 / -1 (atomic) */
+void lower_low_water(struct pool *p, uint64_t n);
+
+/* ------------------------------------------------------------------ */
+/* places.c: the reserve's places lent to processes                     */
+
+int place_pop_fast(struct pool *p, uint64_t *handle);            /* lock-free: our top full place, handed out */
+int place_push_fast(struct pool *p, uint64_t idx, uint64_t w);   /* lock-free: a free into our empty place */
+int places_return(struct pool *p);                               /* lock held: ours back to the stack */
+int places_lend(struct pool *p);                                 /* lock held: the stack's top lent to us */
+int reserve_pop(struct pool *p, uint64_t *idx);                  /* lock held: the reserve's top, stealing if need be */
+int reserve_room(struct pool *p, int *room);                     /* lock held: an empty place for a free */
+int steal_place(struct pool *p, int *got);
+int migrate_hole(struct pool *p, int *room);
+int others_have_places(const struct pool *p);
+int64_t places_reclaim_all(struct pool *p, const unsigned char *dead, unsigned char *busy);
+int places_retire(struct pool *p, const unsigned char *v, int dead, int predecessor);
+void recount(struct pool *p);
 
 /* ------------------------------------------------------------------ */
 /* arena.c: caches, stealing, faults                                    */
@@ -252,6 +274,7 @@ int cache_push(struct pool *p, uint64_t idx, uint64_t w);
 int drain(struct pool *p, uint64_t keep);
 int steal(struct pool *p, uint64_t *taken);
 uint64_t cached_by(const struct pool *p, uint64_t e);
+int arena_dry(const struct pool *p);                   /* lock-free: no free slot anywhere (a hint) */
 int arena_take(struct pool *p, int inject, int to, uint64_t *handle);
 
 /* ------------------------------------------------------------------ */
@@ -259,6 +282,7 @@ int arena_take(struct pool *p, int inject, int to, uint64_t *handle);
 
 int entry_locked(const struct pool *p, uint64_t e);
 int owner_alive(const struct pool *p, uint64_t o);
+int token_alive(const struct pool *p, uint64_t tok);
 int lock_try(struct pool *p);
 int lock_acquire(struct pool *p, uint64_t deadline, int64_t bound_ns);
 void lock_release(struct pool *p);

@@ -235,11 +235,16 @@ static PyObject *Core_drain_cache(Core *f, PyObject *unused) {
 }
 
 /* hold(timeout=None) / unhold(): the pool lock held across Python code by
- * this process, as a recorded holder (shmpool.testing.hold_lock). */
+ * this process, as a recorded holder (shmpool.testing.hold_lock), with the
+ * reserve's places gathered into its stack (lent again at unhold). */
 static PyObject *Core_hold(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     int64_t ns = -1;
     if ((nargs > 0 && conv_timeout(args[0], &ns) < 0) || enter(f) < 0) return NULL;
     int r = lock_acquire(&f->p, deadline_in(ns), -1);
+    if (r == RC_OK) { /* every reserve place back in the stack while it is held: views show the kernel's one stack */
+        places_reclaim_all(&f->p, NULL, NULL); /* (damage it finds, the next call reports) */
+        f->p.relend = 1;
+    }
     if (r == RC_TIMEOUT) return leave_with(f, raise_busy(f, "hold_lock"));
     return leave_with(f, r == RC_OK ? Py_NewRef(Py_None) : raise_for(f, r, "hold_lock"));
 }

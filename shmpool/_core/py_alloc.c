@@ -152,7 +152,8 @@ static inline __attribute__((always_inline)) int parse_alloc(PyObject *const *ar
 static PyObject *GFP_KERNEL_OBJ;
 
 /* alloc(gfp=GFP_KERNEL, *, timeout=None): see Mempool.alloc. The common
- * case is this process's cache, without the lock. */
+ * case is this process's cache, without the lock; when the arena is dry (or
+ * failed on purpose), this process's reserve places, without the lock. */
 static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *gfp = GFP_KERNEL_OBJ, *timeout = Py_None;
@@ -164,16 +165,26 @@ static PyObject *Core_alloc(Core *f, PyObject *const *args, size_t nargsf, PyObj
         if (g >= 0 && ((uint64_t)g & ~(gfp_valid & ~gfp_zero)) == 0) sleeps = ((uint64_t)g & gfp_wait) != 0;
         PyErr_Clear();
     }
-    if (sleeps >= 0 && timeout == Py_None && p->enabled && p->entry[P_CACHE_N] > 0 &&
-        ld(&p->hdr[H_STATUS]) == STATUS_LIVE &&
+    if (sleeps >= 0 && timeout == Py_None && p->enabled && ld(&p->hdr[H_STATUS]) == STATUS_LIVE &&
         (ld(&p->hdr[H_RNG_KIND]) != RNG_GLIBC || !ld(&p->hdr[H_FAIL_THRESHOLD]))) { /* glibc's draws: locked */
         uint64_t h;
-        if (fault(p)) skip = 1; /* the arena failed: the locked attempt goes to the reserve */
-        else if (cache_pop(p, &h)) {
-            count(p, C_ALLOC_ARENA, 1);
-            return PyLong_FromUnsignedLongLong(h);
+        int places = !p->poison && p->entry[P_PLACE_R] > 0; /* full reserve places of ours */
+        if (p->entry[P_CACHE_N] > 0) {
+            if (fault(p)) skip = 1; /* the arena failed: the reserve next */
+            else if (cache_pop(p, &h)) {
+                count(p, C_ALLOC_ARENA, 1);
+                return PyLong_FromUnsignedLongLong(h);
+            } else
+                drawn = 1; /* (a thief took our cache meanwhile: this attempt has drawn already) */
+        } else if (places && !arena_dry(p)) { /* the arena's slots are elsewhere: the locked attempt takes one */
+            if (fault(p)) skip = 1;
+            else drawn = 1;
         } else
-            drawn = 1; /* (a thief took our cache meanwhile: this attempt has drawn already) */
+            skip = places; /* (dry: no draw) */
+        if (skip && places && place_pop_fast(p, &h)) {
+            count(p, C_ALLOC_RESERVE, 1);
+            return PyLong_FromUnsignedLongLong(h);
+        }
     }
     int64_t timeout_ns = -1;
     if ((sleeps < 0 && conv_gfp(gfp, &sleeps) < 0) || (timeout != Py_None && conv_timeout(timeout, &timeout_ns) < 0) ||

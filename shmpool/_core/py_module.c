@@ -17,7 +17,8 @@ static PyObject *Logger; /* logging.getLogger("shmpool") (shmpool/_log.py), from
 int64_t retry_alloc_ns = (int64_t)SLEEP_RETRY_NS, retry_queue_ns = (int64_t)QUEUE_RETRY_NS;
 int crash_point = CP_NONE;
 const char *const CRASH_POINTS[CP_N] = {"", "alloc-reserve", "free-reserve", "retire", "steal", "refill", "drain",
-                                        "rebuild", "queue-put", "queue-get", "park", "publish", "topic-release"};
+                                        "rebuild", "queue-put", "queue-get", "park", "publish", "topic-release",
+                                        "place-pop", "place-push", "lend"};
 
 void crash_here(void) { kill(getpid(), SIGKILL); }
 

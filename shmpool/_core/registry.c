@@ -19,7 +19,8 @@
  * holder's element to hand out again: one damaged byte must not give a live
  * holder's element to a second one.
  *
- * Retire: held elements of the dead go back through the free path, their
+ * Retire: the reserve places lent to the dead go back to the shared stack
+ * (places.c), held elements of the dead go back through the free path, their
  * cached slots to the arena, parked frees are completed; then each dead
  * entry is vacated, its epoch cleared last (the commit, by CAS, unless a
  * newcomer claimed it meanwhile). Every step is a whole slot word, so a
@@ -148,6 +149,8 @@ int64_t retire(struct pool *p, const unsigned char *v) {
             return corrupt(p, "slot %llu is held or cached by registry entry field %llu, which names no process "
                               "that was ever attached (a vacant or unused entry): damage", idx, W_OWNER(w));
     }
+    int r = places_retire(p, v, DEAD, PREDECESSOR); /* their reserve places, before their held elements */
+    if (r != RC_OK) return r;
     int64_t taken = 0;
     for (uint64_t idx = 0; idx < p->capacity; idx++) {
         uint64_t w = ld(&p->words[idx]), s = W_STATE(w);

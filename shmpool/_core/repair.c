@@ -8,9 +8,12 @@
  *
  *   - a word in no valid state, a slot cached by a dead process, a slot
  *     queued in a queue that does not exist: back to the arena;
+ *   - every process's reserve places given back to the stack, but a live
+ *     one's that it is moving this instant (places.c);
  *   - the reserve stack: its entries that still name RESERVE slots, in
- *     order, each once, then the RESERVE slots it lost; beyond min_nr, back
- *     to the arena (the reserve is not a cache);
+ *     order, each once, then the RESERVE slots it lost; beyond its share of
+ *     min_nr, back to the arena (the reserve is not a cache); curr_nr
+ *     counted again from the words;
  *   - each queue's list from its head while it names its own QUEUED slots,
  *     then the ones it lost (queue.c, queue_relink);
  *   - the arena's free list likewise;
@@ -28,6 +31,11 @@
 
 /* The entries of list[0:depth] whose slot is in state `s` (each once, in
  * order), then the other slots in that state, into out; their number. */
+static int in_list(const struct pool *p, uint64_t idx, uint64_t s) {
+    uint64_t w = ld(&p->words[idx]);
+    return W_STATE(w) == s && (s != ST_RESERVE || W_OWNER(w) == 0); /* (a process's reserve places: not the stack's) */
+}
+
 static uint64_t rebuilt(struct pool *p, const uint32_t *list, uint64_t depth, uint64_t s, unsigned char *seen,
                         uint32_t *out) {
     uint64_t cap = p->capacity, j = 0;
@@ -35,13 +43,13 @@ static uint64_t rebuilt(struct pool *p, const uint32_t *list, uint64_t depth, ui
     memset(seen, 0, cap);
     for (uint64_t i = 0; i < depth; i++) {
         uint64_t idx = list[i];
-        if (idx < cap && !seen[idx] && W_STATE(ld(&p->words[idx])) == s) {
+        if (idx < cap && !seen[idx] && in_list(p, idx, s)) {
             seen[idx] = 1;
             out[j++] = (uint32_t)idx;
         }
     }
     for (uint64_t idx = 0; idx < cap; idx++)
-        if (!seen[idx] && W_STATE(ld(&p->words[idx])) == s) out[j++] = (uint32_t)idx;
+        if (!seen[idx] && in_list(p, idx, s)) out[j++] = (uint32_t)idx;
     return j;
 }
 
@@ -52,9 +60,9 @@ static void push_all(struct pool *p, int reserve, const uint32_t *order, uint64_
 
 void repair(struct pool *p) {
     uint64_t cap = p->capacity, *h = p->hdr;
-    unsigned char *seen = malloc(cap), *v = dead_owners(p);
+    unsigned char *seen = malloc(cap), *v = dead_owners(p), *busy = calloc(p->max_procs + 2, 1);
     uint32_t *order = malloc(cap * sizeof *order);
-    if (!seen || !v || !order) goto out;
+    if (!seen || !v || !order || !busy) goto out;
     for (uint64_t e = 0; e < p->max_procs; e++) { /* the scans' bound, in case it was damaged */
         uint64_t *ent = ENTRY(p, e);
         if (ld(&ent[P_EPOCH]) || ld(&ent[P_CACHE_N]) || ld(&ent[P_SLEEPING])) note_entry_used(p, e);
@@ -64,17 +72,27 @@ void repair(struct pool *p) {
     if (!v) goto out;
     if (h[H_MIN_NR] < 1) h[H_MIN_NR] = 1;
     if (h[H_MIN_NR] > cap) h[H_MIN_NR] = cap;
+    /* Every process's reserve places back to the stack (the dead's whole),
+     * but those of a live process moving them this instant. */
+    int64_t moving = places_reclaim_all(p, v, busy);
+    uint64_t lent = 0;
+    for (uint64_t e = 0; e < p->max_procs; e++) {
+        uint64_t q = ld(&ENTRY(p, e)[P_PLACE_Q]);
+        if (busy[e + 1]) lent += q <= PLACES_MAX ? q : PLACES_MAX;
+    }
+    st(&h[H_LENT], lent < h[H_MIN_NR] ? lent : h[H_MIN_NR]);
     for (uint64_t idx = 0; idx < cap; idx++) {
         uint64_t w = ld(&p->words[idx]), s = W_STATE(w), o = W_OWNER(w);
         int stray = s < ST_ARENA || s > ST_SHARED || (s == ST_CACHED && v[o] == OWNER_DEAD) ||
                     (s == ST_QUEUED && (o == 0 || o > p->max_queues || QUEUE(p, o - 1)[Q_STATE] != QUEUE_LIVE)) ||
                     (s == ST_SHARED && (o == 0 || o > MAX_TOPICS || TOPIC(p, o - 1)[T_STATE] != QUEUE_LIVE));
         if (stray) set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)));
-        else if (s == ST_RESERVE && o != 0) set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)));
+        else if (s == ST_RESERVE && o != 0 && !(o <= p->max_procs && busy[o]))
+            set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)));
         CRASH(CP_REBUILD);
     }
-    uint64_t curr = rebuilt(p, p->stack, h[H_CURR_NR], ST_RESERVE, seen, order);
-    while (curr > h[H_MIN_NR]) { /* the reserve is not a cache: extras go back */
+    uint64_t curr = rebuilt(p, p->stack, h[H_RESERVE_DEPTH], ST_RESERVE, seen, order);
+    while (curr > h[H_MIN_NR] - h[H_LENT]) { /* the reserve is not a cache: extras go back */
         uint64_t idx = order[--curr], w = ld(&p->words[idx]);
         set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)));
     }
@@ -82,6 +100,8 @@ void repair(struct pool *p) {
     queue_relink(p, seen);
     push_all(p, 0, order, rebuilt(p, p->arena, h[H_ARENA_FREE], ST_ARENA, seen, order));
     topic_repair(p); /* rings, references; shared slots nobody references freed */
+    if (moving) st(&h[H_RECOUNT], 1); /* (the next holder counts curr_nr once they are still) */
+    else recount(p);
     st(&h[H_PARKED], 1);
     finish_parked(p);
     uncount_dead_sleepers(p);
@@ -90,4 +110,5 @@ out:
     free(seen);
     free(v);
     free(order);
+    free(busy);
 }

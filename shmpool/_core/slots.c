@@ -11,8 +11,11 @@
  *   hand_out        a slot to HELD by us under its next generation, and its
  *                   hand-out time (since[]: the only writer)
  *   add_element     push onto the reserve stack (curr_nr + 1)
- *   remove_element  pop the reserve's top (curr_nr - 1), checking its poison;
- *                   the only code that lowers H_LOW_WATER
+ *   remove_element  pop the reserve stack's top (curr_nr - 1), checking its
+ *                   poison
+ *   reserve_count   curr_nr, the reserve's total (the stack and the places
+ *                   lent to processes, places.c), by atomic adds; and the
+ *                   low-water mark (lower_low_water, its only writer)
  *   arena_push/pop  the shared free list of the arena (arena_free)
  *   list_push       the push under both (repair pushes the lists again
  *                   with it, after list_reset empties them)
@@ -80,28 +83,53 @@ static void poison_check(struct pool *p, uint64_t idx) {
 /* Push slot idx onto the reserve stack (reserve) or the shared free list,
  * below capacity (the caller checked): the one place that writes either. */
 void list_push(struct pool *p, int reserve, uint64_t idx) {
-    uint64_t *depth = &p->hdr[reserve ? H_CURR_NR : H_ARENA_FREE], n = *depth;
+    uint64_t *depth = &p->hdr[reserve ? H_RESERVE_DEPTH : H_ARENA_FREE], n = *depth;
     (reserve ? p->stack : p->arena)[n] = (uint32_t)idx;
     st(depth, n + 1);
 }
 
+/* H_LOW_WATER down to n if n is lower (a CAS: places move without the
+ * lock; the line is written rarely). The only code that lowers it. */
+void lower_low_water(struct pool *p, uint64_t n) {
+    uint64_t lw = ld(&p->hdr[H_LOW_WATER]);
+    while (n < lw && !__atomic_compare_exchange_n(&p->hdr[H_LOW_WATER], &lw, n, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+}
+
+/* curr_nr, the reserve's total, up or down by one: the only writer besides
+ * recount (places.c). Lowered before an element leaves the reserve and
+ * raised after one entered it, so that a process killed between leaves it
+ * too low, never too high; it never goes below 0. */
+void reserve_count(struct pool *p, int d) {
+    uint64_t *c = &p->hdr[H_CURR_NR];
+    if (d > 0) {
+        __atomic_add_fetch(c, 1, __ATOMIC_SEQ_CST);
+        return;
+    }
+    uint64_t n = __atomic_load_n(c, __ATOMIC_RELAXED);
+    while (n > 0 && !__atomic_compare_exchange_n(c, &n, n - 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {}
+    lower_low_water(p, n ? n - 1 : 0);
+}
+
 /* Push slot idx, whose word the caller has just made RESERVE, onto the
- * reserve. The caller checked that curr_nr < min_nr <= capacity. */
+ * reserve's stack: an element enters the reserve. The caller checked that
+ * there is an empty shared place (places.c, reserve_room). */
 void add_element(struct pool *p, uint64_t idx) {
     if (p->poison) poison_fill(p, idx);
     list_push(p, 1, idx);
+    reserve_count(p, 1);
 }
 
-/* Pop the top of the reserve (curr_nr > 0): its index, or RC_CORRUPT. The
- * slot word still says RESERVE: the caller hands it out or frees it. */
+/* Pop the top of the reserve's stack (depth > 0): its index, or
+ * RC_CORRUPT. The slot word still says RESERVE: the caller hands it out or
+ * frees it. */
 int remove_element(struct pool *p, uint64_t *out) {
-    uint64_t n = p->hdr[H_CURR_NR];
-    if (n == 0 || n > p->capacity) return corrupt(p, "curr_nr %llu is beyond the capacity %llu", n, p->capacity);
+    uint64_t n = p->hdr[H_RESERVE_DEPTH];
+    if (n == 0 || n > p->capacity) return corrupt(p, "the reserve stack's depth %llu is beyond the capacity %llu", n, p->capacity);
     uint64_t idx = p->stack[n - 1];
     if (idx >= p->capacity || W_STATE(ld(&p->words[idx])) != ST_RESERVE)
         return corrupt(p, "reserve stack entry %llu names slot %llu, which is not in the reserve", n - 1, idx);
-    st(&p->hdr[H_CURR_NR], n - 1);
-    if (n - 1 < ld(&p->hdr[H_LOW_WATER])) st(&p->hdr[H_LOW_WATER], n - 1); /* (a line written rarely) */
+    reserve_count(p, -1);
+    st(&p->hdr[H_RESERVE_DEPTH], n - 1);
     if (p->poison) poison_check(p, idx);
     *out = idx;
     return RC_OK;
@@ -136,8 +164,14 @@ int arena_pop(struct pool *p, uint64_t *out) {
     return r;
 }
 
+/* Cut the reserve stack down to its `depth` bottom entries: their slots
+ * above moved to a process's places (places_lend), still in the reserve. */
+void list_cut(struct pool *p, uint64_t depth) {
+    if (depth < p->hdr[H_RESERVE_DEPTH]) st(&p->hdr[H_RESERVE_DEPTH], depth);
+}
+
 /* Empty the reserve stack (reserve) or the free list, for repair() to push
  * the slots that the words say are there. */
 void list_reset(struct pool *p, int reserve) {
-    st(&p->hdr[reserve ? H_CURR_NR : H_ARENA_FREE], 0);
+    st(&p->hdr[reserve ? H_RESERVE_DEPTH : H_ARENA_FREE], 0);
 }

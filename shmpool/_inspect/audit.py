@@ -48,9 +48,11 @@ from .._layout import (
     H_ARENA_FREE,
     H_CURR_NR,
     H_FLAGS,
+    H_LENT,
     H_MIN_NR,
     H_NR_WAITERS,
     H_PARKED,
+    H_RESERVE_DEPTH,
     H_STATUS,
     HEADER_BYTES,
     MAX_SUBS,
@@ -62,7 +64,11 @@ from .._layout import (
     P_CACHE_N,
     P_EPOCH,
     P_PID,
+    P_PLACE_Q,
+    P_PLACE_R,
+    P_PLACES,
     P_SLEEPING,
+    PLACES_MAX,
     Q_COUNT,
     Q_DEPTH,
     Q_GETTERS,
@@ -119,11 +125,14 @@ def audit(v: Views) -> list[str]:
     cap = geo.capacity
     findings: list[str] = []
     min_nr, curr_nr, arena_free = hdr[H_MIN_NR], hdr[H_CURR_NR], hdr[H_ARENA_FREE]
+    depth, lent = hdr[H_RESERVE_DEPTH], hdr[H_LENT]
     if not 1 <= min_nr <= cap:
         findings.append(f"min_nr {min_nr} is outside 1..capacity ({cap})")
     if curr_nr > min_nr:
         findings.append(f"curr_nr {curr_nr} exceeds min_nr {min_nr}")
-    if curr_nr + arena_free > cap:
+    if depth + lent > min_nr:
+        findings.append(f"the reserve stack's depth {depth} and the places lent {lent} exceed min_nr {min_nr}")
+    if curr_nr + arena_free > cap or depth + arena_free > cap:
         findings.append(f"curr_nr {curr_nr} + arena_free {arena_free} exceed the capacity {cap}")
         return findings  # the stacks cannot be read within bounds
     words = np.frombuffer(v.words, dtype=np.uint64)
@@ -132,32 +141,35 @@ def audit(v: Views) -> list[str]:
     bad = np.flatnonzero(~np.isin(states, VALID_STATES))
     if bad.size:
         findings.append(f"{bad.size} slot(s) have no valid state, first slot {bad[0]} (state {states[bad[0]]})")
-    for label, depth, state, arr in (
-        ("reserve stack", curr_nr, ST_RESERVE, v.stack),
+    stacked = states.copy()  # a process's reserve places are not the stack's
+    stacked[(states == ST_RESERVE) & (owners != 0)] = 0
+    for label, n, state, arr in (
+        ("reserve stack", depth, ST_RESERVE, v.stack),
         ("arena free list", arena_free, ST_ARENA, v.arena),
     ):
-        entries = np.frombuffer(arr, dtype=np.uint32)[:depth]
+        entries = np.frombuffer(arr, dtype=np.uint32)[:n]
         out = np.flatnonzero(entries >= cap)
         if out.size:
             findings.append(f"{label} entry {out[0]} is slot {entries[out[0]]}, out of range")
             continue
         if np.bincount(entries, minlength=cap).max(initial=0) > 1:  # O(capacity), no sort
             findings.append(f"{label} holds a slot more than once")
-        wrong = np.flatnonzero(states[entries] != state)
+        wrong = np.flatnonzero(stacked[entries] != state)
         if wrong.size:
             slot = entries[wrong[0]]
             findings.append(f"{label} holds slot {slot}, whose state is {states[slot]}, not {state}")
-        count = int(np.count_nonzero(states == state))
-        if count != depth:
-            findings.append(f"{count} slot(s) are marked {label.split()[0]} but the {label} holds {depth}")
+        count = int(np.count_nonzero(stacked == state))
+        if count != n:
+            findings.append(f"{count} slot(s) are marked {label.split()[0]} but the {label} holds {n}")
     findings += _audit_owners(v, states, owners)
     findings += _audit_caches(v, states, owners)
+    findings += _audit_places(v, states, owners, curr_nr, lent)
     findings += _audit_queues(v, states, owners)
     findings += _audit_topics(v, states, owners)
     if hdr[H_NR_WAITERS] >= 1 << 31:
         findings.append(f"nr_waiters {hdr[H_NR_WAITERS]} is impossible")
     if hdr[H_FLAGS] & FLAG_POISON and not findings:
-        findings += _audit_poison(v, curr_nr)
+        findings += _audit_poison(v, depth)
     return findings
 
 
@@ -202,6 +214,45 @@ def _audit_caches(v: Views, states: np.ndarray, owners: np.ndarray) -> list[str]
         slot = int(unlisted[0])
         findings.append(f"{unlisted.size} cached slot(s) are in no cache, first slot {slot} "
                         f"(entry {int(owners[slot]) - 1})")
+    return findings
+
+
+def _audit_places(v: Views, states: np.ndarray, owners: np.ndarray, curr_nr: int, lent: int) -> list[str]:
+    """Every reserve slot a process owns is one of its full places, the
+    places lent add up to H_LENT, and curr_nr counts every reserve slot.
+    Exact only while no process is in its lock-free path (it moves its own
+    places without the lock)."""
+    cap = v.geo.capacity
+    procs = procs_table(v)
+    findings: list[str] = []
+    listed = np.zeros(cap, dtype=bool)
+    total_lent = 0
+    for row in range(v.geo.max_procs):
+        q, r = int(procs[row, P_PLACE_Q]), int(procs[row, P_PLACE_R])
+        if not q and not r:
+            continue
+        if q > PLACES_MAX or r > q:
+            findings.append(f"registry entry {row} (pid {int(procs[row, P_PID])}) claims {q} reserve places, {r} of "
+                            f"them full (at most {PLACES_MAX}, and no more full than lent)")
+            continue
+        total_lent += q
+        places = procs[row, P_PLACES:].view(np.uint32)[:r].astype(np.int64)
+        good = places[places < cap]
+        good = good[(states[good] == ST_RESERVE) & (owners[good] == row + 1)]
+        if good.size != r:
+            findings.append(f"registry entry {row} lists {r} full reserve places, of which {good.size} name its own "
+                            f"reserve slots")
+        listed[good] = True
+    unlisted = np.flatnonzero((states == ST_RESERVE) & (owners != 0) & ~listed)
+    if unlisted.size:
+        slot = int(unlisted[0])
+        findings.append(f"{unlisted.size} reserve slot(s) owned by a process are in none of its places, first slot "
+                        f"{slot} (entry {int(owners[slot]) - 1})")
+    if total_lent != lent:
+        findings.append(f"the processes hold {total_lent} reserve places but lent says {lent}")
+    reserved = int(np.count_nonzero(states == ST_RESERVE))
+    if reserved != curr_nr:
+        findings.append(f"{reserved} slot(s) are in the reserve but curr_nr says {curr_nr}")
     return findings
 
 
