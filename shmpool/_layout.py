@@ -70,8 +70,13 @@ One registry entry per attached process: its pid and start time (for
 people), its epoch (drawn from ``H_EPOCH`` when the entry was taken; it names
 this incarnation of the entry in lock tokens), how many of its threads sleep
 on each wait channel (so that a dead sleeper can be counted out), its
-counters (summed with the header's when read) and its cache of free arena
-slots (a stack only its owner pushes and pops; thieves blank what they take).
+counters (summed with the header's when read), its cache of free arena
+slots (a stack only its owner pushes and pops; thieves blank what they take)
+and the reserve places lent to it (``P_PLACE_*``, a line of their own:
+``_core/places.c``). The reserve is ``H_RESERVE_DEPTH`` elements on the
+shared stack plus every process's full places; ``H_CURR_NR`` is their total,
+``H_LENT`` the places lent (so the stack's part of ``min_nr`` is ``min_nr -
+H_LENT``).
 Liveness: each attached process holds an OFD lock on its entry's first byte
 of the segment file, dropped by the kernel when it dies.
 

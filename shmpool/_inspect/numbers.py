@@ -90,7 +90,7 @@ from .._layout import (
 from .._mapping import Views
 from .._procs import is_alive, start_ticks
 from .sizing import oldest_age_per_entry, oldest_held, sizing
-from .snapshot import Copy, cache_slots, fields, procs_table
+from .snapshot import Copy, cache_slots, fields, procs_table, reserve_slots
 from .topics import topic_rows
 
 #: Version of the --json documents' keys (every document carries it as
@@ -419,7 +419,7 @@ def describe(copy: Copy, show_all: bool = False) -> dict[str, Any]:
     codes = copy_codes(copy)
     smap, group = slot_map(codes)
     n = derived(copy)
-    stack = np.frombuffer(v.stack, dtype=np.uint32)[: min(n["curr_nr"], geo.capacity)][::-1]
+    stack = reserve_slots(v)[::-1]
     rows, counted = holders(copy), counters(v)
     return {
         "schema": SCHEMA,

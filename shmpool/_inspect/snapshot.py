@@ -54,11 +54,11 @@ from .._layout import (
     CACHE_MAX,
     FLAG_POISON,
     H_CREATED_NS,
-    H_CURR_NR,
     H_FLAGS,
     H_LOCK_OWNER,
     H_LOCK_SEQ,
     H_LOCK_SINCE_NS,
+    H_RESERVE_DEPTH,
     HEADER_BYTES,
     MAGIC,
     OWNER_MASK,
@@ -67,7 +67,11 @@ from .._layout import (
     P_CACHE_N,
     P_EPOCH,
     P_PID,
+    P_PLACE_Q,
+    P_PLACE_R,
+    P_PLACES,
     P_START,
+    PLACES_MAX,
     POISON_END,
     POISON_FREE,
     PROC_WORDS,
@@ -286,6 +290,21 @@ def cache_slots(procs: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarra
     return np.where(valid, cache, 0), valid
 
 
+def reserve_slots(v: Views) -> np.ndarray:
+    """The reserve's slots, bottom first: the shared stack, then each
+    process's full places (its own order; by registry entry), bounded to
+    the capacity (an out-of-range entry is the audit's to report). For one
+    process this is the kernel's single stack."""
+    cap = v.geo.capacity
+    parts = [np.frombuffer(v.stack, dtype=np.uint32)[: min(int(v.hdr[H_RESERVE_DEPTH]), cap)]]
+    procs = procs_table(v)
+    for row in np.flatnonzero((procs[:, P_PLACE_R] != 0) & (procs[:, P_PLACE_R] <= procs[:, P_PLACE_Q])):
+        r = min(int(procs[row, P_PLACE_R]), PLACES_MAX)
+        parts.append(procs[row, P_PLACES:].view(np.uint32)[:r])
+    out = np.concatenate(parts)
+    return out[out < cap]
+
+
 def _summary_bytes(mm: mmap.mmap, geo: Geometry) -> np.ndarray:
     """The metadata as a summary needs it: the header, the registry and the
     queue table copied, of the slot words only those the caches name,
@@ -311,10 +330,10 @@ def _scan_poison(mm: mmap.mmap, v: Views) -> np.ndarray | None:
     not the poison pattern; None if the pool is not poisoned or its stack
     cannot be read within bounds (the audit reports that)."""
     geo, hdr = v.geo, v.hdr
-    curr_nr = hdr[H_CURR_NR]
-    if not hdr[H_FLAGS] & FLAG_POISON or curr_nr > geo.capacity:
+    depth = hdr[H_RESERVE_DEPTH]
+    if not hdr[H_FLAGS] & FLAG_POISON or depth > geo.capacity:
         return None
-    entries = np.frombuffer(v.stack, dtype=np.uint32)[:curr_nr]
+    entries = np.frombuffer(v.stack, dtype=np.uint32)[:depth]  # (a poisoned pool lends no places)
     if entries.size and int(entries.max()) >= geo.capacity:
         return None
     want = np.frombuffer(poison_pattern(geo.slot_size), dtype=np.uint8)

@@ -1,0 +1,173 @@
+"""The reserve's places across processes (places.c): each process empties
+and fills the places lent to it without the pool lock, yet the reserve
+stays one reserve. An element is never handed to two processes at once, a
+free refills the reserve wherever its empty place is, an idle process's
+full places serve the others, a dead one's come back, and ``curr_nr`` and
+the audit agree with the slots at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import check_whole
+from procs import start_child, timed
+
+from shmpool import GFP_ATOMIC, Mempool
+from shmpool.testing import sleep_retry
+
+#: A child's loop on the reserve: alloc, stamp its pid into the element,
+#: check the stamp is still its own, free. Counts what it saw.
+HAMMER = """
+import numpy as np
+me, pairs, empty, stolen = os.getpid(), 0, 0, 0
+for i in range({n}):
+    h = pool.alloc(GFP_ATOMIC)
+    if h is None:
+        empty += 1
+        continue
+    a = pool.ndarray(h, dtype=np.int64)
+    a[:] = me
+    a[1] = i
+    if a[0] != me or a[1] != i or (a[2:] != me).any():
+        stolen += 1
+    del a
+    pool.free(h)
+    pairs += 1
+"""
+
+
+@pytest.mark.timeout(180)
+def test_processes_on_the_reserve_at_once_never_share_an_element(name: str, popen) -> None:
+    """min_nr == capacity: the arena is dry, every alloc is a reserve pop
+    and every free a push, mostly into the process's own places."""
+    n, kids = 20000, 3
+    with Mempool.create(name, min_nr=24, slot_size=64, capacity=24) as pool:
+        children = [start_child(popen, name) for _ in range(kids)]
+        for c in children:
+            c.send(HAMMER.format(n=n))
+        for c in children:
+            assert c.answer(timeout=150) is None
+        seen = [c.call("(pairs, empty, stolen)") for c in children]
+        assert all(stolen == 0 for _, _, stolen in seen), seen
+        assert all(pairs > 0 for pairs, _, _ in seen), seen
+        s = pool.stats()
+        total = sum(pairs for pairs, _, _ in seen)
+        assert s.alloc_arena == 0 and s.alloc_reserve == total
+        assert s.free_reserve == total and s.free_arena == 0
+        assert (s.curr_nr, s.in_use, s.arena_free) == (24, 0, 0)
+        assert s.reserve_low_water <= 24 - 1
+        check_whole(pool)
+        for c in children:
+            assert c.finish() == 0
+        pool.destroy()
+
+
+INSPECT = os.path.join(os.path.dirname(sys.executable), "shmpool-inspect")
+
+
+def _inspect_check(name: str) -> subprocess.CompletedProcess[str]:
+    """``shmpool-inspect --check``: the audit of a copy taken without the
+    lock, so the processes' places are seen as they are."""
+    return subprocess.run([INSPECT, name, "--check"], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.timeout(60)
+def test_a_free_refills_an_empty_place_lent_to_another_process(name: str, popen) -> None:
+    """The kernel's rule across processes: the child's reserve pops leave
+    the empty places in its own part; the parent, which has none, frees
+    the elements, and they go to the reserve, not the arena."""
+    with Mempool.create(name, min_nr=6, slot_size=16, capacity=8) as pool:
+        child = start_child(popen, name)
+        hs = child.call("[pool.alloc(GFP_ATOMIC) for _ in range(8)]")  # 2 from the arena, then 6 from the reserve
+        s = pool.stats()
+        assert (s.curr_nr, s.in_use, s.alloc_reserve) == (0, 8, 6)
+        assert _inspect_check(name).returncode == 0  # the child's places audit clean, without the lock
+        for h in hs[2:]:
+            pool.free(h)
+        s = pool.stats()
+        assert (s.curr_nr, s.arena_free, s.free_reserve, s.free_arena) == (6, 0, 6, 0)
+        for h in hs[:2]:
+            pool.free(h)  # the reserve is full now: the arena
+        s = pool.stats()
+        assert (s.curr_nr, s.in_use, s.free_arena) == (6, 0, 2)
+        check_whole(pool)
+        assert child.finish() == 0
+        pool.destroy()
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_process_s_full_places_serve_the_others(name: str, popen) -> None:
+    """The child takes one element from the reserve (its first reserve pop
+    lends it the stack's top places, full) and then idles: every other
+    element of the reserve can still be had by the parent, and then none."""
+    with Mempool.create(name, min_nr=8, slot_size=16, capacity=8) as pool:
+        child = start_child(popen, name)
+        child.call("h = pool.alloc(GFP_ATOMIC); assert h is not None")
+        assert _inspect_check(name).returncode == 0
+        out = subprocess.run([INSPECT, name, "--json"], capture_output=True, text=True, timeout=60)
+        d = json.loads(out.stdout)
+        assert d["curr_nr"] == 7 and len(set(d["reserve_stack"])) == 7  # its places are the reserve's too
+        assert d["slot_counts"]["reserve"] == 7
+        mine = [pool.alloc(GFP_ATOMIC) for _ in range(7)]
+        assert None not in mine and len(set(mine)) == 7
+        assert pool.alloc(GFP_ATOMIC) is None
+        assert pool.stats().curr_nr == 0
+        child.call("pool.free(h)")
+        for h in mine:
+            pool.free(h)
+        s = pool.stats()
+        assert (s.curr_nr, s.in_use) == (8, 0)
+        check_whole(pool)
+        assert child.finish() == 0
+        pool.destroy()
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_process_s_places_come_back_whole(name: str, popen) -> None:
+    with Mempool.create(name, min_nr=8, slot_size=16, capacity=8) as pool:
+        child = start_child(popen, name)
+        child.call("hs = [pool.alloc(GFP_ATOMIC) for _ in range(3)]; pool.free(hs.pop())")
+        s = pool.stats()
+        assert (s.curr_nr, s.in_use) == (6, 2)
+        child.kill()
+        assert pool.reclaim_dead() == 2
+        s = pool.stats()
+        assert (s.curr_nr, s.in_use) == (8, 0)
+        check_whole(pool)
+        got = [pool.alloc(GFP_ATOMIC) for _ in range(8)]
+        assert None not in got and len(set(got)) == 8
+        pool.free_bulk(got)
+        pool.destroy()
+
+
+@pytest.mark.timeout(90)
+def test_a_sleeping_allocation_is_woken_by_a_free_into_another_s_place(name: str, popen) -> None:
+    """The parent sleeps in alloc with everything out (its retry period
+    made longer than the test, so only a wake-up ends the sleep before its
+    timeout); the child, once it sees the sleeper, frees one element into
+    its own empty place without the lock: the sleeper is woken and gets it."""
+    with Mempool.create(name, min_nr=4, slot_size=16, capacity=4) as pool:
+        child = start_child(popen, name)
+        child.call("hs = [pool.alloc(GFP_ATOMIC) for _ in range(4)]; assert None not in hs")
+        child.send("import time\ndeadline = time.monotonic() + 30\n"
+                   "while pool.stats().nr_waiters == 0 and time.monotonic() < deadline: time.sleep(0.001)\n"
+                   "pool.free(hs.pop())")
+        before = sleep_retry(alloc=600.0)
+        try:
+            h, took = timed(lambda: pool.alloc(timeout=45.0))
+        finally:
+            sleep_retry(alloc=before[0])
+        assert child.answer(timeout=30) is None
+        assert h is not None and took < 40.0  # woken, not the deadline's last attempt
+        assert pool.stats().sleeps >= 1
+        pool.free(h)
+        child.call("pool.free_bulk(hs)")
+        assert pool.stats().curr_nr == 4
+        check_whole(pool)
+        assert child.finish() == 0
+        pool.destroy()
