@@ -146,7 +146,7 @@ int place_push_fast(struct pool *p, uint64_t idx, uint64_t w) {
 /* Full place idx (word w) of some entry onto the shared stack's top, with
  * its element still in the reserve (no count changes). */
 static int to_stack(struct pool *p, uint64_t idx, uint64_t w) {
-    if (p->hdr[H_RESERVE_DEPTH] >= p->hdr[H_MIN_NR])
+    if (p->hdr[H_RESERVE_DEPTH] + p->hdr[H_LENT] >= p->hdr[H_MIN_NR])
         return corrupt(p, "the reserve stack's depth %llu reaches min_nr %llu with places still lent",
                        p->hdr[H_RESERVE_DEPTH], p->hdr[H_MIN_NR]);
     if (set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)))) list_push(p, 1, idx);
@@ -176,6 +176,11 @@ static int give_back(struct pool *p, uint64_t e, int dead) {
             if (W_STATE(w) != ST_RESERVE || W_OWNER(w) != o)
                 return corrupt(p, "reserve place %llu of registry entry %llu names a slot not in the reserve", i, e);
         }
+    }
+    /* H_LENT first, the stack after: depth + lent <= min_nr at every instant
+     * (an attach checks it without the lock) */
+    lent_less(p, q <= PLACES_MAX ? q : PLACES_MAX);
+    if (!dead) {
         for (uint64_t i = 0; rc == RC_OK && i < r; i++) rc = to_stack(p, pl[i], ld(&p->words[pl[i]]));
     } else {
         for (uint64_t i = 0; rc == RC_OK && i < r && i < PLACES_MAX; i++) { /* in order, what is still there */
@@ -191,7 +196,6 @@ static int give_back(struct pool *p, uint64_t e, int dead) {
     st(&ent[P_PLACE_R], 0);
     st(&ent[P_PLACE_Q], 0);
     for (uint64_t i = 0; i < PLACES_MAX; i++) __atomic_store_n(&pl[i], 0u, __ATOMIC_RELAXED); /* (as never lent) */
-    lent_less(p, q <= PLACES_MAX ? q : PLACES_MAX);
     return RC_OK;
 }
 
@@ -280,11 +284,13 @@ int steal_place(struct pool *p, int *got) {
                 uint64_t idx = places_of(ent)[n - 1], w = idx < p->capacity ? ld(&p->words[idx]) : 0;
                 if (W_STATE(w) != ST_RESERVE || W_OWNER(w) != e + 1)
                     r = corrupt(p, "reserve place %llu of registry entry %llu names a slot not in the reserve", n - 1, e);
-                else if ((r = to_stack(p, idx, w)) == RC_OK) {
-                    st(&ent[P_PLACE_R], n - 1);
-                    st(&ent[P_PLACE_Q], q - 1);
-                    lent_less(p, 1);
-                    *got = 1;
+                else {
+                    lent_less(p, 1); /* (first: see give_back) */
+                    if ((r = to_stack(p, idx, w)) == RC_OK) {
+                        st(&ent[P_PLACE_R], n - 1);
+                        st(&ent[P_PLACE_Q], q - 1);
+                        *got = 1;
+                    }
                 }
             }
         }
@@ -396,18 +402,26 @@ int places_retire(struct pool *p, const unsigned char *v, int dead, int predeces
  * still (lock held). Left for the next holder (H_RECOUNT) if a live process
  * is moving its places. */
 void recount(struct pool *p) {
-    uint64_t used = entries_used(p), e;
+    uint64_t used = entries_used(p), held = 0;
     int ok = 1;
-    for (e = 0; e < used && ok; e++) ok = places_lock(p, e) != 0;
+    for (; held < used; held++) {
+        int k = places_lock(p, held);
+        if (!k) {
+            ok = 0;
+            break;
+        }
+        if (k == 2 && give_back(p, held, 1) != RC_OK) { /* a dead holder's: given back whole first */
+            ok = 0;
+            held++;
+            break;
+        }
+    }
     if (ok) {
         uint64_t n = 0;
         for (uint64_t idx = 0; idx < p->capacity; idx++) n += W_STATE(ld(&p->words[idx])) == ST_RESERVE;
         __atomic_store_n(&p->hdr[H_CURR_NR], n, __ATOMIC_SEQ_CST);
         lower_low_water(p, n);
-        st(&p->hdr[H_RECOUNT], 0);
-    } else {
-        e--; /* (the one that failed is not ours) */
-        st(&p->hdr[H_RECOUNT], 1);
     }
-    while (e-- > 0) places_unlock(ENTRY(p, e));
+    st(&p->hdr[H_RECOUNT], !ok);
+    while (held-- > 0) places_unlock(ENTRY(p, held));
 }

@@ -80,7 +80,8 @@ void repair(struct pool *p) {
         uint64_t q = ld(&ENTRY(p, e)[P_PLACE_Q]);
         if (busy[e + 1]) lent += q <= PLACES_MAX ? q : PLACES_MAX;
     }
-    st(&h[H_LENT], lent < h[H_MIN_NR] ? lent : h[H_MIN_NR]);
+    if (lent > h[H_MIN_NR]) lent = h[H_MIN_NR];
+    if (lent < h[H_LENT]) st(&h[H_LENT], lent); /* (never above its final value meanwhile: attach checks the sum) */
     for (uint64_t idx = 0; idx < cap; idx++) {
         uint64_t w = ld(&p->words[idx]), s = W_STATE(w), o = W_OWNER(w);
         int stray = s < ST_ARENA || s > ST_SHARED || (s == ST_CACHED && v[o] == OWNER_DEAD) ||
@@ -92,11 +93,12 @@ void repair(struct pool *p) {
         CRASH(CP_REBUILD);
     }
     uint64_t curr = rebuilt(p, p->stack, h[H_RESERVE_DEPTH], ST_RESERVE, seen, order);
-    while (curr > h[H_MIN_NR] - h[H_LENT]) { /* the reserve is not a cache: extras go back */
+    while (curr > h[H_MIN_NR] - lent) { /* the reserve is not a cache: extras go back */
         uint64_t idx = order[--curr], w = ld(&p->words[idx]);
         set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)));
     }
     push_all(p, 1, order, curr);
+    st(&h[H_LENT], lent);
     queue_relink(p, seen);
     push_all(p, 0, order, rebuilt(p, p->arena, h[H_ARENA_FREE], ST_ARENA, seen, order));
     topic_repair(p); /* rings, references; shared slots nobody references freed */
