@@ -50,15 +50,25 @@ CRASH_CAPACITY = 48
 CRASH_MIN_NR = 4
 KEEP = 2  # elements the idle keeper holds throughout
 
+#: A victim's setup that makes it live on the reserve: every arena attempt
+#: fails, and 10 alloc+free pairs go to the reserve under the lock, after
+#: which the reserve's places are lent to it (assert_places checks it).
+ON_THE_RESERVE = (
+    "pool.set_fail_rate(1.0)\n"
+    "for _ in range(10): pool.free(pool.alloc(GFP_ATOMIC))\n"
+    "from shmpool.testing import entry_offset, registry_entry\n"
+    "def assert_places():\n"
+    "    with open(shmpool.testing.segment_path(pool), 'rb') as f:\n"
+    "        f.seek(entry_offset(pool, registry_entry(pool), 'P_PLACE_Q'))\n"
+    "        assert int.from_bytes(f.read(8), 'little') > 0, 'no reserve places lent'"
+)
+
 #: point -> (setup in the victim, the action that reaches the point).
 #: "dead" in the setup: a process that allocated is SIGKILLed first;
 #: "dead-locked": one that took the lock is SIGKILLed first.
 CRASHES: dict[str, tuple[str, str]] = {
     "alloc-reserve": ("pool.set_fail_rate(1.0)", "pool.alloc(GFP_ATOMIC)"),
-    # (a trace keeps the free on the locked path: the victim's own reserve
-    # places, which it fills without the lock, are "place-push")
-    "free-reserve": ("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None\n"
-                     "pool.trace = lambda *args: None", "pool.free(h)"),
+    "free-reserve": ("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None", "pool.free(h)"),
     "refill": ("", "pool.alloc(GFP_KERNEL, timeout=10)"),
     "drain": ("xs = [pool.alloc(GFP_KERNEL, timeout=10) for _ in range(4)]\nfor x in xs: pool.free(x)", "pool.close()"),
     "steal": ("", f"for _ in range({CRASH_CAPACITY}): pool.alloc(GFP_KERNEL, timeout=10)"),
@@ -75,12 +85,13 @@ CRASHES: dict[str, tuple[str, str]] = {
                 "t.publish(h)"),
     "topic-release": ("t = pool.topic('t', depth=4); s = t.subscribe(); t.publish(pool.alloc(GFP_KERNEL, timeout=10));"
                       " h = s.get()", "s.release(h)"),
-    # the reserve places lent to the victim by its first locked reserve pop:
-    # emptied and filled without the lock (so no takeover follows), and a
-    # lend killed half way
-    "place-pop": ("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None", "pool.alloc(GFP_ATOMIC)"),
-    "place-push": ("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None", "pool.free(h)"),
-    "lend": ("pool.set_fail_rate(1.0)", "pool.alloc(GFP_ATOMIC)"),
+    # the reserve places lent to a victim that lives on the reserve (16
+    # locked reserve operations first): emptied and filled without the lock
+    # (so no takeover follows), and its first lend killed half way
+    "place-pop": (f"{ON_THE_RESERVE}\nh = pool.alloc(GFP_ATOMIC); assert h is not None\nassert_places()",
+                  "pool.alloc(GFP_ATOMIC)"),
+    "place-push": (f"{ON_THE_RESERVE}\nh = pool.alloc(GFP_ATOMIC); assert h is not None\nassert_places()", "pool.free(h)"),
+    "lend": ("pool.set_fail_rate(1.0)\nfor _ in range(8): pool.free(pool.alloc(GFP_ATOMIC))", "pool.alloc(GFP_ATOMIC)"),
 }
 LOCK_FREE = {"place-pop", "place-push"}  # points outside the lock
 
@@ -133,8 +144,7 @@ def test_sigkill_at_a_point_inside_a_locked_transition_loses_nothing(
         dead.call("hs = [pool.alloc(GFP_KERNEL, timeout=10) for _ in range(3)]" if setup == "dead" else "take_lock()")
         dead.kill()
     elif setup == "locked-by-other":
-        victim.call("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None\n"  # the reserve's
-                    "pool.trace = lambda *args: None")  # (its free on the locked path, not into its own places)
+        victim.call("pool.set_fail_rate(1.0); h = pool.alloc(GFP_ATOMIC); assert h is not None")  # the reserve's
         holder = start_child(popen, name)
         holder.call("take_lock()")
     elif setup:

@@ -14,11 +14,11 @@ import subprocess
 import sys
 
 import pytest
-from helpers import check_whole
-from procs import start_child, timed
+from helpers import check_whole, read_word
+from procs import entry_of, start_child, timed
 
 from shmpool import GFP_ATOMIC, Mempool
-from shmpool.testing import sleep_retry
+from shmpool.testing import entry_offset, sleep_retry
 
 #: A child's loop on the reserve: alloc, stamp its pid into the element,
 #: check the stamp is still its own, free. Counts what it saw.
@@ -67,6 +67,16 @@ def test_processes_on_the_reserve_at_once_never_share_an_element(name: str, pope
         pool.destroy()
 
 
+#: A child's warm-up that makes it live on the reserve (the arena dry): its
+#: locked reserve operations lend it the reserve's places after 16.
+ON_THE_RESERVE = "for _ in range(10): pool.free(pool.alloc(GFP_ATOMIC))"
+
+
+def places_lent(pool: Mempool, pid: int) -> int:
+    """How many of the reserve's places process ``pid`` has (its entry)."""
+    return read_word(pool, entry_offset(pool, entry_of(pool.name, pid), "P_PLACE_Q"))
+
+
 INSPECT = os.path.join(os.path.dirname(sys.executable), "shmpool-inspect")
 
 
@@ -83,14 +93,17 @@ def test_a_free_refills_an_empty_place_lent_to_another_process(name: str, popen)
     the elements, and they go to the reserve, not the arena."""
     with Mempool.create(name, min_nr=6, slot_size=16, capacity=8) as pool:
         child = start_child(popen, name)
-        hs = child.call("[pool.alloc(GFP_ATOMIC) for _ in range(8)]")  # 2 from the arena, then 6 from the reserve
+        child.call("keep = [pool.alloc(GFP_ATOMIC) for _ in range(2)]")  # the arena's two
+        child.call(ON_THE_RESERVE)
+        hs = child.call("keep + [pool.alloc(GFP_ATOMIC) for _ in range(6)]")  # then the reserve's six
+        assert places_lent(pool, child.pid) > 0
         s = pool.stats()
-        assert (s.curr_nr, s.in_use, s.alloc_reserve) == (0, 8, 6)
+        assert (s.curr_nr, s.in_use, s.alloc_reserve) == (0, 8, 16)
         assert _inspect_check(name).returncode == 0  # the child's places audit clean, without the lock
         for h in hs[2:]:
             pool.free(h)
         s = pool.stats()
-        assert (s.curr_nr, s.arena_free, s.free_reserve, s.free_arena) == (6, 0, 6, 0)
+        assert (s.curr_nr, s.arena_free, s.free_reserve, s.free_arena) == (6, 0, 10 + 6, 0)  # (10: the warm-up's)
         for h in hs[:2]:
             pool.free(h)  # the reserve is full now: the arena
         s = pool.stats()
@@ -107,7 +120,9 @@ def test_an_idle_process_s_full_places_serve_the_others(name: str, popen) -> Non
     element of the reserve can still be had by the parent, and then none."""
     with Mempool.create(name, min_nr=8, slot_size=16, capacity=8) as pool:
         child = start_child(popen, name)
+        child.call(ON_THE_RESERVE)
         child.call("h = pool.alloc(GFP_ATOMIC); assert h is not None")
+        assert places_lent(pool, child.pid) > 0
         assert _inspect_check(name).returncode == 0
         out = subprocess.run([INSPECT, name, "--json"], capture_output=True, text=True, timeout=60)
         d = json.loads(out.stdout)
@@ -131,7 +146,9 @@ def test_an_idle_process_s_full_places_serve_the_others(name: str, popen) -> Non
 def test_a_killed_process_s_places_come_back_whole(name: str, popen) -> None:
     with Mempool.create(name, min_nr=8, slot_size=16, capacity=8) as pool:
         child = start_child(popen, name)
+        child.call(ON_THE_RESERVE)
         child.call("hs = [pool.alloc(GFP_ATOMIC) for _ in range(3)]; pool.free(hs.pop())")
+        assert places_lent(pool, child.pid) > 0
         s = pool.stats()
         assert (s.curr_nr, s.in_use) == (6, 2)
         child.kill()
@@ -153,7 +170,9 @@ def test_a_sleeping_allocation_is_woken_by_a_free_into_another_s_place(name: str
     its own empty place without the lock: the sleeper is woken and gets it."""
     with Mempool.create(name, min_nr=4, slot_size=16, capacity=4) as pool:
         child = start_child(popen, name)
+        child.call(ON_THE_RESERVE)
         child.call("hs = [pool.alloc(GFP_ATOMIC) for _ in range(4)]; assert None not in hs")
+        assert places_lent(pool, child.pid) > 0
         child.send("import time\ndeadline = time.monotonic() + 30\n"
                    "while pool.stats().nr_waiters == 0 and time.monotonic() < deadline: time.sleep(0.001)\n"
                    "pool.free(hs.pop())")

@@ -944,8 +944,8 @@ def bench_procs(reps: int) -> dict[str, Any]:
 def bench_reserve2(reps: int) -> dict[str, Any]:
     """Two (and four) processes on the reserve path at once: min_nr ==
     capacity leaves the arena dry, so every alloc pops the reserve and every
-    free pushes it (under the pool lock). Best of a few rounds, one, two and
-    four in turn."""
+    free pushes it (each process mostly in its own reserve places, without
+    the pool lock). Best of a few rounds, one, two and four in turn."""
     seconds = 0.25 * reps / 4
     rounds = 1 if reps < 10 else 3
     pool = Mempool.create(f"bench-reserve2-{TAG}", min_nr=1024, slot_size=64, capacity=1024)

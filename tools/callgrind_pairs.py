@@ -8,7 +8,8 @@ per pair, so interpreter start-up and pool creation cancel out:
 
     arena    min_nr 1, capacity 256: the process's cache serves every pair
     reserve  min_nr == capacity: the arena is dry, every alloc takes the
-             reserve's top and every free refills it, under the lock
+             reserve's top and every free refills it (the process's own
+             reserve places, without the lock, after the first)
 
 OpenBLAS's threads (numpy's) spin for a while and would count as work: they
 are held to one thread. Exit status 1 if valgrind is missing or a run

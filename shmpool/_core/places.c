@@ -30,8 +30,10 @@
  * its top full place, a free fills its lowest empty one. Nothing else
  * crosses cores but H_CURR_NR's line.
  *
- * Under the pool lock, a process doing anything else with the reserve first
- * gives its places back (places_return: its elements onto the stack's top,
+ * A process is lent places once it has gone to the reserve under the lock
+ * LEND_AFTER times (a process that touches the reserve now and then never
+ * has any). Under the pool lock, a process doing anything else with the
+ * reserve first gives its places back (places_return: its elements onto the stack's top,
  * oldest first; they are the newest), does what the single stack would,
  * and when the lock is let go borrows the stack's top min(PLACES_MAX,
  * shared part) places again (places_lend; leave() in mempool.c). One process
@@ -64,6 +66,7 @@
 #include "pool.h"
 
 #define PLACE_SPINS 512 /* pauses a holder of the pool lock waits for an owner in its lock-free path */
+#define LEND_AFTER 16   /* locked reserve operations of an object before it is lent places */
 
 static uint32_t *places_of(uint64_t *ent) { return (uint32_t *)(ent + P_PLACES); }
 
@@ -216,9 +219,16 @@ int places_return(struct pool *p) {
 /* Lend ourselves the stack's top min(PLACES_MAX, shared part) places (its
  * top elements, oldest first, and the empty places above them), when we
  * have none: what lets our next allocations and frees on the reserve skip
- * the lock. Only for an object that uses the lock-free paths. */
+ * the lock. Only for an object that uses the lock-free paths, and only
+ * once it has gone to the reserve under the lock LEND_AFTER times: a
+ * process that touches the reserve now and then keeps the single stack
+ * (nothing of it sits in its entry), one that lives on it gets places. */
 int places_lend(struct pool *p) {
     p->relend = 0;
+    if (p->reserve_calls < LEND_AFTER) { /* not yet a process that lives on the reserve */
+        p->reserve_calls++;
+        return RC_OK;
+    }
     if (!p->entry || !p->enabled || p->poison || ld(&p->entry[P_PLACE_Q]) != 0 || ld(&p->entry[P_EPOCH]) == 0 ||
         ld(&p->hdr[H_STATUS]) != STATUS_LIVE)
         return RC_OK;
