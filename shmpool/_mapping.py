@@ -122,8 +122,10 @@ def quick_check(v: Views) -> str | None:
         return f"min_nr {min_nr} is outside 1..capacity ({cap})"
     if curr_nr > min_nr:
         return f"curr_nr {curr_nr} exceeds min_nr {min_nr}"
-    if depth + lent > min_nr:
-        return f"the reserve stack's depth {depth} and the places lent {lent} exceed min_nr {min_nr}"
+    # (each word alone: their sum holds under the lock, but two words read
+    # without it may come from either side of a lend or a give-back)
+    if depth > min_nr or lent > min_nr:
+        return f"the reserve stack's depth {depth} or the places lent {lent} exceed min_nr {min_nr}"
     if curr_nr + arena_free > cap:
         return f"curr_nr {curr_nr} + arena_free {arena_free} exceed the capacity {cap}"
     for label, n, arr in (("reserve stack", depth, v.stack), ("arena free list", arena_free, v.arena)):
