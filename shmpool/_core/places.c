@@ -161,6 +161,23 @@ static void lent_less(struct pool *p, uint64_t k) {
     st(&p->hdr[H_LENT], lent > k ? lent - k : 0);
 }
 
+/* Entry e's place counts within bounds, or RC_CORRUPT. */
+static int check_counts(struct pool *p, uint64_t e, uint64_t q, uint64_t r) {
+    if (q > PLACES_MAX || r > q)
+        return corrupt(p, "registry entry %llu claims %llu reserve places (or more full than lent)", e, q);
+    return RC_OK;
+}
+
+/* Full place i of entry e: its slot and word, which must be a RESERVE slot
+ * owned by e, or RC_CORRUPT. */
+static int full_place(struct pool *p, uint64_t e, uint64_t i, uint64_t *idx, uint64_t *w) {
+    *idx = places_of(ENTRY(p, e))[i];
+    *w = *idx < p->capacity ? ld(&p->words[*idx]) : 0;
+    if (W_STATE(*w) != ST_RESERVE || W_OWNER(*w) != e + 1)
+        return corrupt(p, "reserve place %llu of registry entry %llu names a slot not in the reserve", i, e);
+    return RC_OK;
+}
+
 /* Entry e's places back to the shared part (its place lock held): its
  * elements onto the stack's top, oldest first. `dead`: its process died,
  * perhaps in the middle of a move, so every RESERVE slot it owns goes back,
@@ -172,13 +189,9 @@ static int give_back(struct pool *p, uint64_t e, int dead) {
     uint32_t *pl = places_of(ent);
     int rc = RC_OK;
     if (!dead) {
-        if (q > PLACES_MAX || r > q)
-            return corrupt(p, "registry entry %llu claims %llu reserve places (or more full than lent)", e, q);
-        for (uint64_t i = 0; i < r; i++) { /* all checked before anything moves */
-            uint64_t idx = pl[i], w = idx < p->capacity ? ld(&p->words[idx]) : 0;
-            if (W_STATE(w) != ST_RESERVE || W_OWNER(w) != o)
-                return corrupt(p, "reserve place %llu of registry entry %llu names a slot not in the reserve", i, e);
-        }
+        if (check_counts(p, e, q, r) != RC_OK) return RC_CORRUPT;
+        for (uint64_t i = 0, idx, w; i < r; i++) /* all checked before anything moves */
+            if (full_place(p, e, i, &idx, &w) != RC_OK) return RC_CORRUPT;
     }
     /* H_LENT first, the stack after: depth + lent <= min_nr at every instant
      * (an attach checks it without the lock) */
@@ -202,6 +215,14 @@ static int give_back(struct pool *p, uint64_t e, int dead) {
     return RC_OK;
 }
 
+/* Entry e's places, whose lock was taken over from a dead holder, back
+ * whole; curr_nr is counted again by the next holder of the lock. */
+static int give_back_dead(struct pool *p, uint64_t e) {
+    int r = give_back(p, e, 1);
+    st(&p->hdr[H_RECOUNT], 1);
+    return r;
+}
+
 /* Our places back to the shared part, before anything else is done with
  * the reserve under the lock; leave() lends them again (p->relend). */
 int places_return(struct pool *p) {
@@ -210,9 +231,8 @@ int places_return(struct pool *p) {
     if (ld(&p->entry[P_PLACE_Q]) == 0) return RC_OK;
     int k = places_lock(p, p->me - 1);
     if (!k) return RC_OK;
-    int r = give_back(p, p->me - 1, k == 2);
+    int r = k == 2 ? give_back_dead(p, p->me - 1) : give_back(p, p->me - 1, 0);
     places_unlock(p->entry);
-    if (k == 2) st(&p->hdr[H_RECOUNT], 1);
     return r;
 }
 
@@ -244,11 +264,8 @@ int places_lend(struct pool *p) {
     }
     int lk = places_lock(p, p->me - 1);
     if (lk != 1) { /* busy, or a dead holder's (then given back whole) */
-        int r = lk == 2 ? give_back(p, p->me - 1, 1) : RC_OK;
-        if (lk == 2) {
-            places_unlock(p->entry);
-            st(&h[H_RECOUNT], 1);
-        }
+        int r = lk == 2 ? give_back_dead(p, p->me - 1) : RC_OK;
+        if (lk == 2) places_unlock(p->entry);
         return r;
     }
     uint32_t *pl = places_of(p->entry);
@@ -283,24 +300,17 @@ int steal_place(struct pool *p, int *got) {
         int r = RC_OK;
         if (k == 2) { /* its holder died moving them: all of them back */
             uint64_t before = p->hdr[H_RESERVE_DEPTH];
-            r = give_back(p, e, 1);
-            st(&p->hdr[H_RECOUNT], 1);
+            r = give_back_dead(p, e);
             *got = p->hdr[H_RESERVE_DEPTH] > before;
         } else {
             uint64_t n = ld(&ent[P_PLACE_R]), q = ld(&ent[P_PLACE_Q]);
-            if (n > q || q > PLACES_MAX) {
-                r = corrupt(p, "registry entry %llu claims %llu reserve places (or more full than lent)", e, q);
-            } else if (n > 0) {
-                uint64_t idx = places_of(ent)[n - 1], w = idx < p->capacity ? ld(&p->words[idx]) : 0;
-                if (W_STATE(w) != ST_RESERVE || W_OWNER(w) != e + 1)
-                    r = corrupt(p, "reserve place %llu of registry entry %llu names a slot not in the reserve", n - 1, e);
-                else {
-                    lent_less(p, 1); /* (first: see give_back) */
-                    if ((r = to_stack(p, idx, w)) == RC_OK) {
-                        st(&ent[P_PLACE_R], n - 1);
-                        st(&ent[P_PLACE_Q], q - 1);
-                        *got = 1;
-                    }
+            uint64_t idx, w;
+            if ((r = check_counts(p, e, q, n)) == RC_OK && n > 0 && (r = full_place(p, e, n - 1, &idx, &w)) == RC_OK) {
+                lent_less(p, 1); /* (first: see give_back) */
+                if ((r = to_stack(p, idx, w)) == RC_OK) {
+                    st(&ent[P_PLACE_R], n - 1);
+                    st(&ent[P_PLACE_Q], q - 1);
+                    *got = 1;
                 }
             }
         }
@@ -321,8 +331,7 @@ int migrate_hole(struct pool *p, int *room) {
         if (!k) continue;
         int r = RC_OK;
         if (k == 2) {
-            r = give_back(p, e, 1);
-            st(&p->hdr[H_RECOUNT], 1);
+            r = give_back_dead(p, e);
         } else {
             uint64_t n = ld(&ent[P_PLACE_R]), q = ld(&ent[P_PLACE_Q]);
             if (n < q && q <= PLACES_MAX) {
@@ -400,10 +409,9 @@ int places_retire(struct pool *p, const unsigned char *v, int dead, int predeces
         if (ld(&ent[P_PLACE_Q]) == 0 && ld(&ent[P_PLACE_R]) == 0 && ld(&ent[P_PLACE_LOCK]) == 0) continue;
         int k = places_lock(p, e);
         if (!k) continue; /* (a newcomer claimed the entry meanwhile and is moving them) */
-        int r = give_back(p, e, 1);
+        int r = give_back_dead(p, e);
         places_unlock(ent);
         if (r != RC_OK) return r;
-        st(&p->hdr[H_RECOUNT], 1);
     }
     return RC_OK;
 }
