@@ -96,7 +96,7 @@ import mmap
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 11  # 11: reserve places (per-process windows of the reserve; curr_nr an atomic total); 10: share groups (a topic kind: elements held by several processes); 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
+LAYOUT_VERSION = 12  # 12: the header's hot words regrouped (nothing a lock-free call reads on the lock's line); 11: reserve places (per-process windows of the reserve; curr_nr an atomic total); 10: share groups (a topic kind: elements held by several processes); 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
 
 HEADER_WORDS = 96
 HEADER_BYTES = HEADER_WORDS * 8
@@ -129,41 +129,45 @@ H_FAIL_RATE = 21  # (f64) probability that an arena attempt fails on purpose
 H_SEED = 22
 H_RNG_KIND = 23  # the fault injector's generator: RNG_SPLITMIX or RNG_GLIBC
 # The words below are grouped by cache line (8 words each), by who writes
-# them and when, so that a critical section moves as few lines between
-# cores as it can (tools/bench.py reserve2 measures it).
+# them and when, so that a call moves as few lines between cores as it can
+# (tools/bench.py pipeline and reserve2 measure it).
 #
-# The lock's line: the lock word and the pool state that every critical
-# section reads and writes under it (H_PARKED, also raised lock-free by a
-# parked free). Taking the lock brings the line to the taker's core; the
-# section then finds its state there.
+# The lock's line: the lock word and what only lock holders and lock
+# contenders touch (H_PARKED is also raised lock-free by a parked free).
+# Every acquisition writes it, so nothing that a lock-free call reads lives
+# here: when two processes hand elements over through a queue, each takes
+# the lock once per message, and an allocation from the cache that read
+# this line would miss on it every time.
 H_LOCK_OWNER = 24  # 0, or the holder's token (entry + 1) | epoch << 16; contenders wait on its low 32 bits
-H_STATUS = 25  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
-H_MIN_NR = 26
-H_CURR_NR = 27  # the reserve's elements in all: the shared stack and every place (atomic adds)
-H_ARENA_FREE = 28
+H_LOCK_SINCE_NS = 25  # CLOCK_MONOTONIC ns when the lock was taken (written by the holder)
+H_LOCK_SEQ = 26  # bumped by every acquisition
+H_LOCK_WAITERS = 27  # contenders asleep on the lock
+H_LOCK_WAKING = 28  # 1: a releaser woke a lock contender that has not run yet (no other is woken meanwhile)
 H_PARKED = 29  # slots PARKED (freed without the lock) that the next lock holder returns
-H_LOCK_SINCE_NS = 30  # CLOCK_MONOTONIC ns when the lock was taken (written by the holder)
-H_LOCK_SEQ = 31  # bumped by every acquisition
-# The wait line: read by every critical section, written by sleepers and
-# lock contenders (atomic adds), wakers and the fault injector.
-H_LOCK_WAITERS = 32  # contenders asleep on the lock
-H_NR_WAITERS = 33  # sleeping allocations, counted in and out with atomic adds
-H_ASYNC_WAITERS = 34  # of them, the asyncio ones (woken through their process's FIFO)
-H_WAIT_SEQ = 35  # futex word: bumped by every wake-up of the channel
-H_FAIL_THRESHOLD = 36  # fail_rate scaled to 2**53: fail when the draw is below it
-H_RNG = 37  # splitmix64 state of the fault injector (atomic add; RNG_SPLITMIX)
+H_RESERVE_DEPTH = 30  # the shared reserve stack's depth (under the lock)
+H_LENT = 31  # reserve places lent to processes, in all (under the lock; repair sums the entries' P_PLACE_Q)
+# The state line: read by every call, the lock-free alloc and free
+# included; written rarely (destroy, resize, sleepers counting themselves
+# in), except H_CURR_NR by the reserve's own moves.
+H_STATUS = 32  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
+H_MIN_NR = 33
+H_CURR_NR = 34  # the reserve's elements in all: the shared stack and every place (atomic adds)
+H_NR_WAITERS = 35  # sleeping allocations, counted in and out with atomic adds
+H_ASYNC_WAITERS = 36  # of them, the asyncio ones (woken through their process's FIFO)
+H_FAIL_THRESHOLD = 37  # fail_rate scaled to 2**53: fail when the draw is below it
 H_ENTRIES_USED = 38  # one past the highest registry entry ever taken: how far scans look
-H_LOCK_WAKING = 39  # 1: a releaser woke a lock contender that has not run yet (no other is woken meanwhile)
+H_RECOUNT = 39  # 1: curr_nr is to be counted again from the words (a repair found a place busy)
+# The arena's line: written by cache refills and drains (a batch at a
+# time), wake-ups and the fault injector; the geometry words here are read
+# at attach only.
 H_OFF_DESC = 40  # (geometry) the element descriptors' table
 H_OFF_SINCE = 41  # (geometry) the hand-out times' table
-# For sizing the reserve (shmpool-inspect's verdict on min_nr): written
-# rarely, so they share no line with the hot words above.
-H_LOW_WATER = 42  # the lowest curr_nr seen since create (remove_element lowers it, under the lock)
+H_LOW_WATER = 42  # the lowest curr_nr seen since create (lowered by CAS-min with the reserve's moves)
 H_OFF_REFS = 43  # (geometry) the references' table (topics)
 H_OFF_TOPICS = 44  # (geometry) the topic table, its subscriptions and their rings
-H_RESERVE_DEPTH = 45  # the shared reserve stack's depth (under the lock)
-H_LENT = 46  # reserve places lent to processes, in all (under the lock; repair sums the entries' P_PLACE_Q)
-H_RECOUNT = 47  # 1: curr_nr is to be counted again from the words (a repair found a place busy)
+H_ARENA_FREE = 45
+H_WAIT_SEQ = 46  # futex word: bumped by every wake-up of the channel
+H_RNG = 47  # splitmix64 state of the fault injector (atomic add; RNG_SPLITMIX)
 # Counters (the header's part; each registry entry counts the first N_PROC_COUNTERS too).
 H_ALLOC_ARENA = 48
 H_ALLOC_RESERVE = 49

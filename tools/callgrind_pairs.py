@@ -10,6 +10,11 @@ per pair, so interpreter start-up and pool creation cancel out:
     reserve  min_nr == capacity: the arena is dry, every alloc takes the
              reserve's top and every free refills it (the process's own
              reserve places, without the lock, after the first)
+    queue    the README's hand-off, both of its sides in one process: alloc,
+             pool.ndarray(h, np.uint64), q.put(h); then q.get(timeout=30),
+             pool.ndarray(h, np.uint64), pool.free(h) (what shmpool adds to
+             each message of tools/bench.py pipeline, without the bench's own
+             work; the misses between two cores are not instructions)
 
 OpenBLAS's threads (numpy's) spin for a while and would count as work: they
 are held to one thread. Exit status 1 if valgrind is missing or a run
@@ -36,14 +41,30 @@ kind, n = sys.argv[1], int(sys.argv[2])
 name = f"cg{os.getpid()}"
 if kind == "arena":
     pool = Mempool.create(name, min_nr=1, slot_size=64, capacity=256)
+elif kind == "queue":
+    pool = Mempool.create(name, min_nr=8, slot_size=4096, capacity=512)
 else:
     pool = Mempool.create(name, min_nr=64, slot_size=64, capacity=64)
 try:
     alloc, free = pool.alloc, pool.free
+    if kind == "queue":
+        import numpy as np
+        q, view, u64 = pool.queue("frames", depth=256), pool.ndarray, np.uint64
+        put, get = q.put, q.get
+        def pair():
+            h = alloc()
+            view(h, u64)
+            put(h)
+            h = get(timeout=30.0)
+            view(h, u64)
+            free(h)
+    else:
+        def pair():
+            free(alloc(GFP_ATOMIC))
     for _ in range(100):
-        free(alloc(GFP_ATOMIC))
+        pair()
     for _ in range(n):
-        free(alloc(GFP_ATOMIC))
+        pair()
 finally:
     pool.destroy()
 """
@@ -72,14 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         print("callgrind_pairs: valgrind is not installed: nothing measured", file=sys.stderr)
         return 1
     result = {}
-    for kind in ("arena", "reserve"):
+    for kind in ("arena", "reserve", "queue"):
         low, high = instructions(kind, args.pairs), instructions(kind, 3 * args.pairs)
         result[kind] = round((high - low) / (2 * args.pairs))
     if args.json:
         print(json.dumps(result))
     else:
         for kind, per in result.items():
-            print(f"{kind:8} {per:6d} instructions per alloc+free pair")
+            what = "message (both sides)" if kind == "queue" else "alloc+free pair"
+            print(f"{kind:8} {per:6d} instructions per {what}")
     return 0
 
 

@@ -90,6 +90,11 @@ int cache_pop(struct pool *p, uint64_t *handle) {
         uint64_t idx = __atomic_load_n(&p->cache[n], __ATOMIC_ACQUIRE);
         st(&ent[P_CACHE_N], n);
         if (idx >= p->capacity) continue; /* blank, or damaged: dropped */
+        prefetch_w(&p->words[idx]); /* read, then CASed: owned at once */
+        if (n > 0) { /* the next allocation's word, while the caller works */
+            uint32_t nx = __atomic_load_n(&p->cache[n - 1], __ATOMIC_RELAXED);
+            if (nx < p->capacity) prefetch_w(&p->words[nx]);
+        }
         uint64_t w = ld(&p->words[idx]);
         if (W_STATE(w) != ST_CACHED || W_OWNER(w) != p->me) continue; /* taken by a thief */
         if (hand_out(p, idx, w, handle)) return 1;
@@ -155,6 +160,7 @@ static int refill(struct pool *p, uint64_t k, uint64_t *moved) {
         uint64_t idx;
         int r = arena_peek(p, i, &idx);
         if (r != RC_OK) return r;
+        prefetch_w(&p->words[idx]); /* the words' misses overlap, before the loop below CASes them */
     }
     for (uint64_t i = 0; i < take; i++) {
         uint64_t idx;

@@ -58,6 +58,21 @@
 
 #include "pool.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
+int have_prefetchw;
+
+/* PREFETCHW is CPUID 0x80000001 ECX bit 8 (every x86-64 of the last decade;
+ * older ones may not decode it, so it is asked for, not assumed). */
+__attribute__((constructor)) static void detect_prefetchw(void) {
+#if defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (__get_cpuid(0x80000001u, &a, &b, &c, &d)) have_prefetchw = (int)((c >> 8) & 1);
+#endif
+}
+
 int corrupt(struct pool *p, const char *fmt, unsigned long long a, unsigned long long b) {
     snprintf(p->msg, sizeof p->msg, fmt, a, b);
     return RC_CORRUPT;
@@ -170,7 +185,10 @@ int run(struct pool *p, struct call *c) {
 static int run_loop(struct pool *p, struct call *c) {
     for (;;) {
         int mode = c->sleep_outside ? MODE_ASYNC : c->may_sleep && !passed(c->deadline) ? MODE_SLEEP : MODE_FAIL;
-        if (mode == MODE_SLEEP && (c->step == step_put || c->step == step_get)) queue_spin(p, c, c->step == step_put);
+        if (c->step == step_put || c->step == step_get) {
+            queue_warm(p, c); /* its line, owned, while the lock is coming */
+            if (mode == MODE_SLEEP) queue_spin(p, c, c->step == step_put);
+        }
         uint64_t tried = mode == MODE_SLEEP && !c->slept && is_allocation(c) ? now_ns() : 0; /* a sleep starts here */
         int r = lock_acquire(p, c->deadline, c->may_sleep ? -1 : c->bound_ns);
         p->last_event = EV_NONE; /* (after the wait: another thread's call may have run meanwhile) */

@@ -228,6 +228,25 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* Cache-line hints. Between two processes on two cores, a line that a call
+ * reads and then writes (a slot word it CASes, a queue's count) crosses
+ * twice: shared for the read, then owned for the write. prefetch_w asks for
+ * it owned at once, and early: issued before the lock is taken, or for the
+ * element the next call will take, its miss overlaps other work. A hint
+ * only: it changes no value, and nothing depends on it. (PREFETCHW where
+ * the CPU has it, mempool.c asks CPUID; else a plain prefetch.) */
+extern int have_prefetchw;
+static inline void prefetch_w(const void *a) {
+#if defined(__x86_64__)
+    if (have_prefetchw) {
+        __asm__ __volatile__("prefetchw %0" : : "m"(*(const char *)a));
+        return;
+    }
+#endif
+    __builtin_prefetch(a, 1, 3);
+}
+static inline void prefetch_r(const void *a) { __builtin_prefetch(a, 0, 3); }
+
 int corrupt(struct pool *p, const char *fmt, unsigned long long a, unsigned long long b);
 void describe(struct pool *p, uint64_t w, uint64_t gen); /* why a handle is not held, into p->msg */
 
@@ -392,6 +411,7 @@ int step_queue_open(struct pool *p, struct call *c, int mode);
 int step_put(struct pool *p, struct call *c, int mode);
 int step_get(struct pool *p, struct call *c, int mode);
 void queue_spin(struct pool *p, struct call *c, int put);
+void queue_warm(struct pool *p, const struct call *c);
 int queue_relink(struct pool *p, unsigned char *seen);     /* repair */
 
 /* ------------------------------------------------------------------ */

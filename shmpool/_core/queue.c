@@ -57,11 +57,14 @@ static void queue_link(struct pool *p, uint64_t q, uint64_t idx) {
 static int queue_unlink(struct pool *p, uint64_t q, uint64_t *out) {
     uint64_t *Q = QUEUE(p, q);
     uint64_t n = Q[Q_COUNT], head = Q[Q_HEAD];
+    prefetch_w(&p->words[head]); /* read, then CASed by the caller: owned at once */
     uint64_t w = ld(&p->words[head]);
     if (W_STATE(w) != ST_QUEUED || W_OWNER(w) != q + 1)
         return corrupt(p, "queue %llu's head is slot %llu, which is not in it", q, head);
     uint64_t nx = n > 1 ? p->next[head] : NO_SLOT;
     if (n > 1 && nx >= p->capacity) return corrupt(p, "queue %llu links slot %llu to nowhere", q, head);
+    if (n > 1) prefetch_w(&p->words[nx]); /* the next get's, while the caller works */
+    prefetch_r(p->data + head * p->stride); /* the element's first line: the getter reads it next */
     st(&Q[Q_HEAD], nx);
     if (n == 1) st(&Q[Q_TAIL], NO_SLOT);
     st(&Q[Q_COUNT], n - 1);
@@ -163,6 +166,12 @@ int step_get(struct pool *p, struct call *c, int mode) {
         st(&Q[Q_PUT_NEED], 0); /* the woken that still lack room say so again */
     }
     return k ? RC_OK : r;
+}
+
+/* Before a put or get takes the lock: ask for the queue's count line owned
+ * (the step reads and writes it), so that its miss overlaps the lock's. */
+void queue_warm(struct pool *p, const struct call *c) {
+    if (c->q < p->max_queues) prefetch_w(&QUEUE(p, c->q)[Q_COUNT]);
 }
 
 /* Before a blocked put (get) registers and sleeps: poll the queue's count
