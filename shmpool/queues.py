@@ -63,7 +63,7 @@ class Queue:
     calling process are refused with the pool's errors, changing nothing.
     """
 
-    __slots__ = ("_member", "_core", "_name", "_depth", "_index", "_used", "_unused_index")
+    __slots__ = ("_member", "_core", "_port", "_name", "_depth", "_index", "_used", "_unused_index", "__dict__")
 
     def __init__(self, member: Membership, name: str, index: int, depth: int) -> None:
         self._member = member
@@ -71,8 +71,12 @@ class Queue:
         self._name = name
         self._depth = depth
         self._index = index
-        self._used = False  # moved an element through this object (see close)
+        self._used = False  # moved elements through the methods below (see close)
         self._unused_index = -1
+        # The idiom's per-message calls: the core's, bound to this queue,
+        # found before the documented ones below (as Mempool binds alloc).
+        self._port = port = self._core.port(index, name)
+        self.__dict__.update(put=port.put, get=port.get)
 
     @property
     def name(self) -> str:
@@ -102,11 +106,8 @@ class Queue:
         """Hand element ``handle`` (held by this process) to the queue; it no
         longer belongs to the caller. Blocks while the queue is full (up to
         ``timeout`` seconds): queue.Full if it stays full, or at once if not
-        ``block``."""
-        q = self._index  # (self._q() inlined: put and get are the idiom's per-message calls)
-        self._used = True
-        if not self._core.put(q if q >= 0 else self._q(), handle, block, timeout):
-            raise _stdqueue.Full
+        ``block``. (The core's port runs it: this body only through the class.)"""
+        self._port.put(handle, block, timeout)
 
     def put_nowait(self, handle: int) -> None:
         """put(handle, block=False): queue.Full at once when full."""
@@ -123,13 +124,9 @@ class Queue:
     def get(self, block: bool = True, timeout: float | None = None) -> int:
         """Take the oldest element: the caller is now its holder. Blocks
         while the queue is empty (up to ``timeout`` seconds): queue.Empty if
-        it stays empty, or at once if not ``block``."""
-        q = self._index
-        self._used = True
-        handle = self._core.get(q if q >= 0 else self._q(), block, timeout)
-        if handle is None:
-            raise _stdqueue.Empty
-        return handle  # type: ignore[no-any-return]
+        it stays empty, or at once if not ``block``. (The core's port runs it:
+        this body only through the class.)"""
+        return self._port.get(block, timeout)  # type: ignore[no-any-return]
 
     def get_nowait(self) -> int:
         """get(block=False): queue.Empty at once when empty."""
@@ -188,9 +185,10 @@ class Queue:
         or OSError (qsize, empty, full), as multiprocessing.Queue's do; as
         there, qsize, empty and full still answer on an object closed before
         it moved any element."""
-        if not self._used and self._index >= 0:
+        if not (self._used or self._port.used) and self._index >= 0:
             self._unused_index = self._index
         self._index = -1
+        self._port.close()
 
     def join_thread(self) -> None:
         """Nothing to do: multiprocessing.Queue's, kept so that shutdown

@@ -123,6 +123,45 @@ def test_refused_puts_change_nothing(pool: Mempool, name: str) -> None:
     pool.free(h)
 
 
+def test_put_and_get_take_their_arguments_as_multiprocessing_queues_do(pool: Mempool) -> None:
+    """put(handle, block=True, timeout=None) and get(block=True,
+    timeout=None), by position or by keyword; a call with wrong arguments
+    is refused with TypeError and changes nothing."""
+    q = pool.queue("q", depth=2)
+    h, k, extra = pool.alloc(), pool.alloc(), pool.alloc()
+    assert q.put(handle=h, timeout=1.0) is None
+    q.put(k, True, None)
+    with pytest.raises(queue.Full):
+        q.put(extra, block=False)
+    pool.free(extra)  # still ours: the refused put left it with us
+    assert q.get(timeout=1.0) == h
+    assert q.get(True, 1) == k
+    with pytest.raises(queue.Empty):
+        q.get(block=False)
+    with pytest.raises(queue.Empty):
+        q.get(False, 5.0)  # not blocking: the timeout is ignored, as queue.Queue's
+    q.put(h)
+    before = snapshot(pool)
+    for call, why in (
+        (lambda: q.put(), "missing required argument 'handle'"),
+        (lambda: q.put(k, True, None, 1), "at most 3 arguments"),
+        (lambda: q.put(k, item=k), "unexpected keyword argument 'item'"),
+        (lambda: q.put(k, handle=k), "multiple values for argument 'handle'"),
+        (lambda: q.get(True, None, 1), "at most 2 arguments"),
+        (lambda: q.get(True, block=False), "multiple values for argument 'block'"),
+        (lambda: q.get(timeout="1"), "timeout must be a number"),
+    ):
+        with pytest.raises(TypeError, match=why):
+            call()
+    with pytest.raises(ValueError, match="timeout must be a finite number"):
+        q.get(timeout=-1.0)
+    assert snapshot(pool) == before
+    assert q.get_nowait() == h
+    pool.free_bulk([h, k])
+    assert pool.stats().in_use == 0
+    check_whole(pool)
+
+
 def test_a_numpy_integer_handle_is_a_handle(pool: Mempool) -> None:
     q = pool.queue("q", depth=4)
     hs = pool.alloc_bulk(2)

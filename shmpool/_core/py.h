@@ -107,4 +107,7 @@ PyObject *mod_send_reference(PyObject *m, PyObject *o);
 Owner *owner_of(PyObject *o);
 int views_init(PyObject *module);
 
+/* py_queue.c */
+int queue_init(PyObject *module); /* the Port type, queue.Full and queue.Empty */
+
 #endif

@@ -222,7 +222,7 @@ PyMODINIT_FUNC PyInit__core(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (views_init(m) < 0) {
+    if (views_init(m) < 0 || queue_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
