@@ -126,7 +126,8 @@ void call_init(struct call *c, step_fn step, int bound, int64_t timeout_ns) {
     c->arg = NULL;
     c->may_sleep = c->sleep_outside = c->slept = c->reported = c->skip_arena = c->drawn = c->channel = 0;
     c->slept_since = 0;
-    c->deadline = deadline_in(timeout_ns);
+    c->timeout_ns = timeout_ns;
+    c->deadline = timeout_ns <= 0 ? deadline_in(timeout_ns) : DEADLINE_LAZY; /* (0: passed at once) */
     c->bound_ns = bound == BOUND_ATOMIC ? (int64_t)ATOMIC_WAIT_NS : bound == BOUND_ADMIN ? (int64_t)ADMIN_WAIT_NS : -1;
     c->retry_ns = SLEEP_RETRY_NS;
     c->nap_ns = PUT_NAP_NS;
@@ -184,13 +185,13 @@ int run(struct pool *p, struct call *c) {
 
 static int run_loop(struct pool *p, struct call *c) {
     for (;;) {
-        int mode = c->sleep_outside ? MODE_ASYNC : c->may_sleep && !passed(c->deadline) ? MODE_SLEEP : MODE_FAIL;
+        int mode = c->sleep_outside ? MODE_ASYNC : c->may_sleep && !call_passed(c) ? MODE_SLEEP : MODE_FAIL;
         if (c->step == step_put || c->step == step_get) {
             queue_warm(p, c); /* its line, owned, while the lock is coming */
             if (mode == MODE_SLEEP) queue_spin(p, c, c->step == step_put);
         }
         uint64_t tried = mode == MODE_SLEEP && !c->slept && is_allocation(c) ? now_ns() : 0; /* a sleep starts here */
-        int r = lock_acquire(p, c->deadline, c->may_sleep ? -1 : c->bound_ns);
+        int r = lock_try(p) ? RC_OK : lock_acquire(p, call_deadline(c), c->may_sleep ? -1 : c->bound_ns);
         p->last_event = EV_NONE; /* (after the wait: another thread's call may have run meanwhile) */
         if (r == RC_TIMEOUT && !c->may_sleep && c->bound_ns >= 0) r = RC_BUSY;
         if ((r == RC_TIMEOUT || r == RC_BUSY) && c->step == step_alloc) { /* the lock did not come: a failure */
@@ -209,6 +210,7 @@ static int run_loop(struct pool *p, struct call *c) {
             leave(p);
         }
         wake_pending(p);
+        if (r == RC_SLEEP) call_deadline(c); /* it will wait: its deadline counts from now at the latest */
         if (r == RC_FAIL && c->may_sleep) r = RC_TIMEOUT; /* the last attempt, past the deadline */
         if (c->after && c->after(p, c, r) < 0) {
             if (r == RC_SLEEP) {
@@ -229,7 +231,7 @@ static int run_loop(struct pool *p, struct call *c) {
             nap = c->nap_ns;
             c->nap_ns *= 2;
         }
-        r = chan_sleep(p, c->channel, c->seen, earlier(now + nap, c->deadline), put_nap);
+        r = chan_sleep(p, c->channel, c->seen, earlier(now + nap, call_deadline(c)), put_nap);
         if (r != RC_OK) return r;
     }
 }

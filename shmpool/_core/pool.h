@@ -354,7 +354,8 @@ struct call {
     const void *arg;           /* a step's argument that is no number (a queue's name) */
     int may_sleep;             /* sleeps when step registers (else RC_SLEEP is returned) */
     int sleep_outside;         /* RC_SLEEP goes back to the caller, who waits elsewhere (asyncio) */
-    uint64_t deadline;         /* of the whole call (0: none) */
+    uint64_t deadline;         /* of the whole call (0: none; DEADLINE_LAZY: not read yet, call_deadline) */
+    int64_t timeout_ns;        /* what it was made from (-1: none) */
     int64_t bound_ns;          /* a wait for the lock by a call that may not sleep: at most this (-1: none) */
     uint64_t retry_ns;         /* a sleeper retries this often unwoken */
     uint64_t nap_ns;           /* a blocked put looks again after this (doubling up to retry_ns) */
@@ -373,6 +374,18 @@ struct call {
     uint64_t a, b, out[4];
     uint64_t *snapshot;
 };
+
+/* A call's deadline is read from the clock when it first matters: before
+ * its first wait (for the lock, a spin, a sleep), or once its first attempt
+ * found it must wait. Until then it has run C only, without waiting, and a
+ * call that never waits (the common case: a queue that has room, a lock
+ * that is free) reads no clock at all. */
+#define DEADLINE_LAZY UINT64_MAX
+static inline uint64_t call_deadline(struct call *c) {
+    if (c->deadline == DEADLINE_LAZY) c->deadline = deadline_in(c->timeout_ns);
+    return c->deadline;
+}
+static inline int call_passed(const struct call *c) { return c->deadline != DEADLINE_LAZY && passed(c->deadline); }
 
 enum { BOUND_CALLER = 0, BOUND_ATOMIC = 1, BOUND_ADMIN = 2 };
 int is_allocation(const struct call *c);   /* alloc or alloc_bulk: its sleep counts in the sleep totals */

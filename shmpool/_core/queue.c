@@ -63,7 +63,10 @@ static int queue_unlink(struct pool *p, uint64_t q, uint64_t *out) {
         return corrupt(p, "queue %llu's head is slot %llu, which is not in it", q, head);
     uint64_t nx = n > 1 ? p->next[head] : NO_SLOT;
     if (n > 1 && nx >= p->capacity) return corrupt(p, "queue %llu links slot %llu to nowhere", q, head);
-    if (n > 1) prefetch_w(&p->words[nx]); /* the next get's, while the caller works */
+    if (n > 1) { /* the next get's word and first line, while the caller works */
+        prefetch_w(&p->words[nx]);
+        prefetch_r(p->data + nx * p->stride);
+    }
     prefetch_r(p->data + head * p->stride); /* the element's first line: the getter reads it next */
     st(&Q[Q_HEAD], nx);
     if (n == 1) st(&Q[Q_TAIL], NO_SLOT);
@@ -195,7 +198,7 @@ void queue_spin(struct pool *p, struct call *c, int put) {
         if (++p->spin_skips[c->q][put] % SPIN_PROBE) return;
         *budget = QUEUE_SPIN_NS / 4; /* the probe */
     }
-    uint64_t t0 = now_ns(), until = earlier(t0 + *budget, c->deadline);
+    uint64_t t0 = now_ns(), until = earlier(t0 + *budget, call_deadline(c));
     int seen = 0;
     void *token = host.unblock();
     for (int i = 1;; i++) {
