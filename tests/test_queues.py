@@ -127,7 +127,11 @@ def test_put_and_get_take_their_arguments_as_multiprocessing_queues_do(pool: Mem
     """put(handle, block=True, timeout=None) and get(block=True,
     timeout=None), by position or by keyword; a call with wrong arguments
     is refused with TypeError and changes nothing."""
+    import inspect
+
     q = pool.queue("q", depth=2)
+    assert str(inspect.signature(q.put)) == "(handle, block=True, timeout=None)"
+    assert str(inspect.signature(q.get)) == "(block=True, timeout=None)"
     h, k, extra = pool.alloc(), pool.alloc(), pool.alloc()
     assert q.put(handle=h, timeout=1.0) is None
     q.put(k, True, None)

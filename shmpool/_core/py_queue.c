@@ -280,9 +280,13 @@ static void Port_dealloc(PyObject *self) {
 
 #define M(name, fn, flags, doc) {name, (PyCFunction)(void (*)(void))fn, flags, doc}
 static PyMethodDef Port_methods[] = {
-    M("put", Port_put, METH_FASTCALL | METH_KEYWORDS, "(handle, block=True, timeout=None); queue.Full"),
-    M("get", Port_get, METH_FASTCALL | METH_KEYWORDS, "(block=True, timeout=None) -> handle; queue.Empty"),
-    M("close", Port_close, METH_NOARGS, "() : put and get raise PoolClosedError from now on"),
+    M("put", Port_put, METH_FASTCALL | METH_KEYWORDS,
+      "put($self, /, handle, block=True, timeout=None)\n--\n\nHand element `handle` to the queue (Queue.put): "
+      "queue.Full if it stays full."),
+    M("get", Port_get, METH_FASTCALL | METH_KEYWORDS,
+      "get($self, /, block=True, timeout=None)\n--\n\nTake the oldest element (Queue.get): queue.Empty if it "
+      "stays empty."),
+    M("close", Port_close, METH_NOARGS, "close($self, /)\n--\n\nput and get raise PoolClosedError from now on."),
     {NULL},
 };
 static PyGetSetDef Port_getset[] = {
