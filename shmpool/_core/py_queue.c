@@ -32,15 +32,22 @@ static int prepare_move(uint64_t q, PyObject *block_obj, PyObject *timeout, stru
     return 0;
 }
 
+/* A queue method's arguments (q, [x,] block=True, timeout=None): `first`
+ * of them required (q, and x if any); the queue's index into *q. */
+static int parse_head(Core *f, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t first, const char *fname,
+                      uint64_t *q) {
+    if (nargs < first || nargs > first + 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd arguments (%zd given)", fname, first, first + 2, nargs);
+        return -1;
+    }
+    return parse_q(f, args[0], q);
+}
+
 /* (q, x, block=True, timeout=None) -> the call, ready to run. */
 static int parse_move(Core *f, PyObject *const *args, Py_ssize_t nargs, const char *fname, struct call *c,
                       step_fn step, PyObject **x) {
-    if (nargs < 2 || nargs > 4) {
-        PyErr_Format(PyExc_TypeError, "%s() takes 2 to 4 arguments (%zd given)", fname, nargs);
-        return -1;
-    }
     uint64_t q;
-    if (parse_q(f, args[0], &q) < 0) return -1;
+    if (parse_head(f, args, nargs, 2, fname, &q) < 0) return -1;
     *x = args[1];
     return prepare_move(q, nargs > 2 ? args[2] : Py_True, nargs > 3 ? args[3] : Py_None, c, step);
 }
@@ -73,11 +80,7 @@ static PyObject *put_one(Core *f, uint64_t q, PyObject *x, PyObject *block, PyOb
 /* put(q, handle, block=True, timeout=None) -> True, or False if it stayed full. */
 static PyObject *Core_put(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t q;
-    if (nargs < 2 || nargs > 4) {
-        PyErr_Format(PyExc_TypeError, "put() takes 2 to 4 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    if (parse_q(f, args[0], &q) < 0) return NULL;
+    if (parse_head(f, args, nargs, 2, "put", &q) < 0) return NULL;
     return put_one(f, q, args[1], nargs > 2 ? args[2] : Py_True, nargs > 3 ? args[3] : Py_None);
 }
 
@@ -97,11 +100,7 @@ static PyObject *get_one(Core *f, uint64_t q, PyObject *block, PyObject *timeout
 /* get(q, block=True, timeout=None) -> a handle, or None if it stayed empty. */
 static PyObject *Core_get(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t q;
-    if (nargs < 1 || nargs > 3) {
-        PyErr_Format(PyExc_TypeError, "get() takes 1 to 3 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    if (parse_q(f, args[0], &q) < 0) return NULL;
+    if (parse_head(f, args, nargs, 1, "get", &q) < 0) return NULL;
     return get_one(f, q, nargs > 1 ? args[1] : Py_True, nargs > 2 ? args[2] : Py_None);
 }
 
@@ -192,8 +191,8 @@ static PyObject *Core_queue_open(Core *f, PyObject *const *args, Py_ssize_t narg
 typedef struct {
     PyObject_HEAD
     Core *core;
-    PyObject *q;               /* the queue's index (an int), NULL once closed */
-    uint64_t qn;               /* the same, for the core */
+    uint64_t q;                /* the queue's index */
+    int closed;                /* Queue.close() was called */
     PyObject *name;            /* for messages */
     int used;                  /* moved an element (Queue.close's rule) */
 } Port;
@@ -230,7 +229,7 @@ static int port_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
 }
 
 static int port_open(Port *pt) {
-    if (pt->q) return 0;
+    if (!pt->closed) return 0;
     PyErr_Format(ErrClosed, "queue %R is closed in this object; open it again with pool.queue()", pt->name);
     return -1;
 }
@@ -241,7 +240,7 @@ static PyObject *Port_put(Port *pt, PyObject *const *args, Py_ssize_t nargs, PyO
     PyObject *a[3] = {NULL, Py_True, Py_None};
     if (port_args(args, nargs, kwnames, "put", names, 3, 1, a) < 0 || port_open(pt) < 0) return NULL;
     pt->used = 1;
-    PyObject *r = put_one(pt->core, pt->qn, a[0], a[1], a[2]);
+    PyObject *r = put_one(pt->core, pt->q, a[0], a[1], a[2]);
     if (r != Py_False) return r == Py_True ? (Py_DECREF(r), Py_NewRef(Py_None)) : r;
     Py_DECREF(r);
     PyErr_SetNone(QueueFull);
@@ -254,7 +253,7 @@ static PyObject *Port_get(Port *pt, PyObject *const *args, Py_ssize_t nargs, PyO
     PyObject *a[2] = {Py_True, Py_None};
     if (port_args(args, nargs, kwnames, "get", names, 2, 0, a) < 0 || port_open(pt) < 0) return NULL;
     pt->used = 1;
-    PyObject *r = get_one(pt->core, pt->qn, a[0], a[1]);
+    PyObject *r = get_one(pt->core, pt->q, a[0], a[1]);
     if (r != Py_None) return r;
     Py_DECREF(r);
     PyErr_SetNone(QueueEmpty);
@@ -262,7 +261,7 @@ static PyObject *Port_get(Port *pt, PyObject *const *args, Py_ssize_t nargs, PyO
 }
 
 static PyObject *Port_close(Port *pt, PyObject *unused) {
-    Py_CLEAR(pt->q);
+    pt->closed = 1;
     Py_RETURN_NONE;
 }
 
@@ -271,7 +270,6 @@ static PyObject *Port_used(Port *pt, void *unused) { return PyBool_FromLong(pt->
 static void Port_dealloc(PyObject *self) {
     Port *pt = (Port *)self;
     Py_XDECREF(pt->core);
-    Py_XDECREF(pt->q);
     Py_XDECREF(pt->name);
     PyTypeObject *tp = Py_TYPE(self);
     tp->tp_free(self);
@@ -313,14 +311,9 @@ static PyObject *Core_port(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     Port *pt = PyObject_New(Port, PortType);
     if (!pt) return NULL;
     pt->core = (Core *)Py_NewRef((PyObject *)f);
-    pt->q = PyLong_FromUnsignedLongLong(q);
-    pt->qn = q;
+    pt->q = q;
+    pt->closed = pt->used = 0;
     pt->name = Py_NewRef(args[1]);
-    pt->used = 0;
-    if (!pt->q) {
-        Py_DECREF(pt);
-        return NULL;
-    }
     return (PyObject *)pt;
 }
 
