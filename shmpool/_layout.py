@@ -223,7 +223,7 @@ STATE_NAMES = {
     ST_HELD: "held",
     ST_CACHED: "in the arena (a process's cache)",
     ST_QUEUED: "in a queue",
-    ST_PARKED: "being freed (parked until the pool lock is free)",
+    ST_PARKED: "being freed (parked until the pool lock or the reserve's empty place is free)",
     ST_SHARED: "published to a topic",
 }
 STATE_MASK = 0xFF
@@ -396,6 +396,9 @@ def c_header() -> str:
     body.append("\n/* the counters, in COUNTERS' order: their header words */")
     body.append(f"#define N_COUNTERS {len(COUNTERS)}")
     body.append("#define COUNTER_WORDS {" + ", ".join(f"{w:#x}ull" for _, w in COUNTERS) + "}")
+    body.append("\n/* where a slot in each state is, by state (0: none valid), for messages */")
+    where = (STATE_NAMES.get(s, "in no valid state") for s in range(max(STATE_NAMES) + 1))
+    body.append("#define STATE_WHERE {" + ", ".join(f'"{w}"' for w in where) + "}")
     text = "\n".join(body) + "\n"
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return (

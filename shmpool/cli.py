@@ -39,13 +39,13 @@ Slot map: one character per slot, or per group of slots for big pools (at
 most 8 rows of 64)::
 
     R  in the reserve          H  held by a live process
-    .  free in the arena       P  parked: freed while the lock was busy,
-    c  free in a process's        the next lock holder completes the free
-       cache                   X  held by a dead process
-    Q  in a queue              ?  no valid state, queued in a queue that
-       (shmpool.queues)           does not exist, or held or cached by no
-    S  shared: published to a     process ever attached (damage)
-       topic (shmpool.topics)
+    .  free in the arena       P  parked: freed while the lock (or the
+    c  free in a process's        reserve's empty place) was busy; the
+       cache                      next lock holder completes the free
+    Q  in a queue              X  held by a dead process
+       (shmpool.queues)        ?  no valid state, queued in a queue that
+    S  shared: published to a     does not exist, or held or cached by no
+       topic (shmpool.topics)     process ever attached (damage)
 
 A character for a group shows the state most of its slots are in (a tie
 goes to the busier state: P, H, S, Q, R, c, then .), except that a group with

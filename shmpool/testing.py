@@ -23,6 +23,9 @@ anybody's) never reach into private attributes:
 - ``audit(pool)``: every broken invariant, one sentence each (the lock held).
 - ``crash_at(point)``: SIGKILL this process the next time it reaches one of
   ``CRASH_POINTS`` of the core (a test of repair after a death there).
+- ``stop_at(point)``: SIGSTOP this process once, the next time it reaches
+  one of ``CRASH_POINTS`` (a live process paused in the middle of an
+  operation; SIGCONT lets it go on).
 - ``sleep_retry(alloc=None, queue=None)``: how often an unwoken sleeper
   retries, in seconds (lengthen it so that only a wake-up can end a sleep);
   returns the previous periods.
@@ -59,6 +62,7 @@ __all__ = [
     "segment_path",
     "sleep_retry",
     "slot_word_offset",
+    "stop_at",
     "views",
 ]
 
@@ -141,6 +145,13 @@ def crash_at(point: str) -> None:
     """SIGKILL this process the next time the core reaches ``point`` (one
     of CRASH_POINTS; "" turns it off)."""
     _crash_at(point)
+
+
+def stop_at(point: str) -> None:
+    """SIGSTOP this process once, the next time the core reaches ``point``
+    (one of CRASH_POINTS; "" turns it off). It goes on from there at
+    SIGCONT."""
+    _crash_at(point, True)
 
 
 def sleep_retry(alloc: float | None = None, queue: float | None = None) -> tuple[float, float]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import check_whole, read_word
+from helpers import check_whole, read_word, wait_for
 from procs import entry_of, start_child, timed
 
 from shmpool import GFP_ATOMIC, Mempool
@@ -86,6 +86,12 @@ def _inspect_check(name: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([INSPECT, name, "--check"], capture_output=True, text=True, timeout=60)
 
 
+def _inspect_json(name: str) -> dict:
+    out = subprocess.run([INSPECT, name, "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 @pytest.mark.timeout(60)
 def test_a_free_refills_an_empty_place_lent_to_another_process(name: str, popen) -> None:
     """The kernel's rule across processes: the child's reserve pops leave
@@ -108,6 +114,43 @@ def test_a_free_refills_an_empty_place_lent_to_another_process(name: str, popen)
             pool.free(h)  # the reserve is full now: the arena
         s = pool.stats()
         assert (s.curr_nr, s.in_use, s.free_arena) == (6, 0, 2)
+        check_whole(pool)
+        assert child.finish() == 0
+        pool.destroy()
+
+
+@pytest.mark.timeout(90)
+def test_a_free_waits_for_no_process_and_still_refills_the_reserve_first(name: str, popen) -> None:
+    """The reserve's only empty places are the child's, and the child is
+    stopped in the middle of moving them (inside a lock-free pop, its
+    place lock held). The parent's frees neither wait for it nor send the
+    elements to the arena (whose elements the reserve never gets back):
+    they are parked, and the first holder of the lock after the child goes
+    on puts them into the reserve, as the kernel's rule says."""
+    with Mempool.create(name, min_nr=6, slot_size=16, capacity=8) as pool:
+        child = start_child(popen, name)
+        child.call("keep = [pool.alloc(GFP_ATOMIC) for _ in range(2)]")  # the arena's two
+        child.call(ON_THE_RESERVE)
+        hs = child.call("[pool.alloc(GFP_ATOMIC) for _ in range(5)]")  # five of the reserve's six
+        assert places_lent(pool, child.pid) == 6 and None not in hs
+        child.send("shmpool.testing.stop_at('place-pop'); last = pool.alloc(GFP_ATOMIC)")
+        wait_for(lambda: child.state() in ("T", "t"), what="the child to stop inside its pop")
+        before = pool.stats()
+        for h in hs:
+            _, took = timed(lambda h=h: pool.free(h))
+            assert took < 5.0  # (the lock's bound for a free is far below: no wait on the child)
+        d = _inspect_json(name)
+        assert d["parked"] == 5 and d["slot_counts"]["parked"] == 5
+        s = pool.stats()
+        assert (s.free_arena, s.arena_free, s.in_use) == (before.free_arena, before.arena_free, 8 - s.curr_nr)
+        child.cont()
+        assert child.answer(timeout=30) is None
+        s = pool.stats()  # (its lock completes the parked frees)
+        assert (s.curr_nr, s.free_arena, s.free_reserve) == (5, before.free_arena, before.free_reserve + 5)
+        assert _inspect_json(name)["parked"] == 0
+        child.call("pool.free(last); pool.free_bulk(keep)")
+        s = pool.stats()
+        assert (s.curr_nr, s.in_use, s.arena_free) == (6, 0, 2)
         check_whole(pool)
         assert child.finish() == 0
         pool.destroy()

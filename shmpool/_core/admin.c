@@ -52,8 +52,8 @@ int step_resize_grow(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     for (int64_t i = 0; r == RC_OK && i < c->n; i++) {
         uint64_t unused;
-        int room = 0;
-        if (ld(&p->hdr[H_CURR_NR]) < p->hdr[H_MIN_NR] && (r = reserve_room(p, &room)) != RC_OK) break;
+        int room = 0, busy;
+        if (ld(&p->hdr[H_CURR_NR]) < p->hdr[H_MIN_NR] && (r = reserve_room(p, &room, &busy)) != RC_OK) break;
         if (!room) { c->b = 0; break; }
         int a = arena_take(p, 1, ST_RESERVE, &unused);
         if (a == RC_FAIL || a == RC_DRY) { c->b = 0; break; }

@@ -38,7 +38,10 @@
  * slot word HELD -> PARKED (a CAS: the commit; the handle is no longer
  * held, so a second free of it is refused) and raises the hint H_PARKED.
  * The next holder of the lock clears the hint and returns every PARKED slot
- * through release_slot. A parker killed between its CAS and the hint leaves
+ * through release_slot. release_slot itself parks a free whose reserve
+ * has room only in places another live process is moving this instant
+ * (places.c): the reserve is refilled first, and nobody waits for it. A
+ * parker killed between its CAS and the hint leaves
  * a PARKED slot that repair and retire (which read every word) return.
  * stats() counts parked elements in in_use (they are still out of the pool)
  * and says how many.
@@ -80,9 +83,7 @@ int corrupt(struct pool *p, const char *fmt, unsigned long long a, unsigned long
 
 /* Why handle (slot idx, generation gen) is not a held element: into p->msg. */
 void describe(struct pool *p, uint64_t w, uint64_t gen) {
-    static const char *where[] = {"in no valid state", "in the arena", "in the reserve", "held",
-                                  "in the arena (a process's cache)", "in a queue",
-                                  "being freed (parked until the pool lock is free)", "published to a topic"};
+    static const char *where[] = STATE_WHERE;
     uint64_t s = W_STATE(w);
     if (s == ST_HELD)
         snprintf(p->msg, sizeof p->msg,
@@ -90,7 +91,7 @@ void describe(struct pool *p, uint64_t w, uint64_t gen) {
                  "again since)", (unsigned long long)W_GEN(w), (unsigned long long)gen);
     else
         snprintf(p->msg, sizeof p->msg, "its slot is %s (freed already, or never allocated, or another pool's handle)",
-                 where[s <= ST_SHARED ? s : 0]);
+                 where[s < sizeof where / sizeof *where ? s : 0]);
 }
 
 /* The header's own bounds, checked before any transition. */
@@ -325,16 +326,33 @@ int step_alloc_preallocated(struct pool *p, struct call *c, int mode) {
     return RC_OK;
 }
 
-/* mempool_free of HELD slot idx whose word was w (lock held): refill the
- * reserve if it is below min_nr (and wake the sleepers), else give the
- * element to the arena, through our cache when `to_cache`. The word moves by
- * CAS (a free without the lock may race): RC_INVALID if it lost. */
+/* Slot idx, whose word was w (HELD, or PARKED already), parked: its free
+ * is completed by the next holder of the lock (see "Parked frees"). */
+static int park(struct pool *p, uint64_t idx, uint64_t w) {
+    if (W_STATE(w) != ST_PARKED && !set_word(p, idx, w, mkword(ST_PARKED, p->me, W_GEN(w)))) return RC_INVALID;
+    CRASH(CP_PARK);
+    __atomic_store_n(&p->hdr[H_PARKED], 1, __ATOMIC_SEQ_CST);
+    return RC_OK;
+}
+
+/* mempool_free of HELD (or PARKED) slot idx whose word was w (lock held):
+ * refill the reserve if it is below min_nr (and wake the sleepers), else
+ * give the element to the arena, through our cache when `to_cache`. If the
+ * reserve's only empty places are another process's that it is moving
+ * this instant, the element is parked for the next holder: the reserve
+ * first, as the kernel's rule says, and no wait on a live process. The
+ * word moves by CAS (a free without the lock may race): RC_INVALID if it
+ * lost. */
 int release_slot(struct pool *p, uint64_t idx, uint64_t w, int to_cache) {
     uint64_t *h = p->hdr;
-    int room = 0;
+    int room = 0, busy = 0;
     if (ld(&h[H_CURR_NR]) < h[H_MIN_NR]) { /* some place is empty: find it (ours given back first) */
-        int r = reserve_room(p, &room);
+        int r = reserve_room(p, &room, &busy);
         if (r != RC_OK) return r;
+    }
+    if (!room && busy) {
+        p->last_event = EV_NONE;
+        return park(p, idx, w);
     }
     if (room) {
         if (!set_word(p, idx, w, mkword(ST_RESERVE, 0, W_GEN(w)))) return RC_INVALID;
@@ -414,12 +432,10 @@ int park_free(struct pool *p, uint64_t idx, uint64_t gen, uint64_t owner) {
         describe(p, w, gen);
         return RC_INVALID;
     }
-    if (!set_word(p, idx, w, mkword(ST_PARKED, p->me, gen))) {
+    if (park(p, idx, w) != RC_OK) {
         snprintf(p->msg, sizeof p->msg, "freed by another process at the same moment");
         return RC_INVALID;
     }
-    CRASH(CP_PARK);
-    __atomic_store_n(&p->hdr[H_PARKED], 1, __ATOMIC_SEQ_CST);
     return RC_OK;
 }
 

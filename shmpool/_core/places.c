@@ -50,7 +50,10 @@
  * owner on its lock-free path (uncontended: its own line), or a holder of
  * the pool lock. A holder of the pool lock never waits on a live process:
  * it spins briefly, then skips a busy entry (its places are out of reach
- * for that call, like an element that process holds). A place lock whose
+ * for that call, like an element that process holds). A free whose only
+ * empty places are out of reach so is parked (release_slot): the next
+ * holder of the lock completes it, into the reserve, never the arena,
+ * whose elements the reserve would not get back. A place lock whose
  * holder is proven dead (the token's epoch or OFD lock, as for the pool
  * lock) is taken over, and that entry's places are given back whole
  * (give_back with `dead`), whatever its list said.
@@ -321,14 +324,18 @@ int steal_place(struct pool *p, int *got) {
 }
 
 /* The shared part is full: another process's empty place becomes shared.
- * *room: 1 if one did. */
-int migrate_hole(struct pool *p, int *room) {
-    *room = 0;
+ * *room: 1 if one did; else *busy: 1 if an entry with empty places was
+ * skipped because its live owner was moving them. */
+int migrate_hole(struct pool *p, int *room, int *busy) {
+    *room = *busy = 0;
     for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
         uint64_t *ent = ENTRY(p, e);
         if (!other(p, e) || ld(&ent[P_PLACE_Q]) <= ld(&ent[P_PLACE_R])) continue;
         int k = places_lock(p, e);
-        if (!k) continue;
+        if (!k) {
+            *busy = 1;
+            continue;
+        }
         int r = RC_OK;
         if (k == 2) {
             r = give_back_dead(p, e);
@@ -352,13 +359,16 @@ int migrate_hole(struct pool *p, int *room) {
 
 /* Whether a free may go to the reserve (lock held; the caller saw curr_nr <
  * min_nr): an empty shared place, else another process's made shared. Our
- * own places were given back first. */
-int reserve_room(struct pool *p, int *room) {
+ * own places were given back first. With no room, *busy says whether an
+ * empty place exists but its live owner is moving it this instant (the
+ * free must wait for it, not go to the arena: see release_slot). */
+int reserve_room(struct pool *p, int *room, int *busy) {
     int r = places_return(p);
+    *busy = 0;
     if (r != RC_OK) return r;
     uint64_t *h = p->hdr;
     *room = h[H_RESERVE_DEPTH] + h[H_LENT] < h[H_MIN_NR];
-    return *room ? RC_OK : migrate_hole(p, room);
+    return *room ? RC_OK : migrate_hole(p, room, busy);
 }
 
 /* The reserve's top for an allocation (lock held): our places given back,

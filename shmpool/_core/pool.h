@@ -277,9 +277,9 @@ int place_push_fast(struct pool *p, uint64_t idx, uint64_t w);   /* lock-free: a
 int places_return(struct pool *p);                               /* lock held: ours back to the stack */
 int places_lend(struct pool *p);                                 /* lock held: the stack's top lent to us */
 int reserve_pop(struct pool *p, uint64_t *idx);                  /* lock held: the reserve's top, stealing if need be */
-int reserve_room(struct pool *p, int *room);                     /* lock held: an empty place for a free */
+int reserve_room(struct pool *p, int *room, int *busy);          /* lock held: an empty place for a free */
 int steal_place(struct pool *p, int *got);
-int migrate_hole(struct pool *p, int *room);
+int migrate_hole(struct pool *p, int *room, int *busy);
 int others_have_places(const struct pool *p);
 int64_t places_reclaim_all(struct pool *p, const unsigned char *dead, unsigned char *busy);
 int places_retire(struct pool *p, const unsigned char *v, int dead, int predecessor);

@@ -20,7 +20,16 @@ const char *const CRASH_POINTS[CP_N] = {"", "alloc-reserve", "free-reserve", "re
                                         "rebuild", "queue-put", "queue-get", "park", "publish", "topic-release",
                                         "place-pop", "place-push", "lend"};
 
-void crash_here(void) { kill(getpid(), SIGKILL); }
+static int crash_stops; /* crash_at(..., stop=True): SIGSTOP once instead */
+
+void crash_here(void) {
+    if (!crash_stops) {
+        kill(getpid(), SIGKILL);
+        return;
+    }
+    crash_point = CP_NONE; /* (once: the process goes on where it stopped) */
+    kill(getpid(), SIGSTOP);
+}
 
 static void *unblock(void) { return PyEval_SaveThread(); }
 static void block(void *token) { PyEval_RestoreThread((PyThreadState *)token); }
@@ -122,18 +131,21 @@ static PyObject *mod_after_fork_in_child(PyObject *m, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* crash_at(point): a test hook: SIGKILL this process the next time it
- * reaches `point` ("" turns it off). */
-static PyObject *mod_crash_at(PyObject *m, PyObject *arg) {
-    const char *s = PyUnicode_AsUTF8(arg);
-    if (!s) return NULL;
+/* crash_at(point, stop=False): a test hook: SIGKILL this process the next
+ * time it reaches `point` ("" turns it off); with `stop`, SIGSTOP it there
+ * once (a live process paused in the middle of an operation). */
+static PyObject *mod_crash_at(PyObject *m, PyObject *args) {
+    const char *s;
+    int stop = 0;
+    if (!PyArg_ParseTuple(args, "s|p:crash_at", &s, &stop)) return NULL;
     for (int i = 0; i < CP_N; i++) {
         if (strcmp(s, CRASH_POINTS[i]) == 0) {
+            crash_stops = stop;
             crash_point = i;
             Py_RETURN_NONE;
         }
     }
-    PyErr_Format(PyExc_ValueError, "no crash point %R", arg);
+    PyErr_Format(PyExc_ValueError, "no crash point '%s'", s);
     return NULL;
 }
 
@@ -199,7 +211,7 @@ static PyMethodDef module_methods[] = {
     {"may_sleep", mod_may_sleep, METH_O, "may_sleep(gfp) -> bool"},
     {"seconds", mod_seconds, METH_O, "seconds(timeout) -> float or None: the timeout checked"},
     {"after_fork_in_child", mod_after_fork_in_child, METH_NOARGS, "per-process state of a forked child"},
-    {"crash_at", mod_crash_at, METH_O, "crash_at(point): SIGKILL this process at that point (tests)"},
+    {"crash_at", mod_crash_at, METH_VARARGS, "crash_at(point, stop=False): SIGKILL (or SIGSTOP once) this process at that point (tests)"},
     {"set_retry", mod_set_retry, METH_VARARGS, "(alloc_ns, queue_ns): retry periods of unwoken sleepers (tests)"},
     {"retry", mod_retry, METH_NOARGS, "() -> (alloc_ns, queue_ns)"},
     {"derive", mod_derive, METH_VARARGS, "(meta, capacity, max_procs, max_queues, off_words, off_procs, off_queues)"},
