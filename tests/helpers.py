@@ -41,6 +41,13 @@ def check_whole(pool: Mempool) -> None:
     assert s.curr_nr + s.arena_free + s.in_use + s.queued == s.capacity
 
 
+def assert_settled(pool: Mempool, **expected: int) -> None:
+    """The audit passes and the stats fields named say what is expected."""
+    check_whole(pool)
+    s = pool.stats()
+    assert {field: getattr(s, field) for field in expected} == expected
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll ``predicate`` until it holds or ``timeout`` passes (then fail)."""
     deadline = time.monotonic() + timeout

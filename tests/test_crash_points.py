@@ -12,17 +12,11 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
-from helpers import check_whole, wait_for
+from helpers import assert_settled, check_whole, wait_for
 from procs import ATTACH_CODE, Child, header_word, start_child
 
 from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool, _layout
 from shmpool.testing import CRASH_POINTS
-
-
-def assert_settled(pool: Mempool, **expected: int) -> None:
-    check_whole(pool)
-    s = pool.stats()
-    assert {field: getattr(s, field) for field in expected} == expected
 
 
 def start_plain(popen: Callable[..., subprocess.Popen[str]], code: str, name: str) -> tuple[subprocess.Popen[str], str]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import children
 import pytest
-from helpers import check_whole, wait_for
+from helpers import assert_settled, check_whole, wait_for
 from procs import ATTACH_CODE, header_word, timed
 
 from shmpool import GFP_ATOMIC, GFP_KERNEL, Mempool, PoolClosedError, _layout
@@ -32,13 +32,6 @@ def report(q: Any, timeout: float, who: str = "a child") -> Any:
         return q.get(timeout=timeout)
     except queue.Empty:
         pytest.fail(f"no report from {who} within {timeout} s: wedged?")
-
-
-def assert_settled(pool: Mempool, **expected: int) -> None:
-    """The audit passes and the stats fields named say what is expected."""
-    check_whole(pool)
-    s = pool.stats()
-    assert {field: getattr(s, field) for field in expected} == expected
 
 
 # ----------------------------------------------------------------------

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
-from helpers import check_whole, read_word, wait_for
+from helpers import assert_settled, check_whole, read_word, wait_for
 from procs import entry_of, start_child, timed
 
 from shmpool import GFP_ATOMIC, Mempool
@@ -149,9 +150,7 @@ def test_a_free_waits_for_no_process_and_still_refills_the_reserve_first(name: s
         assert (s.curr_nr, s.free_arena, s.free_reserve) == (5, before.free_arena, before.free_reserve + 5)
         assert _inspect_json(name)["parked"] == 0
         child.call("pool.free(last); pool.free_bulk(keep)")
-        s = pool.stats()
-        assert (s.curr_nr, s.in_use, s.arena_free) == (6, 0, 2)
-        check_whole(pool)
+        assert_settled(pool, curr_nr=6, in_use=0, arena_free=2)
         assert child.finish() == 0
         pool.destroy()
 
@@ -202,6 +201,38 @@ def test_a_killed_process_s_places_come_back_whole(name: str, popen) -> None:
         got = [pool.alloc(GFP_ATOMIC) for _ in range(8)]
         assert None not in got and len(set(got)) == 8
         pool.free_bulk(got)
+        pool.destroy()
+
+
+@pytest.mark.timeout(90)
+def test_a_process_killed_lending_itself_places_leaves_the_others_places_whole(name: str, popen) -> None:
+    """The victim dies holding the lock in the middle of lending itself
+    the top of a full stack, while another process has places too. The
+    repair that follows must not move places by a stack it cannot trust:
+    every process's places are forgotten and their elements rebuilt into
+    the stack from the slot words, so the other process goes on, the audit
+    is clean and the reserve never holds more than min_nr."""
+    with Mempool.create(name, min_nr=24, slot_size=16, capacity=24) as pool:
+        victim = start_child(popen, name)  # (the entry before the other's)
+        other = start_child(popen, name)
+        other.call(ON_THE_RESERVE)
+        assert places_lent(pool, other.pid) == 10
+        # 16 locked reserve operations, then a free_bulk that fills the
+        # stack again: its leave lends the victim places, and it dies there.
+        victim.call("pool.set_fail_rate(1.0); hs = [pool.alloc(GFP_ATOMIC) for _ in range(2)]\n"
+                    "for _ in range(7): pool.free(pool.alloc(GFP_ATOMIC))")
+        victim.call("shmpool.testing.crash_at('lend')")
+        victim.send("pool.free_bulk(hs)")
+        assert victim.wait(60) == -signal.SIGKILL
+        pool.reclaim_dead()
+        assert pool.stats().lock_recoveries == 1
+        check_whole(pool)
+        other.call("hs = [pool.alloc(GFP_ATOMIC) for _ in range(24)]")
+        assert other.call("len({h for h in hs if h is not None})") == 24
+        assert pool.alloc(GFP_ATOMIC) is None
+        other.call("pool.free_bulk(hs[:12])\nfor h in hs[12:]: pool.free(h)")
+        assert_settled(pool, curr_nr=24, in_use=0, arena_free=0)
+        assert other.finish() == 0
         pool.destroy()
 
 

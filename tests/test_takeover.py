@@ -19,7 +19,7 @@ from typing import Any
 import children
 import numpy as np
 import pytest
-from helpers import check_whole, wait_for
+from helpers import assert_settled, check_whole, wait_for
 from procs import (
     SERVER,
     SLACK,
@@ -55,12 +55,6 @@ def stamp(pool: Mempool, h: int, value: tuple[int, int]) -> None:
 
 def stamp_of(pool: Mempool, h: int) -> tuple[int, ...]:
     return tuple(pool.ndarray(h, np.int64, 2).tolist())
-
-
-def assert_settled(pool: Mempool, **expected: int) -> None:
-    check_whole(pool)
-    s = pool.stats()
-    assert {field: getattr(s, field) for field in expected} == expected
 
 
 @pytest.mark.timeout(120)

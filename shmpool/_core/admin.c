@@ -25,7 +25,7 @@ int step_resize(struct pool *p, struct call *c, int mode) {
     c->b = c->a > p->hdr[H_MIN_NR];
     if (!c->b) {
         if (p->enabled && p->entry && p->entry[P_CACHE_N] && (r = drain(p, 0)) != RC_OK) return r;
-        int64_t busy = places_reclaim_all(p, NULL, NULL); /* every place back to the stack */
+        int64_t busy = places_reclaim_all(p); /* every place back to the stack */
         if (busy < 0) return (int)busy;
         if (busy) {
             snprintf(p->msg, sizeof p->msg, "a process is moving its reserve places");

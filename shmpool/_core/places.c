@@ -388,24 +388,48 @@ int others_have_places(const struct pool *p) {
     return 0;
 }
 
-/* Every process's places back to the shared part (resize, repair): busy[o]
- * (o = entry + 1) set for an entry whose owner is moving them this instant
- * (skipped). `dead` marks, per owner field, entries whose places are given
- * back as a dead process's (NULL: none). How many were busy. */
-int64_t places_reclaim_all(struct pool *p, const unsigned char *dead, unsigned char *busy) {
+/* Every process's places back to the shared part (resize, hold_lock): how
+ * many entries were skipped because their owner is moving them this
+ * instant. A holder proven dead (its process, or a lock holder that died in
+ * its lock-free step) gives its places back whole. */
+int64_t places_reclaim_all(struct pool *p) {
     int64_t n = 0;
     for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
         uint64_t *ent = ENTRY(p, e);
         if (ld(&ent[P_PLACE_Q]) == 0 && ld(&ent[P_PLACE_R]) == 0 && ld(&ent[P_PLACE_LOCK]) == 0) continue;
         int k = places_lock(p, e);
         if (!k) {
-            if (busy) busy[e + 1] = 1;
             n++;
             continue;
         }
-        int r = give_back(p, e, k == 2 || (dead && dead[e + 1]) || ld(&ent[P_EPOCH]) == 0);
+        int r = give_back(p, e, k == 2 || ld(&ent[P_EPOCH]) == 0);
         places_unlock(ent);
         if (r != RC_OK) return r;
+    }
+    return n;
+}
+
+/* Repair's: every process's places forgotten (none lent), but those of a
+ * live process moving them this instant: busy[o] (o = entry + 1) set for
+ * those, and how many. Nothing is moved here: a holder of the pool lock
+ * that died in the middle of lending, giving back or stealing left the
+ * stack and the lists in no state to move by, so repair's pass over the
+ * slot words turns every forgotten entry's RESERVE slots into the stack's
+ * (and the stack is rebuilt from the words). */
+int64_t places_forget_all(struct pool *p, unsigned char *busy) {
+    int64_t n = 0;
+    for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
+        uint64_t *ent = ENTRY(p, e);
+        if (ld(&ent[P_PLACE_Q]) == 0 && ld(&ent[P_PLACE_R]) == 0 && ld(&ent[P_PLACE_LOCK]) == 0) continue;
+        if (!places_lock(p, e)) {
+            busy[e + 1] = 1;
+            n++;
+            continue;
+        }
+        st(&ent[P_PLACE_R], 0);
+        st(&ent[P_PLACE_Q], 0);
+        for (uint64_t i = 0; i < PLACES_MAX; i++) __atomic_store_n(&places_of(ent)[i], 0u, __ATOMIC_RELAXED);
+        places_unlock(ent);
     }
     return n;
 }

@@ -281,7 +281,8 @@ int reserve_room(struct pool *p, int *room, int *busy);          /* lock held: a
 int steal_place(struct pool *p, int *got);
 int migrate_hole(struct pool *p, int *room, int *busy);
 int others_have_places(const struct pool *p);
-int64_t places_reclaim_all(struct pool *p, const unsigned char *dead, unsigned char *busy);
+int64_t places_reclaim_all(struct pool *p);
+int64_t places_forget_all(struct pool *p, unsigned char *busy);
 int places_retire(struct pool *p, const unsigned char *v, int dead, int predecessor);
 void recount(struct pool *p);
 

@@ -242,7 +242,7 @@ static PyObject *Core_hold(Core *f, PyObject *const *args, Py_ssize_t nargs) {
     if ((nargs > 0 && conv_timeout(args[0], &ns) < 0) || enter(f) < 0) return NULL;
     int r = lock_acquire(&f->p, deadline_in(ns), -1);
     if (r == RC_OK) { /* every reserve place back in the stack while it is held: views show the kernel's one stack */
-        places_reclaim_all(&f->p, NULL, NULL); /* (damage it finds, the next call reports) */
+        places_reclaim_all(&f->p); /* (damage it finds, the next call reports) */
         f->p.relend = 1;
     }
     if (r == RC_TIMEOUT) return leave_with(f, raise_busy(f, "hold_lock"));

@@ -8,7 +8,8 @@
  *
  *   - a word in no valid state, a slot cached by a dead process, a slot
  *     queued in a queue that does not exist: back to the arena;
- *   - every process's reserve places given back to the stack, but a live
+ *   - every process's reserve places forgotten (their slots join the stack
+ *     with the stray RESERVE slots below), but a live
  *     one's that it is moving this instant (places.c);
  *   - the reserve stack: its entries that still name RESERVE slots, in
  *     order, each once, then the RESERVE slots it lost; beyond its share of
@@ -72,9 +73,9 @@ void repair(struct pool *p) {
     if (!v) goto out;
     if (h[H_MIN_NR] < 1) h[H_MIN_NR] = 1;
     if (h[H_MIN_NR] > cap) h[H_MIN_NR] = cap;
-    /* Every process's reserve places back to the stack (the dead's whole),
-     * but those of a live process moving them this instant. */
-    int64_t moving = places_reclaim_all(p, v, busy);
+    /* Every process's reserve places forgotten, but those of a live process
+     * moving them this instant; their slots join the stack below. */
+    int64_t moving = places_forget_all(p, busy);
     uint64_t lent = 0;
     for (uint64_t e = 0; e < p->max_procs; e++) {
         uint64_t q = ld(&ENTRY(p, e)[P_PLACE_Q]);
