@@ -168,6 +168,19 @@ def test_chaos_kills_workers_and_the_pool_survives(name: str) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_chaos_beside_busy_loops_with_the_reserve_lent_out(name: str) -> None:
+    """A loaded machine (two busy loops) and a reserve big enough to be lent
+    to the workers as places: the workers are descheduled in the middle of
+    their lock-free reserve steps and killed there, and the pool survives."""
+    code, line = chaos(name, "--seconds", "3", "--seed", "5", "--min-kills", "10", "--busy", "2",
+                       "--min-nr", "24", "--capacity", "32")
+    assert code == 0 and line.endswith(": OK"), line
+    kills = int(line.split("kills ")[1].split(",")[0])
+    assert kills >= 10 and int(line.split("operations ")[1].split(",")[0]) > 1000, line
+    assert leftovers() == []
+
+
+@pytest.mark.timeout(120)
 def test_chaos_without_a_kill_tested_nothing_and_fails(name: str) -> None:
     code, line = chaos(name, "--seconds", "0")
     assert code == 1

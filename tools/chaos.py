@@ -26,6 +26,10 @@ multiprocessing lock). The run takes about --seconds, plus the workers'
 start, and at most --ready-timeout (and 30 s to stop) more.
 
     python tools/chaos.py --seconds 600      # a long run
+    python tools/chaos.py --busy 2           # beside two busy loops: a loaded machine
+
+A damaged pool found by the tool's own calls (reclaim_dead, stats, the
+audit) is a failure like any other: one line, FAILED and the error.
 """
 
 from __future__ import annotations
@@ -108,6 +112,16 @@ def worker(name: str, slot: int, ops: Any, stop: Any, ready: Any, lifeline: Any,
                 check_and_free(pool, h, s)
     except Exception as exc:
         fail(f"worker {pid}: {type(exc).__name__}: {exc}")
+
+
+def busy(stop: Any, lifeline: Any) -> None:
+    """A busy loop (--busy): a core taken from the workers, as a loaded
+    machine's other work would, so that they are descheduled in the middle
+    of their steps."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_tool(lifeline)
+    while not stop.value:
+        pass
 
 
 def verdict(kills: int, operations: int, failure: str) -> str:
@@ -228,11 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-kills", type=int, default=0,
                         help="go on past --seconds until this many kills hit running workers (a loaded machine "
                              "is slow to start replacements); at most 20 times --seconds more")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="busy loops to run beside the workers (a loaded machine: try one per core)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--name", default=f"chaos-{os.getpid()}")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.busy < 0:
+        parser.error("--busy must be 0 or more")
 
     rng = random.Random(args.seed)
     # Workers fork from a server that imported numpy and shmpool already (a
@@ -244,11 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     stop = ctx.RawValue("b", 0)
     pool = Mempool.create(args.name, min_nr=args.min_nr, slot_size=16, capacity=args.capacity,
                           fail_rate=args.fail_rate, seed=args.seed)
-    kills = reclaimed = 0
+    kills = reclaimed = recoveries = 0
     failure = ""
+    elapsed = 0.0
     with tempfile.TemporaryDirectory(prefix="shmpool-chaos-") as faildir:
         workers = Workers(ctx, args, rng, ops, stop, faildir)
+        loops = [ctx.Process(target=busy, args=(stop, workers.lifeline), daemon=True) for _ in range(args.busy)]
         try:
+            for p in loops:
+                p.start()
             for i in range(args.workers):
                 workers.start(i)
             failure = workers.await_running()
@@ -273,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             reclaimed += pool.reclaim_dead()
             findings = audit(pool)
             s = pool.stats()
+            recoveries = s.lock_recoveries
             failures = sorted(os.listdir(faildir))
             if failures:
                 with open(os.path.join(faildir, failures[0])) as f:
@@ -280,14 +303,22 @@ def main(argv: list[str] | None = None) -> int:
             failure = failure or (findings[0] if findings else "")
             if not failure and (s.in_use or s.nr_waiters or s.curr_nr != s.min_nr):
                 failure = f"pool not whole: in_use {s.in_use}, nr_waiters {s.nr_waiters}, reserve {s.curr_nr}/{s.min_nr}"
+        except Exception as exc:  # the tool's own calls (reclaim_dead, stats, audit): damage found, say it
+            failure = f"{type(exc).__name__}: {exc}"
         finally:
+            stop.value = 1
+            for p in loops:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
             workers.close()
             pool.destroy(force=True)
             _stop_helpers()
     failure = verdict(kills, sum(ops), failure)
     print(
         f"chaos: {elapsed:.1f} s, kills {kills}, operations {sum(ops)}, reclaimed {reclaimed}, "
-        f"lock recoveries {s.lock_recoveries}: {'OK' if not failure else 'FAILED: ' + failure}"
+        f"lock recoveries {recoveries}: {'OK' if not failure else 'FAILED: ' + failure}"
     )
     return 1 if failure else 0
 
