@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from helpers import assert_settled, check_whole, read_word, wait_for
@@ -237,10 +238,44 @@ def test_a_process_killed_lending_itself_places_leaves_the_others_places_whole(n
 
 
 @pytest.mark.timeout(90)
+def test_a_sleeper_whose_elements_were_being_moved_looks_again_soon(name: str, popen) -> None:
+    """Every element is in the child's full places, and the child is stopped
+    in the middle of taking one (its place lock held): the parent's
+    allocation finds them out of reach and sleeps. Nobody will wake it
+    (a pop wakes nobody), so it looks again soon, not after its retry
+    period (made longer than the test, its long-sleep report off): once the child goes on, the
+    parent gets one of the child's places."""
+    with Mempool.create(name, min_nr=4, slot_size=16, capacity=4) as pool:
+        child = start_child(popen, name)
+        child.call(ON_THE_RESERVE)
+        assert places_lent(pool, child.pid) == 4
+        child.send("shmpool.testing.stop_at('place-pop'); h = pool.alloc(GFP_ATOMIC)")
+        wait_for(lambda: child.state() in ("T", "t"), what="the child to stop inside its pop")
+        go_on = threading.Thread(target=lambda: (
+            wait_for(lambda: pool.stats().nr_waiters == 1, timeout=30, what="the parent to sleep"), child.cont()))
+        before = sleep_retry(alloc=600.0)
+        pool.long_sleep = None  # (its report would wake it after 5 s too)
+        go_on.start()
+        try:
+            h, took = timed(lambda: pool.alloc(timeout=45.0))
+        finally:
+            sleep_retry(alloc=before[0])
+            go_on.join(60)
+        assert child.answer(timeout=30) is None
+        assert h is not None and took < 40.0  # it looked again, not the deadline's last attempt
+        assert pool.stats().sleeps >= 1
+        pool.free(h)
+        child.call("pool.free(h)")
+        assert_settled(pool, curr_nr=4, in_use=0)
+        assert child.finish() == 0
+        pool.destroy()
+
+
+@pytest.mark.timeout(90)
 def test_a_sleeping_allocation_is_woken_by_a_free_into_another_s_place(name: str, popen) -> None:
     """The parent sleeps in alloc with everything out (its retry period
-    made longer than the test, so only a wake-up ends the sleep before its
-    timeout); the child, once it sees the sleeper, frees one element into
+    made longer than the test and its long-sleep report off, so only a
+    wake-up ends the sleep before its timeout); the child, once it sees the sleeper, frees one element into
     its own empty place without the lock: the sleeper is woken and gets it."""
     with Mempool.create(name, min_nr=4, slot_size=16, capacity=4) as pool:
         child = start_child(popen, name)
@@ -251,6 +286,7 @@ def test_a_sleeping_allocation_is_woken_by_a_free_into_another_s_place(name: str
                    "while pool.stats().nr_waiters == 0 and time.monotonic() < deadline: time.sleep(0.001)\n"
                    "pool.free(hs.pop())")
         before = sleep_retry(alloc=600.0)
+        pool.long_sleep = None  # (its report would wake it after 5 s too)
         try:
             h, took = timed(lambda: pool.alloc(timeout=45.0))
         finally:

@@ -227,12 +227,16 @@ static int run_loop(struct pool *p, struct call *c) {
             uint64_t at = c->slept_since + (uint64_t)p->long_sleep_ns;
             if (at > now && at - now < nap) nap = at - now;
         }
-        int put_nap = c->step == step_put && c->nap_ns < nap;
-        if (put_nap) { /* below the low-water mark nobody wakes it: look again */
+        /* Nobody may wake it, so it looks again, sooner at first: a put
+         * below the low-water mark; an allocation whose last look found
+         * elements only in the places of a process moving them (that
+         * process's pop wakes nobody; its step is short, unless stopped). */
+        int short_nap = (c->step == step_put || (is_allocation(c) && p->places_busy)) && c->nap_ns < nap;
+        if (short_nap) {
             nap = c->nap_ns;
             c->nap_ns *= 2;
         }
-        r = chan_sleep(p, c->channel, c->seen, earlier(now + nap, call_deadline(c)), put_nap);
+        r = chan_sleep(p, c->channel, c->seen, earlier(now + nap, call_deadline(c)), short_nap);
         if (r != RC_OK) return r;
     }
 }
@@ -482,6 +486,7 @@ static int bulk_attempt(struct pool *p, struct call *c, int mode) {
     uint64_t need = (uint64_t)(n - got);
     int more = 1; /* the reserve's elements in reach: ours given back, others' stolen while needed */
     r = places_return(p);
+    p->places_busy = 0;
     while (r == RC_OK && p->hdr[H_RESERVE_DEPTH] < need && more) r = steal_place(p, &more);
     if (r != RC_OK) return r;
     if (need <= p->hdr[H_RESERVE_DEPTH]) {

@@ -299,7 +299,10 @@ int steal_place(struct pool *p, int *got) {
         uint64_t *ent = ENTRY(p, e);
         if (!other(p, e) || ld(&ent[P_PLACE_R]) == 0) continue;
         int k = places_lock(p, e);
-        if (!k) continue;
+        if (!k) {
+            p->places_busy = 1; /* (a sleeper looks again soon: see run_loop) */
+            continue;
+        }
         int r = RC_OK;
         if (k == 2) { /* its holder died moving them: all of them back */
             uint64_t before = p->hdr[H_RESERVE_DEPTH];
@@ -376,6 +379,7 @@ int reserve_room(struct pool *p, int *room, int *busy) {
  * stack is empty. RC_FAIL if no element is within reach. */
 int reserve_pop(struct pool *p, uint64_t *idx) {
     int r = places_return(p), got = 1;
+    p->places_busy = 0;
     while (r == RC_OK && p->hdr[H_RESERVE_DEPTH] == 0 && got) r = steal_place(p, &got);
     if (r != RC_OK) return r;
     return p->hdr[H_RESERVE_DEPTH] ? remove_element(p, idx) : RC_FAIL;

@@ -134,6 +134,7 @@ struct pool {
     uint32_t wake_sub[MAX_TOPICS]; /* subscriptions (bit j) of topic t whose getters to wake */
     int recount;                 /* a nap ended unwoken: count out dead sleepers next time */
     int relend;                  /* this holder gave its reserve places back: lend them again at leave() */
+    int places_busy;             /* the last reserve_pop skipped a live process's full places (it was moving them) */
     uint32_t reserve_calls;      /* its locked reserve operations, up to LEND_AFTER (places.c) */
     int64_t poisoned;            /* a slot found written after free (warned after unlock), or -1 */
     int last_event;              /* what the last step did (trace) */
