@@ -30,6 +30,7 @@ def sleeping_alloc(name: str, queue: Any, gfp: int = GFP_KERNEL) -> None:
     reach, so only a wake-up (or the pool's destruction) can end the sleep."""
     sleep_retry(alloc=600.0)
     with Mempool.attach(name) as pool:
+        pool.long_sleep = None  # (its report would end the sleep after 5 s too)
         try:
             queue.put(("ok", pool.alloc(gfp)))
         except ShmpoolError as exc:
@@ -280,6 +281,7 @@ def interrupted_sleeper(name: str, nr_interrupts: int, interval: float, commands
         fired = _under_interrupts(body, nr_interrupts, interval)
         results.put((fired, tally["timeouts"], errors))
         sleep_retry(alloc=600.0)  # from here on only a wake-up or a signal ends a sleep
+        pool.long_sleep = None  # (nor the long-sleep report)
 
         def raise_interrupt(signum: int, frame: Any) -> None:
             raise KeyboardInterrupt

@@ -111,7 +111,8 @@ def no_retries() -> Iterator[None]:
     """Unwoken sleepers of this process (allocations, blocked puts and
     gets) retry only after a minute: a call that returns sooner was woken
     (or, a blocked put, looked again after its nap), never rescued by the
-    retry."""
+    retry. (An allocation's long-sleep report, after 5 s, also ends a sleep:
+    a test of a sleeping allocation turns it off on its pool object.)"""
     from shmpool.testing import sleep_retry
 
     before = sleep_retry(alloc=60.0, queue=60.0)

@@ -181,6 +181,7 @@ def test_bulk_waits_holding_nothing_and_free_bulk_takes_everything(name: str, po
 
 
 def bulk_in_thread(pool: Mempool, n: int) -> tuple[threading.Event, list]:
+    pool.long_sleep = None  # (the long-sleep report would end its sleep after 5 s, woken or not)
     done, out = in_thread(lambda: pool.alloc_bulk(n, GFP_KERNEL, timeout=50))
     wait_for(lambda: pool.stats().nr_waiters == 1, what="alloc_bulk to sleep")
     return done, out
