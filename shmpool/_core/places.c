@@ -181,6 +181,18 @@ static int full_place(struct pool *p, uint64_t e, uint64_t i, uint64_t *idx, uin
     return RC_OK;
 }
 
+/* Whether an entry has no places and nobody moving any. */
+static int untouched(const uint64_t *ent) {
+    return ld(&ent[P_PLACE_Q]) == 0 && ld(&ent[P_PLACE_R]) == 0 && ld(&ent[P_PLACE_LOCK]) == 0;
+}
+
+/* An entry's places emptied, as never lent (its place lock held). */
+static void forget(uint64_t *ent) {
+    st(&ent[P_PLACE_R], 0);
+    st(&ent[P_PLACE_Q], 0);
+    for (uint64_t i = 0; i < PLACES_MAX; i++) __atomic_store_n(&places_of(ent)[i], 0u, __ATOMIC_RELAXED);
+}
+
 /* Entry e's places back to the shared part (its place lock held): its
  * elements onto the stack's top, oldest first. `dead`: its process died,
  * perhaps in the middle of a move, so every RESERVE slot it owns goes back,
@@ -212,9 +224,7 @@ static int give_back(struct pool *p, uint64_t e, int dead) {
         }
     }
     if (rc != RC_OK) return rc;
-    st(&ent[P_PLACE_R], 0);
-    st(&ent[P_PLACE_Q], 0);
-    for (uint64_t i = 0; i < PLACES_MAX; i++) __atomic_store_n(&pl[i], 0u, __ATOMIC_RELAXED); /* (as never lent) */
+    forget(ent);
     return RC_OK;
 }
 
@@ -400,7 +410,7 @@ int64_t places_reclaim_all(struct pool *p) {
     int64_t n = 0;
     for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
         uint64_t *ent = ENTRY(p, e);
-        if (ld(&ent[P_PLACE_Q]) == 0 && ld(&ent[P_PLACE_R]) == 0 && ld(&ent[P_PLACE_LOCK]) == 0) continue;
+        if (untouched(ent)) continue;
         int k = places_lock(p, e);
         if (!k) {
             n++;
@@ -424,15 +434,13 @@ int64_t places_forget_all(struct pool *p, unsigned char *busy) {
     int64_t n = 0;
     for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
         uint64_t *ent = ENTRY(p, e);
-        if (ld(&ent[P_PLACE_Q]) == 0 && ld(&ent[P_PLACE_R]) == 0 && ld(&ent[P_PLACE_LOCK]) == 0) continue;
+        if (untouched(ent)) continue;
         if (!places_lock(p, e)) {
             busy[e + 1] = 1;
             n++;
             continue;
         }
-        st(&ent[P_PLACE_R], 0);
-        st(&ent[P_PLACE_Q], 0);
-        for (uint64_t i = 0; i < PLACES_MAX; i++) __atomic_store_n(&places_of(ent)[i], 0u, __ATOMIC_RELAXED);
+        forget(ent);
         places_unlock(ent);
     }
     return n;
@@ -444,7 +452,7 @@ int places_retire(struct pool *p, const unsigned char *v, int dead, int predeces
     for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
         uint64_t *ent = ENTRY(p, e);
         if (v[e + 1] != dead && v[e + 1] != predecessor) continue;
-        if (ld(&ent[P_PLACE_Q]) == 0 && ld(&ent[P_PLACE_R]) == 0 && ld(&ent[P_PLACE_LOCK]) == 0) continue;
+        if (untouched(ent)) continue;
         int k = places_lock(p, e);
         if (!k) continue; /* (a newcomer claimed the entry meanwhile and is moving them) */
         int r = give_back_dead(p, e);
