@@ -74,9 +74,11 @@ counters (summed with the header's when read), its cache of free arena
 slots (a stack only its owner pushes and pops; thieves blank what they take)
 and the reserve places lent to it (``P_PLACE_*``, a line of their own:
 ``_core/places.c``). The reserve is ``H_RESERVE_DEPTH`` elements on the
-shared stack plus every process's full places; ``H_CURR_NR`` is their total,
-``H_LENT`` the places lent (so the stack's part of ``min_nr`` is ``min_nr -
-H_LENT``).
+shared stack plus every process's full places; ``H_CURR_NR`` is their total
+less each entry's slack (full places its owner has not counted there yet,
+so that its lock-free pops and pushes write no shared line: ``curr_nr`` is
+``H_CURR_NR`` plus every entry's slack), ``H_LENT`` the places lent (so the
+stack's part of ``min_nr`` is ``min_nr - H_LENT``).
 Liveness: each attached process holds an OFD lock on its entry's first byte
 of the segment file, dropped by the kernel when it dies.
 
@@ -96,7 +98,7 @@ import mmap
 from dataclasses import dataclass
 
 MAGIC = int.from_bytes(b"SHMPOOL\x00", "little")
-LAYOUT_VERSION = 12  # 12: the header's hot words regrouped (nothing a lock-free call reads on the lock's line); 11: reserve places (per-process windows of the reserve; curr_nr an atomic total); 10: share groups (a topic kind: elements held by several processes); 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
+LAYOUT_VERSION = 13  # 13: places' slack (H_CURR_NR a lower bound; curr_nr adds every entry's slack); 12: the header's hot words regrouped (nothing a lock-free call reads on the lock's line); 11: reserve places (per-process windows of the reserve; curr_nr an atomic total); 10: share groups (a topic kind: elements held by several processes); 9: topics (SHARED slots, references, subscriptions); 8: the reserve's low-water mark, slept time, hand-out times; 7: header and registry entries grouped by cache line; 6: futex channels, PARKED frees
 
 HEADER_WORDS = 96
 HEADER_BYTES = HEADER_WORDS * 8
@@ -151,7 +153,7 @@ H_LENT = 31  # reserve places lent to processes, in all (under the lock; repair 
 # in), except H_CURR_NR by the reserve's own moves.
 H_STATUS = 32  # STATUS_LIVE, or STATUS_DESTROYED once destroy() began
 H_MIN_NR = 33
-H_CURR_NR = 34  # the reserve's elements in all: the shared stack and every place (atomic adds)
+H_CURR_NR = 34  # the reserve's elements in all (the shared stack and every place) less every entry's slack (atomic adds)
 H_NR_WAITERS = 35  # sleeping allocations, counted in and out with atomic adds
 H_ASYNC_WAITERS = 36  # of them, the asyncio ones (woken through their process's FIFO)
 H_FAIL_THRESHOLD = 37  # fail_rate scaled to 2**53: fail when the draw is below it
@@ -261,9 +263,12 @@ P_QPUT = P_QGET + MAX_QUEUES // 8  # MAX_QUEUES u8: the same in a put
 # written by the owner on every lock-free reserve pop and push.
 P_PLACE_LOCK = P_QPUT + MAX_QUEUES // 8  # 0, or the token of whoever moves these places (the owner, or a lock holder)
 P_PLACE_Q = P_PLACE_LOCK + 1  # places lent
-P_PLACE_R = P_PLACE_LOCK + 2  # of them, full: P_PLACES[0:r] name RESERVE slots owned by this entry
+P_PLACE_R = P_PLACE_LOCK + 2  # r | s << PLACE_SLACK_SHIFT: r of them full (P_PLACES[0:r] name RESERVE slots owned
+# by this entry), s <= r of those not counted in H_CURR_NR (the slack); one word, so one store moves both
 P_PLACES = P_PLACE_LOCK + 3  # PLACES_MAX u32 slot indexes, oldest first
 PLACES_MAX = 10
+PLACE_SLACK_SHIFT = 16  # P_PLACE_R: the full places below it, the slack above
+PLACE_FULL_MASK = (1 << PLACE_SLACK_SHIFT) - 1
 PROC_WORDS = P_PLACES + PLACES_MAX // 2  # 72: nine lines
 MAX_PROCS = 256  # the default max_processes
 MAX_MAX_PROCS = OWNER_MASK - 1  # an owner field holds entry + 1
@@ -372,7 +377,7 @@ _C_SECTIONS = (
     ("handles", ("INDEX_MASK", "HGEN_SHIFT", "MAX_CAPACITY", "MAX_SLOT_SIZE")),
     ("descriptors", ("D_GEN", "D_DTYPE", "D_DIMS", "DESC_WORDS", "DESC_SET", "DESC_MAX_DIMS")),
     ("registry entries", tuple(n for n in globals() if n.startswith(("P_", "C_")))
-     + ("N_PROC_COUNTERS", "CACHE_MAX", "PLACES_MAX", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
+     + ("N_PROC_COUNTERS", "CACHE_MAX", "PLACES_MAX", "PLACE_SLACK_SHIFT", "PLACE_FULL_MASK", "PROC_WORDS", "MAX_PROCS", "MAX_MAX_PROCS", "CACHE_BLANK")),
     ("queue table", tuple(n for n in globals() if n.startswith("Q_"))
      + ("QUEUE_NAME_BYTES", "QUEUE_WORDS", "QUEUE_LIVE", "MAX_QUEUES", "NO_SLOT", "QUEUE_BATCH")),
     ("topics", tuple(n for n in globals() if n.startswith(("T_", "S_")))

@@ -20,7 +20,7 @@ from helpers import assert_settled, check_whole, read_word, wait_for
 from procs import entry_of, start_child, timed
 
 from shmpool import GFP_ATOMIC, Mempool
-from shmpool.testing import entry_offset, sleep_retry
+from shmpool.testing import entry_offset, header_word_offset, sleep_retry
 
 #: A child's loop on the reserve: alloc, stamp its pid into the element,
 #: check the stamp is still its own, free. Counts what it saw.
@@ -182,6 +182,63 @@ def test_an_idle_process_s_full_places_serve_the_others(name: str, popen) -> Non
         assert (s.curr_nr, s.in_use) == (8, 0)
         check_whole(pool)
         assert child.finish() == 0
+        pool.destroy()
+
+
+#: A child's pairs on its own places (it holds h), reading the header's
+#: shared count after every move.
+WATCH_THE_COUNT = """
+import struct
+fd = os.open(shmpool.testing.segment_path(pool), os.O_RDONLY)
+off = shmpool.testing.header_word_offset("H_CURR_NR")
+seen = set()
+for _ in range(1000):
+    pool.free(h)
+    seen.add(struct.unpack("=Q", os.pread(fd, 8, off))[0])
+    h = pool.alloc(GFP_ATOMIC)
+    seen.add(struct.unpack("=Q", os.pread(fd, 8, off))[0])
+os.close(fd)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_process_living_on_its_places_writes_no_shared_count(name: str, popen) -> None:
+    """The reserve's count batched as a percpu_counter: the child's
+    lock-free pops and pushes on its own places leave the header's
+    H_CURR_NR alone (it read the word after each of 2,000 moves: one value,
+    never more than the reserve held), and still curr_nr, is_saturated,
+    the low-water mark and the audit say exactly what the reserve holds; a
+    free elsewhere that finds the reserve full goes to the arena, and a
+    kill gives the child's uncounted places back."""
+    with Mempool.create(name, min_nr=8, slot_size=16, capacity=10) as pool:
+        mine = [pool.alloc(GFP_ATOMIC) for _ in range(2)]  # the arena's two: it is dry
+        child = start_child(popen, name)
+        child.call(ON_THE_RESERVE)
+        child.call("h = pool.alloc(GFP_ATOMIC); assert h is not None")
+        assert places_lent(pool, child.pid) == 8
+        s = pool.stats()
+        assert (s.curr_nr, s.in_use, s.reserve_low_water) == (7, 3, 7) and not pool.is_saturated()
+        child.call(WATCH_THE_COUNT)
+        seen = child.call("sorted(seen)")
+        assert len(seen) == 1 and seen[0] <= 7, seen
+        assert read_word(pool, header_word_offset("H_CURR_NR")) == seen[0]
+        s = pool.stats()
+        assert (s.curr_nr, s.in_use, s.reserve_low_water, s.alloc_arena) == (7, 3, 7, 2)
+        assert (s.alloc_reserve, s.free_reserve) == (10 + 1 + 1000, 10 + 1000)
+        assert _inspect_check(name).returncode == 0  # the audit adds the uncounted places too
+        assert _inspect_json(name)["curr_nr"] == 7
+        child.call("pool.free(h)")
+        assert pool.is_saturated() and pool.stats().curr_nr == 8
+        before = pool.stats()
+        pool.free(mine.pop())  # the reserve is full, whatever the header's count says: the arena
+        s = pool.stats()
+        assert (s.curr_nr, s.free_arena, s.free_reserve) == (8, before.free_arena + 1, before.free_reserve)
+        child.call("h = pool.alloc(GFP_ATOMIC)")
+        child.kill()
+        assert pool.reclaim_dead() == 1
+        assert_settled(pool, curr_nr=8, in_use=1, reserve_low_water=7)
+        pool.free(mine.pop())
+        assert_settled(pool, curr_nr=8, in_use=0)
         pool.destroy()
 
 

@@ -4,6 +4,8 @@
  * it on a copy of the metadata taken without the lock (py_module.c, derive).
  * Both therefore say the same thing with the same clamps:
  *
+ *   curr_nr       H_CURR_NR plus every entry's slack (reserve_total,
+ *                 places.c)
  *   arena_shared  the shared free list's depth (arena_free in the header)
  *   arena_cached  slots CACHED by the entry whose cache lists them (entries
  *                 in use, below H_ENTRIES_USED), counted from the words
@@ -35,7 +37,7 @@ void derive(const struct pool *p, struct numbers *n) {
     n->status = ld(&h[H_STATUS]);
     n->flags = ld(&h[H_FLAGS]);
     n->min_nr = ld(&h[H_MIN_NR]);
-    n->curr_nr = ld(&h[H_CURR_NR]);
+    n->curr_nr = reserve_total(p);
     n->arena_shared = ld(&h[H_ARENA_FREE]);
     n->fail_rate_bits = ld(&h[H_FAIL_RATE]);
     n->seed = ld(&h[H_SEED]);

@@ -161,7 +161,7 @@ int finish_parked(struct pool *p) {
 void leave(struct pool *p) {
     if (ld(&p->hdr[H_PARKED])) finish_parked(p);
     if (p->relend) places_lend(p); /* (damage it finds, the next call reports) */
-    p->last_curr = p->hdr[H_CURR_NR];
+    p->last_curr = reserve_total(p);
     lock_release(p);
 }
 
@@ -198,7 +198,7 @@ static int run_loop(struct pool *p, struct call *c) {
         if ((r == RC_TIMEOUT || r == RC_BUSY) && c->step == step_alloc) { /* the lock did not come: a failure */
             count(p, C_ALLOC_FAILED, 1);
             p->last_event = EV_ALLOC_FAILED;
-            p->last_curr = ld(&p->hdr[H_CURR_NR]);
+            p->last_curr = reserve_total(p);
         }
         if (r == RC_OK) {
             if (ld(&p->hdr[H_PARKED])) r = finish_parked(p);
@@ -412,7 +412,7 @@ int free_fast(struct pool *p, uint64_t idx, uint64_t gen, uint64_t owner) {
     uint64_t *h = p->hdr;
     uint64_t w = ld(&p->words[idx]);
     if (!held_as(w, gen, owner) || ld(&h[H_STATUS]) != STATUS_LIVE) return 0;
-    int reserve = p->entry[P_PLACE_R] < p->entry[P_PLACE_Q] && !p->poison; /* an empty place of ours */
+    int reserve = places_full(p->entry[P_PLACE_R]) < p->entry[P_PLACE_Q] && !p->poison; /* an empty place of ours */
     if (reserve) {
         if (!place_push_fast(p, idx, w)) return 0;
     } else {

@@ -20,15 +20,28 @@
  * "curr_nr < min_nr" is "some place is empty", wherever it is, and the
  * kernel's rule carries over unchanged: a free goes to the reserve while
  * any place is empty, an allocation takes from the reserve only when the
- * arena failed. H_CURR_NR stays the reserve's total, kept with atomic adds by
- * whoever fills or empties a place (slots.c, reserve_count), so stats,
- * is_saturated, the low-water mark and free's unlocked peek read one word as
- * before.
+ * arena failed.
  *
  * The owner fills and empties its own places without the pool lock
  * (place_pop_fast, place_push_fast): an allocation whose arena is dry takes
- * its top full place, a free fills its lowest empty one. Nothing else
- * crosses cores but H_CURR_NR's line.
+ * its top full place, a free fills its lowest empty one. Nothing crosses
+ * cores: not even the reserve's count, as a percpu_counter batches the
+ * kernel's counts. H_CURR_NR (kept by atomic adds, slots.c reserve_count) is
+ * the reserve's total less every entry's *slack*: the full places its
+ * owner has not counted there. The owner takes slack before it empties a
+ * place (SLACK_TAKE at once, H_CURR_NR lowered first) and keeps it when it
+ * fills one, giving back all but SLACK_TAKE when it grows past SLACK_MAX;
+ * so a process that pops and pushes by turns writes no shared word at all.
+ * H_CURR_NR is therefore never more than the reserve holds, which is all
+ * that its lock-free reader needs: free's unlocked peek sends a free to the
+ * locked path when it reads less than min_nr, and the locked path decides
+ * by the places themselves. Whoever takes an entry's place lock under the
+ * pool lock folds its slack back in first (places_lock), so every move
+ * below counts exactly, as before. curr_nr itself (stats, is_saturated,
+ * the inspector) is H_CURR_NR plus every entry's slack (reserve_total); the
+ * low-water mark is lowered with H_CURR_NR plus the mover's own slack,
+ * exact while one process lives on its places and at most the others'
+ * slack too low while several do.
  *
  * A process is lent places once it has gone to the reserve under the lock
  * LEND_AFTER times (a process that touches the reserve now and then never
@@ -70,6 +83,8 @@
 
 #define PLACE_SPINS 512 /* pauses a holder of the pool lock waits for an owner in its lock-free path */
 #define LEND_AFTER 16   /* locked reserve operations of an object before it is lent places */
+#define SLACK_TAKE 4    /* slack an owner takes at once, and keeps when it gives some back */
+#define SLACK_MAX 8     /* slack beyond which an owner gives back all but SLACK_TAKE */
 
 static uint32_t *places_of(uint64_t *ent) { return (uint32_t *)(ent + P_PLACES); }
 
@@ -81,20 +96,40 @@ static int own_trylock(struct pool *p) {
 
 static void places_unlock(uint64_t *ent) { __atomic_store_n(&ent[P_PLACE_LOCK], 0, __ATOMIC_RELEASE); }
 
-/* Entry e's place lock, for a holder of the pool lock: 1 when taken, 2 when
- * taken over from a dead holder (its places may be half moved), 0 if a live
- * process is moving them (skipped). */
+/* Entry's slack counted in H_CURR_NR again, its place lock held. `whole`:
+ * its owner is not in the middle of a move, so the slack is exact: the
+ * word first, then H_CURR_NR, so that it is never too high. Else (a dead
+ * holder's, which may have handed an element out and not yet said so) the
+ * slack is dropped and curr_nr counted again by the next holder. A word
+ * out of bounds is left for check_counts to report. */
+static void fold(struct pool *p, uint64_t *ent, int whole) {
+    uint64_t v = ld(&ent[P_PLACE_R]), s = places_slack(v);
+    if (s == 0 || s > places_full(v) || places_full(v) > PLACES_MAX) return;
+    st(&ent[P_PLACE_R], places_full(v));
+    if (whole) reserve_count(p, (int64_t)s);
+    else st(&p->hdr[H_RECOUNT], 1);
+}
+
+/* Entry e's place lock, for a holder of the pool lock, its slack folded: 1
+ * when taken, 2 when taken over from a dead holder (its places may be half
+ * moved), 0 if a live process is moving them (skipped). */
 static int places_lock(struct pool *p, uint64_t e) {
     uint64_t *ent = ENTRY(p, e);
     for (int i = 0;; i++) {
         uint64_t t = ld(&ent[P_PLACE_LOCK]);
-        if (t == 0 && cas(&ent[P_PLACE_LOCK], 0, p->token)) return 1;
-        if (t == p->token) return 1; /* (ours: the GIL keeps our own lock-free path out of a locked step) */
+        if ((t == 0 && cas(&ent[P_PLACE_LOCK], 0, p->token)) ||
+            t == p->token) { /* (ours: the GIL keeps our own lock-free path out of a locked step) */
+            fold(p, ent, 1);
+            return 1;
+        }
         if (i < PLACE_SPINS) {
             cpu_relax();
             continue;
         }
-        if (t != 0 && !token_alive(p, t) && cas(&ent[P_PLACE_LOCK], t, p->token)) return 2;
+        if (t != 0 && !token_alive(p, t) && cas(&ent[P_PLACE_LOCK], t, p->token)) {
+            fold(p, ent, 0);
+            return 2;
+        }
         return 0;
     }
 }
@@ -103,42 +138,52 @@ static int places_lock(struct pool *p, uint64_t e) {
 /* The owner, without the pool lock                                     */
 
 /* An allocation whose arena is dry: our top full place, handed out. 1 with
- * *handle, 0 if we have none (or another holds our places this instant). */
+ * *handle, 0 if we have none (or another holds our places this instant).
+ * With no slack left, SLACK_TAKE of our full places stop counting in
+ * H_CURR_NR first; then the pop writes only our own line. */
 int place_pop_fast(struct pool *p, uint64_t *handle) {
     uint64_t *ent = p->entry;
     if (!own_trylock(p)) return 0;
-    uint64_t r = ent[P_PLACE_R], q = ent[P_PLACE_Q];
+    uint64_t v = ent[P_PLACE_R], r = places_full(v), s = places_slack(v), q = ent[P_PLACE_Q];
     int ok = 0;
-    if (r > 0 && r <= q && q <= PLACES_MAX) {
+    if (r > 0 && r <= q && q <= PLACES_MAX && s <= r) {
         uint64_t idx = places_of(ent)[r - 1];
         uint64_t w = idx < p->capacity ? ld(&p->words[idx]) : 0;
         if (W_STATE(w) == ST_RESERVE && W_OWNER(w) == p->me) {
-            reserve_count(p, -1); /* (first: never too high) */
+            if (s == 0) { /* (H_CURR_NR first: never too high) */
+                s = r < SLACK_TAKE ? r : SLACK_TAKE;
+                reserve_count(p, -(int64_t)s);
+                st(&ent[P_PLACE_R], places_word(r, s));
+            }
             CRASH(CP_PLACE_POP);
+            st(&ent[P_PLACE_R], places_word(r - 1, s - 1)); /* (first: curr_nr is never too high either) */
             if (hand_out(p, idx, w, handle)) {
-                st(&ent[P_PLACE_R], r - 1);
+                lower_low_water(p, ld(&p->hdr[H_CURR_NR]) + s - 1);
                 ok = 1;
             } else
-                reserve_count(p, 1);
+                st(&ent[P_PLACE_R], places_word(r, s));
         }
     }
     places_unlock(ent);
     return ok;
 }
 
-/* A free while we have an empty place: HELD slot idx (word w) fills it. 1
- * if done, 0 if we have none (or the word moved: a concurrent free). */
+/* A free while we have an empty place: HELD slot idx (word w) fills it,
+ * as slack (given back to H_CURR_NR, all but SLACK_TAKE, beyond
+ * SLACK_MAX). 1 if done, 0 if we have none (or the word moved: a
+ * concurrent free). */
 int place_push_fast(struct pool *p, uint64_t idx, uint64_t w) {
     uint64_t *ent = p->entry;
     if (!own_trylock(p)) return 0;
-    uint64_t r = ent[P_PLACE_R], q = ent[P_PLACE_Q];
+    uint64_t v = ent[P_PLACE_R], r = places_full(v), s = places_slack(v), q = ent[P_PLACE_Q];
     int ok = 0;
-    if (r < q && q <= PLACES_MAX) {
+    if (r < q && q <= PLACES_MAX && s <= r) {
         __atomic_store_n(&places_of(ent)[r], (uint32_t)idx, __ATOMIC_RELEASE);
         if (set_word(p, idx, w, mkword(ST_RESERVE, p->me, W_GEN(w)))) {
             CRASH(CP_PLACE_PUSH);
-            st(&ent[P_PLACE_R], r + 1);
-            reserve_count(p, 1); /* (last: never too high) */
+            uint64_t keep = s < SLACK_MAX ? s + 1 : SLACK_TAKE;
+            st(&ent[P_PLACE_R], places_word(r + 1, keep));
+            if (keep <= s) reserve_count(p, (int64_t)(s + 1 - keep)); /* (last: never too high) */
             ok = 1;
         }
     }
@@ -343,7 +388,7 @@ int migrate_hole(struct pool *p, int *room, int *busy) {
     *room = *busy = 0;
     for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
         uint64_t *ent = ENTRY(p, e);
-        if (!other(p, e) || ld(&ent[P_PLACE_Q]) <= ld(&ent[P_PLACE_R])) continue;
+        if (!other(p, e) || ld(&ent[P_PLACE_Q]) <= places_full(ld(&ent[P_PLACE_R]))) continue;
         int k = places_lock(p, e);
         if (!k) {
             *busy = 1;
@@ -460,6 +505,20 @@ int places_retire(struct pool *p, const unsigned char *v, int dead, int predeces
         if (r != RC_OK) return r;
     }
     return RC_OK;
+}
+
+/* curr_nr: H_CURR_NR plus every entry's slack (an entry whose word is out
+ * of bounds adds none; a damaged H_CURR_NR is left for the reader to
+ * judge, as derive's callers do). Without the lock it is a snapshot,
+ * exact whenever no process is moving its places; derive, is_saturated and
+ * the events' curr_nr read it. */
+uint64_t reserve_total(const struct pool *p) {
+    uint64_t n = ld(&p->hdr[H_CURR_NR]);
+    for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
+        uint64_t v = ld(&ENTRY(p, e)[P_PLACE_R]);
+        if (places_slack(v) <= places_full(v) && places_full(v) <= PLACES_MAX) n += places_slack(v);
+    }
+    return n;
 }
 
 /* H_CURR_NR counted again from the words, with every entry's places held

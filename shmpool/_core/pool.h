@@ -267,7 +267,7 @@ int arena_peek(struct pool *p, uint64_t depth, uint64_t *out); /* entry `depth` 
 void list_reset(struct pool *p, int reserve);                   /* repair: empty a list to push it again */
 void list_push(struct pool *p, int reserve, uint64_t idx);      /* the push under add_element and arena_push */
 void list_cut(struct pool *p, uint64_t depth);                  /* the reserve stack's top moved to places */
-void reserve_count(struct pool *p, int d);                      /* curr_nr +1 / -1 (atomic) */
+uint64_t reserve_count(struct pool *p, int64_t d);              /* H_CURR_NR + d (atomic, never below 0): the new value */
 void lower_low_water(struct pool *p, uint64_t n);
 
 /* ------------------------------------------------------------------ */
@@ -286,6 +286,13 @@ int64_t places_reclaim_all(struct pool *p);
 int64_t places_forget_all(struct pool *p, unsigned char *busy);
 int places_retire(struct pool *p, const unsigned char *v, int dead, int predecessor);
 void recount(struct pool *p);
+uint64_t reserve_total(const struct pool *p);                    /* curr_nr: H_CURR_NR plus every entry's slack */
+
+/* An entry's P_PLACE_R: its full places, and the slack (those of them not
+ * counted in H_CURR_NR), in one word so that one store moves both. */
+static inline uint64_t places_full(uint64_t v) { return v & PLACE_FULL_MASK; }
+static inline uint64_t places_slack(uint64_t v) { return v >> PLACE_SLACK_SHIFT; }
+static inline uint64_t places_word(uint64_t full, uint64_t slack) { return full | slack << PLACE_SLACK_SHIFT; }
 
 /* ------------------------------------------------------------------ */
 /* arena.c: caches, stealing, faults                                    */

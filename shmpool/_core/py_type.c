@@ -227,9 +227,11 @@ static PyObject *get_rng(Core *f, void *c) {
     if (!f->p.hdr) return closed_error(f);
     return PyUnicode_FromString(ld(&f->p.hdr[H_RNG_KIND]) == RNG_GLIBC ? "glibc" : "splitmix64");
 }
+/* curr_nr as stats() says it (H_CURR_NR plus the places' slack: places.c),
+ * also without the lock. */
 static PyObject *get_saturated(Core *f, void *c) {
     if (!f->p.hdr) return closed_error(f);
-    return PyBool_FromLong(ld(&f->p.hdr[H_CURR_NR]) >= ld(&f->p.hdr[H_MIN_NR]));
+    return PyBool_FromLong(reserve_total(&f->p) >= ld(&f->p.hdr[H_MIN_NR]));
 }
 
 static PyGetSetDef Core_getset[] = {

@@ -13,9 +13,10 @@
  *   add_element     push onto the reserve stack (curr_nr + 1)
  *   remove_element  pop the reserve stack's top (curr_nr - 1), checking its
  *                   poison
- *   reserve_count   curr_nr, the reserve's total (the stack and the places
- *                   lent to processes, places.c), by atomic adds; and the
- *                   low-water mark (lower_low_water, its only writer)
+ *   reserve_count   H_CURR_NR, the reserve's total (the stack and the places
+ *                   lent to processes) less the places' slack (places.c),
+ *                   by atomic adds; and the low-water mark
+ *                   (lower_low_water, its only writer)
  *   arena_push/pop  the shared free list of the arena (arena_free)
  *   list_push       the push under both (repair pushes the lists again
  *                   with it, after list_reset empties them)
@@ -95,19 +96,17 @@ void lower_low_water(struct pool *p, uint64_t n) {
     while (n < lw && !__atomic_compare_exchange_n(&p->hdr[H_LOW_WATER], &lw, n, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
 }
 
-/* curr_nr, the reserve's total, up or down by one: the only writer besides
- * recount (places.c). Lowered before an element leaves the reserve and
- * raised after one entered it, so that a process killed between leaves it
- * too low, never too high; it never goes below 0. */
-void reserve_count(struct pool *p, int d) {
+/* H_CURR_NR up or down by d, atomically: its only writer besides recount
+ * (places.c). Lowered before an element leaves the reserve (or before a
+ * process's places take slack) and raised after one entered it (or after
+ * slack was given up), so that a process killed between leaves it too low,
+ * never too high; it never goes below 0. The new value. */
+uint64_t reserve_count(struct pool *p, int64_t d) {
     uint64_t *c = &p->hdr[H_CURR_NR];
-    if (d > 0) {
-        __atomic_add_fetch(c, 1, __ATOMIC_SEQ_CST);
-        return;
-    }
-    uint64_t n = __atomic_load_n(c, __ATOMIC_RELAXED);
-    while (n > 0 && !__atomic_compare_exchange_n(c, &n, n - 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {}
-    lower_low_water(p, n ? n - 1 : 0);
+    if (d >= 0) return __atomic_add_fetch(c, (uint64_t)d, __ATOMIC_SEQ_CST);
+    uint64_t n = __atomic_load_n(c, __ATOMIC_RELAXED), m = (uint64_t)-d;
+    while (n > 0 && !__atomic_compare_exchange_n(c, &n, n > m ? n - m : 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {}
+    return n > m ? n - m : 0;
 }
 
 /* Push slot idx, whose word the caller has just made RESERVE, onto the
@@ -129,6 +128,7 @@ int remove_element(struct pool *p, uint64_t *out) {
     if (idx >= p->capacity || W_STATE(ld(&p->words[idx])) != ST_RESERVE)
         return corrupt(p, "reserve stack entry %llu names slot %llu, which is not in the reserve", n - 1, idx);
     reserve_count(p, -1);
+    lower_low_water(p, reserve_total(p)); /* (the lock held: our places are given back) */
     st(&p->hdr[H_RESERVE_DEPTH], n - 1);
     if (p->poison) poison_check(p, idx);
     *out = idx;

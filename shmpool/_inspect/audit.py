@@ -68,6 +68,8 @@ from .._layout import (
     P_PLACE_R,
     P_PLACES,
     P_SLEEPING,
+    PLACE_FULL_MASK,
+    PLACE_SLACK_SHIFT,
     PLACES_MAX,
     Q_COUNT,
     Q_DEPTH,
@@ -219,22 +221,26 @@ def _audit_caches(v: Views, states: np.ndarray, owners: np.ndarray) -> list[str]
 
 def _audit_places(v: Views, states: np.ndarray, owners: np.ndarray, curr_nr: int, lent: int) -> list[str]:
     """Every reserve slot a process owns is one of its full places, the
-    places lent add up to H_LENT, and curr_nr counts every reserve slot.
+    places lent add up to H_LENT, and curr_nr (the header's plus every
+    entry's slack: full places not counted there) counts every reserve slot.
     Exact only while no process is in its lock-free path (it moves its own
     places without the lock)."""
     cap = v.geo.capacity
     procs = procs_table(v)
     findings: list[str] = []
     listed = np.zeros(cap, dtype=bool)
-    total_lent = 0
+    total_lent = slack = 0
     for row in range(v.geo.max_procs):
-        q, r = int(procs[row, P_PLACE_Q]), int(procs[row, P_PLACE_R])
-        if not q and not r:
+        q, word = int(procs[row, P_PLACE_Q]), int(procs[row, P_PLACE_R])
+        if not q and not word:
             continue
-        if q > PLACES_MAX or r > q:
+        r, s = word & PLACE_FULL_MASK, word >> PLACE_SLACK_SHIFT
+        if q > PLACES_MAX or r > q or s > r:
             findings.append(f"registry entry {row} (pid {int(procs[row, P_PID])}) claims {q} reserve places, {r} of "
-                            f"them full (at most {PLACES_MAX}, and no more full than lent)")
+                            f"them full and {s} of those uncounted (at most {PLACES_MAX}, no more full than lent, "
+                            f"no more uncounted than full)")
             continue
+        slack += s
         total_lent += q
         places = procs[row, P_PLACES:].view(np.uint32)[:r].astype(np.int64)
         good = places[places < cap]
@@ -251,8 +257,9 @@ def _audit_places(v: Views, states: np.ndarray, owners: np.ndarray, curr_nr: int
     if total_lent != lent:
         findings.append(f"the processes hold {total_lent} reserve places but lent says {lent}")
     reserved = int(np.count_nonzero(states == ST_RESERVE))
-    if reserved != curr_nr:
-        findings.append(f"{reserved} slot(s) are in the reserve but curr_nr says {curr_nr}")
+    if reserved != curr_nr + slack:
+        findings.append(f"{reserved} slot(s) are in the reserve but curr_nr says {curr_nr + slack} ({curr_nr} and "
+                        f"{slack} uncounted in places)")
     return findings
 
 

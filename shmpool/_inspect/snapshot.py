@@ -71,6 +71,7 @@ from .._layout import (
     P_PLACE_R,
     P_PLACES,
     P_START,
+    PLACE_FULL_MASK,
     PLACES_MAX,
     POISON_END,
     POISON_FREE,
@@ -298,8 +299,9 @@ def reserve_slots(v: Views) -> np.ndarray:
     cap = v.geo.capacity
     parts = [np.frombuffer(v.stack, dtype=np.uint32)[: min(int(v.hdr[H_RESERVE_DEPTH]), cap)]]
     procs = procs_table(v)
-    for row in np.flatnonzero((procs[:, P_PLACE_R] != 0) & (procs[:, P_PLACE_R] <= procs[:, P_PLACE_Q])):
-        r = min(int(procs[row, P_PLACE_R]), PLACES_MAX)
+    full = procs[:, P_PLACE_R] & np.uint64(PLACE_FULL_MASK)  # (the slack above: _layout.P_PLACE_R)
+    for row in np.flatnonzero((full != 0) & (full <= procs[:, P_PLACE_Q])):
+        r = min(int(full[row]), PLACES_MAX)
         parts.append(procs[row, P_PLACES:].view(np.uint32)[:r])
     out = np.concatenate(parts)
     return out[out < cap]
