@@ -447,7 +447,7 @@ int step_sub_get(struct pool *p, struct call *c, int mode);
 int step_release(struct pool *p, struct call *c, int mode);
 int step_share(struct pool *p, struct call *c, int mode);
 int step_take(struct pool *p, struct call *c, int mode);
-int sub_drop(struct pool *p, uint64_t t, uint64_t j);
+int sub_drop(struct pool *p, uint64_t t, uint64_t j, uint64_t *freed);
 uint64_t sub_pending(const struct pool *p, uint64_t t, uint64_t j);
 int64_t topics_retire(struct pool *p, const unsigned char *v, int dead, int predecessor);
 int topic_repair(struct pool *p);

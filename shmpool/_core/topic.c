@@ -130,12 +130,15 @@ static int sub_alive(const struct pool *p, const uint64_t *S) {
 }
 
 /* Drop subscription j of topic t: every reference it has released, its
- * ring emptied, its sleepers' count reset, the subscription vacated. */
-int sub_drop(struct pool *p, uint64_t t, uint64_t j) {
+ * ring emptied, its sleepers' count reset, the subscription vacated.
+ * *freed counts the elements whose last reference it was (back to the
+ * pool). */
+int sub_drop(struct pool *p, uint64_t t, uint64_t j, uint64_t *freed) {
     uint64_t *S = SUB(p, t, j);
     for (uint64_t idx = 0; idx < p->capacity; idx++) {
         uint64_t w = ld(&p->words[idx]);
         if (W_STATE(w) == ST_SHARED && W_OWNER(w) == t + 1 && (LOW(p->refs[idx]) >> j & 1)) {
+            *freed += LOW(p->refs[idx]) == 1u << j;
             int r = unref(p, idx, j);
             if (r != RC_OK) return r;
         }
@@ -215,7 +218,8 @@ int step_subscribe(struct pool *p, struct call *c, int mode) {
 int step_unsubscribe(struct pool *p, struct call *c, int mode) {
     int r = check_header(p);
     if (r != RC_OK || (r = own_sub_check(p, c->q, c->a)) != RC_OK) return r;
-    return sub_drop(p, c->q, c->a);
+    uint64_t freed = 0;
+    return sub_drop(p, c->q, c->a, &freed);
 }
 
 /* Publish the handle (c->a slot, c->b generation), held by this process, to
@@ -233,12 +237,13 @@ int step_publish(struct pool *p, struct call *c, int mode) {
         else describe(p, w, c->b);
         return RC_INVALID;
     }
+    uint64_t freed = 0;
     for (uint32_t bits = (uint32_t)T[T_SUBS]; bits; bits &= bits - 1) { /* 1. overflow */
         uint64_t j = (uint64_t)__builtin_ctz(bits), *S = SUB(p, c->q, j);
         if ((r = sub_check(p, c->q, j)) != RC_OK) return r;
         if (S[S_TAIL] - S[S_HEAD] < depth) continue;
         if (!sub_alive(p, S)) { /* a dead subscriber's full ring never drains: dropped, never waited on */
-            if ((r = sub_drop(p, c->q, j)) != RC_OK) return r;
+            if ((r = sub_drop(p, c->q, j, &freed)) != RC_OK) return r;
             continue;
         }
         if (T[T_OVERFLOW] != OVERFLOW_DROP_OLDEST) {
@@ -396,9 +401,10 @@ uint64_t sub_pending(const struct pool *p, uint64_t t, uint64_t j) {
 
 /* retire: drop the subscriptions of the processes v marks DEAD or
  * PREDECESSOR, or whose entry holds another epoch now. How many elements
- * went back to the pool. */
+ * went back to the pool (counted by sub_drop: the shared counts move under
+ * other processes' lock-free calls meanwhile). */
 int64_t topics_retire(struct pool *p, const unsigned char *v, int dead, int predecessor) {
-    uint64_t before = p->hdr[H_CURR_NR] + p->hdr[H_ARENA_FREE];
+    uint64_t freed = 0;
     for (uint64_t t = 0; t < MAX_TOPICS; t++) {
         if (TOPIC(p, t)[T_STATE] != QUEUE_LIVE) continue;
         for (uint32_t bits = (uint32_t)TOPIC(p, t)[T_SUBS]; bits; bits &= bits - 1) {
@@ -406,12 +412,11 @@ int64_t topics_retire(struct pool *p, const unsigned char *v, int dead, int pred
             int gone = o == 0 || o > p->max_procs || v[o] == dead || v[o] == predecessor ||
                        ld(&ENTRY(p, o - 1)[P_EPOCH]) != S[S_EPOCH];
             if (!gone) continue;
-            int r = sub_drop(p, t, j);
+            int r = sub_drop(p, t, j, &freed);
             if (r != RC_OK) return r;
         }
     }
-    uint64_t after = p->hdr[H_CURR_NR] + p->hdr[H_ARENA_FREE];
-    return after > before ? (int64_t)(after - before) : 0;
+    return (int64_t)freed;
 }
 
 /* repair: every ring keeps the entries that name a slot SHARED by its topic
