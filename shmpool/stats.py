@@ -24,7 +24,9 @@ class PoolStats:
 
     For sizing the reserve (``shmpool-inspect`` gives a verdict from them):
     ``reserve_low_water`` is the lowest ``curr_nr`` seen since create (0:
-    the reserve ran dry at least once; ``min_nr``: it was never drawn on),
+    the reserve ran dry at least once; ``min_nr``: it was never drawn on;
+    while several processes live on the reserve's places at once it may
+    read lower, by at most the full places they have not counted yet),
     ``longest_sleep`` and ``total_sleep`` the longest sleep of one sleeping
     allocation and all their sleeps together, in seconds (each is added when
     its allocation returns). ``attached`` is how many processes are attached
