@@ -161,7 +161,7 @@ int finish_parked(struct pool *p) {
 void leave(struct pool *p) {
     if (ld(&p->hdr[H_PARKED])) finish_parked(p);
     if (p->relend) places_lend(p); /* (damage it finds, the next call reports) */
-    p->last_curr = reserve_total(p);
+    if (p->traced) p->last_curr = reserve_total(p);
     lock_release(p);
 }
 
@@ -198,7 +198,7 @@ static int run_loop(struct pool *p, struct call *c) {
         if ((r == RC_TIMEOUT || r == RC_BUSY) && c->step == step_alloc) { /* the lock did not come: a failure */
             count(p, C_ALLOC_FAILED, 1);
             p->last_event = EV_ALLOC_FAILED;
-            p->last_curr = reserve_total(p);
+            if (p->traced) p->last_curr = reserve_total(p);
         }
         if (r == RC_OK) {
             if (ld(&p->hdr[H_PARKED])) r = finish_parked(p);

@@ -138,7 +138,8 @@ struct pool {
     uint32_t reserve_calls;      /* its locked reserve operations, up to LEND_AFTER (places.c) */
     int64_t poisoned;            /* a slot found written after free (warned after unlock), or -1 */
     int last_event;              /* what the last step did (trace) */
-    uint64_t last_curr;          /* curr_nr just after it */
+    uint64_t last_curr;          /* curr_nr just after it (only while traced: it sums every entry's slack) */
+    int traced;                  /* a trace hook is set: last_event's curr_nr is wanted */
     uint64_t recoveries;         /* times this object took the lock over from a dead owner */
     uint64_t taken_from_pid;     /* the dead holder of the last takeover (for the log) */
     int64_t long_sleep_ns;       /* an allocation asleep this long is reported once (`after`); -1: never */

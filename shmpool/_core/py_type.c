@@ -215,6 +215,7 @@ static PyObject *get_trace(Core *f, void *c) { return Py_NewRef(f->trace ? f->tr
 static int set_trace(Core *f, PyObject *v, void *c) {
     Py_XSETREF(f->trace, v == NULL || v == Py_None ? NULL : Py_NewRef(v));
     if (f->trace) f->p.enabled = 0;
+    f->p.traced = f->trace != NULL;
     return 0;
 }
 /* Read without the lock on purpose: one aligned load each (as the kernel's
