@@ -175,33 +175,46 @@ static int refill(struct pool *p, uint64_t k, uint64_t *moved) {
     return RC_OK;
 }
 
+/* Take every slot entry e's cache lists onto the shared free list, bottom
+ * first, as its own drain would (lock held; its list is only trusted
+ * entry by entry: each slot must be CACHED by e). So the list keeps the
+ * order it gave: a dead process's cache returned slot by slot in index
+ * order put two processes' next refills' tops side by side, on one line of
+ * the slot words, which each then wrote on every allocation (two
+ * processes on the arena path at 0.3x one). *taken grows by how many
+ * moved. */
+int steal_cache(struct pool *p, uint64_t e, uint64_t *taken) {
+    uint64_t *ent = ENTRY(p, e);
+    uint64_t n = ld(&ent[P_CACHE_N]);
+    if (n > CACHE_MAX) n = CACHE_MAX;
+    uint32_t *cache = CACHE_OF(ent);
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t idx = __atomic_load_n(&cache[i], __ATOMIC_ACQUIRE);
+        if (idx >= p->capacity) continue;
+        uint64_t w = ld(&p->words[idx]);
+        if (W_STATE(w) != ST_CACHED || W_OWNER(w) != e + 1) continue;
+        if (p->hdr[H_ARENA_FREE] >= p->capacity)
+            return corrupt(p, "arena_free %llu is beyond the capacity %llu", p->hdr[H_ARENA_FREE], p->capacity);
+        if (set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)))) {
+            CRASH(CP_STEAL);
+            arena_push(p, idx);
+            uint32_t expected = idx; /* blank the entry, unless its owner reused it */
+            __atomic_compare_exchange_n(&cache[i], &expected, (uint32_t)CACHE_BLANK, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE);
+            (*taken)++;
+        }
+    }
+    return RC_OK;
+}
+
 /* Take every slot cached by another process onto the shared free list
  * (lock held). How many moved. */
 int steal(struct pool *p, uint64_t *taken) {
     *taken = 0;
     for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
-        if (e + 1 == p->me) continue;
-        uint64_t *ent = ENTRY(p, e);
-        if (ld(&ent[P_EPOCH]) == 0) continue;
-        uint64_t n = ld(&ent[P_CACHE_N]);
-        if (n > CACHE_MAX) n = CACHE_MAX;
-        uint32_t *cache = CACHE_OF(ent);
-        for (uint64_t i = 0; i < n; i++) {
-            uint32_t idx = __atomic_load_n(&cache[i], __ATOMIC_ACQUIRE);
-            if (idx >= p->capacity) continue;
-            uint64_t w = ld(&p->words[idx]);
-            if (W_STATE(w) != ST_CACHED || W_OWNER(w) != e + 1) continue;
-            if (p->hdr[H_ARENA_FREE] >= p->capacity)
-                return corrupt(p, "arena_free %llu is beyond the capacity %llu", p->hdr[H_ARENA_FREE], p->capacity);
-            if (set_word(p, idx, w, mkword(ST_ARENA, 0, W_GEN(w)))) {
-                CRASH(CP_STEAL);
-                arena_push(p, idx);
-                uint32_t expected = idx; /* blank the entry, unless its owner reused it */
-                __atomic_compare_exchange_n(&cache[i], &expected, (uint32_t)CACHE_BLANK, 0, __ATOMIC_ACQ_REL,
-                                            __ATOMIC_ACQUIRE);
-                (*taken)++;
-            }
-        }
+        if (e + 1 == p->me || ld(&ENTRY(p, e)[P_EPOCH]) == 0) continue;
+        int r = steal_cache(p, e, taken);
+        if (r != RC_OK) return r;
     }
     return RC_OK;
 }

@@ -303,6 +303,7 @@ int cache_pop(struct pool *p, uint64_t *handle);
 int cache_push(struct pool *p, uint64_t idx, uint64_t w);
 int drain(struct pool *p, uint64_t keep);
 int steal(struct pool *p, uint64_t *taken);
+int steal_cache(struct pool *p, uint64_t e, uint64_t *taken); /* entry e's cache to the shared list, in its order */
 uint64_t cached_by(const struct pool *p, uint64_t e);
 int arena_dry(const struct pool *p);                   /* lock-free: no free slot anywhere (a hint) */
 int arena_take(struct pool *p, int inject, int to, uint64_t *handle);

@@ -151,6 +151,8 @@ int64_t retire(struct pool *p, const unsigned char *v) {
     }
     int r = places_retire(p, v, DEAD, PREDECESSOR); /* their reserve places, before their held elements */
     if (r != RC_OK) return r;
+    for (uint64_t o = 1, used = entries_used(p), moved = 0; o <= used; o++) /* their caches, in their order */
+        if ((v[o] == DEAD || v[o] == PREDECESSOR) && (r = steal_cache(p, o - 1, &moved)) != RC_OK) return r;
     int64_t taken = 0;
     for (uint64_t idx = 0; idx < p->capacity; idx++) {
         uint64_t w = ld(&p->words[idx]), s = W_STATE(w);
