@@ -104,7 +104,7 @@ static void places_unlock(uint64_t *ent) { __atomic_store_n(&ent[P_PLACE_LOCK], 
  * out of bounds is left for check_counts to report. */
 static void fold(struct pool *p, uint64_t *ent, int whole) {
     uint64_t v = ld(&ent[P_PLACE_R]), s = places_slack(v);
-    if (s == 0 || s > places_full(v) || places_full(v) > PLACES_MAX) return;
+    if (s == 0 || !places_word_ok(v)) return;
     st(&ent[P_PLACE_R], places_full(v));
     if (whole) reserve_count(p, (int64_t)s);
     else st(&p->hdr[H_RECOUNT], 1);
@@ -150,7 +150,8 @@ int place_pop_fast(struct pool *p, uint64_t *handle) {
         uint64_t idx = places_of(ent)[r - 1];
         uint64_t w = idx < p->capacity ? ld(&p->words[idx]) : 0;
         if (W_STATE(w) == ST_RESERVE && W_OWNER(w) == p->me) {
-            if (s == 0) { /* (H_CURR_NR first: never too high) */
+            if (s == 0) { /* (H_CURR_NR first: never too high; the word then says so, so that a takeover
+                           * after a kill here drops the slack and asks for a recount: fold) */
                 s = r < SLACK_TAKE ? r : SLACK_TAKE;
                 reserve_count(p, -(int64_t)s);
                 st(&ent[P_PLACE_R], places_word(r, s));
@@ -516,7 +517,7 @@ uint64_t reserve_total(const struct pool *p) {
     uint64_t n = ld(&p->hdr[H_CURR_NR]);
     for (uint64_t e = 0, used = entries_used(p); e < used; e++) {
         uint64_t v = ld(&ENTRY(p, e)[P_PLACE_R]);
-        if (places_slack(v) <= places_full(v) && places_full(v) <= PLACES_MAX) n += places_slack(v);
+        if (places_word_ok(v)) n += places_slack(v);
     }
     return n;
 }

@@ -294,6 +294,7 @@ uint64_t reserve_total(const struct pool *p);                    /* curr_nr: H_C
 static inline uint64_t places_full(uint64_t v) { return v & PLACE_FULL_MASK; }
 static inline uint64_t places_slack(uint64_t v) { return v >> PLACE_SLACK_SHIFT; }
 static inline uint64_t places_word(uint64_t full, uint64_t slack) { return full | slack << PLACE_SLACK_SHIFT; }
+static inline int places_word_ok(uint64_t v) { return places_slack(v) <= places_full(v) && places_full(v) <= PLACES_MAX; }
 
 /* ------------------------------------------------------------------ */
 /* arena.c: caches, stealing, faults                                    */
